@@ -1,0 +1,201 @@
+"""Adapter files in PEFT's layout: adapter_model.safetensors + adapter_config.json. No pickle anywhere.
+
+Keys are PEFT's: `base_model.model.<layer>.lora_A.weight` (conv A as [R, in/groups, kh, kw], B as
+[out, R, 1, 1]) and `base_model.model.<module>.<param>` for the fully trained (`modules_to_save`) modules.
+Per-projection qkv adapters are written as one fused adapter of rank parts*r with a block-diagonal B,
+which is the same update, so PEFT loads it and gives the same outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from vislora.inject import LoraConfig, eject, inject, lora_layers
+from vislora.layers import LoraLayer
+
+PREFIX = "base_model.model."
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+__version__ = "0.1.0"
+
+
+def _peft_shapes(layer: LoraLayer) -> tuple[torch.Size, torch.Size]:
+    """Shapes of A and B as PEFT stores them (fused rank for per-projection qkv adapters)."""
+    rank = layer.lora_A.shape[0]
+    base = layer.base_layer
+    if isinstance(base, nn.Conv2d):
+        w = base.get_parameter(layer.weight_name)
+        return torch.Size((rank, *w.shape[1:])), torch.Size((w.shape[0], rank, 1, 1))
+    return torch.Size((rank, base.in_features)), torch.Size((base.out_features, rank))
+
+
+def _alpha_for_file(layer: LoraLayer) -> float:
+    """PEFT's alpha for the fused rank, so that PEFT's scaling equals the layer's."""
+    n = len(layer.qkv_parts) if layer.qkv_parts else 1
+    return layer.alpha * (math.sqrt(n) if layer.rslora else n)
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter and the `train` modules as PEFT-named tensors."""
+    state = {}
+    for name, layer in lora_layers(model):
+        shape_a, shape_b = _peft_shapes(layer)
+        state[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().reshape(shape_a)
+        state[f"{PREFIX}{name}.lora_B.weight"] = layer.full_B().detach().reshape(shape_b)
+    for module_name in getattr(model, "vislora_train", []):
+        for key, value in model.get_submodule(module_name).state_dict().items():
+            state[f"{PREFIX}{module_name}.{key}"] = value.detach()
+    return {k: v.contiguous().clone() for k, v in state.items()}
+
+
+def adapter_config(model: nn.Module) -> dict:
+    """PEFT's LoraConfig fields, with the exact layers, ranks and alphas, plus vislora's own under 'vislora'."""
+    config: LoraConfig = model.vislora_config
+    layers = list(lora_layers(model))
+    ranks = {n: layer.lora_A.shape[0] for n, layer in layers}
+    alphas = {n: _alpha_for_file(layer) for n, layer in layers}
+    r = max(set(ranks.values()), key=list(ranks.values()).count)
+    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": cfg.get("architecture"),
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": config.dropout,
+        "use_rslora": config.rslora,
+        "target_modules": [n for n, _ in layers],
+        "exclude_modules": None,
+        "modules_to_save": list(model.vislora_train) or None,
+        "rank_pattern": {n: v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_dora": False,
+        "vislora": {"version": __version__, "config": config.to_dict(),
+                    "ranks": {n: layer.r for n, layer in layers}, "alphas": {n: layer.alpha for n, layer in layers}},
+    }
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the adapter of `model` to `directory` (created if missing); each file is written then renamed."""
+    if not hasattr(model, "vislora_config"):
+        raise ValueError("model carries no vislora adapter: inject() or load_adapter() first")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = adapter_config(model)
+    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(adapter_state(model), str(p), {"format": "pt"}))
+    _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2)))
+    return directory
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no adapter config at {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if data.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type {data.get('peft_type')!r} is not LORA")
+    for key, plain in (("use_dora", False), ("bias", "none"), ("lora_bias", False), ("fan_in_fan_out", False)):
+        if data.get(key, plain) not in (plain, None):
+            raise ValueError(f"{path}: {key}={data[key]!r} is not supported by vislora")
+    return data
+
+
+def config_from_file(data: dict) -> LoraConfig:
+    """A LoraConfig that re-creates the saved layout: vislora's own fields, else PEFT's."""
+    ours = data.get("vislora") or {}
+    targets = data.get("target_modules")
+    if targets is None or "r" not in data:
+        raise ValueError("adapter config needs 'target_modules' and 'r'")
+    return LoraConfig(
+        r=data["r"], alpha=data.get("lora_alpha", data["r"]), dropout=data.get("lora_dropout", 0.0),
+        targets=targets if isinstance(targets, str) else list(targets),
+        exclude=list(data.get("exclude_modules") or []), rslora=bool(data.get("use_rslora", False)),
+        train=list(data.get("modules_to_save") or []), qkv=ours.get("config", {}).get("qkv"),
+        rank_pattern=dict(ours.get("ranks") or data.get("rank_pattern") or {}),
+        alpha_pattern=dict(ours.get("alphas") or data.get("alpha_pattern") or {}),
+    )
+
+
+def _fused_to_parts(layer: LoraLayer, b: torch.Tensor) -> torch.Tensor:
+    """Inverse of full_B: the diagonal blocks of a fused block-diagonal B."""
+    chunk, r = layer.lora_B.shape[0] // len(layer.qkv_parts), layer.r
+    return torch.cat([b[c * chunk:(c + 1) * chunk, i * r:(i + 1) * r] for i, c in enumerate(layer.qkv_parts)])
+
+
+def _targets_for(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Size]]:
+    """File key -> (tensor in the model, shape expected in the file)."""
+    out = {}
+    for name, layer in lora_layers(model):
+        shape_a, shape_b = _peft_shapes(layer)
+        out[f"{PREFIX}{name}.lora_A.weight"] = (layer.lora_A, shape_a)
+        out[f"{PREFIX}{name}.lora_B.weight"] = (layer.lora_B, shape_b)
+    for module_name in getattr(model, "vislora_train", []):
+        for key, value in model.get_submodule(module_name).state_dict(keep_vars=True).items():
+            out[f"{PREFIX}{module_name}.{key}"] = (value, value.shape)
+    return out
+
+
+def _mismatch_report(path: Path, missing, unexpected, wrong) -> str:
+    lines = [f"adapter {path} does not fit this model:"]
+    for label, keys in (("missing in file", missing), ("unknown to model", unexpected), ("shape mismatch", wrong)):
+        if keys:
+            lines.append(f"  {label} ({len(keys)}): " + ", ".join(keys[:5]) + (" ..." if len(keys) > 5 else ""))
+    return "\n".join(lines)
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load a vislora or PEFT adapter into `model`: a plain model gets injected from the saved config,
+    an injected one must have the same layout. All or nothing: on any mismatch the model is unchanged."""
+    directory = Path(directory)
+    data = read_config(directory)
+    weights_path = directory / WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"no adapter weights at {weights_path}")
+    tensors = load_file(str(weights_path))
+    injected_here = not any(True for _ in lora_layers(model))
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    if injected_here:
+        inject(model, config_from_file(data), verify=False)
+    targets = _targets_for(model)
+    missing = sorted(set(targets) - set(tensors))
+    unexpected = sorted(set(tensors) - set(targets))
+    wrong = sorted(f"{k} {tuple(tensors[k].shape)} vs {tuple(shape)}" for k, (_, shape) in targets.items()
+                   if k in tensors and tensors[k].shape != shape)
+    if missing or unexpected or wrong:
+        if injected_here:
+            eject(model)
+            for n, p in model.named_parameters():
+                p.requires_grad_(flags.get(n, True))
+        raise ValueError(_mismatch_report(weights_path, missing, unexpected, wrong))
+    layers = dict(lora_layers(model))
+    with torch.no_grad():
+        for key, (target, _) in targets.items():
+            value = tensors[key]
+            name, _, leaf = key[len(PREFIX):].rpartition(".lora_")
+            layer = layers.get(name) if leaf in ("A.weight", "B.weight") else None
+            if layer is not None:
+                value = value.reshape(value.shape[0], -1)
+                if leaf == "B.weight" and layer.qkv_parts:
+                    value = _fused_to_parts(layer, value)
+            target.copy_(value.to(target.dtype))
+    return model

@@ -1,0 +1,346 @@
+"""Model-level LoRA: the config, target presets and patterns, injection, trainable selection, merge, unload."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+from vislora.layers import LoraLayer, max_rank, warn_if_oversized
+
+QKV_CHUNKS = {"q": 0, "k": 1, "v": 2}
+
+
+@dataclass
+class LoraConfig:
+    """Everything that defines an adapter. Defaults follow the LoRA paper and PEFT."""
+
+    r: int | float = 8  # rank per layer; a float in (0, 1) is a fraction of each layer's max rank
+    alpha: float = 16  # the update is scaled by alpha / r (alpha / sqrt(r) with rslora)
+    dropout: float = 0.0  # dropout on the adapter input (activation path only)
+    targets: str | Sequence[str] = "vit"  # a preset name (see PRESETS) or a list of name patterns
+    exclude: Sequence[str] = ()  # patterns (same forms as targets) that are never adapted
+    rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
+    train: Sequence[str] = ("head",)  # modules trained fully ("head" = the timm classifier)
+    qkv: str | None = None  # per-projection adapters inside fused qkv layers: "qv", "qkv", ...; None = one pair
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # per-layer r, keys matched like targets
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # per-layer alpha
+    init: str = "default"  # "default" (B = 0) or "pissa" (principal singular vectors, see vislora.svd)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["targets"] = d["targets"] if isinstance(d["targets"], str) else list(d["targets"])
+        d["exclude"], d["train"] = list(d["exclude"]), list(d["train"])
+        return d
+
+
+# ---- names and patterns ---------------------------------------------------------------------------
+def matches(name: str, pattern: str) -> bool:
+    """PEFT's rule: the name ends with the pattern at a dot boundary; or the pattern, as a regex, full-matches."""
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def _cfg_names(model: nn.Module, key: str) -> list[str]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    value = cfg.get(key)
+    return [value] if isinstance(value, str) else list(value or [])
+
+
+def classifier_names(model: nn.Module) -> list[str]:
+    """Names of the classifier modules: timm's get_classifier(), else pretrained_cfg['classifier']."""
+    names = []
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        try:
+            heads = get_classifier()
+        except Exception:  # some timm models (features_only) have no classifier
+            heads = None
+        heads = heads if isinstance(heads, (tuple, list)) else [heads]
+        by_id = {id(m): n for n, m in model.named_modules()}
+        names = [by_id[id(h)] for h in heads if h is not None and id(h) in by_id and by_id[id(h)]]
+        names = [n for n in names if not isinstance(model.get_submodule(n), nn.Identity)]
+    if not names:
+        modules = dict(model.named_modules())
+        names = [n for n in _cfg_names(model, "classifier") if n in modules]
+    return names
+
+
+def stem_names(model: nn.Module) -> list[str]:
+    """The first conv (pretrained_cfg['first_conv']): it sees raw pixels and is never adapted by a preset."""
+    modules = dict(model.named_modules())
+    return [n for n in _cfg_names(model, "first_conv") if n in modules]
+
+
+def _within(name: str, roots: Sequence[str]) -> bool:
+    return any(name == r or name.startswith(r + ".") for r in roots)
+
+
+def _is_conv(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d)
+
+
+def _is_pointwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or (_is_conv(m) and tuple(m.kernel_size) == (1, 1))
+
+
+def _is_factorized(m: nn.Module) -> bool:
+    """Depthwise or grouped convs, and kx1 / 1xk convs."""
+    return _is_conv(m) and (m.groups > 1 or 1 in tuple(m.kernel_size))
+
+
+_VIT = re.compile(r"(^|.*\.)(attn\.(qkv|proj|q_proj|k_proj|v_proj|q|k|v|kv)|mlp\.(fc1|fc2|fc1_g|fc1_x))$")
+
+# preset name -> predicate(name, module); stem and classifier are excluded for every preset
+PRESETS = {
+    "vit": lambda n, m: isinstance(m, nn.Linear) and _VIT.match(n) is not None,
+    "conv1x1": lambda n, m: _is_pointwise(m),
+    "conv": lambda n, m: _is_pointwise(m) or _is_factorized(m),
+    "all": lambda n, m: isinstance(m, (nn.Linear, nn.Conv2d)),
+    "all-linear": lambda n, m: isinstance(m, nn.Linear),
+}
+
+
+# ---- finding targets ------------------------------------------------------------------------------
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """Every (name, LoraLayer) in the model."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def resolve_train(model: nn.Module, train: Sequence[str]) -> list[str]:
+    """Module names that stay fully trainable; "head" means the classifier. Unknown entries raise."""
+    modules = [n for n, _ in model.named_modules() if n]
+    found: list[str] = []
+    for entry in train:
+        hits = classifier_names(model) if entry == "head" else []
+        hits = hits or [n for n in modules if matches(n, entry)]
+        if not hits and entry == "head":
+            continue  # a model without a classifier (a backbone) has no head to train
+        if not hits:
+            raise ValueError(f"train entry '{entry}' matches no module of {type(model).__name__}")
+        found += [h for h in hits if not _within(h, found)]
+    return [n for n in found if not any(n != o and _within(n, [o]) for o in found)]
+
+
+def _pattern_value(name: str, pattern_map: dict, default):
+    for key, value in pattern_map.items():
+        if matches(name, key) or re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def find_targets(model: nn.Module, config: LoraConfig, within: str | None = None) -> list[str]:
+    """Names of the modules the config adapts (only inside the submodule `within`, if given).
+    Raises ValueError for patterns that match nothing and for modules that cannot carry an adapter."""
+    scope = model.get_submodule(within) if within else model
+    prefix = within + "." if within else ""
+    protected = [prefix + n for n in stem_names(scope) + classifier_names(scope)]
+    protected += resolve_train(model, config.train)
+    candidates = [(prefix + n, m) for n, m in scope.named_modules() if n and not _within(prefix + n, protected)]
+    excluded = {n for n, _ in candidates for p in config.exclude if matches(n, p)}
+    if isinstance(config.targets, str) and config.targets in PRESETS:
+        keep = PRESETS[config.targets]
+        names = [n for n, m in candidates if n not in excluded and keep(n, m)]
+        if not names:
+            raise ValueError(f"target preset '{config.targets}' matches no layer of {type(scope).__name__}")
+        return names
+    patterns = [config.targets] if isinstance(config.targets, str) else list(config.targets)
+    names = []
+    for pattern in patterns:
+        hits = [(n, m) for n, m in candidates if matches(n, pattern)]
+        if not hits:
+            known = ", ".join(sorted(PRESETS))
+            raise ValueError(f"target pattern '{pattern}' matches no module (presets: {known})")
+        for n, m in hits:
+            if n in excluded or n in names:
+                continue
+            if not isinstance(m, (nn.Linear, nn.Conv2d)):
+                raise ValueError(f"module '{n}' ({type(m).__name__}), selected by '{pattern}', cannot carry "
+                                 "a LoRA adapter: only nn.Linear and nn.Conv2d (any kernel, groups) can")
+            names.append(n)
+    if not names:
+        raise ValueError(f"targets {patterns} select no layer once 'exclude' is applied")
+    return names
+
+
+def _qkv_parts(name: str, module: nn.Module, qkv: str | None) -> tuple[int, ...] | None:
+    if not qkv or not isinstance(module, nn.Linear) or not name.endswith("qkv"):
+        return None
+    unknown = set(qkv) - set(QKV_CHUNKS)
+    if unknown or module.out_features % 3:
+        raise ValueError(f"qkv='{qkv}' cannot split '{name}' ({module.out_features} outputs) into q, k, v")
+    return tuple(sorted(QKV_CHUNKS[c] for c in set(qkv)))
+
+
+def layer_rank(name: str, module: nn.Module, config: LoraConfig, parts: tuple[int, ...] | None) -> int:
+    """The rank of one layer: rank_pattern, else r (an int, or a fraction of the layer's max rank).
+
+    A preset caps r at the layer's max rank (lossless: a rank-limit adapter spans every update of that
+    layer), e.g. for small squeeze-excite convs; an explicit pattern or rank_pattern entry is checked strictly.
+    """
+    r = _pattern_value(name, config.rank_pattern, None)
+    explicit = r is not None or not (isinstance(config.targets, str) and config.targets in PRESETS)
+    r = config.r if r is None else r
+    limit = max_rank(module, 3 if parts else 1)
+    if isinstance(r, float) and 0 < r < 1:
+        r = max(1, round(r * limit))
+    if not explicit and r == int(r) and int(r) > limit:
+        r = limit
+    if r != int(r) or not 1 <= int(r) <= limit:
+        raise ValueError(f"r={r} is not valid for '{name}': it must be an int in [1, {limit}] or a fraction "
+                         "in (0, 1)")
+    return int(r)
+
+
+# ---- inject / trainable selection -----------------------------------------------------------------
+def _freeze_bn_stats(module: nn.Module, args) -> None:
+    module.training = False  # frozen BatchNorm normalises with its running statistics, which never change
+
+
+def set_trainable(model: nn.Module, train_names: Sequence[str]) -> None:
+    """Only adapters and the `train` modules require grad; BatchNorm elsewhere keeps eval statistics."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, layer in lora_layers(model):
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+    for name in train_names:
+        model.get_submodule(name).requires_grad_(True)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not _within(name, train_names):
+            if not hasattr(m, "_vislora_bn_hook"):
+                m._vislora_bn_hook = m.register_forward_pre_hook(_freeze_bn_stats)
+
+
+def inject(model: nn.Module, config: LoraConfig, verify: bool | None = None, within: str | None = None
+           ) -> nn.Module:
+    """Wrap every target layer of `model` in a LoraLayer, in place, and select the trainable parameters.
+
+    within: search targets only in this submodule (e.g. a detector's timm backbone); its own pretrained_cfg
+    names the stem and classifier that presets leave alone. `train` is resolved on the whole model.
+    verify (default: on for models under 30M parameters) checks each layer once: with a random B,
+    merged and unmerged outputs agree on a random input; a layer that fails is named in the error.
+    """
+    if any(True for _ in lora_layers(model)):
+        raise ValueError("model already carries vislora adapters: unload() it first, or load_adapter() into it")
+    names = find_targets(model, config, within)  # everything is checked before the model changes
+    train_names = resolve_train(model, config.train)
+    plan = []
+    for name in names:
+        module = model.get_submodule(name)
+        parts = _qkv_parts(name, module, config.qkv)
+        plan.append((name, module, parts, layer_rank(name, module, config, parts)))
+    for name, module, parts, r in plan:
+        alpha = _pattern_value(name, config.alpha_pattern, config.alpha)
+        layer = LoraLayer(module, r, alpha, config.dropout, config.rslora, qkv_parts=parts)
+        warn_if_oversized(name, layer)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    model.vislora_config = config
+    model.vislora_train = list(train_names)
+    set_trainable(model, train_names)
+    if config.init == "pissa":
+        from vislora.svd import pissa_init
+
+        pissa_init(model)
+    elif config.init != "default":
+        raise ValueError(f"unknown init '{config.init}': use 'default' or 'pissa'")
+    if verify is None:
+        verify = sum(p.numel() for p in model.parameters()) < 30_000_000
+    if verify:
+        verify_layers(model)
+    return model
+
+
+def _probe_input(layer: LoraLayer) -> torch.Tensor:
+    base = layer.base_layer
+    w = base.get_parameter(layer.weight_name)
+    if isinstance(base, nn.Linear):
+        return torch.randn(2, base.in_features, device=w.device, dtype=w.dtype)
+    reach = [d * (k - 1) + 1 + s for k, d, s in zip(base.kernel_size, base.dilation, base.stride, strict=True)]
+    side = max(8, *reach)
+    return torch.randn(1, base.in_channels, side, side, device=w.device, dtype=w.dtype)
+
+
+@torch.no_grad()
+def verify_layers(model: nn.Module, tol: float | None = None) -> None:
+    """Check every LoraLayer: merged == unmerged (relative tolerance) with a random B; B is restored."""
+    for name, layer in lora_layers(model):
+        if layer.merged:
+            continue
+        saved_b, was_training = layer.lora_B.detach().clone(), layer.training
+        layer.eval()
+        try:
+            layer.lora_B.normal_(std=0.1)
+            x = _probe_input(layer)
+            unmerged = layer(x).float()
+            layer.merge()
+            merged = layer(x).float()
+            layer.unmerge()
+        finally:
+            layer.lora_B.copy_(saved_b)
+            layer.train(was_training)
+        limit = tol or (1e-4 if x.dtype in (torch.float32, torch.float64) else 2e-2)
+        err = ((merged - unmerged).abs().max() / unmerged.abs().max().clamp_min(1e-12)).item()
+        if not err <= limit:
+            raise ValueError(f"LoRA on '{name}' ({type(layer.base_layer).__name__}) is not exact: merged and "
+                             f"unmerged outputs differ by {err:.2e} (relative), above {limit:.0e}")
+
+
+# ---- merge / unload / summary ---------------------------------------------------------------------
+def merge(model: nn.Module) -> nn.Module:
+    """Add every update into its base weight (in place; unmerge() restores the weights exactly)."""
+    for _, layer in lora_layers(model):
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+    return model
+
+
+def _strip(model: nn.Module, merge_first: bool) -> nn.Module:
+    for name, layer in list(lora_layers(model)):
+        if merge_first:
+            layer.merge(keep_original=False)
+        else:
+            layer.unmerge()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
+    for m in model.modules():
+        hook = m.__dict__.pop("_vislora_bn_hook", None)
+        if hook is not None:
+            hook.remove()
+    for attr in ("vislora_config", "vislora_train"):
+        model.__dict__.pop(attr, None)
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Merge and replace every wrapper by its plain torch module: no vislora class is left in the model."""
+    return _strip(model, merge_first=True)
+
+
+def eject(model: nn.Module) -> nn.Module:
+    """Remove the adapters without merging them: the model is the base model again."""
+    return _strip(model, merge_first=False)
+
+
+def trainable_summary(model: nn.Module) -> dict:
+    """Counts of total, trainable and adapter parameters, and the trainable share of the total."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    adapter = sum(layer.lora_A.numel() + layer.lora_B.numel() for _, layer in lora_layers(model))
+    return {"total": total, "trainable": trainable, "adapter": adapter,
+            "trainable_share": trainable / max(total, 1), "adapted_layers": sum(1 for _ in lora_layers(model))}

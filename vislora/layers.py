@@ -1,0 +1,199 @@
+"""LoRA layers: one wrapper that adds a low-rank update to the raw weight of a Linear or any Conv2d.
+
+The update of a weight W (out x fan_in, where a conv's fan_in = in/groups * kh * kw) is
+    delta_W = scaling * B @ A,   A: R x fan_in (kaiming-uniform), B: out x R (zeros)
+so it is a true low-rank update of the weight matrix for every kernel shape and every `groups`,
+and merging (W += delta_W) is exact. The forward pass picks the cheaper of two exact paths:
+  * activation path: y = base(x) + scaling * B (A x), as in the LoRA paper (dense layers);
+  * weight path: y = base(x; W + delta_W), which needs no extra activations (depthwise and grouped
+    convs, convs that transform their weight inside forward, and code that reads `.weight` itself).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+
+def raw_weight_name(base: nn.Module) -> str:
+    """The dotted name of the parameter the layer's forward transforms into its weight.
+
+    Plain layers: `weight`. torch parametrizations (e.g. orthogonal, spectral norm): the unconstrained
+    `parametrizations.weight.original`; weight norm: its direction `original1` (same shape as the weight).
+    """
+    parametrizations = getattr(base, "parametrizations", None)
+    if parametrizations is not None and "weight" in parametrizations:
+        plist = parametrizations["weight"]
+        if hasattr(plist, "original"):
+            return "parametrizations.weight.original"
+        return "parametrizations.weight.original1"
+    if hasattr(base, "weight_v") and hasattr(base, "weight_g"):  # legacy torch.nn.utils.weight_norm
+        return "weight_v"
+    return "weight"
+
+
+def max_rank(base: nn.Module, parts: int = 1) -> int:
+    """Largest useful rank of one adapter part: min(out / parts, fan_in)."""
+    w = base.get_parameter(raw_weight_name(base))
+    return min(w.shape[0] // parts, w[0].numel())
+
+
+class LoraLayer(nn.Module):
+    """Wraps `base_layer` (nn.Linear or nn.Conv2d, subclasses included) with y = base(x; W + s * B A).
+
+    r: rank per adapted part; alpha: scaling numerator (s = alpha / r, or alpha / sqrt(r) with rslora).
+    qkv_parts: for a fused projection (timm `attn.qkv`), the indices of the equal output chunks that get
+    their own A/B pair, e.g. (0, 2) adapts only Wq and Wv (the LoRA paper's setting); None adapts the
+    whole weight with one pair. dropout applies to the adapter input on the activation path.
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False, qkv_parts: tuple[int, ...] | None = None, num_chunks: int = 3):
+        super().__init__()
+        if not isinstance(base_layer, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"LoRA supports nn.Linear and nn.Conv2d, not {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.weight_name = raw_weight_name(base_layer)
+        w = base_layer.get_parameter(self.weight_name)
+        out, fan_in = w.shape[0], w[0].numel()
+        self.qkv_parts = tuple(qkv_parts) if qkv_parts else None
+        self.num_chunks = num_chunks if self.qkv_parts else 1
+        if out % self.num_chunks:
+            raise ValueError(f"{out} output features cannot be split into {self.num_chunks} qkv chunks")
+        n_parts = len(self.qkv_parts) if self.qkv_parts else 1
+        limit = min(out // self.num_chunks, fan_in)
+        if not 1 <= r <= limit:
+            raise ValueError(f"rank r={r} must be between 1 and {limit} for this layer (weight {tuple(w.shape)})")
+        self.r, self.alpha, self.rslora = r, alpha, rslora
+        self.scaling = alpha / (math.sqrt(r) if rslora else r)
+        dtype = w.dtype if w.dtype == torch.float64 else torch.float32  # adapters train in fp32 at least
+        self.lora_A = nn.Parameter(torch.empty(n_parts * r, fan_in, device=w.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(n_parts * (out // self.num_chunks), r, device=w.device,
+                                               dtype=dtype))
+        self.reset_parameters()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self._original: torch.Tensor | None = None  # exact copy of the raw weight while merged
+        plain = type(base_layer) in (nn.Linear, nn.Conv2d) and self.weight_name == "weight"
+        # Extra cost per output position: activation path R*(in*kk + out); weight path = the weight gradient.
+        act_cost = r * n_parts * (fan_in * getattr(base_layer, "groups", 1) + out)
+        self.weight_path = not plain or (dropout == 0 and out * fan_in <= act_cost)
+
+    def reset_parameters(self) -> None:
+        """A as nn.Linear initialises its weight (kaiming-uniform), B zero: the layer starts as the base."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    # ---- the update as a weight -------------------------------------------------------------------
+    def full_B(self) -> torch.Tensor:
+        """B as one out x (parts*r) matrix: block-diagonal over the adapted qkv chunks, zero elsewhere."""
+        if not self.qkv_parts:
+            return self.lora_B
+        chunk = self.lora_B.shape[0] // len(self.qkv_parts)
+        blocks = self.lora_B.split(chunk)
+        rows = []
+        for c in range(self.num_chunks):
+            row = [torch.zeros_like(blocks[0])] * len(self.qkv_parts)
+            if c in self.qkv_parts:
+                row[self.qkv_parts.index(c)] = blocks[self.qkv_parts.index(c)]
+            rows.append(torch.cat(row, dim=1))
+        return torch.cat(rows, dim=0)
+
+    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """scaling * B @ A in the raw weight's shape, computed in fp32 (or the adapter dtype if wider)."""
+        w = self.base_layer.get_parameter(self.weight_name)
+        acc = torch.promote_types(self.lora_A.dtype, torch.float32)
+        delta = (self.full_B().to(acc) @ self.lora_A.to(acc)) * self.scaling
+        return delta.view(w.shape).to(dtype or acc)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective weight, for code that reads `layer.weight` and calls F.linear itself (EVA, BEiT)."""
+        w = self.base_layer.weight
+        if self.merged or self.weight_name != "weight":
+            return w
+        return w + self.delta_weight(w.dtype)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    # ---- merge / unmerge --------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, keep_original: bool = True) -> None:
+        """W += delta_W, rounded once; with keep_original, unmerge later restores W bit-exactly."""
+        if self.merged:
+            return
+        w = self.base_layer.get_parameter(self.weight_name)
+        self._original = w.detach().clone() if keep_original else None
+        w.copy_((w.to(torch.float32) + self.delta_weight()).to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the base weight (exact copy if one was kept, else W - delta_W)."""
+        if not self.merged:
+            return
+        w = self.base_layer.get_parameter(self.weight_name)
+        if self._original is not None:
+            w.copy_(self._original)
+        else:
+            w.copy_((w.to(torch.float32) - self.delta_weight()).to(w.dtype))
+        self._original = None
+        self.merged = False
+
+    # ---- forward ----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        if self.merged:
+            return base(x)
+        if self.weight_path:
+            w = base.get_parameter(self.weight_name)
+            w_eff = w + self.delta_weight(w.dtype)
+            if type(base) is nn.Linear:
+                return F.linear(x, w_eff, base.bias)
+            if type(base) is nn.Conv2d:
+                return base._conv_forward(x, w_eff, base.bias)
+            return functional_call(base, {self.weight_name: w_eff}, (x,))
+        y = base(x)
+        A, B = self.lora_A.to(x.dtype), self.full_B().to(x.dtype)
+        x = self.dropout(x)
+        if isinstance(base, nn.Linear):
+            z = F.linear(x, A)
+            out = torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]), B.t(), alpha=self.scaling)
+            return out.view(y.shape)
+        g = base.groups  # A acts on each group's inputs; B maps each group's R codes to its outputs
+        a = A.view(A.shape[0], *base.weight.shape[1:])
+        z = base._conv_forward(x, a.repeat(g, 1, 1, 1) if g > 1 else a, None)
+        return y + F.conv2d(z, (B * self.scaling)[:, :, None, None], groups=g)
+
+    def extra_repr(self) -> str:
+        parts = f", qkv_parts={self.qkv_parts}" if self.qkv_parts else ""
+        path = "weight" if self.weight_path else "activation"
+        return f"r={self.r}, alpha={self.alpha}, rslora={self.rslora}{parts}, path={path}, merged={self.merged}"
+
+
+def adapter_exceeds_layer(layer: LoraLayer) -> bool:
+    """True when the adapter holds more parameters than the layer it adapts (e.g. depthwise at high rank)."""
+    w = layer.base_layer.get_parameter(layer.weight_name)
+    return layer.lora_A.numel() + layer.lora_B.numel() > w.numel()
+
+
+def warn_if_oversized(name: str, layer: LoraLayer) -> None:
+    if adapter_exceeds_layer(layer):
+        w = layer.base_layer.get_parameter(layer.weight_name)
+        warnings.warn(f"adapter on '{name}' has {layer.lora_A.numel() + layer.lora_B.numel()} parameters, "
+                      f"more than the layer itself ({w.numel()}): lower r for it", stacklevel=3)
