@@ -25,9 +25,8 @@ CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 __version__ = "0.1.0"
 
 
-def _peft_shapes(layer: LoraLayer) -> tuple[torch.Size, torch.Size]:
-    """Shapes of A and B as PEFT stores them (fused rank for per-projection qkv adapters)."""
-    rank = layer.lora_A.shape[0]
+def _peft_shapes(layer: LoraLayer, rank: int) -> tuple[torch.Size, torch.Size]:
+    """Shapes of A and B as PEFT stores them for a fused adapter of the given rank."""
     base = layer.base_layer
     if isinstance(base, nn.Conv2d):
         w = base.get_parameter(layer.weight_name)
@@ -35,19 +34,29 @@ def _peft_shapes(layer: LoraLayer) -> tuple[torch.Size, torch.Size]:
     return torch.Size((rank, base.in_features)), torch.Size((base.out_features, rank))
 
 
-def _alpha_for_file(layer: LoraLayer) -> float:
-    """PEFT's alpha for the fused rank, so that PEFT's scaling equals the layer's."""
-    n = len(layer.qkv_parts) if layer.qkv_parts else 1
-    return layer.alpha * (math.sqrt(n) if layer.rslora else n)
+def file_factors(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A, B, PEFT alpha) of one layer as a plain fused adapter relative to the ORIGINAL base weight.
+
+    Per-projection qkv adapters become one adapter of rank parts*r with a block-diagonal B; a PiSSA layer
+    (whose base weight holds a residual) becomes [A; A0], [B, -B0] of rank 2r (see vislora.svd.pissa_as_lora).
+    """
+    if hasattr(layer, "pissa_A0"):
+        from vislora.svd import pissa_as_lora
+
+        a, b, scaling = pissa_as_lora(layer)
+    else:
+        a, b, scaling = layer.lora_A, layer.full_B(), layer.scaling
+    rank = a.shape[0]
+    alpha = scaling * (math.sqrt(rank) if layer.rslora else rank)
+    shape_a, shape_b = _peft_shapes(layer, rank)
+    return a.detach().reshape(shape_a), b.detach().reshape(shape_b), alpha
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter and the `train` modules as PEFT-named tensors."""
     state = {}
     for name, layer in lora_layers(model):
-        shape_a, shape_b = _peft_shapes(layer)
-        state[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().reshape(shape_a)
-        state[f"{PREFIX}{name}.lora_B.weight"] = layer.full_B().detach().reshape(shape_b)
+        state[f"{PREFIX}{name}.lora_A.weight"], state[f"{PREFIX}{name}.lora_B.weight"], _ = file_factors(layer)
     for module_name in getattr(model, "vislora_train", []):
         for key, value in model.get_submodule(module_name).state_dict().items():
             state[f"{PREFIX}{module_name}.{key}"] = value.detach()
@@ -55,13 +64,19 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def adapter_config(model: nn.Module) -> dict:
-    """PEFT's LoraConfig fields, with the exact layers, ranks and alphas, plus vislora's own under 'vislora'."""
+    """PEFT's LoraConfig fields with the exact layers, ranks and alphas; vislora's own under 'vislora'."""
     config: LoraConfig = model.vislora_config
     layers = list(lora_layers(model))
-    ranks = {n: layer.lora_A.shape[0] for n, layer in layers}
-    alphas = {n: _alpha_for_file(layer) for n, layer in layers}
+    factors = {n: file_factors(layer) for n, layer in layers}
+    ranks = {n: f[0].shape[0] for n, f in factors.items()}
+    alphas = {n: f[2] for n, f in factors.items()}
     r = max(set(ranks.values()), key=list(ranks.values()).count)
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+    ours = {"config": config.to_dict(), "ranks": {n: layer.r for n, layer in layers},
+            "alphas": {n: layer.alpha for n, layer in layers}}
+    if any(hasattr(layer, "pissa_A0") for _, layer in layers):  # saved as the equivalent plain adapter
+        ours = {"config": {**config.to_dict(), "qkv": None, "init": "default"}, "ranks": ranks,
+                "alphas": {n: alphas[n] for n in ranks}}
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return {
         "peft_type": "LORA",
@@ -81,8 +96,7 @@ def adapter_config(model: nn.Module) -> dict:
         "init_lora_weights": True,
         "inference_mode": True,
         "use_dora": False,
-        "vislora": {"version": __version__, "config": config.to_dict(),
-                    "ranks": {n: layer.r for n, layer in layers}, "alphas": {n: layer.alpha for n, layer in layers}},
+        "vislora": {"version": __version__, **ours},
     }
 
 
@@ -146,7 +160,8 @@ def _targets_for(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Size]]
     """File key -> (tensor in the model, shape expected in the file)."""
     out = {}
     for name, layer in lora_layers(model):
-        shape_a, shape_b = _peft_shapes(layer)
+        n = len(layer.qkv_parts) if layer.qkv_parts else 1
+        shape_a, shape_b = _peft_shapes(layer, n * layer.r)
         out[f"{PREFIX}{name}.lora_A.weight"] = (layer.lora_A, shape_a)
         out[f"{PREFIX}{name}.lora_B.weight"] = (layer.lora_B, shape_b)
     for module_name in getattr(model, "vislora_train", []):

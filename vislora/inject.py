@@ -143,13 +143,12 @@ def find_targets(model: nn.Module, config: LoraConfig, within: str | None = None
     Raises ValueError for patterns that match nothing and for modules that cannot carry an adapter."""
     scope = model.get_submodule(within) if within else model
     prefix = within + "." if within else ""
-    protected = [prefix + n for n in stem_names(scope) + classifier_names(scope)]
-    protected += resolve_train(model, config.train)
-    candidates = [(prefix + n, m) for n, m in scope.named_modules() if n and not _within(prefix + n, protected)]
+    trained = resolve_train(model, config.train)
+    candidates = [(prefix + n, m) for n, m in scope.named_modules() if n and not _within(prefix + n, trained)]
     excluded = {n for n, _ in candidates for p in config.exclude if matches(n, p)}
     if isinstance(config.targets, str) and config.targets in PRESETS:
-        keep = PRESETS[config.targets]
-        names = [n for n, m in candidates if n not in excluded and keep(n, m)]
+        keep, edges = PRESETS[config.targets], [prefix + n for n in stem_names(scope) + classifier_names(scope)]
+        names = [n for n, m in candidates if n not in excluded and not _within(n, edges) and keep(n, m)]
         if not names:
             raise ValueError(f"target preset '{config.targets}' matches no layer of {type(scope).__name__}")
         return names

@@ -1,0 +1,112 @@
+"""Adapter files: save/load round trips, all-or-nothing loading, PEFT compatibility in both directions."""
+
+import copy
+import json
+
+import pytest
+import timm
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+
+from vislora import LoraConfig, inject, load_adapter, lora_layers, save_adapter
+
+VIT = ("vit_tiny_patch16_224", dict(img_size=32, patch_size=4, depth=2))
+CNN = ("resnet18", {})
+
+
+def build(spec, seed=0):
+    torch.manual_seed(seed)
+    name, kwargs = spec
+    return timm.create_model(name, pretrained=False, num_classes=5, **kwargs).eval()
+
+
+def trained(spec, config):
+    model = build(spec)
+    inject(model, config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B.normal_(std=0.1)
+        for p in model.get_classifier().parameters():
+            p.add_(torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("spec,config", [
+    (VIT, LoraConfig(targets="vit", r=4)),
+    (VIT, LoraConfig(targets="vit", r=4, qkv="qv", rslora=True)),
+    (CNN, LoraConfig(targets="all", r=0.25)),
+    (("mobilenetv3_small_100", {}), LoraConfig(targets="conv", r=4)),
+    (VIT, LoraConfig(targets="vit", r=4, qkv="qkv", init="pissa")),
+], ids=["vit", "vit-qv", "resnet-fraction", "mobilenet-depthwise", "vit-pissa"])
+def test_save_load_roundtrip(tmp_path, spec, config):
+    model = trained(spec, config)
+    x = torch.randn(2, 3, 32, 32)
+    save_adapter(model, tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["target_modules"]
+    fresh = build(spec)
+    load_adapter(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), model(x), atol=1e-5)
+    if config.init == "pissa":  # saved relative to the original weights, as a plain adapter of rank 2r
+        return
+    # loading into an already injected model with the same layout works too
+    again = build(spec)
+    inject(again, config)
+    load_adapter(again, tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(again(x), model(x), atol=1e-6)
+
+
+def test_load_into_wrong_model_is_all_or_nothing(tmp_path):
+    save_adapter(trained(VIT, LoraConfig(targets="vit", r=4)), tmp_path)
+    other = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, patch_size=4,
+                              depth=2, embed_dim=96, num_heads=3)
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match="shape mismatch") as err:
+        load_adapter(other, tmp_path)
+    assert "blocks.0" in str(err.value)
+    assert not any(True for _ in lora_layers(other))
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+    assert all(p.requires_grad for p in other.parameters())
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_adapter(build(VIT), tmp_path)
+
+
+@pytest.mark.parametrize("spec,config,peft_targets", [
+    (VIT, LoraConfig(targets="vit", r=4), ["qkv", "proj", "fc1", "fc2"]),
+    (VIT, LoraConfig(targets=["attn.qkv"], r=4, qkv="qv"), ["qkv"]),
+    (CNN, LoraConfig(targets="all", r=4), r"layer\d\.\d\.(conv\d|downsample\.0)"),
+    (VIT, LoraConfig(targets="vit", r=4, init="pissa"), None),
+], ids=["vit", "vit-qv", "resnet", "vit-pissa"])
+def test_peft_loads_vislora_files(tmp_path, spec, config, peft_targets):
+    model = trained(spec, config)
+    save_adapter(model, tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    peft_model = PeftModel.from_pretrained(build(spec), tmp_path).eval()
+    with torch.no_grad():
+        y = model(x)
+        # PiSSA moved a residual into the base weights: the file holds [B, -B0][A; A0], exact up to fp32 rounding
+        tol = 1e-6 * y.abs().max().item() if config.init == "pissa" else 1e-5
+        assert (peft_model(x) - y).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("spec,peft_targets,save", [
+    (VIT, ["qkv", "proj", "fc1", "fc2"], ["head"]),
+    (CNN, r"layer\d\.\d\.(conv\d|downsample\.0)", ["fc"]),
+], ids=["vit", "resnet"])
+def test_vislora_loads_peft_files(tmp_path, spec, peft_targets, save):
+    torch.manual_seed(3)
+    peft_model = get_peft_model(build(spec), PeftLoraConfig(r=4, lora_alpha=8, target_modules=peft_targets,
+                                                            modules_to_save=save, init_lora_weights=False)).eval()
+    peft_model.save_pretrained(tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    model = load_adapter(build(spec), tmp_path).eval()
+    with torch.no_grad():
+        assert (model(x) - peft_model(x)).abs().max().item() <= 1e-5

@@ -1,0 +1,219 @@
+"""Table-driven tests of the foundation: every model family, every conv geometry, merge exactness, selection."""
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from timm.layers import Conv2dSame, StdConv2d
+from torch.nn.utils import parametrizations
+
+import vislora
+from vislora import LoraConfig, inject, lora_layers, merge, trainable_summary, unload, unmerge
+
+
+class OddConvs(nn.Module):
+    """Every conv geometry timm models use, and some they don't."""
+
+    def __init__(self):
+        super().__init__()
+        self.dilated = nn.Conv2d(3, 8, 3, padding=2, dilation=2)
+        self.reflect = nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")
+        self.circular = nn.Conv2d(8, 8, 3, padding=1, padding_mode="circular", stride=2)
+        self.k1x7 = nn.Conv2d(8, 8, (1, 7), padding=(0, 3))
+        self.k7x1 = nn.Conv2d(8, 8, (7, 1), padding=(3, 0), padding_mode="replicate")
+        self.grouped = nn.Conv2d(8, 16, 3, padding=1, groups=4)
+        self.depthwise = nn.Conv2d(16, 16, 5, padding=2, groups=16)
+        self.std = StdConv2d(16, 16, 3, padding=1)
+        self.same = Conv2dSame(16, 16, 3, stride=2)
+        self.weight_norm = parametrizations.weight_norm(nn.Conv2d(16, 16, 1))
+        self.pointwise = nn.Conv2d(16, 16, 1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        for conv in list(self.children())[:-1]:
+            x = torch.relu(conv(x))
+        return self.fc(x.mean((2, 3)))
+
+
+# name, create_model kwargs, input size, config
+CASES = [
+    ("vit_tiny_patch16_224", dict(img_size=32, patch_size=4, depth=2), 32, LoraConfig(targets="vit")),
+    ("deit_tiny_patch16_224", dict(img_size=32, patch_size=4, depth=2), 32, LoraConfig(targets="vit", qkv="qv")),
+    ("swin_tiny_patch4_window7_224", dict(img_size=32, window_size=2, depths=(1, 1, 1, 1)), 32,
+     LoraConfig(targets="vit")),
+    ("eva02_tiny_patch14_224", dict(img_size=28, depth=2), 28, LoraConfig(targets="vit")),
+    ("beit_base_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2), 32,
+     LoraConfig(targets=["attn.qkv"])),
+    ("convnext_atto", dict(ls_init_value=0.5), 32, LoraConfig(targets="conv")),
+    ("resnet18", {}, 32, LoraConfig(targets="all")),
+    ("efficientnet_b0", {}, 32, LoraConfig(targets="conv", r=4)),
+    ("mobilenetv3_small_100", {}, 32, LoraConfig(targets="conv", r=0.25)),
+    ("regnetx_002", {}, 32, LoraConfig(targets="conv")),
+    ("inception_v3", {}, 75, LoraConfig(targets="conv", r=4)),
+    ("tf_efficientnet_b0", {}, 32, LoraConfig(targets="conv", r=4)),
+    ("resnetv2_50x1_bit", {}, 32, LoraConfig(targets="all", r=4)),
+    ("odd_convs", {}, 24, LoraConfig(targets="all", r=2, train=["fc"])),
+]
+
+
+def build(name, kwargs):
+    torch.manual_seed(0)
+    if name == "odd_convs":
+        return OddConvs().eval()
+    return timm.create_model(name, pretrained=False, num_classes=5, **kwargs).eval()
+
+
+def randomize(model, std=0.1):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B.normal_(std=std)
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("name,kwargs,size,config", CASES, ids=[c[0] for c in CASES])
+def test_model_family(name, kwargs, size, config):
+    model = build(name, kwargs)
+    base = copy.deepcopy(model)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        y_base = base(x)
+    inject(model, config, verify=True)
+    assert any(True for _ in lora_layers(model))
+    with torch.no_grad():
+        assert torch.equal(model(x), y_base), "B = 0 must reproduce the base model exactly"
+    randomize(model)
+    with torch.no_grad():
+        y_unmerged = model(x)
+        assert rel(y_unmerged, y_base) > 1e-3, "the adapters must be on the forward path"
+        merge(model)
+        y_merged = model(x)
+        assert rel(y_merged, y_unmerged) < 1e-4
+        unmerge(model)
+        assert torch.equal(model(x), y_unmerged)
+    # only adapter and `train` parameters require grad, and all of them receive gradients
+    model.train()
+    model(x).square().mean().backward()
+    for pname, p in model.named_parameters():
+        is_adapter = ".lora_" in pname
+        in_train = any(pname.startswith(t + ".") for t in model.vislora_train)
+        assert p.requires_grad == (is_adapter or in_train), pname
+        assert (p.grad is not None) == p.requires_grad, pname
+    model.eval()
+    unloaded = unload(model)
+    assert not any(type(m).__module__.startswith("vislora") for m in unloaded.modules())
+    with torch.no_grad():
+        assert rel(unloaded(x), y_merged) < 1e-5
+
+
+def test_frozen_batchnorm_keeps_running_stats():
+    model = build("resnet18", {})
+    inject(model, LoraConfig(targets="all"))
+    before = model.bn1.running_mean.clone()
+    model.train()
+    model(torch.randn(4, 3, 32, 32))
+    assert torch.equal(model.bn1.running_mean, before)
+    assert not model.bn1.training
+
+
+def test_bf16_merge_unmerge_is_bit_exact():
+    model = build("vit_tiny_patch16_224", dict(img_size=32, patch_size=4, depth=1)).to(torch.bfloat16)
+    inject(model, LoraConfig(targets="vit"), verify=False)
+    randomize(model)
+    qkv = model.blocks[0].attn.qkv
+    original = qkv.base_layer.weight.detach().clone()
+    merge(model)
+    assert not torch.equal(qkv.base_layer.weight, original)
+    unmerge(model)
+    assert torch.equal(qkv.base_layer.weight, original)
+    merge(model)
+    merge(model)  # idempotent
+    unmerge(model)
+    unmerge(model)
+    assert torch.equal(qkv.base_layer.weight, original)
+
+
+def test_qkv_parts_adapt_only_q_and_v():
+    model = build("vit_tiny_patch16_224", dict(img_size=32, patch_size=4, depth=1))
+    inject(model, LoraConfig(targets=["attn.qkv"], qkv="qv", r=4))
+    layer = model.blocks[0].attn.qkv
+    randomize(model)
+    delta = layer.delta_weight()
+    d = delta.shape[0] // 3
+    assert delta[:d].abs().sum() > 0 and delta[2 * d:].abs().sum() > 0
+    assert delta[d:2 * d].abs().sum() == 0
+    assert layer.lora_A.numel() + layer.lora_B.numel() == 2 * 4 * (192 + 192)
+
+
+def test_weight_reading_attention_gets_the_update():
+    """BEiT/EVA call F.linear(x, self.qkv.weight): the update must apply there too, before merging."""
+    model = build("beit_base_patch16_224", dict(img_size=32, patch_size=8, depth=1, embed_dim=64, num_heads=2))
+    x = torch.randn(1, 3, 32, 32)
+    y0 = model(x)
+    inject(model, LoraConfig(targets=["attn.qkv"]))
+    randomize(model)
+    model.train()
+    y1 = model(x)
+    assert rel(y1, y0) > 1e-3
+    y1.sum().backward()
+    assert model.blocks[0].attn.qkv.lora_B.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("config,message", [
+    (LoraConfig(targets=["no_such_layer"]), "no_such_layer"),
+    (LoraConfig(targets="vit"), "vit"),
+    (LoraConfig(targets=["bn1"]), "bn1"),
+    (LoraConfig(targets=["conv1"], r=0), "conv1"),
+    (LoraConfig(targets=["layer1.0.conv1"], r=1000), "layer1.0.conv1"),
+    (LoraConfig(targets="all", train=["nonexistent"]), "nonexistent"),
+])
+def test_bad_configs_name_the_culprit(config, message):
+    model = build("resnet18", {})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        inject(model, config)
+    assert not any(True for _ in lora_layers(model))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_presets_skip_stem_and_head_and_patterns_work():
+    model = build("efficientnet_b0", {})
+    inject(model, LoraConfig(targets="all", r=4))
+    names = [n for n, _ in lora_layers(model)]
+    assert "conv_stem" not in names and "classifier" not in names
+    assert any("conv_dw" in n for n in names)
+    model = build("resnet18", {})
+    inject(model, LoraConfig(targets=[r"layer\d\.\d\.conv1", "downsample.0"], exclude=["layer4.0.conv1"]))
+    names = {n for n, _ in lora_layers(model)}
+    assert "layer1.0.conv1" in names and "layer4.0.conv1" not in names and "layer2.0.downsample.0" in names
+
+
+def test_rank_fraction_and_oversized_warning():
+    model = build("mobilenetv3_small_100", {})
+    with pytest.warns(UserWarning, match="more than the layer itself"):
+        inject(model, LoraConfig(targets=["blocks.1.0.conv_dw"], r=9))
+    model = build("vit_tiny_patch16_224", dict(img_size=32, patch_size=4, depth=1))
+    inject(model, LoraConfig(targets=["mlp.fc1"], r=0.5))
+    assert model.blocks[0].mlp.fc1.r == 96
+
+
+def test_verify_names_a_broken_layer(monkeypatch):
+    model = build("resnet18", {})
+    monkeypatch.setattr(vislora.layers.LoraLayer, "delta_weight",
+                        lambda self, dtype=None: torch.zeros_like(self.base_layer.weight))
+    with pytest.raises(ValueError, match="layer1.0.conv1"):
+        inject(model, LoraConfig(targets=["layer1.0.conv1"]), verify=True)
+
+
+def test_trainable_summary_and_optimizer_params():
+    model = build("vit_tiny_patch16_224", dict(img_size=32, patch_size=4, depth=2))
+    inject(model, LoraConfig(targets="vit", r=4))
+    s = trainable_summary(model)
+    assert s["adapted_layers"] == 8
+    assert s["trainable"] == s["adapter"] + sum(p.numel() for p in model.head.parameters())
+    assert 0 < s["trainable_share"] < 0.1

@@ -1,0 +1,451 @@
+"""The mathematics of low rank: PiSSA init, adapter extraction by truncated SVD, spectra and update penalties.
+
+Every LoraLayer's update is delta_W = scaling * B @ A on the raw weight viewed as out x fan_in (fan_in =
+in/groups * kh * kw for a conv), so one matrix view serves Linear and every Conv2d. Per-projection qkv
+layers factor each adapted output chunk on its own (B is block-diagonal over the chunks).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from vislora.inject import LoraConfig, _pattern_value, _qkv_parts, find_targets, inject, lora_layers
+from vislora.layers import LoraLayer, raw_weight_name
+
+NUM_CHUNKS = 3  # inject() splits a fused qkv projection into 3 chunks
+
+
+# ---- shared helpers -------------------------------------------------------------------------------
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """fp32 at least (fp64 stays fp64)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _chunk_rows(layer_out: int, parts: tuple[int, ...] | None, num_chunks: int = NUM_CHUNKS) -> list[slice]:
+    """Row ranges of the out x fan_in matrix that get their own factor pair."""
+    if not parts:
+        return [slice(0, layer_out)]
+    chunk = layer_out // num_chunks
+    return [slice(c * chunk, (c + 1) * chunk) for c in parts]
+
+
+def _full(layer: LoraLayer, b: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal out x (parts*r) matrix from a B stored in lora_B's per-part layout (like full_B())."""
+    if not layer.qkv_parts:
+        return b
+    parts, r = layer.qkv_parts, b.shape[1]
+    chunk = b.shape[0] // len(parts)
+    out = b.new_zeros(chunk * layer.num_chunks, len(parts) * r)
+    for i, c in enumerate(parts):
+        out[c * chunk:(c + 1) * chunk, i * r:(i + 1) * r] = b[i * chunk:(i + 1) * chunk]
+    return out
+
+
+@torch.no_grad()
+def _set_factors(layer: LoraLayer, svds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    """A = sqrt(S) Vh, B = U sqrt(S) / scaling for each part, so scaling * B @ A = U S Vh (balanced factors)."""
+    a_rows, b_rows = [], []
+    for u, s, vh in svds:
+        root = s.clamp_min(0).sqrt()
+        a_rows.append(root[:, None] * vh)
+        b_rows.append(u * root / layer.scaling)
+    layer.lora_A.copy_(torch.cat(a_rows).to(layer.lora_A.dtype))
+    layer.lora_B.copy_(torch.cat(b_rows).to(layer.lora_B.dtype))
+
+
+def _raw(module: nn.Module) -> torch.Tensor:
+    return module.get_parameter(raw_weight_name(module))
+
+
+# ---- PiSSA ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def pissa_init(model: nn.Module) -> None:
+    """PiSSA: each adapter starts as the top-r singular triplets of its weight, the base keeps the residual.
+
+    scaling * B @ A = U_r S_r Vh_r and W <- W - scaling * B @ A (rounded once into W's dtype), so the output
+    is unchanged. The initial factors stay on the layer as non-persistent buffers pissa_A0 / pissa_B0,
+    which pissa_as_lora() uses to express the trained adapter relative to the original weights.
+    """
+    layers = list(lora_layers(model))
+    if not layers:
+        raise ValueError(f"pissa_init: {type(model).__name__} carries no LoRA layers: inject() first")
+    for name, layer in layers:
+        if layer.merged:
+            raise ValueError(f"pissa_init: layer '{name}' is merged: unmerge() it first")
+        if "pissa_A0" in layer._buffers:
+            raise ValueError(f"pissa_init: layer '{name}' is already PiSSA-initialised")
+        w = _raw(layer.base_layer)
+        mat = w.detach().to(_acc_dtype(w)).reshape(w.shape[0], -1)
+        svds = []
+        for rows in _chunk_rows(w.shape[0], layer.qkv_parts, layer.num_chunks):
+            u, s, vh = torch.linalg.svd(mat[rows], full_matrices=False)
+            svds.append((u[:, :layer.r], s[:layer.r], vh[:layer.r]))
+        _set_factors(layer, svds)
+        delta = layer.delta_weight(mat.dtype)
+        w.copy_((w.detach().to(mat.dtype) - delta).to(w.dtype))
+        layer.register_buffer("pissa_A0", layer.lora_A.detach().clone(), persistent=False)
+        layer.register_buffer("pissa_B0", layer.lora_B.detach().clone(), persistent=False)
+
+
+@torch.no_grad()
+def pissa_as_lora(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Plain-LoRA factors of a PiSSA layer's change w.r.t. the ORIGINAL weight: (A', B', scaling').
+
+    scaling' * B' @ A' = scaling * (B @ A - B0 @ A0), with A' = [A; A0] (2R x fan_in) and B' = [B, -B0]
+    (out x 2R, block-diagonal B assembled for qkv parts), scaling' = scaling. A file written from them
+    needs lora_alpha = scaling' * 2R (scaling' * sqrt(2R) with rslora) to keep PEFT's scaling.
+    """
+    if "pissa_A0" not in layer._buffers:
+        raise ValueError(f"layer {layer.extra_repr()} was not PiSSA-initialised: pissa_init() keeps A0/B0")
+    a = torch.cat([layer.lora_A.detach(), layer.pissa_A0.to(layer.lora_A.dtype)])
+    b = torch.cat([layer.full_B().detach(), -_full(layer, layer.pissa_B0.to(layer.lora_B.dtype))], dim=1)
+    return a.clone(), b.clone(), layer.scaling
+
+
+# ---- extraction -----------------------------------------------------------------------------------
+@dataclass
+class _Diff:
+    """W_tuned - W_base of one layer, factored per adapted part."""
+
+    name: str
+    parts: tuple[int, ...] | None
+    limit: int  # max rank per part
+    unit_params: int  # adapter parameters per unit of rank (all parts)
+    adaptable: float = 0.0  # ||D||^2 of the adapted parts (sum of their S^2)
+    other: float = 0.0  # ||D||^2 of the qkv chunks no adapter covers
+    svds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    rank: int = 0
+
+    @property
+    def total(self) -> float:
+        return self.adaptable + self.other
+
+    @property
+    def unchanged(self) -> bool:
+        """The adapted part of the weight did not change: nothing for an adapter to carry."""
+        return self.adaptable == 0.0
+
+    def kept(self, k: int) -> float:
+        return sum(s[:k].double().pow(2).sum().item() for _, s, _ in self.svds)
+
+    def discarded(self, k: int) -> float:
+        """Energy lost at rank k: the SVD tails plus the chunks no adapter covers (summed, not subtracted)."""
+        return sum(s[k:].double().pow(2).sum().item() for _, s, _ in self.svds) + self.other
+
+
+def _effective_weight(module: nn.Module, where: str) -> torch.Tensor:
+    """The weight a module's forward uses, in raw form: raw + pending adapter update for a LoraLayer."""
+    if isinstance(module, LoraLayer):
+        w = _raw(module.base_layer).detach()
+        if module.merged:
+            return w
+        return w.to(_acc_dtype(w)) + module.delta_weight(_acc_dtype(w))
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        raise ValueError(f"{where}: '{type(module).__name__}' is not an nn.Linear / nn.Conv2d")
+    return _raw(module).detach()
+
+
+def _module(model: nn.Module, name: str, which: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError as e:
+        raise ValueError(f"{which} model ({type(model).__name__}) has no module '{name}': the two models must "
+                         "share the architecture") from e
+
+
+@torch.no_grad()
+def _difference(name: str, base_module: nn.Module, tuned_model: nn.Module, parts: tuple[int, ...] | None,
+                num_chunks: int = NUM_CHUNKS) -> _Diff:
+    tuned_module = _module(tuned_model, name, "tuned")
+    w_base = _effective_weight(base_module, f"base '{name}'")
+    w_tuned = _effective_weight(tuned_module, f"tuned '{name}'")
+    if w_base.shape != w_tuned.shape:
+        raise ValueError(f"layer '{name}': base weight {tuple(w_base.shape)} and tuned weight "
+                         f"{tuple(w_tuned.shape)} differ in shape")
+    raw_base = base_module.base_layer if isinstance(base_module, LoraLayer) else base_module
+    raw_tuned = tuned_module.base_layer if isinstance(tuned_module, LoraLayer) else tuned_module
+    if raw_weight_name(raw_base) != raw_weight_name(raw_tuned):
+        raise ValueError(f"layer '{name}': base stores '{raw_weight_name(raw_base)}', tuned stores "
+                         f"'{raw_weight_name(raw_tuned)}': their difference is not a weight update")
+    acc = _acc_dtype(w_base)
+    d = (w_tuned.to(w_base.device, acc) - w_base.to(acc)).reshape(w_base.shape[0], -1)
+    rows = _chunk_rows(d.shape[0], parts, num_chunks)
+    n_parts, chunk = len(rows), rows[0].stop - rows[0].start
+    diff = _Diff(name, parts, min(chunk, d.shape[1]), n_parts * (chunk + d.shape[1]))
+    diff.other = _uncovered_energy(d, rows)
+    if any(torch.any(d[r]) for r in rows):
+        diff.svds = [torch.linalg.svd(d[r], full_matrices=False) for r in rows]
+        diff.adaptable = sum(s.double().pow(2).sum().item() for _, s, _ in diff.svds)
+    return diff
+
+
+def _uncovered_energy(d: torch.Tensor, rows: list[slice]) -> float:
+    """||D||^2 of the rows (qkv chunks) that no adapter part covers."""
+    keep = torch.ones(d.shape[0], dtype=torch.bool, device=d.device)
+    for r in rows:
+        keep[r] = False
+    return d[keep].double().pow(2).sum().item()
+
+
+def _energy_rank(diff: _Diff, energy: float) -> int:
+    """Smallest k keeping `energy` of what the adapter can represent (SVD energy of the adapted parts)."""
+    curve = sum(s.double().pow(2).cumsum(0) for _, s, _ in diff.svds)  # kept energy at k = 1, 2, ...
+    k = int(torch.searchsorted(curve, energy * diff.adaptable).item()) + 1
+    return min(k, diff.limit)
+
+
+def _fit_budget(diffs: list[_Diff], budget: int) -> None:
+    """Greedy: while over budget, lower by one the rank whose last unit keeps the least energy per parameter."""
+    used = sum(d.rank * d.unit_params for d in diffs)
+    floor = sum(d.unit_params for d in diffs)
+    if floor > budget:
+        raise ValueError(f"budget={budget} adapter parameters is below the minimum {floor} (rank 1 on every "
+                         f"changed layer): raise it, or adapt fewer layers")
+
+    def marginal(d: _Diff) -> float:
+        last = sum(s[d.rank - 1].double().pow(2).item() for _, s, _ in d.svds)
+        return last / d.adaptable / d.unit_params
+
+    heap = [(marginal(d), i, d.rank) for i, d in enumerate(diffs) if d.rank > 1]
+    heapq.heapify(heap)
+    while used > budget:
+        _, i, k = heapq.heappop(heap)
+        d = diffs[i]
+        if k != d.rank:
+            continue
+        d.rank -= 1
+        used -= d.unit_params
+        if d.rank > 1:
+            heapq.heappush(heap, (marginal(d), i, d.rank))
+
+
+def _check_rank_args(rank: int | str, energy: float, budget: int | None) -> None:
+    if isinstance(rank, str):
+        if rank not in ("auto", "full"):
+            raise ValueError(f"rank='{rank}': use an int >= 1, 'auto' (by energy) or 'full' (each layer's max)")
+    elif isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank={rank!r}: use an int >= 1, 'auto' or 'full'")
+    if not 0 < energy <= 1:
+        raise ValueError(f"energy={energy} must be in (0, 1]")
+    if budget is not None and (rank != "auto" or budget < 1):
+        raise ValueError(f"budget={budget} needs rank='auto' and a positive parameter count")
+
+
+def _fixed_rank(name: str, limit: int, rank: int | str, config: LoraConfig) -> int:
+    """'full': the layer's max; an int: config.rank_pattern's entry, else `rank`; capped at the max."""
+    if rank == "full":
+        return limit
+    r = _pattern_value(name, config.rank_pattern, rank)
+    if isinstance(r, float) and 0 < r < 1:
+        r = max(1, round(r * limit))
+    return min(int(r), limit)
+
+
+def _normalised_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict with LoraLayer wrappers seen through: `x.base_layer.weight` -> `x.weight`, no lora_ keys."""
+    return {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items()
+            if ".lora_" not in k and ".pissa_" not in k}
+
+
+def _warn_unrepresented(base_model: nn.Module, tuned_model: nn.Module, covered: set[str],
+                        train: list[str]) -> None:
+    """Warn about tensors that differ between the models but that no adapter or trained module carries."""
+    base_sd, tuned_sd = _normalised_state(base_model), _normalised_state(tuned_model)
+    lost = [k for k, v in base_sd.items() if k not in covered and not any(k.startswith(t + ".") for t in train)
+            and k in tuned_sd and tuned_sd[k].shape == v.shape and not torch.equal(tuned_sd[k].to(v.device), v)]
+    if lost:
+        warnings.warn(f"extract_adapter: {len(lost)} tensors differ between the models but are not adapted "
+                      f"(biases, norms, BN statistics, other layers): {', '.join(lost[:6])}"
+                      + (" ..." if len(lost) > 6 else ""), stacklevel=3)
+
+
+def extract_adapter(base_model: nn.Module, tuned_model: nn.Module, config: LoraConfig, rank: int | str = 8,
+                    energy: float = 0.9, budget: int | None = None) -> tuple[nn.Module, list[dict]]:
+    """Turn a fully fine-tuned model into a LoRA adapter on `base_model` by truncated SVD of W_tuned - W_base.
+
+    rank: an int (per layer, capped at the layer's max; config.rank_pattern entries win), 'full' (each layer's
+    max rank: exact), or 'auto' (smallest rank keeping `energy` of each layer's update, then, with `budget`,
+    lowered greedily where the last component keeps the least energy per parameter until the adapter has at
+    most `budget` parameters). The chosen ranks go into the injected config's rank_pattern. Layers whose
+    weight did not change are not adapted (reported with unchanged=True, rank 0). A base_model that already
+    carries adapters keeps its layers and ranks (unchanged layers get A = B = 0); rank='auto'/'full' then
+    raise. The `train` modules (the head) are copied from tuned_model. Returns (base_model, per-layer report
+    rows: name, rank, parts, energy, rel_error, norm, params, unchanged).
+    """
+    _check_rank_args(rank, energy, budget)
+    injected = dict(lora_layers(base_model))
+    if injected:
+        if rank in ("auto", "full") or budget is not None:
+            raise ValueError("base_model already carries adapters, whose ranks are used: eject() it to let "
+                             "extract_adapter choose ranks")
+        for name, layer in injected.items():
+            if layer.merged or "pissa_A0" in layer._buffers:
+                raise ValueError(f"base layer '{name}' is merged or PiSSA-initialised: extract into a plain "
+                                 "or freshly injected model")
+        diffs = [_difference(n, layer.base_layer, tuned_model, layer.qkv_parts, layer.num_chunks)
+                 for n, layer in injected.items()]
+        for d in diffs:
+            d.rank = injected[d.name].r
+    else:
+        names = find_targets(base_model, config)
+        diffs = []
+        for n in names:
+            module = base_model.get_submodule(n)
+            diffs.append(_difference(n, module, tuned_model, _qkv_parts(n, module, config.qkv)))
+        changed = [d for d in diffs if not d.unchanged]
+        if not changed:
+            raise ValueError("extract_adapter: the tuned model's target weights equal the base model's: "
+                             "nothing to extract")
+        for d in changed:
+            d.rank = _energy_rank(d, energy) if rank == "auto" else _fixed_rank(d.name, d.limit, rank, config)
+        if budget is not None:
+            _fit_budget(changed, budget)
+    for d in diffs:  # keep only the kept singular triplets
+        d.svds = [(u[:, :d.rank], s, vh[:d.rank]) for u, s, vh in d.svds]
+
+    if not injected:
+        # longest names first: a pattern also matches names ending in ".<pattern>", and the first match wins
+        ranks = {d.name: d.rank for d in sorted(diffs, key=lambda d: -len(d.name)) if not d.unchanged}
+        common = Counter(ranks.values()).most_common(1)[0][0]
+        skip = [f"^{re.escape(d.name)}$" for d in diffs if d.unchanged]  # anchored regex: that module only
+        config = replace(config, r=common, rank_pattern=ranks, init="default", exclude=[*config.exclude, *skip])
+        inject(base_model, config)
+        injected = dict(lora_layers(base_model))
+        got = {n: layer.r for n, layer in injected.items()}
+        if got != ranks:
+            raise RuntimeError(f"extract_adapter planned ranks {ranks} but inject() gave {got}")
+
+    report = []
+    with torch.no_grad():
+        for d in diffs:
+            layer = injected.get(d.name)
+            if layer is not None:
+                if d.unchanged:
+                    layer.lora_A.zero_()
+                    layer.lora_B.zero_()
+                else:
+                    _set_factors(layer, [(u, s[:d.rank], vh) for u, s, vh in d.svds])
+            report.append({
+                "name": d.name, "rank": 0 if layer is None else layer.r, "parts": list(d.parts or ()),
+                "energy": d.kept(d.rank) / d.total if d.total else 1.0,
+                "rel_error": math.sqrt(d.discarded(d.rank) / d.total) if d.total else 0.0,
+                "norm": math.sqrt(d.total),
+                "params": 0 if layer is None else layer.lora_A.numel() + layer.lora_B.numel(),
+                "unchanged": d.unchanged,
+            })
+        train = list(base_model.vislora_train)
+        for t in train:
+            _module(base_model, t, "base").load_state_dict(_module(tuned_model, t, "tuned").state_dict())
+    covered = {f"{d.name}.{injected[d.name].weight_name}" for d in diffs if d.name in injected}
+    covered |= {f"{d.name}.{raw_weight_name(base_model.get_submodule(d.name))}" for d in diffs
+                if d.name not in injected}
+    _warn_unrepresented(base_model, tuned_model, covered, train)
+    return base_model, report
+
+
+# ---- spectrum -------------------------------------------------------------------------------------
+def effective_rank(s: torch.Tensor) -> float:
+    """Roy & Vetterli's effective rank exp(H(p)), p = s / sum(s); 0 for a zero spectrum."""
+    total = s.sum()
+    if total <= 0:
+        return 0.0
+    p = s / total
+    p = p[p > 0]
+    return math.exp(-(p * p.log()).sum().item())
+
+
+@torch.no_grad()
+def update_singular_values(layer: LoraLayer) -> torch.Tensor:
+    """Singular values of scaling * B @ A from QR of B and A^T: svd(Rb Ra^T), never the out x fan_in product."""
+    b = layer.full_B().detach().double()
+    a = layer.lora_A.detach().double()
+    rb = torch.linalg.qr(b, mode="r").R
+    ra = torch.linalg.qr(a.T, mode="r").R
+    return torch.linalg.svdvals(rb @ ra.T) * abs(layer.scaling)
+
+
+def spectrum(model: nn.Module) -> list[dict]:
+    """Per LoraLayer: singular values of its update, effective rank, energy curve (cumsum s^2 / sum s^2), norm."""
+    rows = []
+    for name, layer in lora_layers(model):
+        s = update_singular_values(layer).cpu()
+        power = s.pow(2)
+        total = power.sum()
+        curve = (power.cumsum(0) / total) if total > 0 else torch.zeros_like(power)
+        rows.append({"name": name, "rank": layer.lora_A.shape[0], "singular_values": s.tolist(),
+                     "effective_rank": effective_rank(s), "energy": curve.tolist(), "norm": total.sqrt().item()})
+    if not rows:
+        raise ValueError(f"spectrum: {type(model).__name__} carries no LoRA layers")
+    return rows
+
+
+def _components_for(curve: list[float], level: float) -> int:
+    return next((i + 1 for i, e in enumerate(curve) if e >= level), 0)
+
+
+def format_spectrum(report: list[dict]) -> str:
+    """A table: layer, rank, effective rank, ||delta_W||_F, top singular value, components for 90% energy."""
+    width = max([len("layer"), *(len(r["name"]) for r in report)])
+    lines = [f"{'layer':<{width}}  {'R':>4}  {'eff.rank':>8}  {'||dW||_F':>10}  {'s1':>10}  {'k@90%':>5}"]
+    for r in report:
+        s1 = r["singular_values"][0] if r["singular_values"] else 0.0
+        lines.append(f"{r['name']:<{width}}  {r['rank']:>4}  {r['effective_rank']:>8.2f}  {r['norm']:>10.4g}  "
+                     f"{s1:>10.4g}  {_components_for(r['energy'], 0.9):>5}")
+    return "\n".join(lines)
+
+
+def plot_spectrum(report: list[dict], path: str | Path) -> Path:
+    """PNG: normalised singular values (s / s1, log scale) and energy curves, one line per layer."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not report:
+        raise ValueError("plot_spectrum: empty report")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(11, 4.5))
+    FigureCanvasAgg(fig)
+    ax_s, ax_e = fig.subplots(1, 2)
+    for r in report:
+        s = torch.tensor(r["singular_values"])
+        k = torch.arange(1, s.numel() + 1)
+        if s.numel() and s[0] > 0:
+            ax_s.semilogy(k, (s / s[0]).clamp_min(1e-12), lw=1, alpha=0.8, label=r["name"])
+        ax_e.plot(k, r["energy"], lw=1, alpha=0.8, label=r["name"])
+    ax_s.set(xlabel="component", ylabel="s_k / s_1", title="normalised singular values of the update")
+    ax_e.set(xlabel="components kept", ylabel="energy", title="cumulative energy", ylim=(0, 1.02))
+    ax_e.axhline(0.9, color="grey", ls=":", lw=1)
+    if len(report) <= 12:
+        ax_e.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100)
+    return path
+
+
+# ---- penalties ------------------------------------------------------------------------------------
+def frobenius_penalty(model: nn.Module) -> torch.Tensor:
+    """Sum of ||scaling * B @ A||_F^2 = scaling^2 * trace((B^T B)(A A^T)) over layers, never forming B @ A."""
+    terms = []
+    for _, layer in lora_layers(model):
+        b, a = layer.full_B(), layer.lora_A
+        terms.append(layer.scaling ** 2 * ((b.T @ b) * (a @ a.T)).sum())
+    if not terms:
+        raise ValueError(f"frobenius_penalty: {type(model).__name__} carries no LoRA layers")
+    return torch.stack(terms).sum()
+
+
+def factor_l2(model: nn.Module) -> torch.Tensor:
+    """Sum of ||A||_F^2 + ||B||_F^2 over layers (plain L2 on the factors)."""
+    terms = [layer.lora_A.pow(2).sum() + layer.lora_B.pow(2).sum() for _, layer in lora_layers(model)]
+    if not terms:
+        raise ValueError(f"factor_l2: {type(model).__name__} carries no LoRA layers")
+    return torch.stack(terms).sum()
