@@ -55,7 +55,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from vislora.export_run import export_run
+    from vislora.export import export_run
 
     report = export_run(args.run_dir, formats=args.format, out=args.out, opset=args.opset,
                         dynamic_batch=args.dynamic_batch)
@@ -64,8 +64,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from vislora.export import predict_files
-    from vislora.export_run import predictor_for
+    from vislora.export import predict_files, predictor_for
 
     predictor, pre = predictor_for(args.model)
     results = predict_files(predictor, pre, args.images, topk=args.topk)
@@ -88,16 +87,72 @@ def cmd_footprint(args) -> int:
     return 0
 
 
-def cmd_extract(args) -> int:
-    from vislora.svd_cli import extract_command
+def _model_from(source: str, model_name: str | None, kwargs: str):
+    """A run directory (its trained model, merged in memory) or a timm weights file (--model names the net)."""
+    from vislora.evaluate import load_run
+    from vislora.inject import classifier_names, unload
 
-    return extract_command(args)
+    path = Path(source)
+    if path.is_dir():
+        return unload(load_run(path)[0]), None
+    if not model_name:
+        raise ValueError(f"{source} is a weights file: name its timm architecture with --model")
+    import timm
+    from safetensors.torch import load_file
+
+    from vislora.train import load_weights
+
+    probe = timm.create_model(model_name, pretrained=False, **json.loads(kwargs))
+    heads = classifier_names(probe)
+    state = load_file(str(path)) if path.is_file() else {}
+    classes = [state[f"{h}.weight"].shape[0] for h in heads if f"{h}.weight" in state]
+    model = timm.create_model(model_name, pretrained=False, **json.loads(kwargs),
+                              **({"num_classes": classes[0]} if classes else {}))
+    load_weights(model, path)
+    return model.eval(), model_name
+
+
+def cmd_extract(args) -> int:
+    from vislora.adapters import save_adapter
+    from vislora.evaluate import load_run
+    from vislora.inject import LoraConfig
+    from vislora.svd import extract_adapter
+    from vislora.train import build_classifier
+
+    tuned, _ = _model_from(args.tuned, args.model, args.kwargs)
+    if args.base:
+        base, _ = _model_from(args.base, args.model, args.kwargs)
+    elif Path(args.tuned).is_dir():  # the run's starting point: its recipe's base model
+        _, recipe, pre = load_run(args.tuned)
+        base = build_classifier(recipe, len(pre["class_names"])).eval()
+    else:
+        raise ValueError("--base is needed when --tuned is a weights file")
+    targets = args.targets[0] if len(args.targets) == 1 else args.targets
+    rank = args.rank if args.rank in ("auto", "full") else int(args.rank)
+    model, report = extract_adapter(base, tuned, LoraConfig(targets=targets), rank=rank, energy=args.energy,
+                                    budget=args.budget)
+    out = save_adapter(model, args.out)
+    (out / "extract_report.json").write_text(json.dumps(report, indent=2))
+    print(f"{'layer':<40} {'rank':>4} {'energy':>7} {'rel.err':>8}")
+    for row in report:
+        print(f"{row['name']:<40} {row['rank']:>4} {row['energy']:7.4f} {row['rel_error']:8.4f}")
+    print(f"vislora: adapter written to {out} ({sum(r['params'] for r in report):,} adapter parameters)")
+    return 0
 
 
 def cmd_spectrum(args) -> int:
-    from vislora.svd_cli import spectrum_command
+    from vislora.evaluate import load_run
+    from vislora.svd import format_spectrum, plot_spectrum, spectrum
 
-    return spectrum_command(args)
+    run_dir = Path(args.run_dir)
+    model = load_run(run_dir)[0]
+    report = spectrum(model)
+    out = Path(args.out) if args.out else run_dir / "spectrum.png"
+    plot_spectrum(report, out)
+    (out.with_suffix(".json")).write_text(json.dumps(report))
+    print(json.dumps(report, indent=2) if args.json else format_spectrum(report))
+    print(f"vislora: plot written to {out}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,11 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_footprint)
 
     p = sub.add_parser("extract", help="turn a fully fine-tuned model into a LoRA adapter by truncated SVD")
-    p.add_argument("--base", required=True, help="base weights (.safetensors) or a run directory")
+    p.add_argument("--base", help="base weights (.safetensors) or a run directory (default: --tuned run's base)")
     p.add_argument("--tuned", required=True, help="tuned weights (.safetensors) or a full fine-tuning run directory")
     p.add_argument("--model", help="timm model name (when --base/--tuned are weight files)")
     p.add_argument("--kwargs", default="{}", help="timm.create_model kwargs as JSON")
-    p.add_argument("--rank", default="8", help="an int, or 'auto' (with --energy)")
+    p.add_argument("--rank", default="8", help="an int, 'full', or 'auto' (with --energy and --budget)")
     p.add_argument("--energy", type=float, default=0.9)
     p.add_argument("--budget", type=int, default=None, help="total adapter parameter budget for --rank auto")
     p.add_argument("--targets", nargs="+", default=["all"], help="a preset or patterns")
@@ -158,9 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("spectrum", help="singular values and effective rank of each learned update")
-    p.add_argument("run_dir", help="run directory (or an adapter directory with --model)")
-    p.add_argument("--model", help="timm model name when run_dir is an adapter directory")
-    p.add_argument("--kwargs", default="{}")
+    p.add_argument("run_dir", help="a LoRA run directory")
     p.add_argument("--out", help="PNG path (default RUN_DIR/spectrum.png)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_spectrum)

@@ -435,3 +435,82 @@ def export_model(model: nn.Module, preprocess: dict, out_dir: str | os.PathLike,
         raise ValueError(f"exported model does not match the PyTorch model ({out_dir / REPORT_NAME}): "
                          + "; ".join(failures))
     return report
+
+
+# ---- run directories ------------------------------------------------------------------------------
+def _val_batch(recipe: dict, preprocess: dict, n: int = 8) -> torch.Tensor | None:
+    """Up to n real images of the run's val split, through the eval pipeline (None if none can be read)."""
+    from vislora import data as vdata
+
+    d = recipe["data"]
+    try:
+        _, val = vdata.scan_folder(d["path"], d["val_fraction"], recipe["train"]["seed"])
+    except (FileNotFoundError, ValueError):
+        return None
+    dataset = vdata.ImageDataset(vdata.Split(val.items[:n], val.classes), vdata.build_transform(preprocess, False))
+    images = [item[0] for item in (dataset[i] for i in range(len(dataset))) if item is not None]
+    return torch.stack(images) if images else None
+
+
+def export_run(run_dir: str | os.PathLike, formats: str | Sequence[str] = "all", out: str | os.PathLike | None = None,
+               opset: int = 17, dynamic_batch: bool = True) -> dict:
+    """Rebuild a run's model, load its adapter, merge and unload, export and verify (`vislora export`).
+
+    Also records that the merged export costs what the base model costs: parameter counts and PyTorch
+    latency at batch 1 of the untouched base model next to the merged one.
+    """
+    from vislora.evaluate import load_run
+    from vislora.inject import unload
+
+    formats = tuple(FILE_NAMES) if formats == "all" else ((formats,) if isinstance(formats, str) else tuple(formats))
+    model, recipe, preprocess = load_run(run_dir)
+    unload(model)
+    detection = recipe["task"] == "detection"
+    if detection:
+        from vislora.detection import build_detector
+
+        base = build_detector(recipe["model"], recipe["detector"], len(preprocess["class_names"]))
+        formats = tuple(f for f in formats if f != "onnx") or ("torchscript",)
+        inputs = None
+    else:
+        from vislora.train import build_classifier
+
+        base = build_classifier(recipe, len(preprocess["class_names"]))
+        inputs = _val_batch(recipe, preprocess)
+    out_dir = Path(out) if out else Path(run_dir) / "export"
+    report = export_model(model, preprocess, out_dir, formats, opset, dynamic_batch, inputs)
+    h, w = _height_width(preprocess)
+    x = torch.randn(1, 3, h, w)
+    call = (lambda m, t: m(list(t))) if detection else (lambda m, t: m(t))
+    base.eval()
+    with torch.inference_mode():
+        report["cost"] = {
+            "base_parameters": sum(p.numel() for p in base.parameters()),
+            "merged_parameters": sum(p.numel() for p in model.parameters()),
+            "base_latency_b1_s": median_latency(lambda t: call(base, t), x),
+            "merged_latency_b1_s": median_latency(lambda t: call(model, t), x),
+        }
+    report["cost"]["latency_ratio"] = report["cost"]["merged_latency_b1_s"] / report["cost"]["base_latency_b1_s"]
+    if report["cost"]["base_parameters"] != report["cost"]["merged_parameters"]:
+        raise ValueError(f"merged model has {report['cost']['merged_parameters']} parameters, the base model "
+                         f"{report['cost']['base_parameters']}: something was left unmerged")
+    (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def predictor_for(target: str | os.PathLike) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
+    """A predictor for `vislora predict`: a run directory (merged in memory), a .pt or an .onnx file."""
+    target = Path(target)
+    if target.is_dir() and (target / "recipe.yaml").is_file():
+        from vislora.evaluate import load_run
+        from vislora.inject import unload
+
+        model, _, preprocess = load_run(target)
+        unload(model)
+
+        def run(x: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return model(torch.from_numpy(x)).float().numpy()
+
+        return run, preprocess
+    return load_exported(target)

@@ -74,6 +74,11 @@ def _merge(base: dict, override: dict, prefix: str, source: str) -> dict:
             if not isinstance(value, dict):
                 raise ValueError(f"{source}: recipe key '{dotted}' must be a mapping, got {value!r}")
             out[key] = _merge(base[key], value, dotted + ".", source)
+        elif isinstance(base[key], (int, float)) and not isinstance(base[key], bool) and isinstance(value, str):
+            try:  # YAML 1.1 reads 3e-4 (no dot) as a string
+                out[key] = float(value)
+            except ValueError:
+                raise ValueError(f"{source}: recipe key '{dotted}' must be a number, got {value!r}") from None
         else:
             out[key] = value
     return out

@@ -1,0 +1,106 @@
+"""End to end: recipe -> train -> eval -> resume, on a generated folder with odd files, tiny ViT and tiny CNN."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vislora.train as vtrain
+from vislora.data import make_synthetic_folder
+from vislora.evaluate import evaluate, load_run
+from vislora.recipe import load_recipe, resolve
+
+VIT = {"name": "vit_tiny_patch16_224", "pretrained": False, "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2}}
+CNN = {"name": "test_efficientnet", "pretrained": False, "kwargs": {}}
+
+
+def recipe_for(model, adapter, path, **train):
+    return resolve({
+        "model": model, "adapter": adapter,
+        "data": {"path": str(path), "img_size": 32, "workers": 0, "augment": {"scale": [0.8, 1.0]}},
+        "train": {"epochs": 3, "batch_size": 16, "lr": 3e-3, "warmup_epochs": 0, "seed": 0, **train},
+    })
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_synthetic_folder(tmp_path_factory.mktemp("images"), classes=3, per_class=16, size=32, oddities=True)
+
+
+@pytest.mark.parametrize("model,adapter", [
+    (VIT, {"r": 4, "targets": "vit"}),
+    (CNN, {"r": 4, "targets": "conv"}),
+    (VIT, "linear_probe"),
+    (CNN, None),
+], ids=["vit-lora", "cnn-lora-depthwise", "vit-probe", "cnn-full"])
+def test_train_then_eval(tmp_path, folder, model, adapter):
+    run = vtrain.train(recipe_for(model, adapter, folder), tmp_path / "run")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    for name in ("recipe.yaml", "classes.json", "preprocess.json", "curves.png", "checkpoints/last.pt",
+                 "checkpoints/best.pt", "train_summary.json"):
+        assert (run / name).is_file(), name
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() or (run / "weights.safetensors").is_file()
+    report = evaluate(run, out=tmp_path / "report.json")
+    for key in ("top1", "top5", "macro_f1", "per_class", "confusion_matrix", "num_images"):
+        assert key in report
+    assert 0 <= report["top1"] <= 1 and report["num_images"] > 0
+    assert (tmp_path / "report_confusion.csv").is_file() and (tmp_path / "report_confusion.png").is_file()
+
+
+def test_resume_after_interrupt_matches_uninterrupted(tmp_path, folder, monkeypatch):
+    recipe = recipe_for(VIT, {"r": 4, "targets": "vit"}, folder)
+    vtrain.train(recipe, tmp_path / "straight")
+    real_validate, calls = vtrain.validate_classifier, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C during epoch 2, after epoch 1's checkpoint was written
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(vtrain, "validate_classifier", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        vtrain.train(recipe, tmp_path / "resumed")
+    monkeypatch.setattr(vtrain, "validate_classifier", real_validate)
+    assert torch.load(tmp_path / "resumed/checkpoints/last.pt", weights_only=True)["epoch"] == 1
+    load_run(tmp_path / "resumed")  # the interrupted run is loadable
+    vtrain.train(recipe, tmp_path / "resumed", resume=True)
+    a = torch.load(tmp_path / "straight/checkpoints/last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed/checkpoints/last.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_nan_loss_stops_with_message(tmp_path, folder):
+    recipe = recipe_for(VIT, {"r": 4, "targets": "vit"}, folder, lr=1e30, epochs=2)
+    with pytest.raises(vtrain.TrainingDiverged, match="last good checkpoint"):
+        vtrain.train(recipe, tmp_path / "run")
+
+
+def test_recipes_validate_and_name_unknown_keys(tmp_path):
+    from pathlib import Path
+
+    for path in sorted(Path("recipes").glob("*.yaml")):
+        load_recipe(path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name: resnet18}\ntrain: {epochs: 1, learning_rate: 0.1}\n")
+    with pytest.raises(ValueError, match="train.learning_rate"):
+        load_recipe(bad)
+    recipe = load_recipe(Path("recipes/vit_lora.yaml"), ["train.lr=3e-4", "adapter.r=4", "model.pretrained=false"])
+    assert recipe["train"]["lr"] == 3e-4 and recipe["adapter"]["r"] == 4 and recipe["model"]["pretrained"] is False
+
+
+def test_checkpoint_head_of_other_size_is_dropped(tmp_path, folder):
+    import timm
+    from safetensors.torch import save_file
+
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, **VIT["kwargs"])
+    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
+    model = dict(VIT, checkpoint=str(tmp_path / "w.safetensors"))
+    run = vtrain.train(recipe_for(model, {"r": 4, "targets": "vit"}, folder, epochs=1), tmp_path / "run")
+    state = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert state["base_model.model.head.weight"].shape[0] == 3

@@ -1,0 +1,155 @@
+"""Training step time (forward + backward + AdamW step) of vislora LoRA vs PEFT LoRA vs full fine-tuning vs the limit.
+
+The limit is the same frozen model with only the head trainable but gradients flowing back through every block
+(the patch-embedding / stem output requires grad): the backward pass any adapter must pay for, with no weight
+gradient inside the blocks. All contenders live in ONE process and run round-robin, one step each per round, so
+a busy machine slows them alike; medians of the step times and medians of the per-round ratios to the limit.
+
+    .venv/bin/python tools/bench_step.py                    # ViT-S/16 @112 b16, ConvNeXt-T @96 (fc1/fc2 and conv)
+    .venv/bin/python tools/bench_step.py --suite vit --rounds 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vislora import LoraConfig, inject  # noqa: E402
+
+SUITES = {
+    # name: (timm model, img size, batch, vislora targets, PEFT target_modules, stem module)
+    "vit": ("vit_small_patch16_224", 112, 16, ["qkv", "proj", "fc1", "fc2"], ["qkv", "proj", "fc1", "fc2"],
+            "patch_embed"),
+    "convnext": ("convnext_tiny", 96, 16, ["mlp.fc1", "mlp.fc2"], ["mlp.fc1", "mlp.fc2"], "stem"),
+    "convnext-conv": ("convnext_tiny", 96, 16, "conv", None, "stem"),
+}
+
+
+def base_model(name: str, img_size: int) -> nn.Module:
+    torch.manual_seed(0)
+    kwargs = {"img_size": img_size} if name.startswith("vit") else {}
+    return timm.create_model(name, pretrained=False, num_classes=10, **kwargs).train()
+
+
+def grad_from(module: nn.Module) -> None:
+    """Make `module`'s output require grad, so backward runs through everything after it (no weight grads)."""
+    module.register_forward_hook(lambda m, args, out: out.requires_grad_(True))
+
+
+def limit(name: str, img_size: int, stem: str) -> nn.Module:
+    model = base_model(name, img_size)
+    model.requires_grad_(False)
+    model.get_classifier().requires_grad_(True)
+    grad_from(model.get_submodule(stem))
+    return model
+
+
+def vislora_model(name: str, img_size: int, targets, r: int) -> nn.Module:
+    model = base_model(name, img_size)
+    inject(model, LoraConfig(r=r, alpha=2 * r, targets=targets), verify=False)
+    return model
+
+
+def peft_model(name: str, img_size: int, targets, r: int) -> nn.Module:
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
+
+    model = base_model(name, img_size)
+    head = [n for n, m in model.named_modules() if m is model.get_classifier()]
+    return get_peft_model(model, PeftConfig(r=r, lora_alpha=2 * r, target_modules=targets, modules_to_save=head))
+
+
+def full(name: str, img_size: int) -> nn.Module:
+    return base_model(name, img_size)
+
+
+def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """One AdamW training step over the model's trainable parameters."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def round_robin(steps: dict[str, Callable[[], None]], rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Time one call of each contender per round, rotating the order each round."""
+    names = list(steps)
+    times = {n: [] for n in names}
+    for i in range(warmup + rounds):
+        order = names[i % len(names):] + names[:i % len(names)]
+        for n in order:
+            tic = time.perf_counter()
+            steps[n]()
+            if i >= warmup:
+                times[n].append(time.perf_counter() - tic)
+    return times
+
+
+def summarise(times: dict[str, list[float]], ref: str = "limit") -> list[dict]:
+    """Median time, ratio of medians and median of the per-round ratios, against `ref`."""
+    rows = []
+    for n, t in times.items():
+        paired = [a / b for a, b in zip(t, times[ref], strict=True)]
+        rows.append({"contender": n, "median_s": statistics.median(t),
+                     "ratio": statistics.median(t) / statistics.median(times[ref]),
+                     "paired_ratio": statistics.median(paired)})
+    return rows
+
+
+def run_suite(suite: str, rounds: int, warmup: int, r: int, batch: int | None) -> list[dict]:
+    name, img, bs, targets, peft_targets, stem = SUITES[suite]
+    bs = batch or bs
+    torch.manual_seed(0)
+    x, y = torch.randn(bs, 3, img, img), torch.randint(0, 10, (bs,))
+    models = {"limit": limit(name, img, stem), "vislora": vislora_model(name, img, targets, r)}
+    if peft_targets is not None:
+        models["peft"] = peft_model(name, img, peft_targets, r)
+    else:
+        try:
+            peft_model(name, img, [n for n, m in vislora_model(name, img, targets, r).named_modules()
+                                   if type(m).__name__ == "LoraLayer"], r)
+            print(f"[{suite}] PEFT accepted the same targets (unexpected)")
+        except Exception as e:  # PEFT's own message, shown as the reason it is missing from the table
+            print(f"[{suite}] PEFT cannot run these targets: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+    models["full"] = full(name, img)
+    steps = {n: step_fn(m, x, y) for n, m in models.items()}
+    rows = summarise(round_robin(steps, rounds, warmup))
+    print(f"\n{suite}: {name} img {img} batch {bs}, r={r}, targets {targets}, {rounds} rounds, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'contender':<10} {'median ms':>10} {'ratio':>7} {'paired':>7}")
+    for row in rows:
+        print(f"{row['contender']:<10} {1000 * row['median_s']:10.1f} {row['ratio']:7.3f} {row['paired_ratio']:7.3f}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--suite", nargs="+", default=list(SUITES), choices=list(SUITES))
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--batch", type=int, default=None, help="override the suite's batch size")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for suite in args.suite:
+        run_suite(suite, args.rounds, args.warmup, args.r, args.batch)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
