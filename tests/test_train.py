@@ -104,3 +104,35 @@ def test_checkpoint_head_of_other_size_is_dropped(tmp_path, folder):
     run = vtrain.train(recipe_for(model, {"r": 4, "targets": "vit"}, folder, epochs=1), tmp_path / "run")
     state = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     assert state["base_model.model.head.weight"].shape[0] == 3
+
+
+def test_detection_run_end_to_end(tmp_path):
+    """The same loop, CLI pieces and run format for a detector: train, eval (mAP report), TorchScript export."""
+    import importlib.util
+
+    from vislora.export import export_run
+
+    spec = importlib.util.spec_from_file_location("make_detection_data", "tools/make_detection_data.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tool.make_scenes(tmp_path / "scenes", 12, 6, 64, seed=0)
+    torch.set_num_threads(1)
+    recipe = resolve({
+        "task": "detection",
+        "model": {"name": "test_resnet", "pretrained": False},
+        "adapter": {"r": 4, "targets": "conv"},
+        "detector": {"head": "fcos", "min_size": 64, "max_size": 64, "fpn_channels": 64},
+        "data": {"format": "yolo", "path": str(tmp_path / "scenes"), "workers": 0,
+                 "augment": {"scale": [0.7, 1.0], "color_jitter": 0.1}},
+        "train": {"epochs": 3, "batch_size": 4, "lr": 1e-3, "warmup_epochs": 0},
+    })
+    run = vtrain.train(recipe, tmp_path / "run")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert 0 <= rows[-1]["val_map50"] <= 1
+    report = evaluate(run, out=tmp_path / "det.json")
+    assert {"map", "map50", "map75", "per_class"} <= set(report)
+    assert (tmp_path / "det_boxes.png").is_file()
+    exported = export_run(run, formats="torchscript")  # verifies the scripted boxes against the merged model
+    assert exported["torchscript"]["max_abs_diff"] <= 1e-4
+    assert exported["cost"]["base_parameters"] == exported["cost"]["merged_parameters"]

@@ -1,20 +1,41 @@
-"""Classification data: image folders, splits, albumentations pipelines, loaders that skip unreadable files."""
+"""Classification data: image folders, stratified splits, albumentations pipelines, loaders that skip bad files.
+
+Layouts: ROOT/train/<class>/* + ROOT/val/<class>/*, or ROOT/<class>/* split into train/val by a stratified, seeded
+fraction. Class names are the folder names, sorted. Files Pillow cannot read are found at scan time (`skipped`);
+a file that breaks later makes its sample None, which `collate_skip` drops, so an epoch never crashes.
+"""
 
 from __future__ import annotations
 
-import warnings
+import colorsys
+import logging
+import multiprocessing
+import random
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import albumentations as A
+import cv2
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from sklearn.model_selection import train_test_split
+from timm.data import resolve_data_config, resolve_model_data_config
+from tqdm import tqdm
+
+from vislora.export import eval_transform
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-INTERPOLATION = {"nearest": 0, "bilinear": 1, "bicubic": 2, "area": 3, "box": 3, "lanczos": 4}
+VAL_DIRS = ("val", "valid", "validation")
+INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
+                  "area": cv2.INTER_AREA, "box": cv2.INTER_AREA, "lanczos": cv2.INTER_LANCZOS4}
+OVERRIDE_KEYS = ("img_size", "mean", "std", "interpolation", "crop_pct")
+AUGMENT_DEFAULTS = {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3), "hflip": 0.5, "color_jitter": 0.4}
 
 
 @dataclass
@@ -25,73 +46,132 @@ class Split:
     classes: list[str]
 
 
+# ---- scanning folders ------------------------------------------------------------------------------------------
+def _visible(path: Path) -> bool:
+    return not path.name.startswith(".")  # skips .DS_Store, macOS ._x.jpg resource forks, hidden folders
+
+
 def _class_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted((p for p in root.iterdir() if p.is_dir() and _visible(p)), key=lambda p: p.name)
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """Image files under folder (any depth, any case of extension), sorted."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def _scan_classes(root: Path, classes: list[str] | None = None) -> Split:
+    """One ROOT/<class>/* folder; with `classes`, its folders must be among them and labels index them."""
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
     dirs = _class_dirs(root)
-    names = [d.name for d in dirs]
+    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    if loose:
+        logger.warning("%s: ignoring %d image(s) outside class folders (images go in %s/<class>/)",
+                       root, len(loose), root)
     if classes is None:
         if len(dirs) < 2:
-            raise ValueError(f"{root} holds {len(dirs)} class folder(s): a classifier needs at least 2")
-        classes = names
-    unknown = [n for n in names if n not in classes]
-    if unknown:
-        raise ValueError(f"{root}: class folder(s) {unknown} are unknown to the training classes {classes}")
+            raise ValueError(f"{root} holds {len(dirs)} class folder(s) ({[d.name for d in dirs]}): "
+                             "a classifier needs at least 2 (layout: ROOT/<class>/* or ROOT/train/<class>/*)")
+        classes = [d.name for d in dirs]
+    elif not dirs:
+        raise ValueError(f"{root} holds no class folders (expected {root}/<class>/* with classes {classes})")
     items = []
     for d in dirs:
+        if d.name not in classes:
+            raise ValueError(f"class folder {d} is not one of the training classes {classes}")
         files = _images(d)
         if not files:
-            raise ValueError(f"class folder {d} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        items += [(f, classes.index(d.name)) for f in files]
+            raise ValueError(f"class folder {d} holds no images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+        label = classes.index(d.name)
+        items += [(f, label) for f in files]
     return Split(items, list(classes))
 
 
+def _val_dir(root: Path) -> Path | None:
+    return next((root / n for n in VAL_DIRS if (root / n).is_dir()), None)
+
+
+def _stratified_split(full: Split, root: Path, val_fraction: float, seed: int) -> tuple[Split, Split]:
+    """Seeded, stratified train/val split of one folder (sklearn's train_test_split)."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if val_fraction == 0:
+        return full, Split([], full.classes)
+    labels = [y for _, y in full.items]
+    counts = np.bincount(labels, minlength=len(full.classes))
+    if counts.min() < 2:
+        name = full.classes[int(counts.argmin())]
+        raise ValueError(f"class folder {root / name} holds {counts.min()} image: a stratified train/val split "
+                         "needs at least 2 per class (add images, or use ROOT/train + ROOT/val folders)")
+    try:
+        train, val = train_test_split(full.items, test_size=val_fraction, random_state=seed, stratify=labels)
+    except ValueError as e:
+        raise ValueError(f"{root}: cannot split {len(labels)} images of {len(full.classes)} classes with "
+                         f"val_fraction={val_fraction}: {e}") from e
+    missing = sorted(set(full.classes) - {full.classes[y] for _, y in val})
+    if missing:
+        logger.warning("%s: val_fraction=%s leaves no val images for class(es) %s", root, val_fraction, missing)
+    return Split(sorted(train), full.classes), Split(sorted(val), full.classes)
+
+
 def scan_folder(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> tuple[Split, Split]:
-    """(train, val) from ROOT/train + ROOT/val, or ROOT/<class> split by a stratified, seeded fraction."""
+    """(train, val) from ROOT/train + ROOT/val, or from ROOT/<class> (or a ROOT/train alone) split by a
+    stratified, seeded val_fraction. Empty class folders, < 2 classes or unknown val classes: ValueError."""
     root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
     if (root / "train").is_dir():
         train = _scan_classes(root / "train")
-        val = _scan_classes(root / "val", train.classes) if (root / "val").is_dir() else Split([], train.classes)
-        return train, val
-    full = _scan_classes(root)
-    labels = [y for _, y in full.items]
-    if not 0 < val_fraction < 1:
-        return full, Split([], full.classes)
-    tr, va = train_test_split(full.items, test_size=val_fraction, random_state=seed, stratify=labels)
-    return Split(sorted(tr), full.classes), Split(sorted(va), full.classes)
+        val_dir = _val_dir(root)
+        if val_dir is not None:
+            return train, _scan_classes(val_dir, train.classes)
+        return _stratified_split(train, root / "train", val_fraction, seed)
+    return _stratified_split(_scan_classes(root), root, val_fraction, seed)
 
 
 def scan_eval_folder(path: str | Path, classes: list[str]) -> Split:
-    """ROOT/val, a ROOT holding val/, or a plain ROOT/<class> folder, labelled with the training classes."""
+    """Images to evaluate from ROOT/val, a ROOT holding val/, or a plain ROOT/<class> folder, labelled by the
+    training `classes` (a class folder unknown to them is a ValueError)."""
     path = Path(path)
-    if (path / "val").is_dir():
-        path = path / "val"
-    return _scan_classes(path, classes)
+    if not path.is_dir():
+        raise FileNotFoundError(f"image folder not found: {path}")
+    return _scan_classes(_val_dir(path) or path, list(classes))
+
+
+# ---- reading images --------------------------------------------------------------------------------------------
+def _wide_to_uint8(im: Image.Image) -> np.ndarray:
+    """16/32-bit integer or float grayscale (mode I;16, I, F) -> uint8, scaled by its nominal range."""
+    a = np.asarray(im).astype(np.float64)
+    top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+    if a.max() > 65535 or a.min() < 0:  # no nominal range: stretch what is there
+        a, top = a - a.min(), max(a.max() - a.min(), 1e-12)
+    return np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    if im.mode.startswith("I") or im.mode == "F":
+        return np.repeat(_wide_to_uint8(im)[:, :, None], 3, axis=2)
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")  # transparent pixels -> black, whatever colour they store
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    return np.array(im.convert("RGB"), dtype=np.uint8)
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
-    """HxWx3 uint8 from any mode Pillow reads (grayscale, palette, RGBA, CMYK ...); ValueError names the file."""
+    """HxWx3 uint8 of any image Pillow reads (grayscale, 16-bit, palette, RGBA on black, CMYK), upright per EXIF.
+    Raises ValueError naming the file when it is missing or unreadable."""
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode in ("RGBA", "LA", "P") and ("transparency" in im.info or im.mode != "P"):
-                im = im.convert("RGBA")
-                background = Image.new("RGBA", im.size, (0, 0, 0, 255))
-                im = Image.alpha_composite(background, im)
-            return np.asarray(im.convert("RGB"))
-    except Exception as e:  # PIL raises many types for broken files
-        raise ValueError(f"unreadable image {path}: {e}") from e
+            return _to_rgb(ImageOps.exif_transpose(im))
+    except Exception as e:  # Pillow raises many types (OSError, SyntaxError, struct.error ...) for broken files
+        raise ValueError(f"unreadable image {path}: {type(e).__name__}: {e}") from e
 
 
 def _readable(path: Path) -> bool:
+    """Cheap scan-time check: Pillow identifies the file and its structure verifies (no full decode)."""
     try:
         with Image.open(path) as im:
             im.verify()
@@ -100,130 +180,252 @@ def _readable(path: Path) -> bool:
         return False
 
 
-def preprocess_config(model_or_cfg, overrides: dict | None = None) -> dict:
-    """Input size, mean, std, interpolation and crop_pct from a timm model's pretrained_cfg, then overrides."""
-    cfg = getattr(model_or_cfg, "pretrained_cfg", model_or_cfg) or {}
-    pre = {
-        "input_size": tuple(cfg.get("input_size", (3, 224, 224))),
-        "mean": tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
-        "std": tuple(cfg.get("std", (0.229, 0.224, 0.225))),
-        "interpolation": cfg.get("interpolation", "bilinear"),
-        "crop_pct": float(cfg.get("crop_pct", 0.875)),
-    }
-    overrides = overrides or {}
-    if overrides.get("img_size"):
-        pre["input_size"] = (3, int(overrides["img_size"]), int(overrides["img_size"]))
-    for key in ("mean", "std"):
-        if overrides.get(key) is not None:
-            pre[key] = tuple(overrides[key])
-    for key in ("interpolation", "crop_pct"):
-        if overrides.get(key) is not None:
-            pre[key] = overrides[key]
-    pre["input_size"] = list(pre["input_size"])
-    pre["mean"], pre["std"] = list(pre["mean"]), list(pre["std"])
+def find_unreadable(paths: Sequence[Path], threads: int = 8) -> list[str]:
+    """The paths Pillow cannot open and verify (checked in threads; a progress bar for large folders)."""
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        ok = list(tqdm(pool.map(_readable, paths), total=len(paths), desc="checking images", leave=False,
+                       disable=len(paths) < 5000))
+    return [str(p) for p, good in zip(paths, ok, strict=True) if not good]
+
+
+# ---- preprocessing config and transforms -----------------------------------------------------------------------
+def _fixed_input_size(model: torch.nn.Module) -> tuple[int, int] | None:
+    """The size a ViT-like model was built for (timm keeps the pretrained 224 in pretrained_cfg after img_size=)."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) and len(size) == 2 else None
+
+
+def _triple(key: str, value) -> tuple[float, float, float]:
+    values = [value] if isinstance(value, (int, float)) else list(value)
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3 or not all(isinstance(v, (int, float)) for v in values):
+        raise ValueError(f"preprocess '{key}' must be 3 numbers (R, G, B) or one, got {value!r}")
+    if key == "std" and min(values) <= 0:
+        raise ValueError(f"preprocess 'std' must be positive, got {value!r}")
+    return tuple(float(v) for v in values)
+
+
+def _input_size(value) -> tuple[int, int, int]:
+    size = [value] if isinstance(value, int) else list(value)
+    if len(size) == 1:
+        size *= 2
+    size = size[-2:] if len(size) == 3 else size
+    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+        raise ValueError(f"preprocess 'img_size' must be S, [H, W] or [3, H, W] positive ints, got {value!r}")
+    return (3, size[0], size[1])
+
+
+def preprocess_config(model_or_pretrained_cfg, overrides: dict | None = None) -> dict:
+    """{input_size (3,H,W), mean, std, interpolation, crop_pct} from a timm model (or its pretrained_cfg dict),
+    then `overrides` (keys img_size, mean, std, interpolation, crop_pct; None values are ignored)."""
+    src = model_or_pretrained_cfg
+    if isinstance(src, torch.nn.Module):
+        cfg = resolve_model_data_config(src)
+        fixed = _fixed_input_size(src)
+        if fixed:
+            cfg["input_size"] = (3, *fixed)
+    elif isinstance(src, Mapping):
+        cfg = resolve_data_config(pretrained_cfg=dict(src) or {"crop_mode": "center"})  # timm rejects an empty one
+    else:
+        raise TypeError(f"preprocess_config needs a timm model or a pretrained_cfg dict, got {type(src).__name__}")
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(overrides) - set(OVERRIDE_KEYS))
+    if unknown:
+        raise ValueError(f"unknown preprocess override(s) {unknown}; known: {', '.join(OVERRIDE_KEYS)}")
+    pre = {"input_size": _input_size(overrides.get("img_size", cfg["input_size"])),
+           "mean": _triple("mean", overrides.get("mean", cfg["mean"])),
+           "std": _triple("std", overrides.get("std", cfg["std"])),
+           "interpolation": str(overrides.get("interpolation", cfg["interpolation"])),
+           "crop_pct": float(overrides.get("crop_pct", cfg["crop_pct"]))}
+    if pre["interpolation"] not in INTERPOLATIONS:
+        raise ValueError(f"preprocess 'interpolation'={pre['interpolation']!r} is not one of {sorted(INTERPOLATIONS)}")
+    if not 0 < pre["crop_pct"] <= 1:
+        raise ValueError(f"preprocess 'crop_pct' must be in (0, 1], got {pre['crop_pct']}")
     return pre
 
 
-def build_transform(pre: dict, train: bool, augment: dict | None = None) -> A.Compose:
-    """Train: random resized crop, flip, colour jitter. Eval: resize + center crop (timm's crop_pct).
-    Both normalize with the preprocess mean/std; the same geometry as vislora.export.eval_transform."""
-    if not train:
-        from vislora.export import eval_transform
+def _augment(augment: dict | None) -> dict:
+    """Augment settings with defaults filled in and ranges checked."""
+    given = {k: v for k, v in (augment or {}).items() if v is not None}
+    unknown = sorted(set(given) - set(AUGMENT_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown augment key(s) {unknown}; known: {', '.join(AUGMENT_DEFAULTS)}")
+    aug = {**AUGMENT_DEFAULTS, **given}
+    lo, hi = (float(v) for v in aug["scale"])
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"augment 'scale' must be (min, max) with 0 < min <= max <= 1, got {aug['scale']}")
+    rlo, rhi = (float(v) for v in aug["ratio"])
+    if not 0 < rlo <= rhi:
+        raise ValueError(f"augment 'ratio' must be (min, max) with 0 < min <= max, got {aug['ratio']}")
+    if not 0 <= float(aug["hflip"]) <= 1:
+        raise ValueError(f"augment 'hflip' is a probability in [0, 1], got {aug['hflip']}")
+    if float(aug["color_jitter"]) < 0:
+        raise ValueError(f"augment 'color_jitter' must be >= 0 (0 disables it), got {aug['color_jitter']}")
+    return {"scale": (lo, hi), "ratio": (rlo, rhi), "hflip": float(aug["hflip"]),
+            "color_jitter": float(aug["color_jitter"])}
 
+
+def build_transform(pre: dict, train: bool, augment: dict | None = None) -> A.Compose:
+    """HxWx3 uint8 -> CHW float32 tensor. Train: RandomResizedCrop, HorizontalFlip, ColorJitter (timm's strength
+    convention; 0 disables). Eval: shorter side to size / crop_pct, center crop (vislora.export.eval_transform,
+    the same geometry the exported model is fed). Both normalize with pre's mean/std."""
+    if not train:
         return A.Compose([*eval_transform(pre).transforms, ToTensorV2()])
-    augment = augment or {}
-    h, w = pre["input_size"][1:]
-    interp = INTERPOLATION.get(pre.get("interpolation", "bilinear"), 1)
-    steps = [A.RandomResizedCrop(size=(h, w), scale=tuple(augment.get("scale", (0.08, 1.0))),
-                                 ratio=tuple(augment.get("ratio", (3 / 4, 4 / 3))), interpolation=interp)]
-    if augment.get("hflip", 0.5):
-        steps.append(A.HorizontalFlip(p=augment.get("hflip", 0.5)))
-    jitter = augment.get("color_jitter", 0.4)
-    if jitter:
-        steps.append(A.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=0.0, p=0.8))
-    steps += [A.Normalize(mean=pre["mean"], std=pre["std"], max_pixel_value=255.0), ToTensorV2()]
+    missing = [k for k in ("input_size", "mean", "std", "interpolation") if k not in pre]
+    if missing:
+        raise ValueError(f"preprocess dict is missing {missing} (has {sorted(pre)})")
+    if pre["interpolation"] not in INTERPOLATIONS:
+        raise ValueError(f"preprocess 'interpolation'={pre['interpolation']!r} is not one of {sorted(INTERPOLATIONS)}")
+    aug = _augment(augment)
+    _, h, w = _input_size(pre["input_size"])
+    steps = [A.RandomResizedCrop(size=(h, w), scale=aug["scale"], ratio=aug["ratio"],
+                                 interpolation=INTERPOLATIONS[pre["interpolation"]])]
+    if aug["hflip"] > 0:
+        steps.append(A.HorizontalFlip(p=aug["hflip"]))
+    if aug["color_jitter"] > 0:
+        j = aug["color_jitter"]
+        steps.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=0.0, p=1.0))
+    steps += [A.Normalize(mean=tuple(pre["mean"]), std=tuple(pre["std"]), max_pixel_value=255.0), ToTensorV2()]
     return A.Compose(steps)
 
 
+# ---- dataset and loader ----------------------------------------------------------------------------------------
 class ImageDataset(torch.utils.data.Dataset):
-    """(image tensor, label) pairs; unreadable files are found at construction (`skipped`) or return None."""
+    """(CHW float32 tensor, label) per image of a Split. Files Pillow cannot verify are dropped at construction
+    and listed in `skipped`; a file that still fails to load gives None (logged by path, counted in
+    `load_failures` across DataLoader workers)."""
 
-    def __init__(self, split: Split, transform):
-        ok = [_readable(p) for p, _ in split.items]
-        good = [item for item, keep in zip(split.items, ok, strict=True) if keep]
-        self.skipped = [str(p) for (p, _), keep in zip(split.items, ok, strict=True) if not keep]
-        for path in self.skipped:
-            warnings.warn(f"skipping unreadable image {path}", stacklevel=2)
-        self.items, self.classes, self.transform = good, split.classes, transform
+    def __init__(self, split: Split, transform, verify: bool = True):
+        self.skipped = find_unreadable([p for p, _ in split.items]) if verify and split.items else []
+        bad = set(self.skipped)
+        self.items = [(p, y) for p, y in split.items if str(p) not in bad]
+        self.classes, self.transform = list(split.classes), transform
+        self.targets = [y for _, y in self.items]
+        self._failures = multiprocessing.RawValue("i", 0)  # shared memory: workers' failures reach the parent
+        if self.skipped:
+            shown = ", ".join(self.skipped[:10]) + (f" ... and {len(self.skipped) - 10} more" if
+                                                    len(self.skipped) > 10 else "")
+            logger.warning("skipping %d unreadable image(s) of %d: %s", len(self.skipped), len(split.items), shown)
+        if split.items and not self.items:
+            raise ValueError(f"none of the {len(split.items)} images could be read (first: {self.skipped[0]})")
+
+    @property
+    def load_failures(self) -> int:
+        """How many loads failed after the scan (every process, every epoch)."""
+        return self._failures.value
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
         path, label = self.items[index]
         try:
             image = load_rgb(path)
         except ValueError as e:
-            warnings.warn(str(e), stacklevel=2)
+            self._failures.value += 1
+            logger.warning("skipping %s", e)
             return None
+        if self.transform is None:
+            return torch.from_numpy(image).permute(2, 0, 1).float().div(255), label
         return self.transform(image=image)["image"], label
 
 
-def collate_skip(batch):
-    """Default collation without the None items of unreadable images."""
+def collate_skip(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Default collation of (image, label) pairs without the None of unreadable files; an all-None batch gives
+    empty tensors (check labels.numel())."""
     batch = [b for b in batch if b is not None]
     if not batch:
-        return torch.zeros(0, 3, 1, 1), torch.zeros(0, dtype=torch.long)
-    return torch.utils.data.default_collate(batch)
+        return torch.zeros(0, 3, 0, 0), torch.zeros(0, dtype=torch.long)
+    images, labels = torch.utils.data.default_collate(batch)
+    return images, labels
 
 
-def build_loader(dataset, batch_size: int, train: bool, workers: int = 2, seed: int = 0, sampler=None):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(dataset, batch_size, shuffle=train and sampler is None, sampler=sampler,
-                                       num_workers=workers, pin_memory=torch.cuda.is_available(),
-                                       collate_fn=collate_skip, drop_last=train, generator=generator)
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker init: random, numpy and the dataset's albumentations pipeline follow torch's per-worker
+    seed (albumentations 2 keeps its own generator, which forked workers would otherwise share)."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None) if info else None
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed)
 
 
-def _draw(cls: int, size: int, rng: np.random.Generator) -> Image.Image:
-    """A class-specific pattern (shape, colour) at a random place and scale, on a noisy background."""
-    bg = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
-    im = Image.fromarray(bg)
+def build_loader(dataset, batch_size: int, train: bool, workers: int = 2, seed: int = 0, sampler=None,
+                 drop_last: bool | None = None) -> torch.utils.data.DataLoader:
+    """DataLoader with collate_skip, seeded shuffling (train, no sampler), seeded workers, pin_memory on CUDA.
+    drop_last defaults to train when there is more than one batch. With a sampler (e.g. DistributedSampler)
+    shuffling is the sampler's: call its set_epoch each epoch."""
+    n = len(sampler) if sampler is not None else len(dataset)
+    if drop_last is None:
+        drop_last = train and n > batch_size
+    if workers == 0 and hasattr(getattr(dataset, "transform", None), "set_random_seed"):
+        dataset.transform.set_random_seed(seed)  # in-process augmentation follows the seed too
+    return torch.utils.data.DataLoader(
+        dataset, batch_size, shuffle=train and sampler is None, sampler=sampler, num_workers=workers,
+        collate_fn=collate_skip, pin_memory=torch.cuda.is_available(), drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed), worker_init_fn=seed_worker, persistent_workers=workers > 0)
+
+
+# ---- synthetic data for tests and smoke runs -------------------------------------------------------------------
+def _draw(cls: int, classes: int, size: int, rng: np.random.Generator) -> Image.Image:
+    """Class `cls`'s pattern: its own hue and shape (circle, square, triangle) at a random place and scale,
+    on a dark noisy background."""
+    im = Image.fromarray(rng.integers(0, 70, (size, size, 3), dtype=np.uint8))
+    rgb = np.array(colorsys.hsv_to_rgb(cls / classes, 0.85, 0.95)) * 255 + rng.integers(-20, 21, 3)
+    color = tuple(int(c) for c in np.clip(rgb, 0, 255))
+    s = int(rng.integers(size * 2 // 5, size * 3 // 5 + 1))
+    x, y = (int(v) for v in rng.integers(0, size - s + 1, 2))
+    shape = cls % 3
     draw = ImageDraw.Draw(im)
-    palette = [(230, 40, 40), (40, 200, 60), (50, 80, 240), (230, 200, 30), (200, 50, 200), (30, 200, 200)]
-    color = tuple(int(c) for c in np.clip(np.array(palette[cls % 6]) + rng.integers(-25, 25, 3), 0, 255))
-    s = int(rng.integers(size // 3, size // 2 + 2))
-    x, y = (int(v) for v in rng.integers(0, size - s, 2))
-    shape = cls % 3 if cls < 6 else (cls + 1) % 3
     if shape == 0:
-        draw.ellipse([x, y, x + s, y + s], fill=color)
+        draw.ellipse([x, y, x + s - 1, y + s - 1], fill=color)
     elif shape == 1:
-        draw.rectangle([x, y, x + s, y + s], fill=color)
+        draw.rectangle([x, y, x + s - 1, y + s - 1], fill=color)
     else:
-        draw.polygon([(x + s // 2, y), (x, y + s), (x + s, y + s)], fill=color)
+        draw.polygon([(x + s // 2, y), (x, y + s - 1), (x + s - 1, y + s - 1)], fill=color)
     return im
 
 
 def make_synthetic_folder(root: str | Path, classes: int = 3, per_class: int = 20, size: int = 40, seed: int = 0,
                           split: bool = False, oddities: bool = False) -> Path:
-    """A small learnable classification folder (ROOT/<class>/ or ROOT/{train,val}/<class>/) for smoke tests.
-
-    oddities adds a corrupt .jpg, a grayscale PNG, a CMYK JPEG, a palette PNG, an RGBA PNG, a .JPG and a .webp.
-    """
+    """Write a small learnable folder (class k: its own colour and shape) as ROOT/class_k/*.png, or with split
+    ROOT/train/... + ROOT/val/... (every 4th image to val). oddities adds, in train, a corrupt .jpg and a grayscale
+    PNG, CMYK JPEG, palette PNG, RGBA PNG, upper-case .JPG and .webp, each drawn as its class."""
+    if classes < 2 or per_class < 1 or size < 8:
+        raise ValueError(f"make_synthetic_folder needs classes >= 2, per_class >= 1, size >= 8; got "
+                         f"{classes}, {per_class}, {size}")
     root = Path(root)
     rng = np.random.default_rng(seed)
-    for c in range(classes):
+    names = [f"class_{c:0{len(str(classes - 1))}d}" for c in range(classes)]
+    for c, name in enumerate(names):
         for i in range(per_class):
-            sub = ("val" if i % 4 == 0 else "train") if split else None
-            folder = (root / sub if sub else root) / f"class_{c}"
-            folder.mkdir(parents=True, exist_ok=True)
-            _draw(c, size, rng).save(folder / f"{i:04d}.png")
+            part = root / ("val" if i % 4 == 3 else "train") if split else root
+            (part / name).mkdir(parents=True, exist_ok=True)
+            _draw(c, classes, size, rng).save(part / name / f"{i:04d}.png")
     if oddities:
-        folder = (root / "train" if split else root) / "class_0"
-        (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg" + bytes(64))
-        _draw(0, size, rng).convert("L").save(folder / "gray.png")
-        _draw(0, size, rng).convert("CMYK").save(folder / "cmyk.jpg")
-        _draw(0, size, rng).convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.png")
-        _draw(0, size, rng).convert("RGBA").save(folder / "rgba.png")
-        _draw(0, size, rng).save(folder / "upper.JPG", format="JPEG")
-        _draw(0, size, rng).save(folder / "photo.webp")
+        train = root / "train" if split else root
+
+        def odd(i: int, stem: str) -> tuple[Image.Image, Path]:
+            c = i % classes
+            (train / names[c]).mkdir(parents=True, exist_ok=True)
+            return _draw(c, classes, size, rng), train / names[c] / stem
+
+        odd(0, "odd_corrupt.jpg")[1].write_bytes(b"these bytes are not an image " * 8)
+        im, path = odd(1, "odd_gray.png")
+        im.convert("L").save(path)
+        im, path = odd(2, "odd_cmyk.jpg")
+        im.convert("CMYK").save(path, format="JPEG", quality=95)
+        im, path = odd(3, "odd_palette.png")
+        im.convert("P", palette=Image.Palette.ADAPTIVE, colors=32).save(path)
+        im, path = odd(4, "odd_rgba.png")
+        rgba = im.convert("RGBA")
+        rgba.putalpha(Image.fromarray(np.where(np.asarray(im).max(2) > 90, 255, 160).astype(np.uint8)))
+        rgba.save(path)
+        im, path = odd(5, "odd_upper.JPG")
+        im.save(path, format="JPEG", quality=95)
+        im, path = odd(6, "odd_photo.webp")
+        im.save(path, format="WEBP", quality=90)
     return root

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from vislora.layers import LoraLayer
+
 PREPROCESS_NAME, REPORT_NAME = "preprocess.json", "export.json"
 FILE_NAMES = {"torchscript": "model.pt", "onnx": "model.onnx"}
 PREPROCESS_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
@@ -38,9 +40,8 @@ def check_no_adapters(model: nn.Module) -> None:
     """
     for name, m in model.named_modules():
         where = f"module '{name or '<root>'}' ({type(m).__name__})"
-        if type(m).__module__.startswith("vislora"):
-            raise ValueError(f"{where} is a vislora class from {type(m).__module__}: "
-                             "call vislora.unload(model) before exporting")
+        if isinstance(m, LoraLayer):
+            raise ValueError(f"{where} is an unmerged vislora adapter: call vislora.unload(model) before exporting")
         if any(k in m._parameters or k in m._modules or k in m.__dict__ for k in ("lora_A", "lora_B")):
             raise ValueError(f"{where} carries lora_A/lora_B adapter weights: merge and unload it before exporting")
         hooks = [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]

@@ -109,17 +109,13 @@ def build_classifier(recipe: dict, num_classes: int) -> nn.Module:
     return model
 
 
-def apply_adapter(model: nn.Module, recipe: dict, within: str | None = None, train: list[str] | None = None
-                  ) -> nn.Module:
+def apply_adapter(model: nn.Module, recipe: dict) -> nn.Module:
     """LoRA (recipe.adapter is a mapping), linear probe (only the classifier trains) or full fine-tuning."""
     adapter = recipe["adapter"]
     if isinstance(adapter, dict):
-        config = lora_config(recipe)
-        if train is not None:
-            config.train = list(config.train) + [t for t in train if t not in config.train]
-        return inject(model, config, within=within)
+        return inject(model, lora_config(recipe))
     if adapter == "linear_probe":
-        heads = train if train is not None else classifier_names(model)
+        heads = classifier_names(model)
         if not heads:
             raise ValueError(f"adapter: linear_probe needs a classifier, and {type(model).__name__} has none")
         set_trainable(model, heads)
@@ -185,14 +181,16 @@ def classification_setup(recipe: dict) -> Setup:
 def detection_setup(recipe: dict) -> Setup:
     from vislora import detection
 
-    d = recipe["data"]
-    det = recipe["detector"]
-    train_set, val_set, names = detection.build_detection_datasets(d, det["min_size"], d["augment"])
+    d, det = recipe["data"], recipe["detector"]
+    a = d["augment"]
+    augment = {"hflip": a.get("hflip", 0.5), "scale": a.get("scale"), "color": a.get("color_jitter", 0.0)}
+    train_set, val_set, names = detection.build_detection_datasets(d, det["min_size"], augment)
     model = detection.build_detector(recipe["model"], det, len(names))
-    apply_adapter(model, recipe, within="backbone.body", train=detection.detection_train_modules(model))
-    if recipe["adapter"] is None:
-        model = detection.adapt_detector(model, None)
-    pre = {"input_size": (3, det["min_size"], det["min_size"]), "class_names": names, "task": "detection"}
+    if recipe["adapter"] == "linear_probe":  # neck and head train, the whole backbone is frozen
+        set_trainable(model, detection.detection_train_modules(model))
+    else:
+        detection.adapt_detector(model, lora_config(recipe))
+    pre = {"input_size": [3, det["min_size"], det["min_size"]], "class_names": names, "task": "detection"}
     return Setup(model, train_set, val_set, detection.detection_collate, names, pre)
 
 
