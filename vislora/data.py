@@ -14,6 +14,7 @@ import random
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from multiprocessing.context import get_spawning_popen
 from pathlib import Path
 
 import albumentations as A
@@ -309,6 +310,18 @@ class ImageDataset(torch.utils.data.Dataset):
             logger.warning("skipping %d unreadable image(s) of %d: %s", len(self.skipped), len(split.items), shown)
         if split.items and not self.items:
             raise ValueError(f"none of the {len(split.items)} images could be read (first: {self.skipped[0]})")
+
+    def __getstate__(self) -> dict:
+        """The failure counter travels as shared memory to DataLoader workers, as a plain count anywhere else."""
+        state = self.__dict__.copy()
+        if get_spawning_popen() is None:  # pickle / deepcopy outside process start: shared memory can't go there
+            state["_failures"] = self._failures.value
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state["_failures"], int):
+            state["_failures"] = multiprocessing.RawValue("i", state["_failures"])
+        self.__dict__.update(state)
 
     @property
     def load_failures(self) -> int:

@@ -238,6 +238,16 @@ def validate_detector(model, loader, device, class_names) -> dict:
     return {"val_map": report["map"], "val_map50": report["map50"]}
 
 
+def rank_divergence(model: nn.Module) -> float:
+    """Largest difference between any rank's trained parameters and rank 0's (0.0 when DDP kept them in sync)."""
+    flat = torch.cat([p.detach().flatten().float() for p in model.parameters() if p.requires_grad])
+    reference = flat.clone()
+    dist.broadcast(reference, src=0)
+    diff = (flat - reference).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return diff.item()
+
+
 # ---- the loop -------------------------------------------------------------------------------------
 def plot_curves(metrics: list[dict], path: Path) -> None:
     """Loss and validation metric per epoch as a PNG."""
@@ -416,11 +426,13 @@ def train(recipe: dict, run_dir: str | Path, resume: bool = False) -> Path:
             plot_curves(history, run_dir / "curves.png")
             shown = {k: round(v, 4) for k, v in row.items() if k.startswith(("val_", "train_"))}
             tqdm.write(f"epoch {epoch + 1}: {shown} ({elapsed:.1f}s, {row['images_per_s']:.0f} img/s)")
+    rank_difference = rank_divergence(model) if world > 1 else 0.0
     if main:
         skipped = getattr(setup.train_set, "skipped", []) + getattr(setup.val_set, "skipped", [])
         if skipped:
             print(f"vislora: skipped {len(skipped)} unreadable image(s): {', '.join(map(str, skipped[:5]))}")
-        result = {"summary": summary, "best": best, "epochs": len(history), "run_dir": str(run_dir)}
+        result = {"summary": summary, "best": best, "epochs": len(history), "run_dir": str(run_dir),
+                  "world_size": world, "max_rank_difference": rank_difference}
         (run_dir / "train_summary.json").write_text(json.dumps(result, indent=2))
     if world > 1:
         dist.barrier()

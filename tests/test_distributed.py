@@ -1,0 +1,33 @@
+"""Two processes on CPU (torchrun, gloo): same adapter on both ranks, one complete run directory."""
+
+import json
+import subprocess
+import sys
+
+import yaml
+
+from vislora.data import make_synthetic_folder
+
+
+def test_two_process_training(tmp_path):
+    folder = make_synthetic_folder(tmp_path / "images", classes=3, per_class=12, size=32)
+    recipe = {
+        "model": {"name": "vit_tiny_patch16_224", "pretrained": False,
+                  "kwargs": {"img_size": 32, "patch_size": 8, "depth": 1}},
+        "adapter": {"r": 4, "targets": "vit"},
+        "data": {"path": str(folder), "img_size": 32, "workers": 0},
+        "train": {"epochs": 2, "batch_size": 8, "lr": 3e-3, "warmup_epochs": 0},
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    cmd = [sys.executable, "-m", "vislora", "train", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"),
+           "--nproc", "2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["max_rank_difference"] == 0.0
+    for name in ("recipe.yaml", "classes.json", "metrics.jsonl", "curves.png", "adapter/adapter_model.safetensors",
+                 "checkpoints/last.pt"):
+        assert (tmp_path / "run" / name).is_file(), name
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
