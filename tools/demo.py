@@ -43,7 +43,7 @@ def main() -> int:
     lines = [
         "",
         "=" * 78,
-        f"vislora demo: {card.get('source_task', 'Fashion-MNIST')} ViT ({summary['total']:,} parameters) -> MNIST "
+        f"vislora demo: Fashion-MNIST ViT ({summary['total']:,} parameters) -> MNIST "
         f"digits ({report['num_images']} val images)",
         f"  LoRA r=8 on attention+MLP  val top-1 {report['top1']:.4f}   "
         f"(trainable {summary['trainable']:,} = {100 * summary['trainable_share']:.1f}%, train {t_train:.0f}s)",
