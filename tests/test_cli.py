@@ -47,3 +47,27 @@ def test_errors_are_clear(run, capsys):
     assert main(["train", str(run / "nope.yaml")]) == 2
     assert "nope.yaml" in capsys.readouterr().err
     assert main(["train", str(run / "r.yaml"), "--out", str(run / "run")]) == 2  # refuses to overwrite a run
+
+
+def test_lowrank_penalty_spectrum_and_extract(tmp_path, capsys):
+    """Training with the Frobenius penalty logs it; spectrum reads the run; extract turns a full fine-tune
+    into an adapter with per-layer energy and error (exact at full rank)."""
+    folder = make_synthetic_folder(tmp_path / "images", classes=3, per_class=8, size=32)
+    vit = {"name": "vit_tiny_patch16_224", "pretrained": False,
+           "kwargs": {"img_size": 32, "patch_size": 8, "depth": 1}}
+    common = {"model": vit, "data": {"path": str(folder), "img_size": 32, "workers": 0}}
+    train = {"epochs": 1, "batch_size": 8, "warmup_epochs": 0}
+    (tmp_path / "lora.yaml").write_text(yaml.safe_dump({**common, "adapter": {"r": 4, "targets": "vit"},
+                                                        "train": {**train, "lowrank_penalty": 0.1, "factor_l2": 1e-4}}))
+    (tmp_path / "full.yaml").write_text(yaml.safe_dump({**common, "adapter": None, "train": train}))
+    assert main(["train", str(tmp_path / "lora.yaml"), "--out", str(tmp_path / "lora")]) == 0
+    assert main(["train", str(tmp_path / "full.yaml"), "--out", str(tmp_path / "full")]) == 0
+    row = json.loads((tmp_path / "lora/metrics.jsonl").read_text().splitlines()[0])
+    assert row["penalty"] > 0
+    assert main(["spectrum", str(tmp_path / "lora")]) == 0
+    assert (tmp_path / "lora/spectrum.png").is_file() and "blocks.0.attn.qkv" in capsys.readouterr().out
+    assert main(["extract", "--tuned", str(tmp_path / "full"), "--rank", "full", "--targets", "vit",
+                 "--out", str(tmp_path / "extracted")]) == 0
+    report = json.loads((tmp_path / "extracted/extract_report.json").read_text())
+    assert all(r["rel_error"] < 1e-5 for r in report if not r["unchanged"])
+    assert (tmp_path / "extracted/adapter_model.safetensors").is_file()
