@@ -3,7 +3,8 @@
 The limit is the same frozen model with only the head trainable but gradients flowing back through every block
 (the patch-embedding / stem output requires grad): the backward pass any adapter must pay for, with no weight
 gradient inside the blocks. All contenders live in ONE process and run round-robin, one step each per round, so
-a busy machine slows them alike; medians of the step times and medians of the per-round ratios to the limit.
+a busy machine slows them alike; medians of the step times and medians of the per-round ratios to the limit,
+in wall time and in CPU time.
 
     .venv/bin/python tools/bench_step.py                    # ViT-S/16 @112 b16, ConvNeXt-T @96 (fc1/fc2 and conv)
     .venv/bin/python tools/bench_step.py --suite vit --rounds 30
@@ -12,6 +13,7 @@ a busy machine slows them alike; medians of the step times and medians of the pe
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -26,10 +28,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vislora import LoraConfig, inject  # noqa: E402
 
+VIT_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]  # in the blocks only (not patch_embed.proj)
 SUITES = {
     # name: (timm model, img size, batch, vislora targets, PEFT target_modules, stem module)
-    "vit": ("vit_small_patch16_224", 112, 16, ["qkv", "proj", "fc1", "fc2"], ["qkv", "proj", "fc1", "fc2"],
-            "patch_embed"),
+    "vit": ("vit_small_patch16_224", 112, 16, VIT_TARGETS, VIT_TARGETS, "patch_embed"),
     "convnext": ("convnext_tiny", 96, 16, ["mlp.fc1", "mlp.fc2"], ["mlp.fc1", "mlp.fc2"], "stem"),
     "convnext-conv": ("convnext_tiny", 96, 16, "conv", None, "stem"),
 }
@@ -85,28 +87,33 @@ def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], 
     return step
 
 
-def round_robin(steps: dict[str, Callable[[], None]], rounds: int, warmup: int) -> dict[str, list[float]]:
-    """Time one call of each contender per round, rotating the order each round."""
+def round_robin(steps: dict[str, Callable[[], None]], rounds: int, warmup: int
+                ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and CPU seconds of one call of each contender per round, rotating the order each round.
+
+    CPU time (process_time) is the steadier figure on a shared machine: it does not count the time the
+    process waits for a core (with one thread it is the compute itself)."""
     names = list(steps)
-    times = {n: [] for n in names}
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     for i in range(warmup + rounds):
         order = names[i % len(names):] + names[:i % len(names)]
         for n in order:
-            tic = time.perf_counter()
+            tic, cpu_tic = time.perf_counter(), time.process_time()
             steps[n]()
             if i >= warmup:
-                times[n].append(time.perf_counter() - tic)
-    return times
+                wall[n].append(time.perf_counter() - tic)
+                cpu[n].append(time.process_time() - cpu_tic)
+    return wall, cpu
 
 
-def summarise(times: dict[str, list[float]], ref: str = "limit") -> list[dict]:
+def summarise(times: dict[str, list[float]], ref: str = "limit") -> dict[str, dict]:
     """Median time, ratio of medians and median of the per-round ratios, against `ref`."""
-    rows = []
+    rows = {}
     for n, t in times.items():
         paired = [a / b for a, b in zip(t, times[ref], strict=True)]
-        rows.append({"contender": n, "median_s": statistics.median(t),
-                     "ratio": statistics.median(t) / statistics.median(times[ref]),
-                     "paired_ratio": statistics.median(paired)})
+        rows[n] = {"median_s": statistics.median(t), "ratio": statistics.median(t) / statistics.median(times[ref]),
+                   "paired_ratio": statistics.median(paired)}
     return rows
 
 
@@ -116,6 +123,7 @@ def run_suite(suite: str, rounds: int, warmup: int, r: int, batch: int | None) -
     torch.manual_seed(0)
     x, y = torch.randn(bs, 3, img, img), torch.randint(0, 10, (bs,))
     models = {"limit": limit(name, img, stem), "vislora": vislora_model(name, img, targets, r)}
+    peft_error = None
     if peft_targets is not None:
         models["peft"] = peft_model(name, img, peft_targets, r)
     else:
@@ -124,16 +132,21 @@ def run_suite(suite: str, rounds: int, warmup: int, r: int, batch: int | None) -
                                    if type(m).__name__ == "LoraLayer"], r)
             print(f"[{suite}] PEFT accepted the same targets (unexpected)")
         except Exception as e:  # PEFT's own message, shown as the reason it is missing from the table
-            print(f"[{suite}] PEFT cannot run these targets: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            peft_error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            print(f"[{suite}] PEFT cannot run these targets: {peft_error}")
     models["full"] = full(name, img)
     steps = {n: step_fn(m, x, y) for n, m in models.items()}
-    rows = summarise(round_robin(steps, rounds, warmup))
+    wall, cpu = round_robin(steps, rounds, warmup)
+    rows = {"wall": summarise(wall), "cpu": summarise(cpu)}
     print(f"\n{suite}: {name} img {img} batch {bs}, r={r}, targets {targets}, {rounds} rounds, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'contender':<10} {'median ms':>10} {'ratio':>7} {'paired':>7}")
-    for row in rows:
-        print(f"{row['contender']:<10} {1000 * row['median_s']:10.1f} {row['ratio']:7.3f} {row['paired_ratio']:7.3f}")
-    return rows
+    print(f"{'contender':<10} {'wall ms':>9} {'ratio':>6} {'paired':>6} {'cpu ms':>9} {'ratio':>6} {'paired':>6}")
+    for n in models:
+        w, c = rows["wall"][n], rows["cpu"][n]
+        print(f"{n:<10} {1000 * w['median_s']:9.1f} {w['ratio']:6.3f} {w['paired_ratio']:6.3f} "
+              f"{1000 * c['median_s']:9.1f} {c['ratio']:6.3f} {c['paired_ratio']:6.3f}")
+    return {"suite": suite, "model": name, "img": img, "batch": bs, "r": r, "rounds": rounds,
+            "threads": torch.get_num_threads(), "peft_error": peft_error, **rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,10 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--batch", type=int, default=None, help="override the suite's batch size")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", help="write the results to this JSON file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    for suite in args.suite:
-        run_suite(suite, args.rounds, args.warmup, args.r, args.batch)
+    results = [run_suite(suite, args.rounds, args.warmup, args.r, args.batch) for suite in args.suite]
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
 
 

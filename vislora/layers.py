@@ -168,8 +168,11 @@ class LoraLayer(nn.Module):
             if type(base) is nn.Conv2d:
                 return base._conv_forward(x, w_eff, base.bias)
             return functional_call(base, {self.weight_name: w_eff}, (x,))
+        hooked = bool(base._forward_hooks or base._forward_pre_hooks)
+        if isinstance(base, nn.Linear) and not hooked and isinstance(self.dropout, nn.Identity):
+            return self._linear_fused(x)
         y = base(x)
-        A, B = self.lora_A.to(x.dtype), self.full_B().to(x.dtype)
+        A, B = self.lora_A.to(y.dtype), self.full_B().to(y.dtype)
         x = self.dropout(x)
         if isinstance(base, nn.Linear):
             z = F.linear(x, A)
@@ -178,12 +181,80 @@ class LoraLayer(nn.Module):
         g = base.groups  # A acts on each group's inputs; B maps each group's R codes to its outputs
         a = A.view(A.shape[0], *base.weight.shape[1:])
         z = base._conv_forward(x, a.repeat(g, 1, 1, 1) if g > 1 else a, None)
-        return y + F.conv2d(z, (B * self.scaling)[:, :, None, None], groups=g)
+        update = F.conv2d(z, (B * self.scaling)[:, :, None, None], groups=g)
+        return y.add_(update) if not hooked else y + update  # a plain conv's backward never reads its output
+
+    def _linear_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """Base linear + LoRA as one autograd node (see _LoraLinear), in the autocast dtype when autocast is on."""
+        base, device = self.base_layer, x.device.type
+        autocast = torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
+        a, b, w, bias = self.lora_A, self.full_B(), base.weight, base.bias
+        if a.dtype != dtype or w.dtype != dtype or x.dtype != dtype:
+            x, w, a, b = x.to(dtype), w.to(dtype), a.to(dtype), b.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        if not torch.is_grad_enabled():  # inference: the same maths without an autograd node
+            return _lora_linear(x.reshape(-1, x.shape[-1]), w, bias, a, b, self.scaling, False)[0].view(
+                *x.shape[:-1], -1)
+        if not autocast:
+            return _LoraLinear.apply(x, w, bias, a, b, self.scaling)
+        with torch.autocast(device, enabled=False):
+            return _LoraLinear.apply(x, w, bias, a, b, self.scaling)
 
     def extra_repr(self) -> str:
         parts = f", qkv_parts={self.qkv_parts}" if self.qkv_parts else ""
         path = "weight" if self.weight_path else "activation"
         return f"r={self.r}, alpha={self.alpha}, rslora={self.rslora}{parts}, path={path}, merged={self.merged}"
+
+
+def _lora_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                 lora_B: torch.Tensor, scaling: float, need_z: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(y, z) for 2-d x: y = x W^T + b + s z B^T with z = x A^T. The update goes into the weight when x has more
+    rows than inputs (out x in is then smaller than rows x out), else into y in place; both are exact."""
+    rows, fan_in = x2.shape
+    z = F.linear(x2, lora_A) if need_z or rows <= fan_in else None
+    if rows > fan_in:
+        return F.linear(x2, torch.addmm(weight, lora_B, lora_A, alpha=scaling), bias), z
+    y = F.linear(x2, weight, bias)
+    torch.addmm(y, z, lora_B.t(), alpha=scaling, out=y)  # in place; the out= form is what FlopCounterMode counts
+    return y, z
+
+
+class _LoraLinear(torch.autograd.Function):
+    """y = x W^T + b + s (x A^T) B^T in one autograd node.
+
+    It saves only x and the small z = x A^T (no copy of y, no separate nodes for A, B and the sum) and
+    computes a gradient for W or b only if they require one (frozen base: none). Backward, with u = s g B:
+    dx = g W + u A, dA = u^T x, dB = s g^T z; dx adds the update to W (out x in) or to dx (rows x in),
+    whichever is smaller.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
+        x2 = x.reshape(-1, x.shape[-1])
+        y, z = _lora_linear(x2, weight, bias, lora_A, lora_B, scaling, True)
+        ctx.save_for_backward(x2, z, weight, lora_A, lora_B)
+        ctx.scaling = scaling
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x2, z, weight, lora_A, lora_B = ctx.saved_tensors
+        g, s = grad.reshape(-1, grad.shape[-1]), ctx.scaling
+        need_x, need_w, need_b, need_a, need_bb, _ = ctx.needs_input_grad
+        via_weight = g.shape[0] > g.shape[1]  # more rows than outputs: rebuilding W + s B A is the cheaper way
+        u = F.linear(g, lora_B.t().contiguous().mul_(s)) if need_a or need_x and not via_weight else None  # [N, R]
+        dx = None
+        if need_x and via_weight:
+            dx = g.mm(torch.addmm(weight, lora_B, lora_A, alpha=s)).view(*grad.shape[:-1], -1)
+        elif need_x:
+            dx = g.mm(weight).addmm_(u, lora_A).view(*grad.shape[:-1], -1)
+        dw = g.t().mm(x2) if need_w else None
+        db = g.sum(0) if need_b else None
+        da = u.t().mm(x2) if need_a else None
+        dB = z.t().mm(g).mul_(s).t() if need_bb else None
+        return dx, dw, db, da, dB, None
 
 
 def adapter_exceeds_layer(layer: LoraLayer) -> bool:

@@ -1,0 +1,477 @@
+"""What an adapter costs: parameters, bytes on disk, FLOPs, inference latency, training step time and memory.
+
+`footprint(target)` takes a run directory, a recipe YAML, a timm model name or an nn.Module and reports the
+adapted model next to its untouched base, its merged form and full fine-tuning. FLOPs come from torch's own
+FlopCounterMode (matmuls and convolutions); latencies and step times are medians of contenders run in
+alternation, so a busy machine slows them alike; peak CPU memory is the peak RSS of a fresh subprocess.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from vislora.inject import LoraConfig, eject, find_targets, inject, lora_layers, trainable_summary, unload
+from vislora.layers import LoraLayer
+
+GROUPS = ("attention qkv/proj", "MLP fc", "conv 1x1", "depthwise", "grouped", "kx1/1xk", "dense kxk", "other")
+
+
+@dataclass
+class Subject:
+    """A target resolved into builders: the adapted model (adapter in place, trainable set) and its base."""
+
+    label: str
+    kind: str  # run | recipe | timm | module
+    build_adapted: Callable[[], nn.Module]
+    build_base: Callable[[], nn.Module]
+    img_size: int
+    spec: dict | None  # what a subprocess needs to rebuild it (None for an in-memory module)
+
+
+# ---- resolving the target -------------------------------------------------------------------------
+def default_lora(model: nn.Module) -> LoraConfig:
+    """LoraConfig() defaults, targets 'vit' where the model has ViT projections, else 'conv'."""
+    for targets in ("vit", "conv"):
+        try:
+            find_targets(model, LoraConfig(targets=targets))
+            return LoraConfig(targets=targets)
+        except ValueError:
+            continue
+    raise ValueError(f"{type(model).__name__} has no layer the 'vit' or 'conv' presets adapt: pass a LoraConfig")
+
+
+def _input_size(model: nn.Module, fallback: int = 224) -> int:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size") or (3, fallback, fallback)
+    return int(size[-1])
+
+
+def _count_classes(path: str | None) -> int:
+    """Class folders of a recipe's data path (ROOT/train/<class> or ROOT/<class>); 10 when it is absent."""
+    root = Path(path) if path else None
+    if root is None or not root.is_dir():
+        return 10
+    split = root / "train" if (root / "train").is_dir() else root
+    classes = [d for d in split.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    return len(classes) or 10
+
+
+def _timm_model(name: str, img_size: int | None, num_classes: int | None = None) -> nn.Module:
+    import timm
+
+    kwargs = {"num_classes": num_classes} if num_classes else {}
+    torch.manual_seed(0)
+    if img_size:
+        try:
+            return timm.create_model(name, pretrained=False, img_size=img_size, **kwargs)
+        except TypeError:  # CNNs take any input size and no img_size argument
+            pass
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _with_lora(model: nn.Module, lora: LoraConfig | None) -> nn.Module:
+    return inject(model, copy.deepcopy(lora) if lora is not None else default_lora(model), verify=False)
+
+
+def _run_subject(path: Path, img_size: int | None) -> Subject:
+    import yaml
+
+    from vislora.evaluate import load_run
+    from vislora.recipe import resolve
+    from vislora.train import build_classifier
+
+    recipe = resolve(yaml.safe_load((path / "recipe.yaml").read_text()), str(path / "recipe.yaml"))
+    if recipe["task"] != "classification":
+        raise ValueError(f"{path}: footprint measures classifiers, and this run's task is {recipe['task']}")
+    preprocess = json.loads((path / "preprocess.json").read_text())
+    n = len(preprocess["class_names"])
+    return Subject(str(path), "run", lambda: load_run(path)[0], lambda: build_classifier(recipe, n).eval(),
+                   img_size or int(preprocess["input_size"][-1]), {"target": str(path)})
+
+
+def _recipe_subject(path: Path, img_size: int | None, lora: LoraConfig | None) -> Subject:
+    from vislora.recipe import load_recipe
+    from vislora.train import apply_adapter, build_classifier
+
+    recipe = load_recipe(path)
+    if recipe["task"] != "classification":
+        raise ValueError(f"{path}: footprint measures classifiers, and this recipe's task is {recipe['task']}")
+    n = _count_classes(recipe["data"]["path"])
+
+    def adapted() -> nn.Module:
+        torch.manual_seed(0)
+        model = build_classifier(recipe, n)
+        if isinstance(recipe["adapter"], dict) and lora is None:
+            return apply_adapter(model, recipe)
+        return _with_lora(model, lora)  # full fine-tuning / linear-probe recipes: the LoRA they could use
+
+    def base() -> nn.Module:
+        torch.manual_seed(0)
+        return build_classifier(recipe, n).eval()
+
+    size = img_size or recipe["data"]["img_size"] or _input_size(base())
+    return Subject(str(path), "recipe", adapted, base, size, {"target": str(path)})
+
+
+def _timm_subject(name: str, img_size: int | None, lora: LoraConfig | None) -> Subject:
+    def base() -> nn.Module:
+        return _timm_model(name, img_size).eval()
+
+    return Subject(name, "timm", lambda: _with_lora(_timm_model(name, img_size), lora), base,
+                   img_size or _input_size(base()), {"target": name})
+
+
+def _module_subject(model: nn.Module, img_size: int | None, lora: LoraConfig | None) -> Subject:
+    adapted = model if any(True for _ in lora_layers(model)) else _with_lora(copy.deepcopy(model), lora)
+
+    def base() -> nn.Module:
+        return eject(copy.deepcopy(adapted)).eval()
+
+    return Subject(type(model).__name__, "module", lambda: copy.deepcopy(adapted), base,
+                   img_size or _input_size(model), None)
+
+
+def resolve_target(target: str | os.PathLike | nn.Module, img_size: int | None = None,
+                   lora: LoraConfig | None = None) -> Subject:
+    """A run directory, a recipe YAML, a timm model name or an nn.Module, as a Subject."""
+    if isinstance(target, nn.Module):
+        return _module_subject(target, img_size, lora)
+    path = Path(target)
+    if path.is_dir():
+        if not (path / "recipe.yaml").is_file():
+            raise FileNotFoundError(f"{path} is not a vislora run directory: no recipe.yaml")
+        return _run_subject(path, img_size)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe not found: {path}")
+        return _recipe_subject(path, img_size, lora)
+    import timm
+
+    if not timm.is_model(str(target)):
+        raise ValueError(f"'{target}' is neither a run directory, a recipe YAML nor a timm model name")
+    return _timm_subject(str(target), img_size, lora)
+
+
+# ---- parameters and bytes -------------------------------------------------------------------------
+def adapter_group(name: str, layer: LoraLayer) -> str:
+    """Which kind of layer an adapter sits on (one of GROUPS)."""
+    base = layer.base_layer
+    parts = name.split(".")
+    if isinstance(base, nn.Linear):
+        if "attn" in parts or "attention" in parts or parts[-1] in ("qkv", "q", "k", "v", "kv", "q_proj", "k_proj",
+                                                                      "v_proj"):
+            return "attention qkv/proj"
+        if "mlp" in parts or "ffn" in parts or parts[-1] in ("fc1", "fc2", "fc1_g", "fc1_x"):
+            return "MLP fc"
+        return "other"
+    if isinstance(base, nn.Conv2d):
+        kernel = tuple(base.kernel_size)
+        if base.groups > 1 and base.groups == base.in_channels:
+            return "depthwise"
+        if base.groups > 1:
+            return "grouped"
+        if kernel == (1, 1):
+            return "conv 1x1"
+        return "kx1/1xk" if 1 in kernel else "dense kxk"
+    return "other"
+
+
+def parameter_report(model: nn.Module) -> dict:
+    """Total / trainable counts and adapter parameters per layer group."""
+    summary = trainable_summary(model)
+    groups: dict[str, dict] = {}
+    for name, layer in lora_layers(model):
+        row = groups.setdefault(adapter_group(name, layer), {"layers": 0, "params": 0})
+        row["layers"] += 1
+        row["params"] += layer.lora_A.numel() + layer.lora_B.numel()
+    summary["by_group"] = {g: groups[g] for g in GROUPS if g in groups}
+    return summary
+
+
+def bytes_report(adapted: nn.Module, merged: nn.Module) -> dict:
+    """Sizes of the adapter file, the merged model's safetensors and a full fp32 checkpoint."""
+    from safetensors.torch import save_model
+
+    from vislora.adapters import WEIGHTS_NAME, save_adapter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = None
+        if hasattr(adapted, "vislora_config"):
+            adapter = (save_adapter(adapted, Path(tmp) / "adapter") / WEIGHTS_NAME).stat().st_size
+        save_model(merged, str(Path(tmp) / "merged.safetensors"))
+        merged_bytes = (Path(tmp) / "merged.safetensors").stat().st_size
+    full = 4 * sum(p.numel() for p in merged.parameters())
+    return {"adapter_file": adapter, "merged_model": merged_bytes, "full_checkpoint_fp32": full,
+            "full_over_adapter": full / adapter if adapter else None}
+
+
+# ---- FLOPs and latency ----------------------------------------------------------------------------
+def count_flops(model: nn.Module, x: torch.Tensor) -> int:
+    """Forward FLOPs by torch's FlopCounterMode, with timm's fused attention unfused so that it is counted."""
+    fused = [(m, m.fused_attn) for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+    for m, _ in fused:
+        m.fused_attn = False
+    try:
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        for m, flag in fused:
+            m.fused_attn = flag
+    return counter.get_total_flops()
+
+
+def alternating_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, calling them round-robin (rotating order) `repeats` times."""
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(warmup + repeats):
+        shift = i % len(names)
+        for n in names[shift:] + names[:shift]:
+            tic = time.perf_counter()
+            fns[n]()
+            if i >= warmup:
+                times[n].append(time.perf_counter() - tic)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def latency_report(models: dict[str, nn.Module], img_size: int, batch: int, repeats: int, device: str) -> dict:
+    """Median inference latency in ms of each model at batch 1 and `batch`, and ratios to the base model."""
+    def call(m: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+        def run():
+            with torch.inference_mode():
+                y = m(x)
+            if device != "cpu":
+                torch.cuda.synchronize()
+            return y
+        return run
+
+    out = {}
+    for b in sorted({1, batch}):
+        x = torch.randn(b, 3, img_size, img_size, device=device)
+        med = alternating_medians({n: call(m, x) for n, m in models.items()}, repeats, warmup=2)
+        out[f"batch_{b}"] = {n: 1000 * t for n, t in med.items()}
+        out[f"batch_{b}"].update({f"{n}_over_base": t / med["base"] for n, t in med.items() if n != "base"})
+    return out
+
+
+# ---- training step --------------------------------------------------------------------------------
+def full_finetune(model: nn.Module) -> nn.Module:
+    """The base model with every parameter trainable."""
+    return model.requires_grad_(True).train()
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """One forward + backward + AdamW step over the model's trainable parameters."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return step
+
+
+def _batch(img_size: int, batch: int, num_classes: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, img_size, img_size, generator=g)
+    return x.to(device), torch.randint(0, num_classes, (batch,), generator=g).to(device)
+
+
+def _kib_to_mb(kib: int) -> float:
+    return kib * 1024 / 1e6
+
+
+def _rss_kib(field: str) -> int | None:
+    """VmRSS / VmHWM of this process in KiB (Linux), None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS mark (Linux clear_refs), so that the next peak is the steps' own."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _memory_child(spec_json: str) -> None:
+    """Subprocess entry: build one contender, train it two steps, print its RSS figures (KiB) as JSON.
+
+    Peaks come from /proc/self/status (VmHWM), because ru_maxrss of a child also counts the RSS its parent had
+    when it forked; resource.getrusage is the fallback where /proc is missing."""
+    spec = json.loads(spec_json)
+    torch.set_num_threads(1)
+    lora = LoraConfig(**spec["lora"]) if spec["lora"] else None
+    subject = resolve_target(spec["target"], spec["img_size"], lora)
+    model = subject.build_adapted().train() if spec["mode"] == "lora" else full_finetune(subject.build_base())
+    x, y = _batch(subject.img_size, spec["batch"], spec["num_classes"], "cpu")
+    step = train_step(model, x, y)
+    built_peak, before = _rss_kib("VmHWM"), _rss_kib("VmRSS")
+    reset = _reset_peak_rss()
+    step()
+    step()
+    step_peak = _rss_kib("VmHWM") if reset else None
+    rusage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = max(built_peak, step_peak or 0) if built_peak else rusage
+    print(json.dumps({"before_kib": before, "peak_kib": peak, "step_peak_kib": step_peak}))
+
+
+def peak_memory(spec: dict, mode: str, batch: int, img_size: int, num_classes: int, lora: LoraConfig | None
+                ) -> dict:
+    """Peak RSS (MB) of a fresh process that builds the `mode` contender and trains it two steps."""
+    child = {**spec, "mode": mode, "batch": batch, "img_size": img_size, "num_classes": num_classes,
+             "lora": lora.to_dict() if lora else None}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    code = "import sys; from vislora.footprint import _memory_child; _memory_child(sys.argv[1])"
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(child)], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory measurement of '{spec['target']}' ({mode}) failed:\n{proc.stderr[-2000:]}")
+    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    step_peak = data["step_peak_kib"] or data["peak_kib"]  # without clear_refs: the whole process's peak
+    return {"peak_mb": _kib_to_mb(data["peak_kib"]), "step_peak_mb": _kib_to_mb(step_peak),
+            "step_mb": _kib_to_mb(step_peak - data["before_kib"]) if data["before_kib"] else None}
+
+
+def train_report(subject: Subject, adapted: nn.Module, batch: int, num_classes: int, steps: int, device: str,
+                 lora: LoraConfig | None, memory: bool) -> dict:
+    """Step time (alternating medians) and peak memory of LoRA training vs full fine-tuning."""
+    x, y = _batch(subject.img_size, batch, num_classes, device)
+    models = {"lora": copy.deepcopy(adapted).train(), "full": full_finetune(subject.build_base().to(device))}
+    med = alternating_medians({n: train_step(m, x, y) for n, m in models.items()}, steps, warmup=1)
+    out = {n: {"step_ms": 1000 * t} for n, t in med.items()}
+    out["full_over_lora_time"] = med["full"] / med["lora"]
+    del models
+    if not memory:
+        return out
+    if device == "cuda":
+        for n, build in (("lora", lambda: copy.deepcopy(adapted).train()),
+                         ("full", lambda: full_finetune(subject.build_base().to(device)))):
+            model = build()
+            step = train_step(model, x, y)
+            torch.cuda.reset_peak_memory_stats()
+            base_mem = torch.cuda.memory_allocated()
+            step()
+            step()
+            peak = torch.cuda.max_memory_allocated()
+            out[n].update(peak_mb=peak / 1e6, step_peak_mb=peak / 1e6, step_mb=(peak - base_mem) / 1e6)
+            del model, step
+    elif subject.spec is not None:  # the subprocess resolves the same target (and `lora`) again
+        for n in ("lora", "full"):
+            out[n].update(peak_memory(subject.spec, n, batch, subject.img_size, num_classes, lora))
+    if "step_peak_mb" in out["lora"]:
+        out["full_over_lora_memory"] = out["full"]["step_peak_mb"] / out["lora"]["step_peak_mb"]
+    return out
+
+
+# ---- the report -----------------------------------------------------------------------------------
+def footprint(target: str | os.PathLike | nn.Module, img_size: int | None = None, batch: int = 8,
+              lora: LoraConfig | None = None, repeats: int = 10, steps: int = 3, memory: bool = True,
+              device: str = "cpu") -> dict:
+    """Parameters, bytes, FLOPs, latency and training cost of a run, recipe, timm model name or module.
+
+    lora: the adapter for targets without one (timm names, full fine-tuning recipes), else LoraConfig()
+    defaults with targets 'vit' or 'conv'. repeats: latency rounds; steps: training-step rounds; memory:
+    measure peak training memory (CPU: one subprocess per contender).
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    subject = resolve_target(target, img_size, lora)
+    adapted = subject.build_adapted().to(device).eval()
+    base = subject.build_base().to(device).eval()
+    merged = unload(copy.deepcopy(adapted)).eval()
+    x1 = torch.randn(1, 3, subject.img_size, subject.img_size, device=device)
+    try:
+        with torch.inference_mode():
+            num_classes = merged(x1).shape[-1]
+        flops_merged, flops_unmerged = count_flops(merged, x1), count_flops(adapted, x1)
+    except (RuntimeError, AssertionError) as e:
+        raise ValueError(f"{subject.label} does not take {subject.img_size}px inputs: {e}") from e
+    config = getattr(adapted, "vislora_config", None)
+    report = {
+        "target": subject.label, "kind": subject.kind, "img_size": subject.img_size, "batch": batch,
+        "num_classes": num_classes, "device": device, "threads": torch.get_num_threads(),
+        "adapter_config": config.to_dict() if config is not None else None,
+        "params": parameter_report(adapted),
+        "bytes": bytes_report(adapted, merged),
+        "compute": {"merged_gflops": flops_merged / 1e9, "merged_gmacs": flops_merged / 2e9,
+                    "unmerged_gflops": flops_unmerged / 1e9,
+                    "unmerged_overhead_gflops": (flops_unmerged - flops_merged) / 1e9,
+                    "unmerged_overhead_share": (flops_unmerged - flops_merged) / max(flops_merged, 1)},
+        "latency_ms": latency_report({"base": base, "unmerged": adapted, "merged": merged}, subject.img_size,
+                                     batch, repeats, device),
+    }
+    del merged, base
+    report["train"] = train_report(subject, adapted, batch, num_classes, steps, device, lora, memory)
+    return report
+
+
+def _mb(n: float | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f} MB"
+
+
+def format_footprint(report: dict) -> str:
+    """The report as one readable two-column table."""
+    p, b, c, lat, tr = report["params"], report["bytes"], report["compute"], report["latency_ms"], report["train"]
+    rows: list[tuple[str, str]] = [
+        ("target", f"{report['target']} ({report['kind']}), {report['img_size']}px, {report['device']}, "
+                   f"{report['threads']} threads"),
+        ("", ""), ("PARAMETERS", ""),
+        ("total", f"{p['total']:,}"),
+        ("trainable", f"{p['trainable']:,} ({100 * p['trainable_share']:.2f}%)"),
+        ("adapter", f"{p['adapter']:,} in {p['adapted_layers']} layers"),
+    ]
+    rows += [(f"  {g}", f"{v['params']:,} in {v['layers']} layers") for g, v in p["by_group"].items()]
+    ratio = b["full_over_adapter"]
+    rows += [
+        ("", ""), ("BYTES ON DISK", ""),
+        ("adapter file", _mb(b["adapter_file"]) + (f"  (1/{ratio:.0f} of a full checkpoint)" if ratio else "")),
+        ("merged model", _mb(b["merged_model"])),
+        ("full checkpoint fp32", _mb(b["full_checkpoint_fp32"])),
+        ("", ""), ("COMPUTE PER IMAGE", ""),
+        ("merged", f"{c['merged_gflops']:.3f} GFLOPs = {c['merged_gmacs']:.3f} GMACs"),
+        ("unmerged overhead", f"{c['unmerged_overhead_gflops']:.4f} GFLOPs "
+                              f"({100 * c['unmerged_overhead_share']:.2f}%)"),
+        ("", ""), ("INFERENCE LATENCY (median)", "base / unmerged / merged, merged/base"),
+    ]
+    for key, v in lat.items():
+        rows.append((key.replace("_", " "), f"{v['base']:.2f} / {v['unmerged']:.2f} / {v['merged']:.2f} ms, "
+                                            f"{v['merged_over_base']:.3f}x"))
+    rows += [("", ""), (f"TRAINING STEP (batch {report['batch']})", "LoRA / full fine-tuning")]
+    rows.append(("step time", f"{tr['lora']['step_ms']:.1f} / {tr['full']['step_ms']:.1f} ms, full is "
+                              f"{tr['full_over_lora_time']:.2f}x"))
+    if "step_peak_mb" in tr["lora"]:
+        lo, fu = tr["lora"], tr["full"]
+        rows.append(("peak memory in steps", f"{lo['step_peak_mb']:.0f} / {fu['step_peak_mb']:.0f} MB, full is "
+                                             f"{tr['full_over_lora_memory']:.2f}x"))
+        if lo.get("step_mb") is not None and fu.get("step_mb") is not None:
+            rows.append(("  above the built model", f"{lo['step_mb']:.0f} / {fu['step_mb']:.0f} MB"))
+        rows.append(("  process peak", f"{lo['peak_mb']:.0f} / {fu['peak_mb']:.0f} MB"))
+    width = max(len(k) for k, _ in rows) + 2
+    return "\n".join(f"{k:<{width}}{v}".rstrip() for k, v in rows)
