@@ -61,17 +61,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def seed_worker(worker_id: int) -> None:
-    """DataLoader workers: numpy, random and the albumentations pipeline follow torch's per-worker seed."""
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
-    info = torch.utils.data.get_worker_info()
-    transform = getattr(info.dataset, "transform", None) if info else None
-    if hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(seed)
-
-
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """(rank, world size); initialises the process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -315,7 +304,7 @@ def train(recipe: dict, run_dir: str | Path, resume: bool = False) -> Path:
         if world > 1 else None
     generator = torch.Generator()
     loader_args = dict(num_workers=d["workers"], collate_fn=setup.collate, pin_memory=device.type == "cuda",
-                       worker_init_fn=seed_worker, persistent_workers=False)
+                       worker_init_fn=vdata.seed_worker, persistent_workers=False)
     train_loader = torch.utils.data.DataLoader(setup.train_set, t["batch_size"], shuffle=sampler is None,
                                                sampler=sampler, drop_last=len(setup.train_set) > t["batch_size"],
                                                generator=generator, **loader_args)
