@@ -11,6 +11,7 @@ from torch.nn.utils import parametrizations
 
 import vislora
 from vislora import LoraConfig, inject, lora_layers, merge, trainable_summary, unload, unmerge
+from vislora.inject import freeze_bn_stats
 
 
 class OddConvs(nn.Module):
@@ -119,6 +120,15 @@ def test_frozen_batchnorm_keeps_running_stats():
     model(torch.randn(4, 3, 32, 32))
     assert torch.equal(model.bn1.running_mean, before)
     assert not model.bn1.training
+
+
+def test_freeze_bn_stats_leaves_kept_modules_alone():
+    model = build("resnet18", {}).train()
+    freeze_bn_stats(model, keep=["layer4"])
+    frozen, kept = model.bn1.running_mean.clone(), model.layer4[0].bn1.running_mean.clone()
+    model(torch.randn(4, 3, 32, 32))
+    assert torch.equal(model.bn1.running_mean, frozen)
+    assert not torch.equal(model.layer4[0].bn1.running_mean, kept)
 
 
 def test_bf16_merge_unmerge_is_bit_exact():

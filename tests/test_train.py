@@ -94,6 +94,20 @@ def test_recipes_validate_and_name_unknown_keys(tmp_path):
     assert recipe["train"]["lr"] == 3e-4 and recipe["adapter"]["r"] == 4 and recipe["model"]["pretrained"] is False
 
 
+def test_adapt_hook_runs_peft_through_the_same_loop(tmp_path, folder):
+    peft = pytest.importorskip("peft")
+
+    def adapt(model, recipe):
+        return peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["qkv"], modules_to_save=["head"]))
+
+    run = vtrain.train(recipe_for(VIT, None, folder, epochs=2), tmp_path / "run", adapt=adapt)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run / "train_summary.json").read_text())["summary"]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert summary["adapted_layers"] == 0 and 0 < summary["trainable_share"] < 0.5  # PEFT's layers, not ours
+    assert (run / "weights.safetensors").is_file()
+
+
 def test_checkpoint_head_of_other_size_is_dropped(tmp_path, folder):
     import timm
     from safetensors.torch import save_file

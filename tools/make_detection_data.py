@@ -68,7 +68,7 @@ def mnist_sprites() -> dict[str, list[np.ndarray]]:
     return {str(k): [images[i] for i in np.flatnonzero(y == k)] for k in range(10)}
 
 
-def _read_idx(path: Path) -> np.ndarray:
+def read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         data = f.read()
     dims = data[3]
@@ -84,7 +84,7 @@ def fashion_sprites(directory: str | Path = FASHION_DIR, per_class: int = 600) -
         raise SystemExit(f"Fashion-MNIST idx files not found in {directory}: install Debian's package with "
                          "`sudo apt-get install -y dataset-fashion-mnist` (or pass --fashion-dir, or use "
                          "--classes shapes)")
-    x, y = _read_idx(images), _read_idx(labels)
+    x, y = read_idx(images), read_idx(labels)
     return {name: [x[i] for i in np.flatnonzero(y == k)[:per_class]] for k, name in enumerate(FASHION_NAMES)}
 
 

@@ -201,8 +201,16 @@ def layer_rank(name: str, module: nn.Module, config: LoraConfig, parts: tuple[in
 
 
 # ---- inject / trainable selection -----------------------------------------------------------------
-def _freeze_bn_stats(module: nn.Module, args) -> None:
+def _eval_mode_hook(module: nn.Module, args) -> None:
     module.training = False  # frozen BatchNorm normalises with its running statistics, which never change
+
+
+def freeze_bn_stats(model: nn.Module, keep: Sequence[str] = ()) -> None:
+    """BatchNorm layers (except those inside `keep`) use their running statistics even in train mode."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not _within(name, keep):
+            if not hasattr(m, "_vislora_bn_hook"):
+                m._vislora_bn_hook = m.register_forward_pre_hook(_eval_mode_hook)
 
 
 def set_trainable(model: nn.Module, train_names: Sequence[str]) -> None:
@@ -214,10 +222,7 @@ def set_trainable(model: nn.Module, train_names: Sequence[str]) -> None:
         layer.lora_B.requires_grad_(True)
     for name in train_names:
         model.get_submodule(name).requires_grad_(True)
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not _within(name, train_names):
-            if not hasattr(m, "_vislora_bn_hook"):
-                m._vislora_bn_hook = m.register_forward_pre_hook(_freeze_bn_stats)
+    freeze_bn_stats(model, train_names)
 
 
 def inject(model: nn.Module, config: LoraConfig, verify: bool | None = None, within: str | None = None

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,7 +155,7 @@ class Setup:
     preprocess: dict
 
 
-def classification_setup(recipe: dict) -> Setup:
+def classification_setup(recipe: dict, adapt: Callable[[nn.Module, dict], nn.Module] = apply_adapter) -> Setup:
     d = recipe["data"]
     train_split, val_split = vdata.scan_folder(d["path"], d["val_fraction"], recipe["train"]["seed"])
     model = build_classifier(recipe, len(train_split.classes))
@@ -163,7 +164,7 @@ def classification_setup(recipe: dict) -> Setup:
     pre["class_names"] = train_split.classes
     train_set = vdata.ImageDataset(train_split, vdata.build_transform(pre, True, d["augment"]))
     val_set = vdata.ImageDataset(val_split, vdata.build_transform(pre, False))
-    apply_adapter(model, recipe)
+    model = adapt(model, recipe)
     return Setup(model, train_set, val_set, vdata.collate_skip, train_split.classes, pre)
 
 
@@ -272,8 +273,13 @@ def save_trained(model: nn.Module, run_dir: Path) -> None:
         os.replace(tmp, run_dir / "weights.safetensors")
 
 
-def train(recipe: dict, run_dir: str | Path, resume: bool = False) -> Path:
-    """Run the recipe; returns the run directory. Resumable from checkpoints/last.pt with `resume`."""
+def train(recipe: dict, run_dir: str | Path, resume: bool = False,
+          adapt: Callable[[nn.Module, dict], nn.Module] = apply_adapter) -> Path:
+    """Run the recipe; returns the run directory. Resumable from checkpoints/last.pt with `resume`.
+
+    adapt(model, recipe) prepares a classifier for training; benchmarks pass another (e.g. PEFT's) to run it
+    through this same loop.
+    """
     run_dir = Path(run_dir)
     t = recipe["train"]
     device = resolve_device(t["device"])
@@ -284,7 +290,7 @@ def train(recipe: dict, run_dir: str | Path, resume: bool = False) -> Path:
     main = rank == 0
     seed_everything(t["seed"])
     detection = recipe["task"] == "detection"
-    setup = detection_setup(recipe) if detection else classification_setup(recipe)
+    setup = detection_setup(recipe) if detection else classification_setup(recipe, adapt)
     model = setup.model.to(device)
     ckpt_dir = run_dir / "checkpoints"
     if main:
@@ -381,8 +387,11 @@ def train(recipe: dict, run_dir: str | Path, resume: bool = False) -> Path:
             sums["acc"] += logs.get("acc", 0.0) * n
             sums["penalty"] += (penalty.item() if penalty is not None else 0.0) * n
             seen, batches = seen + n, batches + 1
-            bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}", acc=f"{sums['acc'] / seen:.3f}",
-                            lr=f"{scheduler.get_last_lr()[0]:.2e}", img_s=f"{seen / (time.perf_counter() - tic):.1f}")
+            shown = {"loss": f"{sums['loss'] / seen:.4f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}",
+                     "img_s": f"{seen / (time.perf_counter() - tic):.1f}"}
+            if not detection:
+                shown["acc"] = f"{sums['acc'] / seen:.3f}"
+            bar.set_postfix(shown)
             if t["max_steps"] and step >= t["max_steps"]:
                 break
         elapsed = time.perf_counter() - tic

