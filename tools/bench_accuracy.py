@@ -38,21 +38,9 @@ from make_detection_data import FASHION_DIR, FASHION_NAMES, read_idx  # noqa: E4
 
 from vislora.inject import classifier_names, find_targets, freeze_bn_stats  # noqa: E402
 from vislora.recipe import lora_config, resolve  # noqa: E402
-from vislora.train import train  # noqa: E402
+from vislora.train import apply_adapter, train  # noqa: E402
 
 RANK = 4  # r=4 keeps the conv-target adapters under 5% of the parameters (r=8: 7.4% on Lite0, 9.0% on MobileNetV2)
-CONTENDERS = {  # name: (adapter section, lr, label)
-    "lora_conv": ({"r": RANK, "alpha": 2 * RANK, "targets": "conv", "train": ["head"]}, 2e-3,
-                  "vislora LoRA, 1x1 + depthwise convs"),
-    "lora_1x1": ({"r": RANK, "alpha": 2 * RANK, "targets": "conv1x1", "train": ["head"]}, 2e-3,
-                 "vislora LoRA, 1x1 convs"),
-    "peft_1x1": ({"r": RANK, "alpha": 2 * RANK, "targets": "conv1x1", "train": ["head"]}, 2e-3,
-                 "PEFT LoRA, 1x1 convs (depthwise refused)"),
-    "peft_1x1_bn": ({"r": RANK, "alpha": 2 * RANK, "targets": "conv1x1", "train": ["head"]}, 2e-3,
-                    "PEFT LoRA, 1x1 convs, BN statistics frozen as in vislora"),
-    "full": (None, 5e-4, "full fine-tuning"),
-    "probe": ("linear_probe", 5e-3, "linear probe (head only)"),
-}
 AUGMENT = {"fmnist": {"scale": [0.7, 1.0], "hflip": 0.5, "color_jitter": 0.0},
            "mnist": {"scale": [0.7, 1.0], "hflip": 0.0, "color_jitter": 0.0}}  # digits must not be mirrored
 
@@ -75,6 +63,21 @@ def peft_adapt_frozen_bn(model: nn.Module, recipe: dict) -> nn.Module:
     return model
 
 
+def lora(targets: str) -> dict:
+    return {"r": RANK, "alpha": 2 * RANK, "targets": targets, "train": ["head"]}
+
+
+CONTENDERS = {  # name: (adapter section, lr, label, how the loop prepares the model)
+    "lora_conv": (lora("conv"), 2e-3, "vislora LoRA, 1x1 + depthwise convs", apply_adapter),
+    "lora_1x1": (lora("conv1x1"), 2e-3, "vislora LoRA, 1x1 convs", apply_adapter),
+    "peft_1x1": (lora("conv1x1"), 2e-3, "PEFT LoRA, 1x1 convs (depthwise refused)", peft_adapt),
+    "peft_1x1_bn": (lora("conv1x1"), 2e-3, "PEFT LoRA, 1x1 convs, BN statistics frozen as in vislora",
+                    peft_adapt_frozen_bn),
+    "full": (None, 5e-4, "full fine-tuning", apply_adapter),
+    "probe": ("linear_probe", 5e-3, "linear probe (head only)", apply_adapter),
+}
+
+
 def fashion_folder(out: Path, per_class: int, val_per_class: int = 100, seed: int = 0) -> Path:
     """Fashion-MNIST as an image folder (out/train/<class>/*.png, out/val/<class>/*.png), seeded subset."""
     if (out / "done.json").is_file() and json.loads((out / "done.json").read_text()) == [per_class, val_per_class]:
@@ -95,7 +98,7 @@ def fashion_folder(out: Path, per_class: int, val_per_class: int = 100, seed: in
 
 
 def recipe_for(model: str, data: Path, target: str, contender: str, args: argparse.Namespace) -> dict:
-    adapter, lr, _ = CONTENDERS[contender]
+    adapter, lr, _, _ = CONTENDERS[contender]
     weights = ROOT / ".cache" / "weights" / f"{model}.safetensors"
     if not weights.is_file():
         raise SystemExit(f"{weights} is missing: run `.venv/bin/python tools/import_weights.py` first")
@@ -112,8 +115,7 @@ def recipe_for(model: str, data: Path, target: str, contender: str, args: argpar
 def run_one(model: str, data: Path, target: str, contender: str, args: argparse.Namespace) -> dict:
     run_dir = Path(args.out) / model / target / contender
     start = time.perf_counter()
-    adapt = {"peft_1x1": peft_adapt, "peft_1x1_bn": peft_adapt_frozen_bn}.get(contender)
-    train(recipe_for(model, data, target, contender, args), run_dir, **({"adapt": adapt} if adapt else {}))
+    train(recipe_for(model, data, target, contender, args), run_dir, adapt=CONTENDERS[contender][3])
     wall = time.perf_counter() - start
     last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
     summary = json.loads((run_dir / "train_summary.json").read_text())["summary"]
