@@ -7,11 +7,13 @@ import timm
 import torch
 import torch.nn as nn
 from timm.layers import Conv2dSame, StdConv2d
+from torch.func import functional_call
 from torch.nn.utils import parametrizations
 
 import vislora
 from vislora import LoraConfig, inject, lora_layers, merge, trainable_summary, unload, unmerge
 from vislora.inject import freeze_bn_stats
+from vislora.layers import LoraLayer, _depthwise_on_cpu
 
 
 class OddConvs(nn.Module):
@@ -146,6 +148,33 @@ def test_bf16_merge_unmerge_is_bit_exact():
     unmerge(model)
     unmerge(model)
     assert torch.equal(qkv.base_layer.weight, original)
+
+
+@pytest.mark.parametrize("kernel,stride,dilation,padding", [
+    (5, 1, 1, 2), (7, 2, 1, 3), (5, 2, 2, 1), ((5, 3), (2, 1), 1, (2, 0)), (7, 1, 1, 3), (5, 2, 1, "same"),
+], ids=["5x5", "7x7-stride2", "5x5-stride2-dilated", "5x3", "7x7-tiny-map", "tf-same-5x5-stride2"])
+def test_depthwise_weight_gradient_is_exact(kernel, stride, dilation, padding):
+    """Depthwise LoRA on CPU takes its weight gradient from a grouped conv of input and output gradient:
+    the gradients of x, A, B and the bias must equal plain autograd through the base conv with W + s B A."""
+    torch.manual_seed(0)
+    if padding == "same":  # timm's Conv2dSame (TF padding, computed in forward)
+        conv = Conv2dSame(6, 6, kernel, stride=stride, dilation=dilation, groups=6).double()
+    else:
+        conv = nn.Conv2d(6, 6, kernel, stride=stride, dilation=dilation, padding=padding, groups=6).double()
+    size = (3, 2) if kernel == 7 and stride == 1 else (11, 9)
+    layer = LoraLayer(conv, r=2, alpha=4)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 6, *size, dtype=torch.float64, requires_grad=True)
+    assert _depthwise_on_cpu(conv, x)
+    params = (x, layer.lora_A, layer.lora_B, conv.bias)
+    y = layer(x)
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad(y, params, grad)
+    y_ref = functional_call(conv, {"weight": conv.weight + layer.delta_weight(torch.float64)}, (x,))
+    want = torch.autograd.grad(y_ref, params, grad)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for name, a, b in zip(("x", "A", "B", "bias"), got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
 
 
 def test_qkv_parts_adapt_only_q_and_v():

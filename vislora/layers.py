@@ -17,6 +17,7 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import Conv2dSame, pad_same
 from torch.func import functional_call
 
 
@@ -165,6 +166,11 @@ class LoraLayer(nn.Module):
             w_eff = w + self.delta_weight(w.dtype)
             if type(base) is nn.Linear:
                 return F.linear(x, w_eff, base.bias)
+            if type(base) in (nn.Conv2d, Conv2dSame) and _depthwise_on_cpu(base, x):
+                padding = base.padding
+                if type(base) is Conv2dSame:  # timm's TF "same" padding: pad as its forward does, then conv
+                    x, padding = pad_same(x, base.kernel_size, base.stride, base.dilation), (0, 0)
+                return _DepthwiseConv2d.apply(x, w_eff, base.bias, base.stride, padding, base.dilation)
             if type(base) is nn.Conv2d:
                 return base._conv_forward(x, w_eff, base.bias)
             return functional_call(base, {self.weight_name: w_eff}, (x,))
@@ -255,6 +261,67 @@ class _LoraLinear(torch.autograd.Function):
         da = u.t().mm(x2) if need_a else None
         dB = z.t().mm(g).mul_(s).t() if need_bb else None
         return dx, dw, db, da, dB, None
+
+
+def _depthwise_on_cpu(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """True where _DepthwiseConv2d applies: a training step on CPU (no autocast) through a depthwise conv
+    (one filter per channel) of 5x5 or more with numeric zero padding. (3x3: oneDNN's own gradient is faster.)"""
+    return (conv.groups == conv.in_channels == conv.out_channels > 1 and x.dim() == 4 and x.device.type == "cpu"
+            and conv.kernel_size[0] * conv.kernel_size[1] > 9
+            and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+
+
+def depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel: tuple[int, int], stride, padding,
+                          dilation) -> torch.Tensor:
+    """dL/dW of a depthwise conv, as ONE depthwise conv of the input with the output gradient as its filter.
+
+    Channel c of sample n gives the correlation x[n, c] * grad[n, c] (stride and dilation swap roles); summing
+    over n gives dW[c]. Only the kernel taps that can meet the input are computed (on maps smaller than the
+    padding, e.g. 7x7 on 3x3, the rest are zero). On CPU this runs 3-15x faster than oneDNN's native depthwise
+    weight gradient in NCHW for kernels of 5x5 and more."""
+    n, c, h, w = x.shape
+    taps, left, right = [], [], []
+    for size, gsize, k, s, p, d in zip(x.shape[2:], grad.shape[2:], kernel, stride, padding, dilation, strict=True):
+        lo, hi = max(0, -((s * (gsize - 1) - p) // d)), min(k - 1, (p + size - 1) // d)  # taps that see data
+        taps.append(slice(lo, hi + 1))
+        left.append(p - d * lo)
+        right.append(s * (gsize - 1) + d * (hi - lo) + 1 - size - left[-1])  # the padding the last tap needs
+    xs = x.transpose(0, 1).reshape(1, c * n, h, w)
+    if min(left) < 0 or right[0] > left[0] or right[1] > left[1]:  # conv2d pads symmetrically; else pad here
+        xs, left = F.pad(xs, (left[1], right[1], left[0], right[0])), (0, 0)
+    gs = grad.transpose(0, 1).reshape(c * n, 1, *grad.shape[2:])
+    part = F.conv2d(xs, gs, None, stride=dilation, padding=left, dilation=stride, groups=c * n)
+    hk, wk = taps[0].stop - taps[0].start, taps[1].stop - taps[1].start
+    part = part[0, :, :hk, :wk].reshape(c, n, hk, wk).sum(1)
+    if (hk, wk) == tuple(kernel):
+        return part.unsqueeze(1)
+    dw = x.new_zeros(c, 1, *kernel)
+    dw[:, 0, taps[0], taps[1]] = part
+    return dw
+
+
+class _DepthwiseConv2d(torch.autograd.Function):
+    """F.conv2d with groups = channels whose weight gradient comes from depthwise_weight_grad (the input
+    gradient and the forward are torch's own)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation):
+        ctx.save_for_backward(x, weight)
+        ctx.conv = (stride, padding, dilation)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups=x.shape[1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation = ctx.conv
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, dilation, False, [0, 0],
+                                                 x.shape[1], [True, False, False])[0] if need_x else None
+        dw = depthwise_weight_grad(x, grad, weight.shape[2:], stride, padding, dilation) if need_w else None
+        db = grad.sum((0, 2, 3)) if need_b else None
+        return dx, dw, db, None, None, None
 
 
 def adapter_exceeds_layer(layer: LoraLayer) -> bool:
