@@ -6,8 +6,9 @@ gradient inside the blocks. All contenders live in ONE process and run round-rob
 a busy machine slows them alike; medians of the step times and medians of the per-round ratios to the limit,
 in wall time and in CPU time.
 
-    .venv/bin/python tools/bench_step.py                    # ViT-S/16 @112 b16, ConvNeXt-T @96 (fc1/fc2 and conv)
+    .venv/bin/python tools/bench_step.py                    # all suites below
     .venv/bin/python tools/bench_step.py --suite vit --rounds 30
+    .venv/bin/python tools/bench_step.py --suite convnext-conv lite0-conv --native-dw   # depthwise before/after
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vislora import LoraConfig, inject  # noqa: E402
+import vislora.layers  # noqa: E402
+from vislora import LoraConfig, inject, lora_layers  # noqa: E402
+from vislora.layers import _depthwise_on_cpu  # noqa: E402
 
 VIT_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]  # in the blocks only (not patch_embed.proj)
 SUITES = {
@@ -34,6 +37,7 @@ SUITES = {
     "vit": ("vit_small_patch16_224", 112, 16, VIT_TARGETS, VIT_TARGETS, "patch_embed"),
     "convnext": ("convnext_tiny", 96, 16, ["mlp.fc1", "mlp.fc2"], ["mlp.fc1", "mlp.fc2"], "stem"),
     "convnext-conv": ("convnext_tiny", 96, 16, "conv", None, "stem"),
+    "lite0-conv": ("tf_efficientnet_lite0", 64, 64, "conv", None, "conv_stem"),
 }
 
 
@@ -87,6 +91,17 @@ def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], 
     return step
 
 
+def native_depthwise(step: Callable[[], None]) -> Callable[[], None]:
+    """The step with torch's own depthwise weight gradient instead of vislora's grouped-conv one (before/after)."""
+    def run() -> None:
+        vislora.layers._depthwise_on_cpu = lambda conv, x: False
+        try:
+            step()
+        finally:
+            vislora.layers._depthwise_on_cpu = _depthwise_on_cpu
+    return run
+
+
 def round_robin(steps: dict[str, Callable[[], None]], rounds: int, warmup: int
                 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Wall and CPU seconds of one call of each contender per round, rotating the order each round.
@@ -117,7 +132,8 @@ def summarise(times: dict[str, list[float]], ref: str = "limit") -> dict[str, di
     return rows
 
 
-def run_suite(suite: str, rounds: int, warmup: int, r: int, batch: int | None) -> list[dict]:
+def run_suite(suite: str, rounds: int, warmup: int, r: int, batch: int | None, native_dw: bool = False
+              ) -> list[dict]:
     name, img, bs, targets, peft_targets, stem = SUITES[suite]
     bs = batch or bs
     torch.manual_seed(0)
@@ -136,14 +152,16 @@ def run_suite(suite: str, rounds: int, warmup: int, r: int, batch: int | None) -
             print(f"[{suite}] PEFT cannot run these targets: {peft_error}")
     models["full"] = full(name, img)
     steps = {n: step_fn(m, x, y) for n, m in models.items()}
+    if native_dw and any(getattr(layer.base_layer, "groups", 1) > 1 for _, layer in lora_layers(models["vislora"])):
+        steps["vislora-native-dw"] = native_depthwise(step_fn(vislora_model(name, img, targets, r), x, y))
     wall, cpu = round_robin(steps, rounds, warmup)
     rows = {"wall": summarise(wall), "cpu": summarise(cpu)}
     print(f"\n{suite}: {name} img {img} batch {bs}, r={r}, targets {targets}, {rounds} rounds, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'contender':<10} {'wall ms':>9} {'ratio':>6} {'paired':>6} {'cpu ms':>9} {'ratio':>6} {'paired':>6}")
-    for n in models:
+    print(f"{'contender':<18} {'wall ms':>9} {'ratio':>6} {'paired':>6} {'cpu ms':>9} {'ratio':>6} {'paired':>6}")
+    for n in steps:
         w, c = rows["wall"][n], rows["cpu"][n]
-        print(f"{n:<10} {1000 * w['median_s']:9.1f} {w['ratio']:6.3f} {w['paired_ratio']:6.3f} "
+        print(f"{n:<18} {1000 * w['median_s']:9.1f} {w['ratio']:6.3f} {w['paired_ratio']:6.3f} "
               f"{1000 * c['median_s']:9.1f} {c['ratio']:6.3f} {c['paired_ratio']:6.3f}")
     return {"suite": suite, "model": name, "img": img, "batch": bs, "r": r, "rounds": rounds,
             "threads": torch.get_num_threads(), "peft_error": peft_error, **rows}
@@ -158,9 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=None, help="override the suite's batch size")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write the results to this JSON file")
+    p.add_argument("--native-dw", action="store_true",
+                   help="add a contender with torch's own depthwise weight gradient (the before of vislora's)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = [run_suite(suite, args.rounds, args.warmup, args.r, args.batch) for suite in args.suite]
+    results = [run_suite(suite, args.rounds, args.warmup, args.r, args.batch, args.native_dw)
+               for suite in args.suite]
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
