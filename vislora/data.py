@@ -367,9 +367,13 @@ def seed_worker(worker_id: int) -> None:
 
 
 def build_loader(dataset, batch_size: int, train: bool, workers: int = 2, seed: int = 0, sampler=None,
-                 drop_last: bool | None = None) -> torch.utils.data.DataLoader:
-    """DataLoader with collate_skip, seeded shuffling (train, no sampler), seeded workers, pin_memory on CUDA.
-    drop_last defaults to train when there is more than one batch. With a sampler (e.g. DistributedSampler)
+                 drop_last: bool | None = None, collate_fn=collate_skip, pin_memory: bool | None = None
+                 ) -> torch.utils.data.DataLoader:
+    """The one DataLoader recipe: seeded shuffling (train, no sampler), seeded workers, pin_memory on CUDA.
+
+    drop_last defaults to train when there is more than one batch. Shuffling and the workers' augmentation seeds
+    follow `loader.generator` (workers restart each epoch): reseed it, as the training loop does per epoch, and an
+    epoch depends only on seed and epoch, which makes resuming exact. With a sampler (e.g. DistributedSampler)
     shuffling is the sampler's: call its set_epoch each epoch."""
     n = len(sampler) if sampler is not None else len(dataset)
     if drop_last is None:
@@ -378,8 +382,9 @@ def build_loader(dataset, batch_size: int, train: bool, workers: int = 2, seed: 
         dataset.transform.set_random_seed(seed)  # in-process augmentation follows the seed too
     return torch.utils.data.DataLoader(
         dataset, batch_size, shuffle=train and sampler is None, sampler=sampler, num_workers=workers,
-        collate_fn=collate_skip, pin_memory=torch.cuda.is_available(), drop_last=drop_last,
-        generator=torch.Generator().manual_seed(seed), worker_init_fn=seed_worker, persistent_workers=workers > 0)
+        collate_fn=collate_fn, pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        drop_last=drop_last, generator=torch.Generator().manual_seed(seed), worker_init_fn=seed_worker,
+        persistent_workers=False)
 
 
 # ---- synthetic data for tests and smoke runs -------------------------------------------------------------------

@@ -159,8 +159,7 @@ def evaluate(target: str | Path, data: str | Path | None = None, out: str | Path
     classes = pre["class_names"]
     split = eval_split(data, recipe, classes)
     dataset = vdata.ImageDataset(split, vdata.build_transform(pre, False))
-    loader = torch.utils.data.DataLoader(dataset, batch_size, shuffle=False, num_workers=workers,
-                                         collate_fn=vdata.collate_skip)
+    loader = vdata.build_loader(dataset, batch_size, False, workers)
     logits, labels = [], []
     for images, y in tqdm(loader, desc="eval", leave=False):
         logits.append(predictor(images.numpy().astype(np.float32)))
@@ -177,8 +176,8 @@ def _evaluate_detection(model, recipe: dict, pre: dict, out: Path) -> dict:
     from vislora.detection import build_detection_datasets, detection_collate, evaluate_detection, plot_detections
 
     _, val_set, names = build_detection_datasets(recipe["data"], recipe["detector"]["min_size"])
-    loader = torch.utils.data.DataLoader(val_set, recipe["eval"]["batch_size"] or recipe["train"]["batch_size"],
-                                         shuffle=False, collate_fn=detection_collate)
+    loader = vdata.build_loader(val_set, recipe["eval"]["batch_size"] or recipe["train"]["batch_size"], False,
+                                workers=0, collate_fn=detection_collate)
     report = evaluate_detection(model, loader, names)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

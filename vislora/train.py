@@ -308,14 +308,10 @@ def train(recipe: dict, run_dir: str | Path, resume: bool = False,
         if world > 1 else None
     val_sampler = torch.utils.data.distributed.DistributedSampler(setup.val_set, world, rank, shuffle=False) \
         if world > 1 else None
-    generator = torch.Generator()
-    loader_args = dict(num_workers=d["workers"], collate_fn=setup.collate, pin_memory=device.type == "cuda",
-                       worker_init_fn=vdata.seed_worker, persistent_workers=False)
-    train_loader = torch.utils.data.DataLoader(setup.train_set, t["batch_size"], shuffle=sampler is None,
-                                               sampler=sampler, drop_last=len(setup.train_set) > t["batch_size"],
-                                               generator=generator, **loader_args)
-    val_bs = recipe["eval"]["batch_size"] or t["batch_size"]
-    val_loader = torch.utils.data.DataLoader(setup.val_set, val_bs, shuffle=False, sampler=val_sampler, **loader_args)
+    loader_args = dict(workers=d["workers"], seed=t["seed"], collate_fn=setup.collate, pin_memory=device.type == "cuda")
+    train_loader = vdata.build_loader(setup.train_set, t["batch_size"], True, sampler=sampler, **loader_args)
+    val_loader = vdata.build_loader(setup.val_set, recipe["eval"]["batch_size"] or t["batch_size"], False,
+                                    sampler=val_sampler, **loader_args)
     steps_per_epoch = max(1, len(train_loader) // t["grad_accum"])
     total = steps_per_epoch * t["epochs"]
     if t["max_steps"]:
@@ -354,7 +350,7 @@ def train(recipe: dict, run_dir: str | Path, resume: bool = False,
         if t["max_steps"] and step >= t["max_steps"]:
             break
         seed_everything(t["seed"] * 1000 + epoch)  # resume at an epoch boundary replays the same randomness
-        generator.manual_seed(t["seed"] * 1000 + epoch)
+        train_loader.generator.manual_seed(t["seed"] * 1000 + epoch)
         if sampler is not None:
             sampler.set_epoch(epoch)
         if hasattr(setup.train_set.transform, "set_random_seed"):
