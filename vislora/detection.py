@@ -38,7 +38,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from vislora.inject import LoraConfig, classifier_names, inject
+from vislora.inject import LoraConfig, classifier_names, freeze_bn_stats, inject
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,28 @@ def _check_checkpoint(full: nn.Module, state: dict[str, Tensor], path, name: str
                     len(unexpected), name, unexpected[:5])
 
 
+@contextlib.contextmanager
+def _quiet_unexpected_keys(checkpoint):
+    """timm warns about the checkpoint's head keys (e.g. conv_head) that a features_only body does not hold; the
+    checkpoint was already checked against the full model, so say it once at INFO level instead."""
+    dropped: list[str] = []
+
+    def keep(record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Unexpected keys"):
+            dropped.append(record.getMessage().split("(", 1)[1].split(")", 1)[0])
+            return False
+        return True
+
+    builder = logging.getLogger("timm.models._builder")
+    builder.addFilter(keep)
+    try:
+        yield
+    finally:
+        builder.removeFilter(keep)
+    if dropped:
+        log.info("checkpoint %s: keys the backbone does not use are ignored (%s)", checkpoint, dropped[0])
+
+
 def create_body(model_cfg: dict, out_indices: Sequence[int] | None = None) -> nn.Module:
     """The timm model: features_only for CNNs, the plain VisionTransformer (no classifier) for ViTs.
     A checkpoint is checked against the full timm model, then loaded by timm (which adapts e.g. pos_embed)."""
@@ -149,7 +171,8 @@ def create_body(model_cfg: dict, out_indices: Sequence[int] | None = None) -> nn
     else:
         kwargs.update(features_only=True, out_indices=tuple(out_indices or (-3, -2, -1)))
     try:
-        body = timm.create_model(name, **load, **kwargs)
+        with _quiet_unexpected_keys(model_cfg.get("checkpoint")):
+            body = timm.create_model(name, **load, **kwargs)
     except RuntimeError as e:  # e.g. a shape mismatch that timm's checkpoint filter cannot adapt
         if model_cfg.get("checkpoint"):
             raise ValueError(f"checkpoint {model_cfg['checkpoint']} cannot be loaded into '{name}': {e}") from e
@@ -252,27 +275,12 @@ def detection_train_modules(detector: nn.Module) -> list[str]:
     raise TypeError(f"{type(detector).__name__} is not a detector made by build_detector")
 
 
-def _bn_eval(module: nn.Module, args) -> None:
-    module.training = False  # frozen BatchNorm normalises with its running statistics, which never change
-
-
-def freeze_backbone_bn(detector: nn.Module) -> int:
-    """BatchNorm in `backbone.body` keeps eval statistics in train mode (same hook as vislora's); returns count."""
-    count = 0
-    for m in detector.backbone.body.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            if not hasattr(m, "_vislora_bn_hook"):
-                m._vislora_bn_hook = m.register_forward_pre_hook(_bn_eval)
-            count += 1
-    return count
-
-
 def adapt_detector(detector: nn.Module, lora_config: LoraConfig | None) -> nn.Module:
     """None: full fine-tuning (backbone BN frozen). Otherwise LoRA inside `backbone.body`, neck and head trained;
     entries of lora_config.train other than "head" (the timm classifier) are kept as extra trained modules."""
     if lora_config is None:
         detector.requires_grad_(True)
-        freeze_backbone_bn(detector)
+        freeze_bn_stats(detector.backbone.body)
         return detector
     train = detection_train_modules(detector)
     train += [t for t in lora_config.train if t != "head" and t not in train]

@@ -131,7 +131,8 @@ def resolve_train(model: nn.Module, train: Sequence[str]) -> list[str]:
     return [n for n in found if not any(n != o and _within(n, [o]) for o in found)]
 
 
-def _pattern_value(name: str, pattern_map: dict, default):
+def pattern_value(name: str, pattern_map: dict, default):
+    """The value of the first rank/alpha pattern matching the layer name (PEFT's rank_pattern rules), else default."""
     for key, value in pattern_map.items():
         if matches(name, key) or re.match(rf"(.*\.)?({key})$", name):
             return value
@@ -171,7 +172,8 @@ def find_targets(model: nn.Module, config: LoraConfig, within: str | None = None
     return names
 
 
-def _qkv_parts(name: str, module: nn.Module, qkv: str | None) -> tuple[int, ...] | None:
+def resolve_qkv_parts(name: str, module: nn.Module, qkv: str | None) -> tuple[int, ...] | None:
+    """The qkv chunks a fused `attn.qkv` Linear adapts (e.g. "qv" -> (0, 2)); None for any other layer."""
     if not qkv or not isinstance(module, nn.Linear) or not name.endswith("qkv"):
         return None
     unknown = set(qkv) - set(QKV_CHUNKS)
@@ -186,7 +188,7 @@ def layer_rank(name: str, module: nn.Module, config: LoraConfig, parts: tuple[in
     A preset caps r at the layer's max rank (lossless: a rank-limit adapter spans every update of that
     layer), e.g. for small squeeze-excite convs; an explicit pattern or rank_pattern entry is checked strictly.
     """
-    r = _pattern_value(name, config.rank_pattern, None)
+    r = pattern_value(name, config.rank_pattern, None)
     explicit = r is not None or not (isinstance(config.targets, str) and config.targets in PRESETS)
     r = config.r if r is None else r
     limit = max_rank(module, 3 if parts else 1)
@@ -241,10 +243,10 @@ def inject(model: nn.Module, config: LoraConfig, verify: bool | None = None, wit
     plan = []
     for name in names:
         module = model.get_submodule(name)
-        parts = _qkv_parts(name, module, config.qkv)
+        parts = resolve_qkv_parts(name, module, config.qkv)
         plan.append((name, module, parts, layer_rank(name, module, config, parts)))
     for name, module, parts, r in plan:
-        alpha = _pattern_value(name, config.alpha_pattern, config.alpha)
+        alpha = pattern_value(name, config.alpha_pattern, config.alpha)
         layer = LoraLayer(module, r, alpha, config.dropout, config.rslora, qkv_parts=parts)
         warn_if_oversized(name, layer)
         parent, _, child = name.rpartition(".")

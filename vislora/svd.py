@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from vislora.inject import LoraConfig, _pattern_value, _qkv_parts, find_targets, inject, lora_layers
+from vislora.inject import LoraConfig, find_targets, inject, lora_layers, pattern_value, resolve_qkv_parts
 from vislora.layers import LoraLayer, raw_weight_name
 
 NUM_CHUNKS = 3  # inject() splits a fused qkv projection into 3 chunks
@@ -244,7 +244,7 @@ def _fixed_rank(name: str, limit: int, rank: int | str, config: LoraConfig) -> i
     """'full': the layer's max; an int: config.rank_pattern's entry, else `rank`; capped at the max."""
     if rank == "full":
         return limit
-    r = _pattern_value(name, config.rank_pattern, rank)
+    r = pattern_value(name, config.rank_pattern, rank)
     if isinstance(r, float) and 0 < r < 1:
         r = max(1, round(r * limit))
     return min(int(r), limit)
@@ -300,7 +300,7 @@ def extract_adapter(base_model: nn.Module, tuned_model: nn.Module, config: LoraC
         diffs = []
         for n in names:
             module = base_model.get_submodule(n)
-            diffs.append(_difference(n, module, tuned_model, _qkv_parts(n, module, config.qkv)))
+            diffs.append(_difference(n, module, tuned_model, resolve_qkv_parts(n, module, config.qkv)))
         changed = [d for d in diffs if not d.unchanged]
         if not changed:
             raise ValueError("extract_adapter: the tuned model's target weights equal the base model's: "
