@@ -21,6 +21,7 @@ from vislora.export import (
     predict_files,
     preprocess_image,
 )
+from vislora.inject import freeze_bn_stats
 
 PRE = {"input_size": [3, 32, 32], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
        "interpolation": "bicubic", "crop_pct": 0.875, "class_names": ["cat", "dog", "fox"]}
@@ -140,6 +141,14 @@ def test_check_no_adapters_rejects_unmerged_model(tmp_path):
     assert not (tmp_path / "model.pt").exists()
     vislora.merge(model)  # merged but still wrapped: still an adapter graph
     with pytest.raises(ValueError, match="vislora"):
+        check_no_adapters(model)
+    check_no_adapters(vislora.unload(model))
+
+
+def test_check_no_adapters_names_frozen_batchnorm():
+    model = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    freeze_bn_stats(model)
+    with pytest.raises(ValueError, match=r"'bn1'.*frozen BatchNorm.*unload"):
         check_no_adapters(model)
     check_no_adapters(vislora.unload(model))
 

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from timm.layers import Conv2dSame, StdConv2d
+from timm.layers import BatchNormAct2d, Conv2dSame, StdConv2d
 from torch.func import functional_call
 from torch.nn.utils import parametrizations
 
@@ -114,14 +114,29 @@ def test_model_family(name, kwargs, size, config):
         assert rel(unloaded(x), y_merged) < 1e-5
 
 
-def test_frozen_batchnorm_keeps_running_stats():
-    model = build("resnet18", {})
+@pytest.mark.parametrize("name,kwargs", [("resnet18", {}), ("efficientnet_b0", {"drop_rate": 0.0})])
+def test_frozen_batchnorm_keeps_running_stats(name, kwargs):
+    """In train mode frozen BatchNorm (plain, and timm's BatchNormAct2d) gives the eval-mode output, never updates its
+    statistics, passes gradients; unload restores the plain classes."""
+    model = build(name, kwargs)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        for bn in bns:
+            bn.running_mean.normal_(std=0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(4, 3, 32, 32, requires_grad=True)
+    with torch.no_grad():
+        want = model.eval()(x)
     inject(model, LoraConfig(targets="all"))
-    before = model.bn1.running_mean.clone()
-    model.train()
-    model(torch.randn(4, 3, 32, 32))
-    assert torch.equal(model.bn1.running_mean, before)
-    assert not model.bn1.training
+    assert {type(bn).__name__ for bn in bns} <= {"FrozenStatsBatchNorm2d", "FrozenStatsBatchNormAct2d"}
+    before = [bn.running_mean.clone() for bn in bns]
+    got = model.train()(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(bn.running_mean, b) for bn, b in zip(bns, before, strict=True))
+    got.square().mean().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    unload(model)
+    assert {type(bn) for bn in bns} <= {nn.BatchNorm2d, BatchNormAct2d}
 
 
 def test_freeze_bn_stats_leaves_kept_modules_alone():

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from vislora.inject import FROZEN_BN
 from vislora.layers import LoraLayer
 
 PREPROCESS_NAME, REPORT_NAME = "preprocess.json", "export.json"
@@ -42,6 +43,8 @@ def check_no_adapters(model: nn.Module) -> None:
         where = f"module '{name or '<root>'}' ({type(m).__name__})"
         if isinstance(m, LoraLayer):
             raise ValueError(f"{where} is an unmerged vislora adapter: call vislora.unload(model) before exporting")
+        if type(m) in FROZEN_BN.values():
+            raise ValueError(f"{where} is vislora's frozen BatchNorm: call vislora.unload(model) before exporting")
         if any(k in m._parameters or k in m._modules or k in m.__dict__ for k in ("lora_A", "lora_B")):
             raise ValueError(f"{where} carries lora_A/lora_B adapter weights: merge and unload it before exporting")
         hooks = [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
+from timm.layers import BatchNormAct2d
 
 from vislora.layers import LoraLayer, max_rank, warn_if_oversized
 
@@ -207,12 +208,46 @@ def _eval_mode_hook(module: nn.Module, args) -> None:
     module.training = False  # frozen BatchNorm normalises with its running statistics, which never change
 
 
+def frozen_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """Batch norm with the running statistics as one per-channel multiply-add, y = x * scale + shift: the numbers
+    of eval-mode batch_norm, with a backward that is a single multiply (several times cheaper on CPU)."""
+    scale = (bn.running_var + bn.eps).rsqrt()
+    scale = scale * bn.weight if bn.weight is not None else scale
+    shift = bn.bias - bn.running_mean * scale if bn.bias is not None else -bn.running_mean * scale
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
+
+
+class FrozenStatsBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that normalises with its running statistics in train mode too. freeze_bn_stats swaps a
+    module's class to it in place (same parameters, buffers and state_dict); unload/eject swap it back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return frozen_batch_norm(self, x)
+
+
+class FrozenStatsBatchNormAct2d(BatchNormAct2d):
+    """timm's BatchNormAct2d (norm, dropout, activation: EfficientNet, MobileNet) with frozen statistics."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(frozen_batch_norm(self, x)))
+
+
+FROZEN_BN = {nn.BatchNorm2d: FrozenStatsBatchNorm2d, BatchNormAct2d: FrozenStatsBatchNormAct2d}
+
+
 def freeze_bn_stats(model: nn.Module, keep: Sequence[str] = ()) -> None:
-    """BatchNorm layers (except those inside `keep`) use their running statistics even in train mode."""
+    """BatchNorm layers (except those inside `keep`) use their running statistics even in train mode.
+
+    BatchNorm2d and timm's BatchNormAct2d become their FrozenStats classes (a multiply-add); other BatchNorm
+    types (1d, 3d, subclasses, no running statistics) get a hook that keeps them in eval mode."""
     for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not _within(name, keep):
-            if not hasattr(m, "_vislora_bn_hook"):
-                m._vislora_bn_hook = m.register_forward_pre_hook(_eval_mode_hook)
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm) or _within(name, keep):
+            continue
+        if type(m) in FROZEN_BN and m.track_running_stats:
+            m.__class__ = FROZEN_BN[type(m)]
+        elif type(m) not in FROZEN_BN.values() and not hasattr(m, "_vislora_bn_hook"):
+            m._vislora_bn_hook = m.register_forward_pre_hook(_eval_mode_hook)
 
 
 def set_trainable(model: nn.Module, train_names: Sequence[str]) -> None:
@@ -324,10 +359,13 @@ def _strip(model: nn.Module, merge_first: bool) -> nn.Module:
             layer.unmerge()
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
+    plain_bn = {frozen: bn for bn, frozen in FROZEN_BN.items()}
     for m in model.modules():
         hook = m.__dict__.pop("_vislora_bn_hook", None)
         if hook is not None:
             hook.remove()
+        if type(m) in plain_bn:
+            m.__class__ = plain_bn[type(m)]
     for attr in ("vislora_config", "vislora_train"):
         model.__dict__.pop(attr, None)
     return model
