@@ -128,9 +128,9 @@ def _check_checkpoint(full: nn.Module, state: dict[str, Tensor], path, name: str
 
 
 @contextlib.contextmanager
-def _quiet_unexpected_keys(checkpoint):
-    """timm warns about the checkpoint's head keys (e.g. conv_head) that a features_only body does not hold; the
-    checkpoint was already checked against the full model, so say it once at INFO level instead."""
+def _quiet_unexpected_keys(source: str):
+    """timm warns about the weights' head keys (e.g. conv_head) that a features_only body does not hold; they are
+    expected (a checkpoint was already checked against the full model), so say it once at INFO level instead."""
     dropped: list[str] = []
 
     def keep(record: logging.LogRecord) -> bool:
@@ -146,7 +146,7 @@ def _quiet_unexpected_keys(checkpoint):
     finally:
         builder.removeFilter(keep)
     if dropped:
-        log.info("checkpoint %s: keys the backbone does not use are ignored (%s)", checkpoint, dropped[0])
+        log.info("%s: keys the backbone does not use are ignored (%s)", source, dropped[0])
 
 
 def create_body(model_cfg: dict, out_indices: Sequence[int] | None = None) -> nn.Module:
@@ -171,7 +171,8 @@ def create_body(model_cfg: dict, out_indices: Sequence[int] | None = None) -> nn
     else:
         kwargs.update(features_only=True, out_indices=tuple(out_indices or (-3, -2, -1)))
     try:
-        with _quiet_unexpected_keys(model_cfg.get("checkpoint")):
+        with _quiet_unexpected_keys(f"checkpoint {model_cfg['checkpoint']}" if model_cfg.get("checkpoint")
+                                    else f"pretrained weights of {name}"):
             body = timm.create_model(name, **load, **kwargs)
     except RuntimeError as e:  # e.g. a shape mismatch that timm's checkpoint filter cannot adapt
         if model_cfg.get("checkpoint"):

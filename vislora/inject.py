@@ -212,8 +212,11 @@ def frozen_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> t
     """Batch norm with the running statistics as one per-channel multiply-add, y = x * scale + shift: the numbers
     of eval-mode batch_norm, with a backward that is a single multiply (several times cheaper on CPU)."""
     scale = (bn.running_var + bn.eps).rsqrt()
-    scale = scale * bn.weight if bn.weight is not None else scale
-    shift = bn.bias - bn.running_mean * scale if bn.bias is not None else -bn.running_mean * scale
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
     shape = (1, -1) + (1,) * (x.dim() - 2)
     return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
 
