@@ -13,7 +13,8 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
 from vislora import data as vdata
-from vislora.export import preprocess_image
+from vislora.image import load_input as preprocess_image
+from vislora.image import read_image
 
 ODD = ("odd_gray.png", "odd_cmyk.jpg", "odd_palette.png", "odd_rgba.png", "odd_upper.JPG", "odd_photo.webp")
 PRE = {"input_size": (3, 32, 32), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
@@ -162,16 +163,16 @@ def test_every_odd_file_loads_as_rgb(odd_folder):
     paths = {p.name: p for p in odd_folder.rglob("odd_*")}
     assert set(paths) == {*ODD, "odd_corrupt.jpg"}
     for name in ODD:
-        rgb = vdata.load_rgb(paths[name])
+        rgb = read_image(paths[name])
         assert rgb.shape == (32, 32, 3) and rgb.dtype == np.uint8, name
         assert rgb.max() > 150, name  # the class shape survived the conversion
-    gray = vdata.load_rgb(paths["odd_gray.png"])
+    gray = read_image(paths["odd_gray.png"])
     assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
     with pytest.raises(ValueError, match="unreadable image") as e:
-        vdata.load_rgb(paths["odd_corrupt.jpg"])
+        read_image(paths["odd_corrupt.jpg"])
     assert str(paths["odd_corrupt.jpg"]) in str(e.value)
     with pytest.raises(ValueError, match="missing.png"):
-        vdata.load_rgb(odd_folder / "missing.png")
+        read_image(odd_folder / "missing.png")
 
 
 def test_alpha_16bit_and_exif_orientation(tmp_path):
@@ -180,15 +181,15 @@ def test_alpha_16bit_and_exif_orientation(tmp_path):
     rgba[0, 0, 3] = 0  # fully transparent white-ish pixel -> black
     rgba[0, 1, 3] = 128
     Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
-    out = vdata.load_rgb(tmp_path / "a.png")
+    out = read_image(tmp_path / "a.png")
     assert out[0, 0].tolist() == [0, 0, 0] and 95 <= out[0, 1, 0] <= 105 and out[1, 1].tolist() == [200] * 3
     Image.fromarray(np.full((3, 5), 65535, np.uint16)).save(tmp_path / "w.png")
     Image.fromarray(np.full((3, 5), 32768, np.uint16)).save(tmp_path / "h.png")
-    assert vdata.load_rgb(tmp_path / "w.png").min() == 255 and vdata.load_rgb(tmp_path / "h.png").max() == 128
+    assert read_image(tmp_path / "w.png").min() == 255 and read_image(tmp_path / "h.png").max() == 128
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display"
     Image.new("RGB", (20, 10)).save(tmp_path / "r.jpg", exif=exif)
-    assert vdata.load_rgb(tmp_path / "r.jpg").shape == (20, 10, 3)
+    assert read_image(tmp_path / "r.jpg").shape == (20, 10, 3)
 
 
 def test_dataset_skips_the_corrupt_file_at_scan(odd_folder, caplog):
@@ -286,7 +287,7 @@ def test_train_and_eval_transforms_shape_and_normalization():
 def test_eval_transform_matches_the_exported_preprocessing(tmp_path):
     path = tmp_path / "x.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (45, 61, 3), dtype=np.uint8)).save(path)
-    ours = vdata.build_transform(PRE, False)(image=vdata.load_rgb(path))["image"].numpy()
+    ours = vdata.build_transform(PRE, False)(image=read_image(path))["image"].numpy()
     np.testing.assert_allclose(ours, preprocess_image(path, PRE), atol=1e-6)
 
 
@@ -329,7 +330,7 @@ def test_synthetic_classes_are_learnable(tmp_path):
     train, val = vdata.scan_folder(root, val_fraction=0.25, seed=0)
 
     def features(split):  # 8x8 colour thumbnails: a linear model must separate the classes
-        x = [np.asarray(Image.fromarray(vdata.load_rgb(p)).resize((8, 8), Image.BILINEAR), np.float32).ravel() / 255
+        x = [np.asarray(Image.fromarray(read_image(p)).resize((8, 8), Image.BILINEAR), np.float32).ravel() / 255
              for p, _ in split.items]
         return np.stack(x), np.array([y for _, y in split.items])
 

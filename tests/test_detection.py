@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from vislora import LoraConfig, load_adapter, lora_layers, save_adapter, unload
-from vislora.detection import (
+from vislora.tasks.detection import (
     adapt_detector,
     build_detection_datasets,
     build_detector,
@@ -142,7 +142,7 @@ def test_degenerate_boxes_are_clipped_or_dropped(scenes, tmp_path, caplog):
         ann["annotations"].append({"id": 1000 + k, "image_id": 1, "category_id": 1, "bbox": bbox, "iscrowd": 0})
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(ann))
-    with caplog.at_level(logging.WARNING, logger="vislora.detection"):
+    with caplog.at_level(logging.WARNING, logger="vislora.tasks.detection"):
         records, _, _ = coco_records(path, scenes / "images")
     assert "bad.json" in caplog.text and "dropped 5" in caplog.text and "clipped 2" in caplog.text
     boxes = records[0]["boxes"]
@@ -154,7 +154,7 @@ def test_degenerate_boxes_are_clipped_or_dropped(scenes, tmp_path, caplog):
     (scenes_yolo / "images/train/a.jpg").write_bytes((scenes / "images/train/000000.jpg").read_bytes())
     (scenes_yolo / "labels/train/a.txt").write_text("0 1.3 0.5 0.1 0.1\n1 0.5 0.5 nan 0.2\n2 0.95 0.5 0.2 0.2\n")
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="vislora.detection"):
+    with caplog.at_level(logging.WARNING, logger="vislora.tasks.detection"):
         (rec,) = yolo_records(scenes_yolo, "train", ["a", "b", "c"], {})
     assert "a.txt" in caplog.text and "dropped 2" in caplog.text and "clipped 1" in caplog.text
     assert rec["labels"].tolist() == [3] and rec["boxes"][0, 2] == 64
@@ -272,7 +272,7 @@ def test_checkpoint_is_loaded_and_checked(tmp_path, caplog):
     with pytest.raises(ValueError, match=r"cut.safetensors.*1 backbone key.*layer2.0.conv1.weight"):
         build_detector({**CNN, "checkpoint": str(tmp_path / "cut.safetensors")}, det_cfg("fcos"), 2)
     save_file({**state, "extra.weight": torch.zeros(1)}, str(tmp_path / "extra.safetensors"))
-    with caplog.at_level(logging.WARNING, logger="vislora.detection"):
+    with caplog.at_level(logging.WARNING, logger="vislora.tasks.detection"):
         build_detector({**CNN, "checkpoint": str(tmp_path / "extra.safetensors")}, det_cfg("fcos"), 2)
     assert "extra.weight" in caplog.text
     with pytest.raises(ValueError, match="safetensors"):

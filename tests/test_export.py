@@ -13,15 +13,11 @@ import torch
 from PIL import Image
 
 import vislora
-from vislora.export import (
-    check_no_adapters,
-    export_model,
-    load_exported,
-    median_latency,
-    predict_files,
-    preprocess_image,
-)
+from vislora.export import check_no_adapters, export_model, median_latency
+from vislora.image import load_input as preprocess_image
 from vislora.inject import freeze_bn_stats
+from vislora.serve import load_exported
+from vislora.tasks.classification import predict as predict_files
 
 PRE = {"input_size": [3, 32, 32], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
        "interpolation": "bicubic", "crop_pct": 0.875, "class_names": ["cat", "dog", "fox"]}
@@ -190,7 +186,7 @@ def test_predict_files(exported, tmp_path):
         results = predict_files(predictor, pre, paths, topk=5)
         assert [r["path"] for r in results] == [str(p) for p in paths]
         assert "no image" in results[1]["error"] and "missing.png" in results[1]["error"]
-        assert "cannot read" in results[3]["error"] and "broken.png" in results[3]["error"]
+        assert "unreadable image" in results[3]["error"] and "broken.png" in results[3]["error"]
         for r in (results[0], results[2], results[4]):
             assert "error" not in r and len(r["top"]) == 3  # topk is capped by the number of classes
             assert {c for c, _ in r["top"]} == set(PRE["class_names"])

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from vislora.inject import LoraConfig, eject, inject, lora_layers
 from vislora.layers import LoraLayer
+from vislora.svd import pissa_as_lora
 
 PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
@@ -41,8 +42,6 @@ def file_factors(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor, float]:
     (whose base weight holds a residual) becomes [A; A0], [B, -B0] of rank 2r (see vislora.svd.pissa_as_lora).
     """
     if hasattr(layer, "pissa_A0"):
-        from vislora.svd import pissa_as_lora
-
         a, b, scaling = pissa_as_lora(layer)
     else:
         a, b, scaling = layer.lora_A, layer.full_B(), layer.scaling

@@ -9,6 +9,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import timm
+from safetensors.torch import load_file
+
+from vislora import rundir, tasks
+from vislora.adapters import save_adapter
+from vislora.evaluate import evaluate, predict
+from vislora.export import export_run
+from vislora.footprint import footprint, format_footprint
+from vislora.inject import LoraConfig, classifier_names, unload
+from vislora.recipe import apply_overrides, load_recipe, read_yaml, resolve
+from vislora.svd import extract_adapter, format_spectrum, plot_spectrum, spectrum
+from vislora.tasks.common import load_weights
+from vislora.train import TrainingDiverged, train
+
 
 def _without_nproc(argv: list[str]) -> list[str]:
     out, skip = [], False
@@ -27,17 +41,19 @@ def cmd_train(args) -> int:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                "-m", "vislora", *_without_nproc(sys.argv[1:])]
         return subprocess.call(cmd)
-    from vislora.recipe import load_recipe
-    from vislora.train import train
-
     overrides = list(args.set or [])
     if args.data:
         overrides.append(f"data.path={args.data}")
-    recipe = load_recipe(args.recipe, overrides)
+    if args.recipe is None and not (args.resume and args.out):
+        raise ValueError("train needs a RECIPE (or --resume --out RUN, which continues with the run's own recipe)")
     run_dir = Path(args.out) if args.out else Path("runs") / Path(args.recipe).stem
+    if args.recipe is None:  # --resume with the run's own recipe (and data), plus any --set / --data
+        recipe = resolve(apply_overrides(read_yaml(run_dir / rundir.RECIPE), overrides), str(run_dir / rundir.RECIPE))
+    else:
+        recipe = load_recipe(args.recipe, overrides)
     if run_dir.exists() and any(run_dir.iterdir()) and not args.resume and not args.force:
-        print(f"vislora: {run_dir} already holds a run: pass --resume to continue it, --force to overwrite, "
-              "or --out DIR", file=sys.stderr)
+        print(f"vislora train: error: {run_dir} already holds a run: pass --resume to continue it, --force to "
+              "replace it (vislora's files there are removed first), or --out DIR", file=sys.stderr)
         return 2
     train(recipe, run_dir, resume=args.resume)
     print(f"vislora: run written to {run_dir}")
@@ -45,18 +61,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from vislora.evaluate import evaluate, format_report
-
     report = evaluate(args.target, data=args.data, out=args.out, batch_size=args.batch_size)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    print(json.dumps(report, indent=2) if args.json else tasks.get(report["task"]).format_report(report))
     if report.get("skipped"):
         print(f"vislora: skipped {len(report['skipped'])} unreadable image(s): {', '.join(report['skipped'][:5])}")
     return 0
 
 
 def cmd_export(args) -> int:
-    from vislora.export import export_run
-
     report = export_run(args.run_dir, formats=args.format, out=args.out, opset=args.opset,
                         dynamic_batch=args.dynamic_batch)
     print(json.dumps(report, indent=2))
@@ -64,67 +76,72 @@ def cmd_export(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from vislora.export import predict_files, predictor_for
-
-    predictor, pre = predictor_for(args.model)
-    results = predict_files(predictor, pre, args.images, topk=args.topk)
+    task, results = predict(args.model, args.images, topk=args.topk)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         for r in results:
-            if "error" in r:
-                print(f"{r['path']}: ERROR {r['error']}")
-            else:
-                print(f"{r['path']}: " + ", ".join(f"{name} {p:.3f}" for name, p in r["top"]))
+            print(f"{r['path']}: ERROR {r['error']}" if "error" in r else task.format_prediction(r))
     return 1 if all("error" in r for r in results) else 0
 
 
 def cmd_footprint(args) -> int:
-    from vislora.footprint import footprint, format_footprint
-
     report = footprint(args.target, img_size=args.img_size, batch=args.batch)
     print(json.dumps(report, indent=2) if args.json else format_footprint(report))
     return 0
 
 
-def _model_from(source: str, model_name: str | None, kwargs: str):
-    """A run directory (its trained model, merged in memory) or a timm weights file (--model names the net)."""
-    from vislora.evaluate import load_run
-    from vislora.inject import classifier_names, unload
+def _kwargs(text: str) -> dict:
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--kwargs must be a JSON object, got {text!r}: {e}") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--kwargs must be a JSON object, got {text!r}")
+    return kwargs
 
-    path = Path(source)
-    if path.is_dir():
-        return unload(load_run(path)[0]), None
+
+def _head_size(model_name: str, kwargs: dict, path: Path) -> int | None:
+    """The classifier size stored in a timm weights file (None if it holds no classifier)."""
+    heads = classifier_names(timm.create_model(model_name, pretrained=False, **kwargs))
+    state = load_file(str(path))
+    sizes = [state[f"{h}.weight"].shape[0] for h in heads if f"{h}.weight" in state]
+    return sizes[0] if sizes else None
+
+
+def _weights_model(path: Path, model_name: str | None, kwargs: dict, num_classes: int | None):
+    """A timm model from a weights file; num_classes (the tuned model's) replaces a classifier of another size."""
     if not model_name:
-        raise ValueError(f"{source} is a weights file: name its timm architecture with --model")
-    import timm
-    from safetensors.torch import load_file
-
-    from vislora.train import load_weights
-
-    probe = timm.create_model(model_name, pretrained=False, **json.loads(kwargs))
-    heads = classifier_names(probe)
-    state = load_file(str(path)) if path.is_file() else {}
-    classes = [state[f"{h}.weight"].shape[0] for h in heads if f"{h}.weight" in state]
-    model = timm.create_model(model_name, pretrained=False, **json.loads(kwargs),
-                              **({"num_classes": classes[0]} if classes else {}))
-    load_weights(model, path)
-    return model.eval(), model_name
+        raise ValueError(f"{path} is a weights file: name its timm architecture with --model")
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if not timm.is_model(model_name):
+        raise ValueError(f"--model '{model_name}' is not a timm model")
+    stored = _head_size(model_name, {k: v for k, v in kwargs.items() if k != "num_classes"}, path)
+    given = kwargs.pop("num_classes", None)
+    if given is not None and stored is not None and given != stored and num_classes is None:
+        raise ValueError(f"--kwargs num_classes={given} disagrees with {path}, whose classifier has {stored} outputs")
+    size = num_classes or stored or given
+    model = timm.create_model(model_name, pretrained=False, **kwargs, **({"num_classes": size} if size else {}))
+    load_weights(model, path, skip=classifier_names(model) if size != stored else [])
+    return model.eval()
 
 
 def cmd_extract(args) -> int:
-    from vislora.adapters import save_adapter
-    from vislora.evaluate import load_run
-    from vislora.inject import LoraConfig
-    from vislora.svd import extract_adapter
-    from vislora.train import build_classifier
-
-    tuned, _ = _model_from(args.tuned, args.model, args.kwargs)
+    tuned_path = Path(args.tuned)
+    if tuned_path.is_dir():
+        tuned, recipe, pre = rundir.load_run(tuned_path)
+        tuned = unload(tuned)
+    else:
+        tuned, recipe, pre = _weights_model(tuned_path, args.model, _kwargs(args.kwargs), None), None, None
+    classes = classifier_names(tuned)
+    n_classes = tuned.get_submodule(classes[0]).weight.shape[0] if classes else None
     if args.base:
-        base, _ = _model_from(args.base, args.model, args.kwargs)
-    elif Path(args.tuned).is_dir():  # the run's starting point: its recipe's base model
-        _, recipe, pre = load_run(args.tuned)
-        base = build_classifier(recipe, len(pre["class_names"])).eval()
+        base_path = Path(args.base)
+        base = unload(rundir.load_run(base_path)[0]) if base_path.is_dir() else \
+            _weights_model(base_path, args.model, _kwargs(args.kwargs), n_classes)
+    elif recipe is not None:  # the run's starting point: its recipe's base model
+        base = tasks.get(recipe["task"]).build_model(recipe, len(pre["class_names"])).eval()
     else:
         raise ValueError("--base is needed when --tuned is a weights file")
     targets = args.targets[0] if len(args.targets) == 1 else args.targets
@@ -141,12 +158,8 @@ def cmd_extract(args) -> int:
 
 
 def cmd_spectrum(args) -> int:
-    from vislora.evaluate import load_run
-    from vislora.svd import format_spectrum, plot_spectrum, spectrum
-
     run_dir = Path(args.run_dir)
-    model = load_run(run_dir)[0]
-    report = spectrum(model)
+    report = spectrum(rundir.load_run(run_dir)[0])
     out = Path(args.out) if args.out else run_dir / "spectrum.png"
     plot_spectrum(report, out)
     (out.with_suffix(".json")).write_text(json.dumps(report))
@@ -160,12 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune from a recipe")
-    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("recipe", nargs="?", help="recipe YAML file (optional with --resume --out RUN)")
     p.add_argument("--data", help="image folder (overrides data.path)")
     p.add_argument("--out", help="run directory (default runs/<recipe name>)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field, e.g. train.lr=3e-4")
-    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    p.add_argument("--force", action="store_true", help="write into a non-empty run directory")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run's last checkpoint, with the run's own recipe")
+    p.add_argument("--force", action="store_true",
+                   help="replace the run in --out (removes the files vislora wrote there, nothing else)")
     p.add_argument("--nproc", type=int, default=0, help="processes on this machine (runs torchrun)")
     p.set_defaults(func=cmd_train)
 
@@ -173,20 +188,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="run directory, model.pt or model.onnx")
     p.add_argument("--data", help="ROOT/val, a ROOT holding val/, or ROOT/<class> (default: the run's val split)")
     p.add_argument("--out", help="report JSON path (default RUN_DIR/eval/report.json)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's eval.batch_size, else 64")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="merge the adapter and export TorchScript / ONNX, verified")
     p.add_argument("run_dir")
-    p.add_argument("--format", default="all", choices=["torchscript", "onnx", "all"])
+    p.add_argument("--format", default=None, choices=["torchscript", "onnx", "all"],
+                   help="default: the recipe's export.formats")
     p.add_argument("--out", help="output folder (default RUN_DIR/export)")
-    p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--dynamic-batch", dest="dynamic_batch", action="store_true", default=True)
+    p.add_argument("--opset", type=int, default=None, help="default: the recipe's export.opset")
+    p.add_argument("--dynamic-batch", dest="dynamic_batch", action="store_true", default=None)
     p.add_argument("--static-batch", dest="dynamic_batch", action="store_false")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("predict", help="top-k classes for images, from a run, a .pt or an .onnx file")
+    p = sub.add_parser("predict", help="top-k classes (or boxes) for images, from a run, a .pt or an .onnx file")
     p.add_argument("model", help="run directory, model.pt or model.onnx")
     p.add_argument("images", nargs="+")
     p.add_argument("--topk", type=int, default=5)
@@ -224,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, NotImplementedError, TrainingDiverged) as e:
         print(f"vislora {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

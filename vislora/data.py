@@ -22,21 +22,22 @@ import cv2
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 from sklearn.model_selection import train_test_split
 from timm.data import resolve_data_config, resolve_model_data_config
 from tqdm import tqdm
 
-from vislora.export import eval_transform
+from vislora import image
+from vislora.recipe import TASK_DEFAULTS
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 VAL_DIRS = ("val", "valid", "validation")
 INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
-                  "area": cv2.INTER_AREA, "box": cv2.INTER_AREA, "lanczos": cv2.INTER_LANCZOS4}
+                  "area": cv2.INTER_AREA, "box": cv2.INTER_AREA, "hamming": cv2.INTER_LINEAR,
+                  "lanczos": cv2.INTER_LANCZOS4}  # albumentations (cv2) flags for the train crop
 OVERRIDE_KEYS = ("img_size", "mean", "std", "interpolation", "crop_pct")
-AUGMENT_DEFAULTS = {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3), "hflip": 0.5, "color_jitter": 0.4}
+AUGMENT_DEFAULTS = {**TASK_DEFAULTS["classification"]["data"]["augment"], "ratio": (3 / 4, 4 / 3)}
 
 
 @dataclass
@@ -58,7 +59,7 @@ def _class_dirs(root: Path) -> list[Path]:
 
 def _images(folder: Path) -> list[Path]:
     """Image files under folder (any depth, any case of extension), sorted."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in image.EXTENSIONS and p.is_file()
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
@@ -67,7 +68,7 @@ def _scan_classes(root: Path, classes: list[str] | None = None) -> Split:
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
     dirs = _class_dirs(root)
-    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in image.EXTENSIONS]
     if loose:
         logger.warning("%s: ignoring %d image(s) outside class folders (images go in %s/<class>/)",
                        root, len(loose), root)
@@ -84,7 +85,7 @@ def _scan_classes(root: Path, classes: list[str] | None = None) -> Split:
             raise ValueError(f"class folder {d} is not one of the training classes {classes}")
         files = _images(d)
         if not files:
-            raise ValueError(f"class folder {d} holds no images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+            raise ValueError(f"class folder {d} holds no images (extensions: {', '.join(image.EXTENSIONS)})")
         label = classes.index(d.name)
         items += [(f, label) for f in files]
     return Split(items, list(classes))
@@ -141,50 +142,11 @@ def scan_eval_folder(path: str | Path, classes: list[str]) -> Split:
     return _scan_classes(_val_dir(path) or path, list(classes))
 
 
-# ---- reading images --------------------------------------------------------------------------------------------
-def _wide_to_uint8(im: Image.Image) -> np.ndarray:
-    """16/32-bit integer or float grayscale (mode I;16, I, F) -> uint8, scaled by its nominal range."""
-    a = np.asarray(im).astype(np.float64)
-    top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
-    if a.max() > 65535 or a.min() < 0:  # no nominal range: stretch what is there
-        a, top = a - a.min(), max(a.max() - a.min(), 1e-12)
-    return np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
-
-
-def _to_rgb(im: Image.Image) -> np.ndarray:
-    if im.mode.startswith("I") or im.mode == "F":
-        return np.repeat(_wide_to_uint8(im)[:, :, None], 3, axis=2)
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
-        rgba = im.convert("RGBA")  # transparent pixels -> black, whatever colour they store
-        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
-    return np.array(im.convert("RGB"), dtype=np.uint8)
-
-
-def load_rgb(path: str | Path) -> np.ndarray:
-    """HxWx3 uint8 of any image Pillow reads (grayscale, 16-bit, palette, RGBA on black, CMYK), upright per EXIF.
-    Raises ValueError naming the file when it is missing or unreadable."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return _to_rgb(ImageOps.exif_transpose(im))
-    except Exception as e:  # Pillow raises many types (OSError, SyntaxError, struct.error ...) for broken files
-        raise ValueError(f"unreadable image {path}: {type(e).__name__}: {e}") from e
-
-
-def _readable(path: Path) -> bool:
-    """Cheap scan-time check: Pillow identifies the file and its structure verifies (no full decode)."""
-    try:
-        with Image.open(path) as im:
-            im.verify()
-        return True
-    except Exception:
-        return False
-
-
+# ---- checking images ------------------------------------------------------------------------------------------
 def find_unreadable(paths: Sequence[Path], threads: int = 8) -> list[str]:
     """The paths Pillow cannot open and verify (checked in threads; a progress bar for large folders)."""
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        ok = list(tqdm(pool.map(_readable, paths), total=len(paths), desc="checking images", leave=False,
+        ok = list(tqdm(pool.map(image.verifies, paths), total=len(paths), desc="checking images", leave=False,
                        disable=len(paths) < 5000))
     return [str(p) for p, good in zip(paths, ok, strict=True) if not good]
 
@@ -267,12 +229,23 @@ def _augment(augment: dict | None) -> dict:
             "color_jitter": float(aug["color_jitter"])}
 
 
-def build_transform(pre: dict, train: bool, augment: dict | None = None) -> A.Compose:
+class EvalTransform:
+    """vislora.image.eval_transform (the geometry every evaluation and exported model uses) called like an
+    albumentations pipeline: transform(image=HxWx3 uint8) -> {"image": CHW float32 tensor}."""
+
+    def __init__(self, preprocess: dict):
+        self.transform = image.eval_transform(preprocess)
+
+    def __call__(self, image: np.ndarray) -> dict:
+        return {"image": torch.from_numpy(self.transform(image))}
+
+
+def build_transform(pre: dict, train: bool, augment: dict | None = None) -> A.Compose | EvalTransform:
     """HxWx3 uint8 -> CHW float32 tensor. Train: RandomResizedCrop, HorizontalFlip, ColorJitter (timm's strength
-    convention; 0 disables). Eval: shorter side to size / crop_pct, center crop (vislora.export.eval_transform,
-    the same geometry the exported model is fed). Both normalize with pre's mean/std."""
+    convention; 0 disables), normalised with pre's mean/std. Eval: vislora.image.eval_transform (shorter side to
+    size / crop_pct, center crop, normalise), the same numbers the exported model is fed."""
     if not train:
-        return A.Compose([*eval_transform(pre).transforms, ToTensorV2()])
+        return EvalTransform(pre)
     missing = [k for k in ("input_size", "mean", "std", "interpolation") if k not in pre]
     if missing:
         raise ValueError(f"preprocess dict is missing {missing} (has {sorted(pre)})")
@@ -334,14 +307,14 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
         path, label = self.items[index]
         try:
-            image = load_rgb(path)
+            pixels = image.read_image(path)
         except ValueError as e:
             self._failures.value += 1
             logger.warning("skipping %s", e)
             return None
         if self.transform is None:
-            return torch.from_numpy(image).permute(2, 0, 1).float().div(255), label
-        return self.transform(image=image)["image"], label
+            return torch.from_numpy(pixels).permute(2, 0, 1).float().div(255), label
+        return self.transform(image=pixels)["image"], label
 
 
 def collate_skip(batch: list) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,13 +21,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import save_model
 from torch.utils.flop_counter import FlopCounterMode
 
+from vislora import rundir
+from vislora.adapters import WEIGHTS_NAME, save_adapter
 from vislora.inject import LoraConfig, eject, find_targets, inject, lora_layers, trainable_summary, unload
 from vislora.layers import LoraLayer
+from vislora.recipe import load_recipe
+from vislora.tasks import classification
 
 GROUPS = ("attention qkv/proj", "MLP fc", "conv 1x1", "depthwise", "grouped", "kx1/1xk", "dense kxk", "other")
 
@@ -73,8 +79,6 @@ def _count_classes(path: str | None) -> int:
 
 
 def _timm_model(name: str, img_size: int | None, num_classes: int | None = None) -> nn.Module:
-    import timm
-
     kwargs = {"num_classes": num_classes} if num_classes else {}
     torch.manual_seed(0)
     if img_size:
@@ -90,40 +94,31 @@ def _with_lora(model: nn.Module, lora: LoraConfig | None) -> nn.Module:
 
 
 def _run_subject(path: Path, img_size: int | None) -> Subject:
-    import yaml
-
-    from vislora.evaluate import load_run
-    from vislora.recipe import resolve
-    from vislora.train import build_classifier
-
-    recipe = resolve(yaml.safe_load((path / "recipe.yaml").read_text()), str(path / "recipe.yaml"))
+    """A run as training built it: the recipe's model and adapter (trainable set, PiSSA rank, linear probe)."""
+    recipe = rundir.read_recipe(path)
     if recipe["task"] != "classification":
         raise ValueError(f"{path}: footprint measures classifiers, and this run's task is {recipe['task']}")
-    preprocess = json.loads((path / "preprocess.json").read_text())
+    preprocess = json.loads((path / rundir.PREPROCESS).read_text())
     n = len(preprocess["class_names"])
-    return Subject(str(path), "run", lambda: load_run(path)[0], lambda: build_classifier(recipe, n).eval(),
+    return Subject(str(path), "run", lambda: classification.adapt(classification.build_model(recipe, n), recipe),
+                   lambda: classification.build_model(recipe, n).eval(),
                    img_size or int(preprocess["input_size"][-1]), {"target": str(path)})
 
 
 def _recipe_subject(path: Path, img_size: int | None, lora: LoraConfig | None) -> Subject:
-    from vislora.recipe import load_recipe
-    from vislora.train import apply_adapter, build_classifier
-
     recipe = load_recipe(path)
     if recipe["task"] != "classification":
         raise ValueError(f"{path}: footprint measures classifiers, and this recipe's task is {recipe['task']}")
     n = _count_classes(recipe["data"]["path"])
 
     def adapted() -> nn.Module:
-        torch.manual_seed(0)
-        model = build_classifier(recipe, n)
+        model = classification.build_model(recipe, n)
         if isinstance(recipe["adapter"], dict) and lora is None:
-            return apply_adapter(model, recipe)
+            return classification.adapt(model, recipe)
         return _with_lora(model, lora)  # full fine-tuning / linear-probe recipes: the LoRA they could use
 
     def base() -> nn.Module:
-        torch.manual_seed(0)
-        return build_classifier(recipe, n).eval()
+        return classification.build_model(recipe, n).eval()
 
     size = img_size or recipe["data"]["img_size"] or _input_size(base())
     return Subject(str(path), "recipe", adapted, base, size, {"target": str(path)})
@@ -161,8 +156,6 @@ def resolve_target(target: str | os.PathLike | nn.Module, img_size: int | None =
         if not path.is_file():
             raise FileNotFoundError(f"recipe not found: {path}")
         return _recipe_subject(path, img_size, lora)
-    import timm
-
     if not timm.is_model(str(target)):
         raise ValueError(f"'{target}' is neither a run directory, a recipe YAML nor a timm model name")
     return _timm_subject(str(target), img_size, lora)
@@ -206,10 +199,6 @@ def parameter_report(model: nn.Module) -> dict:
 
 def bytes_report(adapted: nn.Module, merged: nn.Module) -> dict:
     """Sizes of the adapter file, the merged model's safetensors and a full fp32 checkpoint."""
-    from safetensors.torch import save_model
-
-    from vislora.adapters import WEIGHTS_NAME, save_adapter
-
     with tempfile.TemporaryDirectory() as tmp:
         adapter = None
         if hasattr(adapted, "vislora_config"):

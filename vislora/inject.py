@@ -293,9 +293,8 @@ def inject(model: nn.Module, config: LoraConfig, verify: bool | None = None, wit
     model.vislora_train = list(train_names)
     set_trainable(model, train_names)
     if config.init == "pissa":
-        from vislora.svd import pissa_init
-
-        pissa_init(model)
+        for _, layer in lora_layers(model):
+            layer.init_pissa()
     elif config.init != "default":
         raise ValueError(f"unknown init '{config.init}': use 'default' or 'pissa'")
     if verify is None:

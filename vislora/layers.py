@@ -46,6 +46,14 @@ def max_rank(base: nn.Module, parts: int = 1) -> int:
     return min(w.shape[0] // parts, w[0].numel())
 
 
+def chunk_rows(out: int, parts: tuple[int, ...] | None, num_chunks: int = 3) -> list[slice]:
+    """Row ranges of the out x fan_in weight matrix that get their own factor pair (qkv chunks, or all rows)."""
+    if not parts:
+        return [slice(0, out)]
+    chunk = out // num_chunks
+    return [slice(c * chunk, (c + 1) * chunk) for c in parts]
+
+
 class LoraLayer(nn.Module):
     """Wraps `base_layer` (nn.Linear or nn.Conv2d, subclasses included) with y = base(x; W + s * B A).
 
@@ -93,12 +101,14 @@ class LoraLayer(nn.Module):
         nn.init.zeros_(self.lora_B)
 
     # ---- the update as a weight -------------------------------------------------------------------
-    def full_B(self) -> torch.Tensor:
-        """B as one out x (parts*r) matrix: block-diagonal over the adapted qkv chunks, zero elsewhere."""
+    def full_B(self, b: torch.Tensor | None = None) -> torch.Tensor:
+        """B (default lora_B; or any tensor in its per-part layout) as one out x (parts*r) matrix: block-diagonal
+        over the adapted qkv chunks, zero elsewhere."""
+        b = self.lora_B if b is None else b
         if not self.qkv_parts:
-            return self.lora_B
-        chunk = self.lora_B.shape[0] // len(self.qkv_parts)
-        blocks = self.lora_B.split(chunk)
+            return b
+        chunk = b.shape[0] // len(self.qkv_parts)
+        blocks = b.split(chunk)
         rows = []
         for c in range(self.num_chunks):
             row = [torch.zeros_like(blocks[0])] * len(self.qkv_parts)
@@ -133,6 +143,43 @@ class LoraLayer(nn.Module):
             if name == "base_layer":
                 raise
             return getattr(self.base_layer, name)
+
+    # ---- factors from singular triplets (PiSSA, extraction, shrinking) ----------------------------
+    @torch.no_grad()
+    def set_svd_factors(self, svds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        """One (U, S, Vh) per adapted part: A = sqrt(S) Vh, B = U sqrt(S) / scaling, so that scaling * B @ A =
+        U S Vh with balanced factors."""
+        a_rows, b_rows = [], []
+        for u, s, vh in svds:
+            root = s.clamp_min(0).sqrt()
+            a_rows.append(root[:, None] * vh)
+            b_rows.append(u * root / self.scaling)
+        self.lora_A.copy_(torch.cat(a_rows).to(self.lora_A.dtype))
+        self.lora_B.copy_(torch.cat(b_rows).to(self.lora_B.dtype))
+
+    @torch.no_grad()
+    def init_pissa(self) -> None:
+        """PiSSA: the adapter starts as the top-r singular triplets of the weight, the base keeps the residual.
+
+        scaling * B @ A = U_r S_r Vh_r and W <- W - scaling * B @ A (rounded once into W's dtype), so the output
+        is unchanged. The initial factors stay as non-persistent buffers pissa_A0 / pissa_B0, with which
+        vislora.svd.pissa_as_lora expresses the trained adapter relative to the original weight.
+        """
+        if self.merged:
+            raise ValueError(f"PiSSA init: the layer ({self.extra_repr()}) is merged: unmerge() it first")
+        if "pissa_A0" in self._buffers:
+            raise ValueError(f"PiSSA init: the layer ({self.extra_repr()}) is already PiSSA-initialised")
+        w = self.base_layer.get_parameter(self.weight_name)
+        acc = torch.promote_types(w.dtype, torch.float32)
+        mat = w.detach().to(acc).reshape(w.shape[0], -1)
+        svds = []
+        for rows in chunk_rows(w.shape[0], self.qkv_parts, self.num_chunks):
+            u, s, vh = torch.linalg.svd(mat[rows], full_matrices=False)
+            svds.append((u[:, :self.r], s[:self.r], vh[:self.r]))
+        self.set_svd_factors(svds)
+        w.copy_((w.detach().to(acc) - self.delta_weight(acc)).to(w.dtype))
+        self.register_buffer("pissa_A0", self.lora_A.detach().clone(), persistent=False)
+        self.register_buffer("pissa_B0", self.lora_B.detach().clone(), persistent=False)
 
     # ---- merge / unmerge --------------------------------------------------------------------------
     @torch.no_grad()

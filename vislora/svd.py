@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from vislora.inject import LoraConfig, find_targets, inject, lora_layers, pattern_value, resolve_qkv_parts
-from vislora.layers import LoraLayer, raw_weight_name
+from vislora.layers import LoraLayer, chunk_rows, raw_weight_name
 
 NUM_CHUNKS = 3  # inject() splits a fused qkv projection into 3 chunks
 
@@ -30,70 +30,22 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def _chunk_rows(layer_out: int, parts: tuple[int, ...] | None, num_chunks: int = NUM_CHUNKS) -> list[slice]:
-    """Row ranges of the out x fan_in matrix that get their own factor pair."""
-    if not parts:
-        return [slice(0, layer_out)]
-    chunk = layer_out // num_chunks
-    return [slice(c * chunk, (c + 1) * chunk) for c in parts]
-
-
-def _full(layer: LoraLayer, b: torch.Tensor) -> torch.Tensor:
-    """Block-diagonal out x (parts*r) matrix from a B stored in lora_B's per-part layout (like full_B())."""
-    if not layer.qkv_parts:
-        return b
-    parts, r = layer.qkv_parts, b.shape[1]
-    chunk = b.shape[0] // len(parts)
-    out = b.new_zeros(chunk * layer.num_chunks, len(parts) * r)
-    for i, c in enumerate(parts):
-        out[c * chunk:(c + 1) * chunk, i * r:(i + 1) * r] = b[i * chunk:(i + 1) * chunk]
-    return out
-
-
-@torch.no_grad()
-def _set_factors(layer: LoraLayer, svds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
-    """A = sqrt(S) Vh, B = U sqrt(S) / scaling for each part, so scaling * B @ A = U S Vh (balanced factors)."""
-    a_rows, b_rows = [], []
-    for u, s, vh in svds:
-        root = s.clamp_min(0).sqrt()
-        a_rows.append(root[:, None] * vh)
-        b_rows.append(u * root / layer.scaling)
-    layer.lora_A.copy_(torch.cat(a_rows).to(layer.lora_A.dtype))
-    layer.lora_B.copy_(torch.cat(b_rows).to(layer.lora_B.dtype))
-
-
 def _raw(module: nn.Module) -> torch.Tensor:
     return module.get_parameter(raw_weight_name(module))
 
 
 # ---- PiSSA ----------------------------------------------------------------------------------------
-@torch.no_grad()
 def pissa_init(model: nn.Module) -> None:
-    """PiSSA: each adapter starts as the top-r singular triplets of its weight, the base keeps the residual.
-
-    scaling * B @ A = U_r S_r Vh_r and W <- W - scaling * B @ A (rounded once into W's dtype), so the output
-    is unchanged. The initial factors stay on the layer as non-persistent buffers pissa_A0 / pissa_B0,
-    which pissa_as_lora() uses to express the trained adapter relative to the original weights.
-    """
+    """PiSSA on every LoRA layer of the model (LoraLayer.init_pissa): each adapter starts as the top-r singular
+    triplets of its weight, the base keeps the residual, the output is unchanged."""
     layers = list(lora_layers(model))
     if not layers:
         raise ValueError(f"pissa_init: {type(model).__name__} carries no LoRA layers: inject() first")
     for name, layer in layers:
-        if layer.merged:
-            raise ValueError(f"pissa_init: layer '{name}' is merged: unmerge() it first")
-        if "pissa_A0" in layer._buffers:
-            raise ValueError(f"pissa_init: layer '{name}' is already PiSSA-initialised")
-        w = _raw(layer.base_layer)
-        mat = w.detach().to(_acc_dtype(w)).reshape(w.shape[0], -1)
-        svds = []
-        for rows in _chunk_rows(w.shape[0], layer.qkv_parts, layer.num_chunks):
-            u, s, vh = torch.linalg.svd(mat[rows], full_matrices=False)
-            svds.append((u[:, :layer.r], s[:layer.r], vh[:layer.r]))
-        _set_factors(layer, svds)
-        delta = layer.delta_weight(mat.dtype)
-        w.copy_((w.detach().to(mat.dtype) - delta).to(w.dtype))
-        layer.register_buffer("pissa_A0", layer.lora_A.detach().clone(), persistent=False)
-        layer.register_buffer("pissa_B0", layer.lora_B.detach().clone(), persistent=False)
+        try:
+            layer.init_pissa()
+        except ValueError as e:
+            raise ValueError(f"pissa_init: layer '{name}': {e}") from None
 
 
 @torch.no_grad()
@@ -107,7 +59,7 @@ def pissa_as_lora(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor, float]:
     if "pissa_A0" not in layer._buffers:
         raise ValueError(f"layer {layer.extra_repr()} was not PiSSA-initialised: pissa_init() keeps A0/B0")
     a = torch.cat([layer.lora_A.detach(), layer.pissa_A0.to(layer.lora_A.dtype)])
-    b = torch.cat([layer.full_B().detach(), -_full(layer, layer.pissa_B0.to(layer.lora_B.dtype))], dim=1)
+    b = torch.cat([layer.full_B().detach(), -layer.full_B(layer.pissa_B0.to(layer.lora_B.dtype))], dim=1)
     return a.clone(), b.clone(), layer.scaling
 
 
@@ -178,7 +130,7 @@ def _difference(name: str, base_module: nn.Module, tuned_model: nn.Module, parts
                          f"'{raw_weight_name(raw_tuned)}': their difference is not a weight update")
     acc = _acc_dtype(w_base)
     d = (w_tuned.to(w_base.device, acc) - w_base.to(acc)).reshape(w_base.shape[0], -1)
-    rows = _chunk_rows(d.shape[0], parts, num_chunks)
+    rows = chunk_rows(d.shape[0], parts, num_chunks)
     n_parts, chunk = len(rows), rows[0].stop - rows[0].start
     diff = _Diff(name, parts, min(chunk, d.shape[1]), n_parts * (chunk + d.shape[1]))
     diff.other = _uncovered_energy(d, rows)
@@ -333,7 +285,7 @@ def extract_adapter(base_model: nn.Module, tuned_model: nn.Module, config: LoraC
                     layer.lora_A.zero_()
                     layer.lora_B.zero_()
                 else:
-                    _set_factors(layer, [(u, s[:d.rank], vh) for u, s, vh in d.svds])
+                    layer.set_svd_factors([(u, s[:d.rank], vh) for u, s, vh in d.svds])
             report.append({
                 "name": d.name, "rank": 0 if layer is None else layer.r, "parts": list(d.parts or ()),
                 "energy": d.kept(d.rank) / d.total if d.total else 1.0,

@@ -24,9 +24,9 @@ import albumentations as A
 import numpy as np
 import timm
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import yaml
-from PIL import Image
 from safetensors.torch import load_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import VisionTransformer
@@ -38,7 +38,10 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from vislora.inject import LoraConfig, classifier_names, freeze_bn_stats, inject
+from vislora import image
+from vislora.inject import LoraConfig, classifier_names, freeze_bn_stats, inject, set_trainable
+from vislora.recipe import TASK_DEFAULTS, lora_config
+from vislora.tasks.common import Setup, seeded
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +49,8 @@ HEADS = ("fcos", "retinanet", "fasterrcnn")
 DETECTOR_KEYS = {"head", "min_size", "max_size", "out_indices", "fpn_channels", "score_thresh", "nms_thresh",
                  "detections_per_img", "anchor_sizes", "representation_size"}
 TINY_BACKBONE = 10_000_000  # backbones with fewer parameters get a 64-channel FPN, larger ones 256
-DEFAULT_AUGMENT = {"hflip": 0.5, "scale": (0.5, 1.0), "color": 0.2}
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+_AUGMENT = TASK_DEFAULTS["detection"]["data"]["augment"]  # recipe keys -> train_transform's
+DEFAULT_AUGMENT = {"hflip": _AUGMENT["hflip"], "scale": tuple(_AUGMENT["scale"]), "color": _AUGMENT["color_jitter"]}
 
 
 # ---- backbone: timm body + (ViT pyramid) + FPN ----------------------------------------------------
@@ -322,16 +325,15 @@ class DetectionDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict]:
         rec = self.records[index]
-        with Image.open(rec["path"]) as im:
-            image = np.array(im.convert("RGB"))
+        pixels = image.read_image(rec["path"])
         boxes, labels = rec["boxes"], rec["labels"]
         if self.transform is not None:
-            out = self.transform(image=image, bboxes=boxes, labels=labels)
-            image, boxes, labels = out["image"], out["bboxes"], out["labels"]
+            out = self.transform(image=pixels, bboxes=boxes, labels=labels)
+            pixels, boxes, labels = out["image"], out["bboxes"], out["labels"]
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         labels = np.asarray(labels, dtype=np.int64).reshape(-1)
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # rounding in a resize can empty a box
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+        tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div_(255)
         return tensor, {"boxes": torch.from_numpy(boxes[keep]), "labels": torch.from_numpy(labels[keep]),
                         "image_id": int(rec["image_id"])}
 
@@ -343,11 +345,6 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    with Image.open(path) as im:
-        return im.size
 
 
 def coco_categories(data: dict, path: Path) -> tuple[dict[int, int], list[str]]:
@@ -399,7 +396,8 @@ def coco_records(ann_path: str | os.PathLike, images_dir: str | os.PathLike, lab
     records, clipped, dropped = [], 0, 0
     for position, (image_id, img) in enumerate(images.items()):
         path = images_dir / img["file_name"]
-        width, height = (img["width"], img["height"]) if img.get("width") and img.get("height") else _image_size(path)
+        width, height = ((img["width"], img["height"]) if img.get("width") and img.get("height")
+                         else image.image_size(path))
         b = np.array([x for x, _ in boxes[image_id]], dtype=np.float64).reshape(-1, 4)
         lab = np.array([c for _, c in boxes[image_id]], dtype=np.int64)
         b, lab, c, d = clean_boxes(b, lab, width, height)
@@ -439,9 +437,12 @@ def _yolo_boxes(label_file: Path, width: int, height: int, n_classes: int) -> tu
         if not parts:
             continue
         try:
-            cls, values = int(float(parts[0])), [float(v) for v in parts[1:]]
+            cls, values = float(parts[0]), [float(v) for v in parts[1:]]
         except ValueError as e:
             raise ValueError(f"{label_file}:{lineno}: not numbers: {line!r}") from e
+        if not (math.isfinite(cls) and cls == int(cls)):
+            raise ValueError(f"{label_file}:{lineno}: class {parts[0]!r} is not a whole number (0..{n_classes - 1})")
+        cls = int(cls)
         if not 0 <= cls < n_classes:
             raise ValueError(f"{label_file}:{lineno}: class {cls} is outside 0..{n_classes - 1} (data.yaml names)")
         if len(values) == 4:
@@ -467,11 +468,11 @@ def yolo_records(root: str | os.PathLike, split: str, names: list[str], data: di
     image_dir = root / folder
     if not image_dir.is_dir():
         raise FileNotFoundError(f"YOLO dataset {root}: image folder {image_dir} for split '{split}' not found")
-    files = sorted(p for p in image_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in image_dir.rglob("*") if p.suffix.lower() in image.EXTENSIONS)
     records, clipped, dropped = [], 0, 0
     bad_files = []
     for i, path in enumerate(files):
-        width, height = _image_size(path)
+        width, height = image.image_size(path)
         label_file = _label_path(path)
         if label_file.is_file():
             b, lab = _yolo_boxes(label_file, width, height, len(names))
@@ -607,35 +608,46 @@ def coco_eval(gt: dict, dets: list[dict], num_classes: int) -> dict:
     return {"map": stat(ev.stats[0]), "map50": stat(ev.stats[1]), "map75": stat(ev.stats[2]), "per_class": per_class}
 
 
+def _gathered(items: list) -> list:
+    """Every rank's items, in rank order (the items themselves when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return items
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, items)
+    return [item for part in everyone for item in part]
+
+
 @torch.no_grad()
 def evaluate_detection(model: nn.Module, loader, class_names: list[str], device=None,
                        max_images: int | None = None) -> dict:
     """COCO mAP (IoU .50:.95), mAP50, mAP75 as fractions and AP per class (nan for a class without ground
     truth in the evaluated images), via pycocotools on ground truth built in memory from the loader.
-    device: move the model there first (None: run where the model is); the train/eval mode is restored."""
+    device: move the model there first (None: run where the model is); the train/eval mode is restored.
+    Under torch.distributed every rank evaluates its shard and the metrics cover all of them."""
     if device is not None:
         model.to(device)
+    seen: list[tuple[tuple[int, int], dict, dict]] = []  # ((height, width), target, prediction) per image
+    for images, targets in loader:
+        if max_images is not None:
+            images, targets = images[:max_images - len(seen)], targets[:max_images - len(seen)]
+        for image_, target, pred in zip(images, targets, predict_detections(model, images), strict=True):
+            seen.append(((int(image_.shape[-2]), int(image_.shape[-1])), target, pred))
+        if max_images is not None and len(seen) >= max_images:
+            break
     gt = {"images": [], "annotations": [], "categories": [{"id": i + 1, "name": n} for i, n in
                                                           enumerate(class_names)]}
     dets: list[dict] = []
-    n = 0
-    for images, targets in loader:
-        if max_images is not None:
-            images, targets = images[:max_images - n], targets[:max_images - n]
-        for image, target, pred in zip(images, targets, predict_detections(model, images), strict=True):
-            n += 1
-            gt["images"].append({"id": n, "width": int(image.shape[-1]), "height": int(image.shape[-2])})
-            for box, label in zip(_xywh(target["boxes"]), target["labels"].tolist(), strict=True):
-                gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": n, "category_id": int(label),
-                                          "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
-            for box, score, label in zip(_xywh(pred["boxes"]), pred["scores"].tolist(), pred["labels"].tolist(),
-                                         strict=True):
-                dets.append({"image_id": n, "category_id": int(label), "bbox": box, "score": float(score)})
-        if max_images is not None and n >= max_images:
-            break
+    for n, ((height, width), target, pred) in enumerate(_gathered(seen), 1):
+        gt["images"].append({"id": n, "width": width, "height": height})
+        for box, label in zip(_xywh(target["boxes"]), target["labels"].tolist(), strict=True):
+            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": n, "category_id": int(label),
+                                      "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
+        for box, score, label in zip(_xywh(pred["boxes"]), pred["scores"].tolist(), pred["labels"].tolist(),
+                                     strict=True):
+            dets.append({"image_id": n, "category_id": int(label), "bbox": box, "score": float(score)})
     result = coco_eval(gt, dets, len(class_names))
     result["per_class"] = {name: result["per_class"][i + 1] for i, name in enumerate(class_names)}
-    result["num_images"] = n
+    result["num_images"] = len(gt["images"])
     return result
 
 
@@ -654,9 +666,9 @@ def plot_detections(model: nn.Module, dataset: Dataset, class_names: list[str], 
     fig = Figure(figsize=(3 * cols, 3 * rows + 0.4))
     FigureCanvasAgg(fig)
     name = lambda label: class_names[label - 1] if 0 < label <= len(class_names) else str(label)  # noqa: E731
-    for k, ((image, target), pred) in enumerate(zip(items, preds, strict=True)):
+    for k, ((pixels, target), pred) in enumerate(zip(items, preds, strict=True)):
         ax = fig.add_subplot(rows, cols, k + 1)
-        ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
+        ax.imshow(pixels.permute(1, 2, 0).clamp(0, 1).numpy())
         ax.set_axis_off()
         ax.set_title(f"image {target['image_id']}", fontsize=8)
         for (x0, y0, x1, y1), label in zip(target["boxes"].tolist(), target["labels"].tolist(), strict=True):
@@ -673,3 +685,124 @@ def plot_detections(model: nn.Module, dataset: Dataset, class_names: list[str], 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
+
+
+# ---- the task interface (vislora/tasks/__init__.py) -----------------------------------------------
+NAME = "detection"
+SCORE = "val_map"  # the validation metric that picks the best epoch (higher is better)
+EXPORT = {"torchscript": "script", "input": "list",
+          "onnx": "ONNX export of torchvision detectors is not supported (list-of-images input, post-processing "
+                  "with data-dependent shapes): use --format torchscript",
+          "served": "an exported detector is not evaluated or run from its file by vislora: use the run directory "
+                    "(vislora eval RUN, vislora predict RUN IMAGE...)"}
+
+
+def detector_config(recipe: dict) -> dict:
+    """The recipe's detector section without unset (None) fields, so each head keeps torchvision's defaults."""
+    return {k: v for k, v in recipe["detector"].items() if v is not None}
+
+
+def augment_config(augment: dict) -> dict:
+    """The recipe's data.augment (scale, hflip, color_jitter; None = the detection default) as train_transform's."""
+    given = {"hflip": augment.get("hflip"), "scale": augment.get("scale"), "color": augment.get("color_jitter")}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def build_model(recipe: dict, num_classes: int) -> nn.Module:
+    """The recipe's detector (seeded: the same neck and head every time the run is rebuilt)."""
+    return seeded(recipe, lambda: build_detector(recipe["model"], detector_config(recipe), num_classes))
+
+
+def adapt(model: nn.Module, recipe: dict) -> nn.Module:
+    """LoRA in the backbone with neck and head trained; linear_probe: neck and head only; null: everything."""
+    if recipe["adapter"] == "linear_probe":
+        set_trainable(model, detection_train_modules(model))
+        return model
+    return adapt_detector(model, lora_config(recipe))
+
+
+def build(recipe: dict) -> Setup:
+    d, det = recipe["data"], recipe["detector"]
+    train_set, val_set, names = build_detection_datasets(d, det["min_size"], augment_config(d["augment"]))
+    model = build_model(recipe, len(names))
+    pre = {"input_size": [3, det["min_size"], det["min_size"]], "class_names": names, "task": "detection"}
+    return Setup(model, train_set, val_set, detection_collate, names, pre)
+
+
+def loss(model: nn.Module, batch, device: torch.device, recipe: dict) -> tuple[Tensor, dict, int]:
+    images, targets = batch
+    value, logs = detection_loss(model, images, targets)
+    return value, logs, len(images)
+
+
+def validate(model: nn.Module, loader, device: torch.device, amp_dtype, world: int) -> dict:
+    report = evaluate_detection(model, loader, loader.dataset.class_names, device=device)
+    return {"val_map": report["map"], "val_map50": report["map50"]}
+
+
+def health(row: dict, num_classes: int) -> str | None:
+    return None
+
+
+def predictor(model: nn.Module) -> nn.Module:
+    """A detector is run as itself: a list of CHW float images in [0, 1] -> boxes, scores, labels per image."""
+    return model.eval()
+
+
+def example_inputs(recipe: dict, preprocess: dict) -> None:
+    return None  # random images of the input size: the detector resizes whatever it gets
+
+
+def predict(predictor: nn.Module, preprocess: dict, image_paths: Sequence[str | os.PathLike], topk: int = 5,
+            score_thresh: float = 0.3) -> list[dict]:
+    """Up to topk boxes per image (xyxy pixels of the upright image) scoring at least score_thresh; an unreadable
+    image gets {"path", "error"}."""
+    names = preprocess["class_names"]
+    results = []
+    for path in image_paths:
+        try:
+            pixels = image.read_image(path)
+        except ValueError as e:
+            results.append({"path": str(path), "error": str(e)})
+            continue
+        tensor = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255)
+        pred = predict_detections(predictor, [tensor])[0]
+        keep = [i for i in range(len(pred["scores"])) if pred["scores"][i] >= score_thresh][:topk]
+        results.append({"path": str(path), "boxes": [
+            {"label": names[int(pred["labels"][i]) - 1], "score": float(pred["scores"][i]),
+             "box": [round(float(v), 1) for v in pred["boxes"][i]]} for i in keep]})
+    return results
+
+
+def format_prediction(result: dict) -> str:
+    boxes = [f"{b['label']} {b['score']:.2f} {b['box']}" for b in result["boxes"]]
+    return f"{result['path']}: " + ("; ".join(boxes) if boxes else "no box")
+
+
+def _eval_data(recipe: dict, data: str | os.PathLike | None) -> dict:
+    """The data section to evaluate: the run's own, or --data as a YOLO folder (its val split)."""
+    if data is None:
+        return recipe["data"]
+    root = Path(data)
+    if not (root / "data.yaml").is_file():
+        raise ValueError(f"--data {root}: a detection run evaluates a YOLO folder (ROOT/data.yaml with the class "
+                         "names); for COCO data, set data.val_ann in a recipe")
+    return {**recipe["data"], "format": "yolo", "path": str(root)}
+
+
+def evaluate(predictor: nn.Module, preprocess: dict, recipe: dict | None, data, out: Path, batch_size: int,
+             workers: int = 2) -> dict:
+    """COCO mAP of the run's detector on its val split (or --data, a YOLO folder); draws OUT_boxes.png beside OUT."""
+    _, val_set, names = build_detection_datasets(_eval_data(recipe, data), recipe["detector"]["min_size"])
+    if names != preprocess["class_names"]:
+        raise ValueError(f"the classes of {data} differ from the run's: {names} vs {preprocess['class_names']}")
+    loader = torch.utils.data.DataLoader(val_set, batch_size, num_workers=workers, collate_fn=detection_collate)
+    report = evaluate_detection(predictor, loader, names)
+    plot_detections(predictor, val_set, names, out.with_name(out.stem + "_boxes.png"))
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"mAP@[.5:.95] {report['map']:.4f}  mAP@.5 {report['map50']:.4f}  mAP@.75 {report['map75']:.4f}"]
+    lines += [f"  {name:<20} AP {ap:.4f}" for name, ap in report["per_class"].items()]
+    return "\n".join(lines)

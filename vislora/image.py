@@ -1,0 +1,140 @@
+"""Images: read any file as the RGB picture a viewer shows, and the deterministic eval transform.
+
+This module is the one image reader of vislora (training, evaluation, export verification and predict all use
+it) and imports nothing else of vislora, nor albumentations or timm: an exported model can be served with numpy,
+Pillow and this file. The eval transform is timm's (resize the shorter side to size / crop_pct with Pillow,
+center crop, normalise), written in plain numpy so that its numbers do not depend on a training stack.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+RESAMPLING = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+              "bicubic": Image.Resampling.BICUBIC, "box": Image.Resampling.BOX, "area": Image.Resampling.BOX,
+              "hamming": Image.Resampling.HAMMING, "lanczos": Image.Resampling.LANCZOS}
+PREPROCESS_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
+
+
+# ---- reading --------------------------------------------------------------------------------------
+def _wide_to_uint8(im: Image.Image) -> np.ndarray:
+    """16/32-bit integer or float grayscale (mode I;16, I, F) -> uint8, scaled by its nominal range."""
+    a = np.asarray(im).astype(np.float64)
+    top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+    if a.max() > 65535 or a.min() < 0:  # no nominal range: stretch what is there
+        a, top = a - a.min(), max(a.max() - a.min(), 1e-12)
+    return np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    if im.mode.startswith("I") or im.mode == "F":
+        return np.repeat(_wide_to_uint8(im)[:, :, None], 3, axis=2)
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")  # transparent pixels -> black, whatever colour they store
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    return np.array(im.convert("RGB"), dtype=np.uint8)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """HxWx3 uint8 of any image Pillow reads, as a viewer shows it: upright per EXIF orientation, 16-bit and
+    float scaled to 8 bits, grayscale / palette / CMYK to RGB, transparent pixels on black.
+    Raises ValueError naming the file when it is missing, unreadable or a decompression bomb."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return _to_rgb(ImageOps.exif_transpose(im))
+    except Exception as e:  # Pillow raises many types (OSError, SyntaxError, DecompressionBombError ...)
+        raise ValueError(f"unreadable image {path}: {type(e).__name__}: {e}") from e
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of the picture read_image returns (EXIF rotations swap them), without decoding pixels."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except Exception as e:
+        raise ValueError(f"unreadable image {path}: {type(e).__name__}: {e}") from e
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def verifies(path: str | os.PathLike) -> bool:
+    """Cheap check that Pillow identifies the file and its structure verifies (no full decode)."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except Exception:
+        return False
+
+
+# ---- the eval transform ---------------------------------------------------------------------------
+def input_hw(preprocess: dict) -> tuple[int, int]:
+    """(H, W) of preprocess['input_size'] given as S, [H, W] or [C, H, W]."""
+    size = preprocess["input_size"]
+    size = [size] if isinstance(size, (int, float)) else list(size)
+    if len(size) not in (1, 2, 3):
+        raise ValueError(f"preprocess 'input_size' must be S, [H, W] or [C, H, W], not {preprocess['input_size']}")
+    return int(size[-2] if len(size) > 1 else size[0]), int(size[-1])
+
+
+def check_preprocess(preprocess: dict, keys: Sequence[str] = PREPROCESS_KEYS) -> None:
+    missing = [k for k in keys if k not in preprocess]
+    if missing:
+        raise ValueError(f"preprocess dict is missing {missing} (has {sorted(preprocess)})")
+    if "interpolation" in keys and preprocess["interpolation"] not in RESAMPLING:
+        raise ValueError(f"preprocess 'interpolation'={preprocess['interpolation']!r} is not one of "
+                         f"{sorted(RESAMPLING)}")
+
+
+def resize_center_crop(rgb: np.ndarray, height: int, width: int, crop_pct: float = 1.0,
+                       interpolation: str = "bilinear") -> np.ndarray:
+    """timm's eval geometry on an HxWxC uint8 array: scale so that the image covers floor(size / crop_pct)
+    (the shorter side, keeping the aspect ratio), then cut the center height x width."""
+    h, w = rgb.shape[:2]
+    scale_h, scale_w = math.floor(height / crop_pct), math.floor(width / crop_pct)
+    if scale_h == scale_w:  # torchvision's Resize(int): the shorter side to the size, the longer in proportion
+        short, long = (h, w) if h <= w else (w, h)
+        new_short, new_long = scale_h, int(scale_h * long / short)
+        new_h, new_w = (new_short, new_long) if h <= w else (new_long, new_short)
+    else:  # timm's ResizeKeepRatio: the smaller ratio of the two sides
+        ratio = min(h / scale_h, w / scale_w)
+        new_h, new_w = round(h / ratio), round(w / ratio)
+    if (new_h, new_w) != (h, w):
+        rgb = np.asarray(Image.fromarray(rgb).resize((new_w, new_h), RESAMPLING[interpolation]))
+    top, left = int(round((new_h - height) / 2.0)), int(round((new_w - width) / 2.0))
+    if top < 0 or left < 0:
+        raise ValueError(f"image of {new_h}x{new_w} is smaller than the {height}x{width} crop")
+    return rgb[top:top + height, left:left + width]
+
+
+def normalize(rgb: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """HxWx3 uint8 -> 3xHxW float32, (x / 255 - mean) / std per channel."""
+    x = rgb.astype(np.float32) / np.float32(255.0)
+    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def eval_transform(preprocess: dict) -> Callable[[np.ndarray], np.ndarray]:
+    """HxWx3 uint8 -> 3xHxW float32 model input: timm's eval transform for preprocess's input_size, crop_pct,
+    interpolation, mean and std (the same geometry training validates with and exported models are fed)."""
+    check_preprocess(preprocess)
+    h, w = input_hw(preprocess)
+    crop_pct = float(preprocess["crop_pct"] or 1.0)
+    mean, std, interpolation = tuple(preprocess["mean"]), tuple(preprocess["std"]), preprocess["interpolation"]
+
+    def transform(rgb: np.ndarray) -> np.ndarray:
+        return normalize(resize_center_crop(rgb, h, w, crop_pct, interpolation), mean, std)
+
+    return transform
+
+
+def load_input(path: str | os.PathLike, preprocess: dict) -> np.ndarray:
+    """One image file as the model's 3xHxW float32 input (read_image, then eval_transform)."""
+    return eval_transform(preprocess)(read_image(path))

@@ -1,0 +1,37 @@
+"""Tasks: what the training loop, evaluation and export ask of a recipe's `task`, never testing which one it is.
+
+A task is a module with the same few names (see docs/adding-a-task.md):
+
+  NAME                                    the recipe's `task` value
+  SCORE                                   the validation metric that picks the best epoch (higher is better)
+  EXPORT                                  plain data: {"torchscript": "trace" | "script", "input": "batch" | "list",
+                                          "onnx": None or why not, "served": None or why exported files are not run}
+  build(recipe) -> Setup                  datasets, class names, preprocessing and the base model (not adapted)
+  build_model(recipe, num_classes)        the base model alone, seeded (to rebuild a run)
+  adapt(model, recipe) -> model           the recipe's adapter: LoRA, linear_probe or full fine-tuning
+  loss(model, batch, device, recipe)      -> (loss, {name: float}, batch size) for one training step
+  validate(model, loader, device, amp_dtype, world) -> {"val_...": float}, SCORE included
+  health(row, num_classes) -> str | None  a warning when an epoch's numbers show a collapsed run
+  predictor(model)                        the trained model as the callable evaluate() and predict() take
+  evaluate(predictor, preprocess, recipe, data, out, batch_size, workers) -> report (written to out, with plots)
+  format_report(report) -> str
+  example_inputs(recipe, preprocess)      real inputs to verify an export with, or None (random)
+  predict(predictor, preprocess, paths, topk) -> [{"path", ...} or {"path", "error"}]
+  format_prediction(result) -> str
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from vislora.tasks import classification, detection
+
+TASKS: dict[str, ModuleType] = {"classification": classification, "detection": detection}
+
+
+def get(name: str | None) -> ModuleType:
+    """The task module for a recipe's (or an exported file's) task name; None means classification."""
+    name = name or "classification"
+    if name not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, not {name!r}")
+    return TASKS[name]

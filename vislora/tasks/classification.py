@@ -1,0 +1,280 @@
+"""Classification: a timm classifier on an image folder, cross-entropy, top-k accuracy and per-class metrics.
+
+The task interface (see vislora/tasks/__init__.py): build, build_model, adapt, loss, validate, health,
+predictor, evaluate, format_report, example_inputs, predict, format_prediction, plus SCORE and EXPORT.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+from tqdm import tqdm
+
+from vislora import data as vdata
+from vislora import image
+from vislora.inject import classifier_names, inject, set_trainable
+from vislora.recipe import lora_config
+from vislora.tasks.common import Setup, create_timm, load_weights, seeded
+
+NAME = "classification"
+SCORE = "val_top1"  # the validation metric that picks the best epoch (higher is better)
+EXPORT = {"torchscript": "trace", "onnx": None, "input": "batch", "served": None}  # None: supported
+
+
+# ---- model and data -------------------------------------------------------------------------------
+def build_model(recipe: dict, num_classes: int) -> nn.Module:
+    """The recipe's timm classifier with num_classes outputs and its local checkpoint weights, if any (seeded:
+    the same base every time the run is rebuilt)."""
+    m = recipe["model"]
+
+    def build() -> nn.Module:
+        model = create_timm(m, num_classes=num_classes)
+        if m["checkpoint"]:
+            load_weights(model, m["checkpoint"], skip=classifier_names(model))
+        return model
+
+    return seeded(recipe, build)
+
+
+def adapt(model: nn.Module, recipe: dict) -> nn.Module:
+    """LoRA (recipe.adapter is a mapping), linear probe (only the classifier trains) or full fine-tuning."""
+    adapter = recipe["adapter"]
+    if isinstance(adapter, dict):
+        return inject(model, lora_config(recipe))
+    if adapter == "linear_probe":
+        heads = classifier_names(model)
+        if not heads:
+            raise ValueError(f"adapter: linear_probe needs a classifier, and {type(model).__name__} has none")
+        set_trainable(model, heads)
+        model.vislora_train = list(heads)
+    return model
+
+
+def build(recipe: dict) -> Setup:
+    """Scan the folder, build the base classifier, read its preprocessing, wrap both splits as datasets."""
+    d = recipe["data"]
+    train_split, val_split = vdata.scan_folder(d["path"], d["val_fraction"], recipe["train"]["seed"])
+    model = build_model(recipe, len(train_split.classes))
+    overrides = {k: d[k] for k in vdata.OVERRIDE_KEYS if d[k] is not None}
+    pre = {**vdata.preprocess_config(model, overrides), "class_names": train_split.classes, "task": "classification"}
+    train_set = vdata.ImageDataset(train_split, vdata.build_transform(pre, True, d["augment"]))
+    val_set = vdata.ImageDataset(val_split, vdata.build_transform(pre, False))
+    return Setup(model, train_set, val_set, vdata.collate_skip, train_split.classes, pre)
+
+
+# ---- training -------------------------------------------------------------------------------------
+def loss(model: nn.Module, batch, device: torch.device, recipe: dict) -> tuple[torch.Tensor, dict, int]:
+    """Cross-entropy (with the recipe's label smoothing); logs accuracy and the logits' spread over the batch."""
+    images, labels = (t.to(device, non_blocking=True) for t in batch)
+    logits = model(images)
+    value = F.cross_entropy(logits, labels, label_smoothing=recipe["train"]["label_smoothing"])
+    with torch.no_grad():
+        acc = (logits.argmax(1) == labels).float().mean().item()
+        spread = logits.float().std(0).mean().item() if len(labels) > 1 else math.nan
+    return value, {"acc": acc, "logit_std": spread}, len(labels)
+
+
+@torch.no_grad()
+def validate(model: nn.Module, loader, device: torch.device, amp_dtype, world: int) -> dict:
+    """Loss, top-1 and top-5 over the validation loader (each rank's shard, sums reduced across ranks), and how
+    many distinct classes were predicted."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    predicted = torch.zeros(0, dtype=torch.bool, device=device)
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images).float()
+        if not len(predicted):
+            predicted = torch.zeros(logits.shape[1], dtype=torch.bool, device=device)
+        predicted[logits.argmax(1)] = True
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hit = top == labels[:, None]
+        sums += torch.tensor([F.cross_entropy(logits, labels, reduction="sum").item(), hit[:, 0].sum().item(),
+                              hit.any(1).sum().item(), len(labels)], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(sums)
+    n = max(sums[3].item(), 1)
+    return {"val_loss": sums[0].item() / n, "val_top1": sums[1].item() / n, "val_top5": sums[2].item() / n,
+            "val_predicted_classes": int(predicted.sum().item())}
+
+
+def health(row: dict, num_classes: int) -> str | None:
+    """A warning when training has collapsed: the train loss sits at chance (ln C) while the logits no longer
+    vary over the batch (the features went constant), or every val image gets the same class at chance accuracy."""
+    chance_loss, chance_top1 = math.log(num_classes), 1.0 / num_classes
+    flat = abs(row["train_loss"] - chance_loss) < 0.05 * chance_loss and row.get("train_logit_std", 1.0) < 1e-2
+    one_class = row.get("val_predicted_classes", num_classes) <= 1 and row.get("val_top1", 1.0) <= chance_top1 + 0.05
+    if not (flat or one_class):
+        return None
+    what = (f"train loss {row['train_loss']:.3f} is at chance (ln {num_classes} = {chance_loss:.3f}) and the logits "
+            f"no longer vary across images" if flat else
+            f"every val image gets the same class (val top-1 {row['val_top1']:.3f}, chance {chance_top1:.3f})")
+    return (f"training looks collapsed at epoch {row['epoch']}: {what}. Likely causes: a learning rate too high "
+            "for this model (lower train.lr), a head or adapters that wiped out the pretrained features, or "
+            "augmentation too strong for the images (data.augment.scale closer to [0.5, 1], hflip 0 for text)")
+
+
+# ---- running a trained model ----------------------------------------------------------------------
+def predictor(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+    """NCHW float32 batch -> logits, with the PyTorch model (the convention of exported files, vislora.serve)."""
+    model.eval()
+    device = next(model.parameters()).device
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)).float().cpu().numpy()
+
+    return run
+
+
+def example_inputs(recipe: dict, preprocess: dict, n: int = 8) -> torch.Tensor | None:
+    """Up to n real images of the run's val split through the eval transform (None if none can be read)."""
+    try:
+        val = eval_split(None, recipe, preprocess["class_names"])
+    except (FileNotFoundError, ValueError):
+        return None
+    dataset = vdata.ImageDataset(vdata.Split(val.items[:n], val.classes), vdata.build_transform(preprocess, False))
+    images = [item[0] for item in (dataset[i] for i in range(len(dataset))) if item is not None]
+    return torch.stack(images) if images else None
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def predict(predictor: Callable[[np.ndarray], np.ndarray], preprocess: dict,
+            image_paths: Sequence[str | os.PathLike], topk: int = 5, batch_size: int = 16) -> list[dict]:
+    """Top-k (class_name, probability) per image, in input order; an unreadable image gets {"path", "error"}."""
+    results: list[dict] = [{"path": str(p)} for p in image_paths]
+    ready: list[tuple[int, np.ndarray]] = []
+    transform = image.eval_transform(preprocess)
+    for i, p in enumerate(image_paths):
+        try:
+            if not Path(p).is_file():
+                raise FileNotFoundError(f"no image at {p}")
+            ready.append((i, transform(image.read_image(p))))
+        except (FileNotFoundError, ValueError) as e:
+            results[i]["error"] = str(e)
+    names = preprocess.get("class_names")
+    for start in range(0, len(ready), batch_size):
+        chunk = ready[start:start + batch_size]
+        probs = _softmax(np.asarray(predictor(np.stack([x for _, x in chunk]))))
+        if names is not None and len(names) != probs.shape[1]:
+            raise ValueError(f"preprocess has {len(names)} class_names but the model outputs {probs.shape[1]} "
+                             "classes")
+        for (i, _), row in zip(chunk, probs, strict=True):
+            order = np.argsort(-row, kind="stable")[:topk]
+            results[i]["top"] = [(names[k] if names is not None else str(k), float(row[k])) for k in order]
+    return results
+
+
+def format_prediction(result: dict) -> str:
+    return f"{result['path']}: " + ", ".join(f"{name} {p:.3f}" for name, p in result["top"])
+
+
+# ---- evaluation -----------------------------------------------------------------------------------
+def classification_report(logits: np.ndarray, labels: np.ndarray, classes: list[str], topk: int = 5) -> dict:
+    """top1/top-k fractions, per-class precision/recall/F1 (scikit-learn), macro-F1 and the confusion matrix."""
+    pred = logits.argmax(1)
+    k = min(topk, logits.shape[1])
+    hits = (np.argsort(-logits, axis=1, kind="stable")[:, :k] == labels[:, None]).any(1)
+    ids = list(range(len(classes)))
+    p, r, f, s = precision_recall_fscore_support(labels, pred, labels=ids, zero_division=0)
+    return {
+        "top1": float((pred == labels).mean()) if len(labels) else 0.0,
+        f"top{topk}": float(hits.mean()) if len(labels) else 0.0,
+        "macro_f1": float(f1_score(labels, pred, labels=ids, average="macro", zero_division=0)),
+        "per_class": {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+                      for i, c in enumerate(classes)},
+        "confusion_matrix": confusion_matrix(labels, pred, labels=ids).tolist(),
+        "num_images": int(len(labels)),
+    }
+
+
+def plot_confusion(matrix: list[list[int]], classes: list[str], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    m = np.asarray(matrix)
+    size = max(4, 0.5 * len(classes) + 2)
+    fig = Figure(figsize=(size, size))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.imshow(m, cmap="Blues")
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true",
+           title="confusion matrix")
+    ax.set_xticklabels(classes, rotation=90)
+    ax.set_yticklabels(classes)
+    if len(classes) <= 30:
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if m[i, j] > m.max() / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def write_confusion(report: dict, out: Path, classes: list[str]) -> None:
+    """The confusion matrix as OUT_confusion.csv and OUT_confusion.png beside the report."""
+    with open(out.with_name(out.stem + "_confusion.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["true\\predicted", *classes])
+        for name, row in zip(classes, report["confusion_matrix"], strict=True):
+            writer.writerow([name, *row])
+    plot_confusion(report["confusion_matrix"], classes, out.with_name(out.stem + "_confusion.png"))
+
+
+def eval_split(data: str | Path | None, recipe: dict | None, classes: list[str]) -> vdata.Split:
+    """The images to evaluate: `--data` (ROOT/val, a ROOT holding val/, or ROOT/<class>), else the run's val split."""
+    if data is not None:
+        return vdata.scan_eval_folder(data, classes)
+    if recipe is None:
+        raise ValueError("evaluating an exported file needs --data DIR")
+    d = recipe["data"]
+    _, val = vdata.scan_folder(d["path"], d["val_fraction"], recipe["train"]["seed"])
+    if val.classes != classes:
+        raise ValueError(f"the classes under {d['path']} differ from the run's: {val.classes} vs {classes}")
+    if not val.items:
+        raise ValueError(f"the run has no val split (data.val_fraction={d['val_fraction']}): pass --data DIR")
+    return val
+
+
+def evaluate(predictor: Callable[[np.ndarray], np.ndarray], preprocess: dict, recipe: dict | None,
+             data: str | Path | None, out: Path, batch_size: int, workers: int = 2) -> dict:
+    """Top-1/top-k, per-class metrics and the confusion matrix of `predictor` on --data or the run's val split;
+    the confusion matrix also goes beside OUT as CSV and PNG."""
+    classes = preprocess["class_names"]
+    topk = recipe["eval"]["topk"] if recipe else 5
+    dataset = vdata.ImageDataset(eval_split(data, recipe, classes), vdata.build_transform(preprocess, False))
+    loader = vdata.build_loader(dataset, batch_size, False, workers)
+    logits, labels = [], []
+    for images, y in tqdm(loader, desc="eval", leave=False):
+        logits.append(predictor(images.numpy().astype(np.float32)))
+        labels.append(y.numpy())
+    report = classification_report(np.concatenate(logits) if logits else np.zeros((0, len(classes))),
+                                   np.concatenate(labels) if labels else np.zeros(0, dtype=int), classes, topk)
+    report["skipped"] = [str(p) for p in dataset.skipped]
+    write_confusion(report, out, classes)
+    return report
+
+
+def format_report(report: dict) -> str:
+    k = next((key for key in report if key.startswith("top") and key != "top1"), "top5")
+    lines = [f"top-1 {report['top1']:.4f}  {k[:3]}-{k[3:]} {report[k]:.4f}  macro-F1 {report['macro_f1']:.4f}  "
+             f"({report['num_images']} images)", f"  {'class':<20} {'prec':>6} {'recall':>6} {'f1':>6} {'n':>5}"]
+    for name, m in report["per_class"].items():
+        lines.append(f"  {name:<20} {m['precision']:6.3f} {m['recall']:6.3f} {m['f1']:6.3f} {m['support']:5d}")
+    return "\n".join(lines)

@@ -1,0 +1,71 @@
+"""What every task shares: the Setup the loop receives, seeded model building and local weight files."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+
+@dataclass
+class Setup:
+    """Everything the loop needs, built once from the recipe by a task's build(): the base model (not yet
+    adapted), the datasets, the collate function, the class names and the preprocessing written beside the run."""
+
+    model: nn.Module
+    train_set: torch.utils.data.Dataset
+    val_set: torch.utils.data.Dataset
+    collate: Callable
+    class_names: list[str]
+    preprocess: dict
+
+
+def seeded(recipe: dict, build: Callable[[], nn.Module]) -> nn.Module:
+    """build() right after torch.manual_seed(train.seed): a base without pretrained weights (and a new head)
+    comes out the same in training and in every later `eval`, `export` or `extract` of the run."""
+    torch.manual_seed(recipe["train"]["seed"])
+    return build()
+
+
+def create_timm(model_cfg: dict, **kwargs) -> nn.Module:
+    """timm.create_model(model.name, pretrained=model.pretrained, **model.kwargs, **kwargs), with the errors a
+    user can fix named by recipe key."""
+    name = model_cfg["name"]
+    if not timm.is_model(name):
+        raise ValueError(f"model.name '{name}' is not a timm model (timm.list_models('*{name[:6]}*') lists "
+                         "similar names)")
+    clash = sorted(set(model_cfg["kwargs"]) & set(kwargs))
+    if clash:
+        raise ValueError(f"model.kwargs must not set {clash}: vislora sets {'them' if len(clash) > 1 else 'it'} "
+                         "(num_classes comes from the class folders)")
+    try:
+        return timm.create_model(name, pretrained=model_cfg["pretrained"], **model_cfg["kwargs"], **kwargs)
+    except TypeError as e:
+        raise ValueError(f"model.kwargs {model_cfg['kwargs']} do not fit timm model '{name}': {e}") from e
+
+
+def load_weights(model: nn.Module, path: str | Path, skip: list[str] = ()) -> None:
+    """Load a safetensors file into `model`. Keys under `skip` (a classifier of another size) are dropped;
+    any other missing, unknown or mis-shaped key is an error that names it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.checkpoint not found: {path}")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"model.checkpoint {path} must be a .safetensors file (pickled checkpoints are not read)")
+    state = load_file(str(path))
+    own = model.state_dict()
+    state = {k: v for k, v in state.items()
+             if not (any(k.startswith(s + ".") for s in skip) and (k not in own or own[k].shape != v.shape))}
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and
+             own[k].shape != v.shape]
+    unknown = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state and not any(k.startswith(s + ".") for s in skip)]
+    if wrong or unknown or missing:
+        raise ValueError(f"{path} does not fit {type(model).__name__}: missing {missing[:5]}, unknown {unknown[:5]}, "
+                         f"shape mismatch {wrong[:5]}")
+    model.load_state_dict(state, strict=False)
