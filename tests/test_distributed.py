@@ -7,10 +7,11 @@ import sys
 import yaml
 
 from vislora.data import make_synthetic_folder
+from vislora.evaluate import evaluate
 
 
 def test_two_process_training(tmp_path):
-    folder = make_synthetic_folder(tmp_path / "images", classes=3, per_class=12, size=32)
+    folder = make_synthetic_folder(tmp_path / "images", classes=3, per_class=15, size=32)  # 9 val images: odd
     recipe = {
         "model": {"name": "vit_tiny_patch16_224", "pretrained": False,
                   "kwargs": {"img_size": 32, "patch_size": 8, "depth": 1}},
@@ -30,4 +31,8 @@ def test_two_process_training(tmp_path):
     for name in ("recipe.yaml", "classes.json", "metrics.jsonl", "curves.png", "adapter/adapter_model.safetensors",
                  "checkpoints/last.pt"):
         assert (tmp_path / "run" / name).is_file(), name
-    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    # validation over the exact val set (no sample padded in twice): `vislora eval` in one process agrees
+    report = evaluate(tmp_path / "run", out=tmp_path / "eval.json")
+    assert report["num_images"] == 9 and report["top1"] == max(r["val_top1"] for r in rows)

@@ -9,17 +9,21 @@ which is the same update, so PEFT loads it and gives the same outputs.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from vislora.inject import LoraConfig, eject, inject, lora_layers
+from vislora.inject import PRESETS, LoraConfig, eject, find_targets, inject, lora_layers, pattern_value
 from vislora.layers import LoraLayer
 from vislora.svd import pissa_as_lora
+
+log = logging.getLogger(__name__)
 
 PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
@@ -62,6 +66,12 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.contiguous().clone() for k, v in state.items()}
 
 
+def exact(name: str) -> str:
+    """A pattern that matches the layer `name` and no other: anchored, dots escaped (PEFT's rank_pattern and
+    alpha_pattern read `^...$` keys that way, and so does vislora.inject.matches)."""
+    return f"^{re.escape(name)}$"
+
+
 def adapter_config(model: nn.Module) -> dict:
     """PEFT's LoraConfig fields with the exact layers, ranks and alphas; vislora's own under 'vislora'."""
     config: LoraConfig = model.vislora_config
@@ -72,10 +82,10 @@ def adapter_config(model: nn.Module) -> dict:
     r = max(set(ranks.values()), key=list(ranks.values()).count)
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)
     ours = {"config": config.to_dict(), "ranks": {n: layer.r for n, layer in layers},
-            "alphas": {n: layer.alpha for n, layer in layers}}
+            "alphas": {n: layer.alpha for n, layer in layers}, "within": getattr(model, "vislora_within", None)}
     if any(hasattr(layer, "pissa_A0") for _, layer in layers):  # saved as the equivalent plain adapter
         ours = {"config": {**config.to_dict(), "qkv": None, "init": "default"}, "ranks": ranks,
-                "alphas": {n: alphas[n] for n in ranks}}
+                "alphas": {n: alphas[n] for n in ranks}, "within": ours["within"]}
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return {
         "peft_type": "LORA",
@@ -88,8 +98,8 @@ def adapter_config(model: nn.Module) -> dict:
         "target_modules": [n for n, _ in layers],
         "exclude_modules": None,
         "modules_to_save": list(model.vislora_train) or None,
-        "rank_pattern": {n: v for n, v in ranks.items() if v != r},
-        "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
+        "rank_pattern": {exact(n): v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {exact(n): v for n, v in alphas.items() if v != alpha},
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -134,19 +144,85 @@ def read_config(directory: str | os.PathLike) -> dict:
 
 
 def config_from_file(data: dict) -> LoraConfig:
-    """A LoraConfig that re-creates the saved layout: vislora's own fields, else PEFT's."""
+    """A LoraConfig that re-creates the saved layout: vislora's own fields (exact layer names), else PEFT's
+    (suffix and regex patterns, read as PEFT reads them). A PEFT file saved relative to a PiSSA-initialised base
+    (init_lora_weights "pissa") re-creates that init, as PeftModel.from_pretrained does."""
     ours = data.get("vislora") or {}
     targets = data.get("target_modules")
     if targets is None or "r" not in data:
         raise ValueError("adapter config needs 'target_modules' and 'r'")
+    init = data.get("init_lora_weights", True)
+    if init not in (True, False, None, "gaussian", "pissa") and not ours:
+        raise ValueError(f"adapter config has init_lora_weights={init!r}: PEFT saved it relative to a base that this "
+                         "init changed, which vislora does not re-create; convert it with PEFT (save_pretrained("
+                         "path_initial_model_for_weight_conversion=...)) or load it with PeftModel")
+    if ours:  # vislora's own file: the exact layers, ranks and alphas it was saved with
+        targets = [exact(n) for n in targets]
+        ranks = {exact(n): v for n, v in (ours.get("ranks") or {}).items()}
+        alphas = {exact(n): v for n, v in (ours.get("alphas") or {}).items()}
+    else:
+        ranks, alphas = dict(data.get("rank_pattern") or {}), dict(data.get("alpha_pattern") or {})
     return LoraConfig(
         r=data["r"], alpha=data.get("lora_alpha", data["r"]), dropout=data.get("lora_dropout", 0.0),
         targets=targets if isinstance(targets, str) else list(targets),
         exclude=list(data.get("exclude_modules") or []), rslora=bool(data.get("use_rslora", False)),
         train=list(data.get("modules_to_save") or []), qkv=ours.get("config", {}).get("qkv"),
-        rank_pattern=dict(ours.get("ranks") or data.get("rank_pattern") or {}),
-        alpha_pattern=dict(ours.get("alphas") or data.get("alpha_pattern") or {}),
+        rank_pattern=ranks, alpha_pattern=alphas, init="pissa" if init == "pissa" and not ours else "default",
     )
+
+
+def _file_scaling(data: dict, name: str, layer: LoraLayer) -> tuple[float, float, bool]:
+    """(scaling, alpha, rslora) the file gives the layer `name`: its own fields for vislora files, else PEFT's
+    lora_alpha / alpha_pattern over the stored rank (parts*r for fused qkv adapters)."""
+    ours = data.get("vislora") or {}
+    rslora = bool(data.get("use_rslora", False))
+    if ours and name in (ours.get("alphas") or {}):
+        alpha = float(ours["alphas"][name])
+        return alpha / (math.sqrt(layer.r) if rslora else layer.r), alpha, rslora
+    rank = layer.r * (len(layer.qkv_parts) if layer.qkv_parts else 1)
+    file_alpha = float(pattern_value(name, data.get("alpha_pattern") or {}, data.get("lora_alpha", data["r"])))
+    scaling = file_alpha / (math.sqrt(rank) if rslora else rank)
+    return scaling, scaling * (math.sqrt(layer.r) if rslora else layer.r), rslora
+
+
+def _use_file_scaling(model: nn.Module, data: dict, path: Path) -> None:
+    """An injected model takes the scaling (alpha, rslora) of the file it loads: the file defines the update."""
+    for name, layer in lora_layers(model):
+        scaling, alpha, rslora = _file_scaling(data, name, layer)
+        if math.isclose(scaling, layer.scaling, rel_tol=1e-6) and rslora == layer.rslora:
+            continue
+        if layer.merged:
+            raise ValueError(f"{path}: layer '{name}' is merged with scaling {layer.scaling:g}, the file's is "
+                             f"{scaling:g} (lora_alpha / alpha_pattern, use_rslora): unmerge() before loading")
+        layer.alpha, layer.rslora, layer.scaling = alpha, rslora, scaling
+
+
+def _check_architecture(model: nn.Module, data: dict, path: Path) -> None:
+    """Warn when the file names another timm architecture; refuse when the preset it was made with would adapt
+    other layers of this model (e.g. a resnet18 adapter in a resnet34)."""
+    saved = data.get("base_model_name_or_path")
+    here = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if saved and here and saved != here:
+        log.warning("adapter %s was saved for '%s'; loading it into '%s'", path, saved, here)
+    ours = data.get("vislora") or {}
+    original = ours.get("config") or {}
+    targets = original.get("targets")
+    if not (isinstance(targets, str) and targets in PRESETS):
+        return
+    config = LoraConfig(targets=targets, exclude=list(original.get("exclude") or []),
+                        train=list(data.get("modules_to_save") or []))
+    try:
+        expected = set(find_targets(model, config, ours.get("within")))
+    except ValueError as e:
+        raise ValueError(f"{path} was made with targets '{targets}', which do not fit this model: {e}") from None
+    saved_layers = set(data["target_modules"])
+    if expected != saved_layers:
+        extra, absent = sorted(expected - saved_layers), sorted(saved_layers - expected)
+        raise ValueError(f"{path} adapts {len(saved_layers)} layers chosen by targets '{targets}' on "
+                         f"'{saved or 'another model'}', and this model has {len(expected)}: "
+                         + "; ".join(part for part in (
+                             f"{len(extra)} not in the file, e.g. {extra[:3]}" if extra else "",
+                             f"{len(absent)} missing here, e.g. {absent[:3]}" if absent else "") if part))
 
 
 def _fused_to_parts(layer: LoraLayer, b: torch.Tensor) -> torch.Tensor:
@@ -187,6 +263,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         raise FileNotFoundError(f"no adapter weights at {weights_path}")
     tensors = load_file(str(weights_path))
     injected_here = not any(True for _ in lora_layers(model))
+    if injected_here:  # an injected model is checked layer by layer below
+        _check_architecture(model, data, directory)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     if injected_here:
         inject(model, config_from_file(data), verify=False)
@@ -201,6 +279,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             for n, p in model.named_parameters():
                 p.requires_grad_(flags.get(n, True))
         raise ValueError(_mismatch_report(weights_path, missing, unexpected, wrong))
+    if not injected_here:
+        _use_file_scaling(model, data, directory)
     layers = dict(lora_layers(model))
     with torch.no_grad():
         for key, (target, _) in targets.items():

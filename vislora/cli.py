@@ -82,7 +82,11 @@ def cmd_predict(args) -> int:
     else:
         for r in results:
             print(f"{r['path']}: ERROR {r['error']}" if "error" in r else task.format_prediction(r))
-    return 1 if all("error" in r for r in results) else 0
+    if all("error" in r for r in results):
+        print(f"vislora predict: error: none of the {len(results)} image(s) could be read: {results[0]['error']}",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_footprint(args) -> int:

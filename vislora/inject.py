@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
-from timm.layers import BatchNormAct2d
+from timm.layers import BatchNormAct2d, use_reentrant_ckpt
 
 from vislora.layers import LoraLayer, max_rank, warn_if_oversized
 
@@ -253,6 +253,19 @@ def freeze_bn_stats(model: nn.Module, keep: Sequence[str] = ()) -> None:
             m._vislora_bn_hook = m.register_forward_pre_hook(_eval_mode_hook)
 
 
+def _input_needs_grad_hook(model: nn.Module, args: tuple):
+    """Reentrant gradient checkpointing (timm.layers.set_reentrant_ckpt(True)) gives no gradient to a segment whose
+    inputs do not require grad, so frozen-base LoRA would train nothing: make the input require grad then (what
+    PEFT's enable_input_require_grads does for embeddings). Non-reentrant checkpointing needs nothing."""
+    if not (model.training and torch.is_grad_enabled() and args and torch.is_tensor(args[0])):
+        return None
+    if args[0].requires_grad or not use_reentrant_ckpt():
+        return None
+    if not any(getattr(m, "grad_checkpointing", False) for m in model.modules()):
+        return None
+    return (args[0].detach().requires_grad_(True), *args[1:])
+
+
 def set_trainable(model: nn.Module, train_names: Sequence[str]) -> None:
     """Only adapters and the `train` modules require grad; BatchNorm elsewhere keeps eval statistics."""
     for p in model.parameters():
@@ -291,6 +304,8 @@ def inject(model: nn.Module, config: LoraConfig, verify: bool | None = None, wit
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     model.vislora_config = config
     model.vislora_train = list(train_names)
+    model.vislora_within = within
+    model._vislora_input_hook = model.register_forward_pre_hook(_input_needs_grad_hook)
     set_trainable(model, train_names)
     if config.init == "pissa":
         for _, layer in lora_layers(model):
@@ -299,7 +314,7 @@ def inject(model: nn.Module, config: LoraConfig, verify: bool | None = None, wit
         raise ValueError(f"unknown init '{config.init}': use 'default' or 'pissa'")
     if verify is None:
         verify = sum(p.numel() for p in model.parameters()) < 30_000_000
-    if verify:
+    if verify and not any(p.is_meta for p in model.parameters()):  # a meta model has no numbers to compare
         verify_layers(model)
     return model
 
@@ -363,12 +378,13 @@ def _strip(model: nn.Module, merge_first: bool) -> nn.Module:
         setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
     plain_bn = {frozen: bn for bn, frozen in FROZEN_BN.items()}
     for m in model.modules():
-        hook = m.__dict__.pop("_vislora_bn_hook", None)
-        if hook is not None:
-            hook.remove()
+        for key in ("_vislora_bn_hook", "_vislora_input_hook"):
+            hook = m.__dict__.pop(key, None)
+            if hook is not None:
+                hook.remove()
         if type(m) in plain_bn:
             m.__class__ = plain_bn[type(m)]
-    for attr in ("vislora_config", "vislora_train"):
+    for attr in ("vislora_config", "vislora_train", "vislora_within"):
         model.__dict__.pop(attr, None)
     return model
 

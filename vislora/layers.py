@@ -23,6 +23,9 @@ from timm.layers import Conv2dSame, pad_same
 from torch.func import functional_call
 
 
+AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")  # device types torch.autocast knows
+
+
 def raw_weight_name(base: nn.Module) -> str:
     """The dotted name of the parameter the layer's forward transforms into its weight.
 
@@ -242,7 +245,7 @@ class LoraLayer(nn.Module):
     def _linear_fused(self, x: torch.Tensor) -> torch.Tensor:
         """Base linear + LoRA as one autograd node (see _LoraLinear), in the autocast dtype when autocast is on."""
         base, device = self.base_layer, x.device.type
-        autocast = torch.is_autocast_enabled(device)
+        autocast = device in AUTOCAST_DEVICES and torch.is_autocast_enabled(device)  # "meta" has no autocast
         dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
         a, b, w, bias = self.lora_A, self.full_B(), base.weight, base.bias
         if a.dtype != dtype or w.dtype != dtype or x.dtype != dtype:

@@ -158,6 +158,8 @@ def create_body(model_cfg: dict, out_indices: Sequence[int] | None = None) -> nn
     if "name" not in model_cfg:
         raise ValueError("model config needs 'name' (a timm model name)")
     name, kwargs = model_cfg["name"], dict(model_cfg.get("kwargs") or {})
+    if not timm.is_model(name):
+        raise ValueError(f"model.name '{name}' is not a timm model")
     probe = timm.create_model(name, pretrained=False, **kwargs)
     vit = isinstance(probe, VisionTransformer)
     patch = tuple(int(p) for p in probe.patch_embed.patch_size) if vit else ()

@@ -1,0 +1,127 @@
+"""Every bad input the CLI can get: a non-zero exit, one line naming the key, file or value, and no traceback."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from vislora.cli import main
+from vislora.data import make_synthetic_folder
+
+TINY = {"model": {"name": "vit_tiny_patch16_224", "pretrained": False,
+                  "kwargs": {"img_size": 32, "patch_size": 8, "depth": 1}},
+        "adapter": {"r": 4, "targets": "vit"},
+        "train": {"epochs": 1, "batch_size": 8, "warmup_epochs": 0}}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A tiny image folder, a recipe for it and one finished run (for eval / resume / predict cases)."""
+    tmp = tmp_path_factory.mktemp("errors")
+    folder = make_synthetic_folder(tmp / "images", classes=3, per_class=8, size=32, split=True)
+    recipe = {**TINY, "data": {"path": str(folder), "img_size": 32, "workers": 0}}
+    (tmp / "good.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(tmp / "good.yaml"), "--out", str(tmp / "run")]) == 0
+    (tmp / "not_torchscript.pt").write_bytes(b"PK\x03\x04 this is not a TorchScript archive")
+    (tmp / "empty_run").mkdir()
+    return tmp
+
+
+def recipe_with(env, **changes) -> str:
+    """good.yaml with dotted keys changed (value None removes the key's value: null)."""
+    recipe = yaml.safe_load((env / "good.yaml").read_text())
+    for dotted, value in changes.items():
+        node = recipe
+        *parents, leaf = dotted.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    path = env / f"bad_{len(list(env.glob('bad_*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+# (id, argv builder, text the one-line message must contain)
+CASES = [
+    ("kwargs-num-classes", lambda e: ["train", recipe_with(e, model__kwargs={"num_classes": 5, "img_size": 32,
+                                                                            "patch_size": 8, "depth": 1}),
+                                      "--out", str(e / "o1")], "model.kwargs"),
+    ("unknown-model", lambda e: ["train", recipe_with(e, model__name="vit_nonexistent_model"), "--out",
+                                 str(e / "o2")], "model.name"),
+    ("scale-not-a-pair", lambda e: ["train", recipe_with(e, data__augment={"scale": 0.5}), "--out", str(e / "o3")],
+     "data.augment.scale"),
+    ("epochs-negative", lambda e: ["train", recipe_with(e, train__epochs=-1), "--out", str(e / "o4")], "train.epochs"),
+    ("epochs-fraction", lambda e: ["train", recipe_with(e, train__epochs=2.5), "--out", str(e / "o4b")],
+     "train.epochs"),
+    ("grad-accum-zero", lambda e: ["train", recipe_with(e, train__grad_accum=0), "--out", str(e / "o5")],
+     "train.grad_accum"),
+    ("device-missing", lambda e: ["train", recipe_with(e, train__device="mps"), "--out", str(e / "o6")],
+     "train.device"),
+    ("device-unknown", lambda e: ["train", recipe_with(e, train__device="tpu9"), "--out", str(e / "o6b")],
+     "train.device"),
+    ("diverging-lr", lambda e: ["train", recipe_with(e, train__lr=1e30), "--out", str(e / "o7")], "train.lr"),
+    ("unknown-key", lambda e: ["train", recipe_with(e, train__learning_rate=0.1), "--out", str(e / "o8")],
+     "train.learning_rate"),
+    ("unknown-task", lambda e: ["train", recipe_with(e, task="segmentatio"), "--out", str(e / "o9")], "task"),
+    ("val-fraction", lambda e: ["train", recipe_with(e, data__val_fraction=1.5), "--out", str(e / "o10")],
+     "data.val_fraction"),
+    ("recipe-missing", lambda e: ["train", str(e / "nope.yaml")], "nope.yaml"),
+    ("data-missing", lambda e: ["train", str(e / "good.yaml"), "--data", str(e / "no_images"), "--out",
+                                str(e / "o11")], "no_images"),
+    ("run-exists", lambda e: ["train", str(e / "good.yaml"), "--out", str(e / "run")], "--force"),
+    ("resume-changed-rank", lambda e: ["train", str(e / "good.yaml"), "--out", str(e / "run"), "--resume",
+                                       "--set", "adapter.r=2"], "adapter.r"),
+    ("resume-no-checkpoint", lambda e: ["train", str(e / "good.yaml"), "--out", str(e / "empty_run"), "--resume"],
+     "nothing to resume"),
+    ("resume-no-recipe", lambda e: ["train", "--resume"], "RECIPE"),
+    ("eval-not-torchscript", lambda e: ["eval", str(e / "not_torchscript.pt"), "--data", str(e / "images")],
+     "not a TorchScript"),
+    ("eval-missing", lambda e: ["eval", str(e / "no_run")], "no_run"),
+    ("eval-exported-without-data", lambda e: ["eval", str(e / "not_torchscript.pt")], "not a TorchScript"),
+    ("eval-unknown-class", lambda e: ["eval", str(e / "run"), "--data", str(e / "zoo")], "zoo"),
+    ("predict-all-unreadable", lambda e: ["predict", str(e / "run"), str(e / "missing.png")], "missing.png"),
+    ("export-onnx-opset", lambda e: ["export", str(e / "no_run")], "no_run"),
+    ("extract-needs-model", lambda e: ["extract", "--tuned", str(e / "good.yaml"), "--out", str(e / "x")],
+     "--model"),
+    ("extract-kwargs-json", lambda e: ["extract", "--tuned", str(e / "w.safetensors"), "--model", "resnet18",
+                                       "--kwargs", "{bad", "--out", str(e / "x")], "--kwargs"),
+    ("footprint-unknown", lambda e: ["footprint", "not_a_model_or_file"], "not_a_model_or_file"),
+]
+
+
+@pytest.mark.parametrize("build,expected", [(c[1], c[2]) for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_line(env, build, expected, capsys):
+    code = main(build(env))
+    captured = capsys.readouterr()
+    message = captured.err.strip().splitlines()
+    assert code != 0, captured.out[-500:]
+    assert message and expected in message[-1], captured.err[-1000:]
+    assert "Traceback" not in captured.err + captured.out
+
+
+def test_no_traceback_in_a_real_process(env):
+    """The same through the installed entry point, as a user sees it."""
+    for argv in (["train", recipe_with(env, train__epochs=-1), "--out", str(env / "p1")],
+                 ["eval", str(env / "not_torchscript.pt"), "--data", str(env / "images")]):
+        proc = subprocess.run([sys.executable, "-m", "vislora", *argv], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_good_edge_values_are_accepted(env):
+    """1e1 epochs is 10 (YAML reads it as a string); extract accepts --kwargs num_classes that agrees."""
+    from vislora.recipe import resolve
+
+    assert resolve({"train": {"epochs": "1e1"}})["train"]["epochs"] == 10
+
+
+def test_predict_reports_a_decompression_bomb_per_file_and_goes_on(env, tmp_path, capsys, monkeypatch):
+    big, ok = tmp_path / "bomb.png", tmp_path / "ok.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(big)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(ok)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64x64 > 2x this limit: Pillow refuses it as a bomb
+    assert main(["predict", str(env / "run"), str(big), str(ok)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "bomb.png: ERROR" in out[0] and "DecompressionBomb" in out[0] and "ERROR" not in out[1]
