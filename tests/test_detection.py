@@ -52,12 +52,8 @@ def coco_cfg(root: Path) -> dict:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small convs on a shared 2-core machine: extra threads only wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Small models on a shared 2-core machine: one thread (conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,8 @@ MODELS = {
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread (torch and onnxruntime) avoids contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Small models on a shared 2-core machine: one thread (conftest.one_thread)."""
 
 
 def _adapted(arch: str, targets: str, **kwargs):

@@ -14,13 +14,9 @@ from vislora.footprint import adapter_group, count_flops, footprint, format_foot
 FAST = dict(repeats=2, steps=1, memory=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two threads on a shared 2-core machine spend more time waiting for each other than computing."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread):
+    """Small models on a shared 2-core machine: one thread (conftest.one_thread)."""
 
 
 def tiny_vit():

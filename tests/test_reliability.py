@@ -147,9 +147,9 @@ def test_grad_accum_larger_than_an_epoch_still_steps(tmp_path, folder):
     assert main(["train", str(recipe), "--out", str(tmp_path / "run")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]  # one step per epoch, on its last batch
-    model = load_adapter(timm.create_model("vit_tiny_patch16_224", num_classes=3, **VIT["kwargs"]),
-                         tmp_path / "run" / "adapter")
-    assert all(layer.lora_B.abs().max() > 0 for _, layer in lora_layers(model))
+    state = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["model"]
+    b = [v for k, v in state.items() if k.endswith("lora_B")]  # step 1 trained the zero head, step 2 the adapters
+    assert b and all(v.abs().max() > 0 for v in b)
 
 
 def test_no_val_split_keeps_the_last_epoch(tmp_path, capsys):

@@ -240,15 +240,18 @@ def test_extract_auto_rank_by_energy_and_budget(tmp_path):
         extract_adapter(copy.deepcopy(base), tuned, config, rank="auto", budget=10)
 
 
-def test_extract_skips_unchanged_layers_and_warns_about_lost_tensors():
+def test_extract_skips_unchanged_layers_carries_changed_modules_and_warns_about_lost_tensors():
     base, kwargs, x = make("vit")
     config = LoraConfig(r=4, **kwargs)
     changed = [n for n in find_targets(base, config) if n.startswith("blocks.0.")]
     tuned = tuned_copy(base, changed)
     with torch.no_grad():
-        tuned.blocks[1].norm1.bias.add_(0.1)
-    with pytest.warns(UserWarning, match=r"blocks\.1\.norm1\.bias"):
+        tuned.blocks[1].norm1.bias.add_(0.1)  # a norm: carried as a module to save
+        tuned.blocks[0].attn.qkv.bias.add_(0.1)  # the bias of an adapted layer: LoRA cannot carry it
+    with pytest.warns(UserWarning, match=r"blocks\.0\.attn\.qkv\.bias"):
         model, report = extract_adapter(base, tuned, config, rank=4)
+    assert "blocks.1.norm1" in model.vislora_train
+    assert torch.equal(model.blocks[1].norm1.bias, tuned.blocks[1].norm1.bias)
     adapted = dict(lora_layers(model))
     for row in report:
         assert row["unchanged"] == (not row["name"].startswith("blocks.0."))

@@ -1,4 +1,13 @@
-"""Accuracy at a fixed budget with REAL ImageNet-pretrained CNNs: vislora LoRA (1x1 + depthwise convs) vs vislora
+"""Accuracy with REAL pretrained weights, two modes.
+
+`--mode defaults` (issue #13: what a new user gets): every recipe names only the model (and its checkpoint), the
+adapter preset (or null / linear_probe), the data path, img_size, epochs and the seed; everything else is
+vislora's default. Models: MobileNetV2 and EfficientNet-Lite0 (real ImageNet weights) and the shipped Fashion-MNIST
+ViT; data: the demo digits (data/mnist), Fashion-MNIST and scikit-learn's digits written as an image folder;
+contenders: vislora LoRA (conv and conv1x1 presets on CNNs, vit on the ViT), full fine-tuning, linear probe and
+PEFT LoRA (conv1x1 / vit layers, PEFT's defaults); several seeds, reported as mean ± std of the last epoch.
+
+`--mode tuned` (the original table): vislora LoRA (1x1 + depthwise convs) vs vislora
 LoRA on 1x1 convs only vs PEFT LoRA (1x1 convs: it refuses depthwise ones) vs full fine-tuning vs a linear probe.
 PEFT runs twice: as a PEFT user gets it (BatchNorm running statistics keep updating in train mode) and with the
 statistics frozen as vislora freezes them, which isolates that difference from the depthwise adapters.
@@ -38,7 +47,8 @@ from make_detection_data import FASHION_DIR, FASHION_NAMES, read_idx  # noqa: E4
 
 from vislora.inject import classifier_names, find_targets, freeze_bn_stats  # noqa: E402
 from vislora.recipe import lora_config, resolve  # noqa: E402
-from vislora.train import apply_adapter, train  # noqa: E402
+from vislora.tasks.classification import adapt as apply_adapter  # noqa: E402
+from vislora.train import train  # noqa: E402
 
 RANK = 4  # r=4 keeps the conv-target adapters under 5% of the parameters (r=8: 7.4% on Lite0, 9.0% on MobileNetV2)
 AUGMENT = {"fmnist": {"scale": [0.7, 1.0], "hflip": 0.5, "color_jitter": 0.0},
@@ -158,12 +168,120 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+# ---- defaults mode (issue #13) --------------------------------------------------------------------
+VIT_CARD = json.loads((ROOT / "data" / "vit_fmnist.json").read_text())
+DEFAULT_MODELS = {  # name: (model section, img_size, LoRA presets the model allows)
+    "mobilenetv2_100": ({"name": "mobilenetv2_100",
+                         "checkpoint": str(ROOT / ".cache/weights/mobilenetv2_100.safetensors")},
+                        64, ("conv", "conv1x1")),
+    "tf_efficientnet_lite0": ({"name": "tf_efficientnet_lite0",
+                               "checkpoint": str(ROOT / ".cache/weights/tf_efficientnet_lite0.safetensors")},
+                              64, ("conv", "conv1x1")),
+    "vit_fmnist": ({"name": VIT_CARD["architecture"], "checkpoint": str(ROOT / "data" / VIT_CARD["file"]),
+                    "kwargs": VIT_CARD["kwargs"]}, 28, ("vit",)),
+}
+
+
+def digits_folder(out: Path) -> Path:
+    """scikit-learn's 1,797 digit scans as an image folder: 1,347 train / 450 val (stratified, seeded), 8x8
+    upscaled to 32 px, half PNG and half JPEG, as a user would have them."""
+    if (out / "done.json").is_file():
+        return out
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    train_ids, val_ids = train_test_split(np.arange(len(digits.target)), test_size=450, stratify=digits.target,
+                                          random_state=0)
+    for split, ids in (("train", train_ids), ("val", val_ids)):
+        for i in ids:
+            image = Image.fromarray((digits.images[i] * (255 / 16)).astype(np.uint8)).resize((32, 32), Image.BILINEAR)
+            folder = out / split / str(digits.target[i])
+            folder.mkdir(parents=True, exist_ok=True)
+            image.save(folder / (f"{i:04d}.png" if i % 2 else f"{i:04d}.jpg"))
+    (out / "done.json").write_text("[1347, 450]")
+    return out
+
+
+def defaults_contenders(model: str) -> dict:
+    """name: (adapter section with nothing but the preset, adapt function)."""
+    presets = DEFAULT_MODELS[model][2]
+    out = {f"lora_{p}": ({"targets": p}, apply_adapter) for p in presets}
+    out |= {"full": (None, apply_adapter), "probe": ("linear_probe", apply_adapter),
+            f"peft_{presets[-1]}": ({"targets": presets[-1]}, peft_adapt)}
+    return out
+
+
+def defaults_recipe(model: str, data: Path, adapter, epochs: int, seed: int) -> dict:
+    section, img_size, _ = DEFAULT_MODELS[model]
+    if not Path(section["checkpoint"]).is_file():
+        raise SystemExit(f"{section['checkpoint']} is missing: run `.venv/bin/python tools/import_weights.py` first")
+    return resolve({"model": section, "adapter": adapter, "data": {"path": str(data), "img_size": img_size},
+                    "train": {"epochs": epochs, "seed": seed}}, f"bench_accuracy defaults {model}")
+
+
+def run_defaults(args: argparse.Namespace, data: dict[str, Path], out: Path) -> list[dict]:
+    """Every (model, target, contender, seed) once; finished cells are read back from results_defaults.json."""
+    path = out / "results_defaults.json"
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+    done = {(r["model"], r["target"], r["contender"], r["seed"]) for r in rows}
+    for model in args.models:
+        for target in args.targets:
+            for contender, (adapter, adapt) in defaults_contenders(model).items():
+                for seed in args.seeds:
+                    if (model, target, contender, seed) in done:
+                        continue
+                    run_dir = out / "defaults" / model / target / contender / str(seed)
+                    start = time.perf_counter()
+                    train(defaults_recipe(model, data[target], adapter, args.epochs, seed), run_dir, adapt=adapt)
+                    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+                    summary = json.loads((run_dir / "train_summary.json").read_text())["summary"]
+                    rows.append({"model": model, "target": target, "contender": contender, "seed": seed,
+                                 "val_top1": metrics[-1]["val_top1"], "curve": [m["val_top1"] for m in metrics],
+                                 "warnings": [m["warning"] for m in metrics if "warning" in m],
+                                 "trainable_share": summary["trainable_share"],
+                                 "wall_s": round(time.perf_counter() - start, 1)})
+                    print(json.dumps(rows[-1]), flush=True)
+                    path.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    return rows
+
+
+def markdown_defaults(rows: list[dict]) -> str:
+    """Mean ± std of the last-epoch val top-1 per (model, target) and contender, in points."""
+    contenders = list(dict.fromkeys(r["contender"] for r in rows))
+    lines = ["| model | data | " + " | ".join(contenders) + " |", "|---|---|" + "---:|" * len(contenders)]
+    for model, target in dict.fromkeys((r["model"], r["target"]) for r in rows):
+        cells = []
+        for c in contenders:
+            acc = [100 * r["val_top1"] for r in rows if (r["model"], r["target"], r["contender"]) == (model, target, c)]
+            cells.append(f"{np.mean(acc):.1f} ± {np.std(acc):.1f} (n={len(acc)})" if acc else "")
+        lines.append(f"| {model} | {target} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main_defaults(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = {"mnist": ROOT / "data" / "mnist", "digits": digits_folder(ROOT / ".cache" / "bench" / "digits")}
+    if "fmnist" in args.targets:
+        data["fmnist"] = fashion_folder(ROOT / ".cache" / "bench" / f"fmnist_{args.per_class}", args.per_class,
+                                        val_per_class=50)
+    rows = run_defaults(args, data, out)
+    table = markdown_defaults(rows)
+    (out / "results_defaults.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["tf_efficientnet_lite0", "mobilenetv2_100"])
-    p.add_argument("--targets", nargs="+", default=["fmnist", "mnist"], choices=["fmnist", "mnist"])
+    p.add_argument("--mode", choices=["tuned", "defaults"], default="tuned")
+    p.add_argument("--models", nargs="+", default=None, help="default: Lite0 and MobileNetV2 (+ vit_fmnist: defaults)")
+    p.add_argument("--targets", nargs="+", default=None, choices=["fmnist", "mnist", "digits"],
+                   help="default: fmnist mnist (+ digits: defaults)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="defaults mode")
     p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=None, help="default 5")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--img-size", type=int, default=64)
     p.add_argument("--per-class", type=int, default=300, help="Fashion-MNIST train images per class")
@@ -173,6 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_accuracy"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.mode == "defaults":
+        args.models = args.models or list(DEFAULT_MODELS)
+        args.targets = args.targets or ["mnist", "fmnist", "digits"]
+        args.epochs = 5 if args.epochs is None else args.epochs
+        return main_defaults(args)
+    args.models = args.models or ["tf_efficientnet_lite0", "mobilenetv2_100"]
+    args.targets = args.targets or ["fmnist", "mnist"]
+    args.epochs = 5 if args.epochs is None else args.epochs
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = {"mnist": ROOT / "data" / "mnist"}

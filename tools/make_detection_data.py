@@ -29,6 +29,7 @@ FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal"
                  "Ankle boot"]
 SHAPES = ("circle", "square", "triangle", "cross")
 ALPHA_CUT = 0.1  # pasted pixels below this opacity are left out, so the box is the visible extent
+MASK_CUT = 0.5  # a pixel belongs to a crop's mask when the crop covers at least half of it
 
 
 # ---- sprite sources: class name -> list of 2-D uint8 crops (0 = background) --------------------------
@@ -152,9 +153,11 @@ def _alpha(sprite: np.ndarray, height: int, width: int) -> np.ndarray | None:
 
 
 def compose(size: int, sprites: dict[str, list[np.ndarray]], rng: np.random.Generator, max_objects: int = 4,
-            empty_fraction: float = 0.05, scale: tuple[float, float] = (0.15, 0.45)
+            empty_fraction: float = 0.05, scale: tuple[float, float] = (0.15, 0.45), mask: np.ndarray | None = None
             ) -> tuple[np.ndarray, list[tuple[list[int], int]]]:
-    """One scene: a uint8 image and [(box xyxy in pixels, class index)], crops never overlapping."""
+    """One scene: a uint8 image and [(box xyxy in pixels, class index)], crops never overlapping.
+    mask (size x size uint8, filled in place): class index + 1 where a crop covers at least half a pixel
+    (opacity >= MASK_CUT), the same random draws, so a scene and its mask match the detection set's."""
     image = background(size, rng)
     names = list(sprites)
     count = 0 if rng.uniform() < empty_fraction else int(rng.integers(1, max_objects + 1))
@@ -180,6 +183,8 @@ def compose(size: int, sprites: dict[str, list[np.ndarray]], rng: np.random.Gene
         region = image[y:y + h, x:x + w]
         shade = _colour(region, rng) * (0.6 + 0.4 * alpha[..., None])
         image[y:y + h, x:x + w] = region * (1 - alpha[..., None]) + shade * alpha[..., None]
+        if mask is not None:
+            mask[y:y + h, x:x + w][alpha >= MASK_CUT] = cls + 1
         objects.append((box, cls))
     return (image * 255).round().astype(np.uint8), objects
 

@@ -1,8 +1,9 @@
-"""The `vislora` command: train, eval, export, predict, footprint, extract, spectrum."""
+"""The `vislora` command: train, eval, export, predict, footprint, extract, spectrum, fewshot, shrink."""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -10,15 +11,19 @@ import sys
 from pathlib import Path
 
 import timm
+import torch
 from safetensors.torch import load_file
 
 from vislora import rundir, tasks
 from vislora.adapters import save_adapter
+from vislora.data import preprocess_config
 from vislora.evaluate import evaluate, predict
 from vislora.export import export_run
+from vislora.fewshot import CONTENDERS, TABLE, fewshot
 from vislora.footprint import footprint, format_footprint
 from vislora.inject import LoraConfig, classifier_names, unload
 from vislora.recipe import apply_overrides, load_recipe, read_yaml, resolve
+from vislora.shrink import format_shrink, shrink_run
 from vislora.svd import extract_adapter, format_spectrum, plot_spectrum, spectrum
 from vislora.tasks.common import load_weights
 from vislora.train import TrainingDiverged, train
@@ -76,7 +81,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    task, results = predict(args.model, args.images, topk=args.topk)
+    task, results = predict(args.model, args.images, topk=args.topk, out=args.out)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -154,11 +159,29 @@ def cmd_extract(args) -> int:
                                     budget=args.budget)
     out = save_adapter(model, args.out)
     (out / "extract_report.json").write_text(json.dumps(report, indent=2))
+    fidelity = output_fidelity(model, tuned, pre)
+    (out / "extract_fidelity.json").write_text(json.dumps(fidelity, indent=2))
     print(f"{'layer':<40} {'rank':>4} {'energy':>7} {'rel.err':>8}")
     for row in report:
         print(f"{row['name']:<40} {row['rank']:>4} {row['energy']:7.4f} {row['rel_error']:8.4f}")
+    print(f"vislora: whole model: max |output difference| {fidelity['max_abs_diff']:.3g} at output scale "
+          f"{fidelity['output_scale']:.3g} on {fidelity['inputs']} random inputs; carried as modules_to_save: "
+          f"{len(fidelity['carried'])} module(s) {fidelity['carried'][:4]}")
     print(f"vislora: adapter written to {out} ({sum(r['params'] for r in report):,} adapter parameters)")
     return 0
+
+
+@torch.no_grad()
+def output_fidelity(adapted, tuned, preprocess: dict | None, n: int = 4) -> dict:
+    """How far the extracted model's outputs are from the tuned model's on a probe batch: per-layer errors say
+    nothing of what the adapter does not carry."""
+    size = (preprocess or preprocess_config(tuned))["input_size"]
+    x = torch.randn(n, 3, int(size[-2]), int(size[-1]), generator=torch.Generator().manual_seed(0))
+    merged = unload(copy.deepcopy(adapted)).eval()
+    ref, got = tuned.eval()(x), merged(x)
+    heads = set(classifier_names(merged))
+    return {"max_abs_diff": float((got - ref).abs().max()), "output_scale": float(ref.abs().max()), "inputs": n,
+            "carried": [t for t in adapted.vislora_train if t not in heads]}
 
 
 def cmd_spectrum(args) -> int:
@@ -169,6 +192,36 @@ def cmd_spectrum(args) -> int:
     (out.with_suffix(".json")).write_text(json.dumps(report))
     print(json.dumps(report, indent=2) if args.json else format_spectrum(report))
     print(f"vislora: plot written to {out}")
+    return 0
+
+
+def _lr_overrides(items: list[str] | None) -> dict[str, float]:
+    """--lr probe=0.01 full=5e-4 -> {"probe": 0.01, "full": 0.0005}."""
+    lrs = {}
+    for item in items or []:
+        name, _, value = item.partition("=")
+        try:
+            lrs[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--lr expects CONTENDER=LR (e.g. probe=0.01), got '{item}'") from None
+    return lrs
+
+
+def cmd_fewshot(args) -> int:
+    recipe = load_recipe(args.recipe, [f"data.path={args.data}"] if args.data else [])
+    out = Path(args.out) if args.out else Path("runs") / f"fewshot_{Path(args.recipe).stem}"
+    rows = fewshot(recipe, out, shots=args.shots, seeds=args.seeds, contenders=args.contenders, steps=args.steps,
+                   lrs=_lr_overrides(args.lr))
+    print((out / TABLE).read_text(), end="")
+    print(f"vislora: {len(rows)} runs in {out} (fewshot.json, fewshot.md, fewshot.png)")
+    return 0
+
+
+def cmd_shrink(args) -> int:
+    report = shrink_run(args.run_dir, rank=args.rank, energy=args.energy, budget=args.budget, out=args.out,
+                        force=args.force)
+    print(format_shrink(report))
+    print(f"vislora: shrunk run written to {report['out']} (report: shrink_report.json)")
     return 0
 
 
@@ -210,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="run directory, model.pt or model.onnx")
     p.add_argument("images", nargs="+")
     p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--out", help="folder for the files predict writes (segmentation masks); default predictions/ "
+                   "beside the model")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
 
@@ -237,6 +292,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="PNG path (default RUN_DIR/spectrum.png)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_spectrum)
+
+    p = sub.add_parser("fewshot", help="LoRA vs linear probe vs full fine-tuning with k images per class, over seeds")
+    p.add_argument("recipe", help="recipe YAML file (classification)")
+    p.add_argument("--data", help="image folder (overrides data.path)")
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="images per class")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 (the k-shot samples and the runs)")
+    p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps per run, whatever k (default: max(100, recipe epochs x steps per epoch at "
+                        "the largest k))")
+    p.add_argument("--lr", nargs="+", metavar="CONTENDER=LR",
+                   help="learning rate per contender (default: the recipe's, scaled lora 1 : probe 2.5 : full 0.25)")
+    p.add_argument("--out", help="output folder (default runs/fewshot_<recipe name>); a rerun resumes its grid")
+    p.set_defaults(func=cmd_fewshot)
+
+    p = sub.add_parser("shrink", help="a smaller LoRA run: the truncated SVD of each learned update")
+    p.add_argument("run_dir", help="a LoRA run directory")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--rank", type=int, help="one rank for every layer (at most its current rank)")
+    how.add_argument("--energy", type=float, help="per layer, the smallest rank keeping this share of the update's "
+                                                  "squared norm")
+    how.add_argument("--budget", type=int, help="total adapter parameters, spent across layers as extract --budget")
+    p.add_argument("--out", help="new run directory (default RUN_shrink_<rank|energy|budget><value>)")
+    p.add_argument("--force", action="store_true", help="replace the run in --out")
+    p.set_defaults(func=cmd_shrink)
     return parser
 
 

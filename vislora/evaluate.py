@@ -71,7 +71,12 @@ def evaluate(target: str | Path, data: str | Path | None = None, out: str | Path
     return report
 
 
-def predict(target: str | Path, images: Sequence[str | Path], topk: int = 5) -> tuple[ModuleType, list[dict]]:
-    """The task's predictions for image files, from a run directory or an exported file; (task, results)."""
+def predict(target: str | Path, images: Sequence[str | Path], topk: int = 5, out: str | Path | None = None
+            ) -> tuple[ModuleType, list[dict]]:
+    """The task's predictions for image files, from a run directory or an exported file; (task, results). Files a
+    task writes (segmentation masks) go to `out`, default predictions/ beside the model."""
     opened = open_model(target)
-    return opened.task, opened.task.predict(opened.predictor, opened.preprocess, list(images), topk=topk)
+    if out is None:
+        out = (opened.source if opened.recipe is not None else opened.source.parent) / "predictions"
+    return opened.task, opened.task.predict(opened.predictor, opened.preprocess, list(images), topk=topk,
+                                            out_dir=out)

@@ -41,7 +41,9 @@ def check_no_adapters(model: nn.Module) -> None:
     An exported adapter graph would carry the unmerged A/B matrices (and vislora code in a scripted model):
     call vislora.unload(model) first, which merges every adapter and restores the plain torch layers.
     """
-    for name, m in model.named_modules():
+    modules = list(model.named_modules())
+    modules.sort(key=lambda item: not isinstance(item[1], LoraLayer))  # name an unmerged adapter first
+    for name, m in modules:
         where = f"module '{name or '<root>'}' ({type(m).__name__})"
         if isinstance(m, LoraLayer):
             raise ValueError(f"{where} is an unmerged vislora adapter: call vislora.unload(model) before exporting")

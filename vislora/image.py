@@ -1,4 +1,4 @@
-"""Images: read any file as the RGB picture a viewer shows, and the deterministic eval transform.
+"""Images: read any file as the RGB picture a viewer shows, masks of class indices, and the eval transform.
 
 This module is the one image reader of vislora (training, evaluation, export verification and predict all use
 it) and imports nothing else of vislora, nor albumentations or timm: an exported model can be served with numpy,
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -20,6 +20,7 @@ RESAMPLING = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.
               "bicubic": Image.Resampling.BICUBIC, "box": Image.Resampling.BOX, "area": Image.Resampling.BOX,
               "hamming": Image.Resampling.HAMMING, "lanczos": Image.Resampling.LANCZOS}
 PREPROCESS_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
+MASK_MODES = ("L", "P", "1", "I", "I;16", "I;16B", "I;16L")  # single-channel modes a mask may be stored in
 
 
 # ---- reading --------------------------------------------------------------------------------------
@@ -51,6 +52,57 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             return _to_rgb(ImageOps.exif_transpose(im))
     except Exception as e:  # Pillow raises many types (OSError, SyntaxError, DecompressionBombError ...)
         raise ValueError(f"unreadable image {path}: {type(e).__name__}: {e}") from e
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """HxW uint8 class indices of a single-channel mask file (mode L, 1, P: the palette indices, 16/32-bit integer
+    up to 255), upright per EXIF orientation like read_image. Raises ValueError naming the file when it is missing,
+    unreadable, has colour channels or holds values above 255."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            mode, values = im.mode, np.asarray(im)
+    except Exception as e:  # Pillow raises many types (OSError, SyntaxError, DecompressionBombError ...)
+        raise ValueError(f"unreadable mask {path}: {type(e).__name__}: {e}") from e
+    if mode not in MASK_MODES:
+        raise ValueError(f"mask {path} is mode {mode}: a mask is one channel of class indices (mode L or P)")
+    if values.dtype != np.uint8 and values.size and (values.min() < 0 or values.max() > 255):
+        raise ValueError(f"mask {path} holds values outside 0..255 ({values.min()}..{values.max()})")
+    return values.astype(np.uint8)
+
+
+def mask_palette(n: int = 256) -> np.ndarray:
+    """n x 3 uint8 colours of class indices, PASCAL VOC's (0 black, 1 dark red, 2 green ..., 255 cream for ignore)."""
+    colours = np.zeros((n, 3), dtype=np.uint8)
+    for k in range(n):
+        c, r, g, b = k, 0, 0, 0
+        for shift in range(7, -1, -1):
+            r, g, b = r | ((c & 1) << shift), g | (((c >> 1) & 1) << shift), b | (((c >> 2) & 1) << shift)
+            c >>= 3
+        colours[k] = (r, g, b)
+    return colours
+
+
+def write_mask(path: str | os.PathLike, mask: np.ndarray) -> None:
+    """A HxW uint8 class-index mask as a palette PNG: viewers show mask_palette() colours, read_mask gets the
+    indices back."""
+    im = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8))
+    im.putpalette(mask_palette().tobytes())
+    im.save(path, format="PNG")
+
+
+def read_each(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
+    """(path, HxWx3 uint8, None) for each readable file and (path, None, why not) for the others, in order: predict
+    reports a bad file and goes on with the rest."""
+    for path in paths:
+        if not os.path.isfile(path):
+            yield str(path), None, f"no image at {path}"
+            continue
+        try:
+            yield str(path), read_image(path), None
+        except ValueError as e:
+            yield str(path), None, str(e)
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:

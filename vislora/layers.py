@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from timm.layers import Conv2dSame, pad_same
 from torch.func import functional_call
 
-
 AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")  # device types torch.autocast knows
 
 

@@ -28,7 +28,7 @@ ADAPTER, WEIGHTS, CHECKPOINTS = "adapter", "weights.safetensors", "checkpoints"
 METRICS, CURVES = "metrics.jsonl", "curves.png"
 # everything vislora writes into a run directory: `train --force` removes these and nothing else
 ARTIFACTS = (RECIPE, CLASSES, PREPROCESS, SUMMARY, ADAPTER, WEIGHTS, CHECKPOINTS, METRICS, CURVES, "eval", "export",
-             "spectrum.png", "spectrum.json", METRICS + ".tmp", WEIGHTS + ".tmp")
+             "spectrum.png", "spectrum.json", "predictions", "shrink_report.json", METRICS + ".tmp", WEIGHTS + ".tmp")
 # recipe fields a resumed run may change: they do not change what is trained
 RESUMABLE_CHANGES = ("data.workers", "train.device", "eval.", "export.")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from vislora.inject import LoraConfig, find_targets, inject, lora_layers, pattern_value, resolve_qkv_parts
+from vislora.inject import LoraConfig, eject, find_targets, inject, lora_layers, pattern_value, resolve_qkv_parts
 from vislora.layers import LoraLayer, chunk_rows, raw_weight_name
 
 NUM_CHUNKS = 3  # inject() splits a fused qkv projection into 3 chunks
@@ -58,9 +58,8 @@ def pissa_as_lora(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor, float]:
     """
     if "pissa_A0" not in layer._buffers:
         raise ValueError(f"layer {layer.extra_repr()} was not PiSSA-initialised: pissa_init() keeps A0/B0")
-    a = torch.cat([layer.lora_A.detach(), layer.pissa_A0.to(layer.lora_A.dtype)])
-    b = torch.cat([layer.full_B().detach(), -layer.full_B(layer.pissa_B0.to(layer.lora_B.dtype))], dim=1)
-    return a.clone(), b.clone(), layer.scaling
+    b, a = _update_factors(layer)
+    return a.detach().clone(), b.detach().clone(), layer.scaling
 
 
 # ---- extraction -----------------------------------------------------------------------------------
@@ -202,22 +201,74 @@ def _fixed_rank(name: str, limit: int, rank: int | str, config: LoraConfig) -> i
     return min(int(r), limit)
 
 
+def _inject_ranks(model: nn.Module, config: LoraConfig, diffs: list[_Diff], within: str | None = None
+                  ) -> dict[str, LoraLayer]:
+    """Inject `config` with every changed layer at its planned rank (exact names in rank_pattern) and the unchanged
+    ones excluded; returns the new layers by name."""
+    # longest names first: a pattern also matches names ending in ".<pattern>", and the first match wins
+    ranks = {d.name: d.rank for d in sorted(diffs, key=lambda d: -len(d.name)) if not d.unchanged}
+    common = Counter(ranks.values()).most_common(1)[0][0]
+    skip = [f"^{re.escape(d.name)}$" for d in diffs if d.unchanged]  # anchored regex: that module only
+    config = replace(config, r=common, rank_pattern=ranks, init="default", exclude=[*config.exclude, *skip])
+    inject(model, config, within=within)
+    injected = dict(lora_layers(model))
+    got = {n: layer.r for n, layer in injected.items()}
+    if got != ranks:
+        raise RuntimeError(f"planned ranks {ranks} but inject() gave {got}")
+    return injected
+
+
+@torch.no_grad()
+def _set_factors(diffs: list[_Diff], injected: dict[str, LoraLayer]) -> list[dict]:
+    """Each injected layer takes its diff's top d.rank singular triplets (zeros for an unchanged one). One report
+    row per diff: name, rank, parts, energy, rel_error, norm, params, unchanged."""
+    report = []
+    for d in diffs:
+        layer = injected.get(d.name)
+        if layer is not None:
+            if d.unchanged:
+                layer.lora_A.zero_()
+                layer.lora_B.zero_()
+            else:
+                layer.set_svd_factors([(u[:, :d.rank], s[:d.rank], vh[:d.rank]) for u, s, vh in d.svds])
+        report.append({
+            "name": d.name, "rank": 0 if layer is None else layer.r, "parts": list(d.parts or ()),
+            "energy": d.kept(d.rank) / d.total if d.total else 1.0,
+            "rel_error": math.sqrt(d.discarded(d.rank) / d.total) if d.total else 0.0,
+            "norm": math.sqrt(d.total),
+            "params": 0 if layer is None else layer.lora_A.numel() + layer.lora_B.numel(),
+            "unchanged": d.unchanged,
+        })
+    return report
+
+
 def _normalised_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """state_dict with LoraLayer wrappers seen through: `x.base_layer.weight` -> `x.weight`, no lora_ keys."""
     return {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items()
             if ".lora_" not in k and ".pissa_" not in k}
 
 
-def _warn_unrepresented(base_model: nn.Module, tuned_model: nn.Module, covered: set[str],
-                        train: list[str]) -> None:
-    """Warn about tensors that differ between the models but that no adapter or trained module carries."""
+def _carry_unrepresented(base_model: nn.Module, tuned_model: nn.Module, covered: set[str]) -> list[str]:
+    """Tensors that differ between the models but that no adapter covers (BN statistics, norms, the stem, other
+    layers): their modules are copied from tuned_model and trained-module entries (`modules_to_save` in the file).
+    Returns the carried module names; a changed bias of an adapted layer cannot be carried and is warned about."""
     base_sd, tuned_sd = _normalised_state(base_model), _normalised_state(tuned_model)
+    train = list(base_model.vislora_train)
     lost = [k for k, v in base_sd.items() if k not in covered and not any(k.startswith(t + ".") for t in train)
             and k in tuned_sd and tuned_sd[k].shape == v.shape and not torch.equal(tuned_sd[k].to(v.device), v)]
-    if lost:
-        warnings.warn(f"extract_adapter: {len(lost)} tensors differ between the models but are not adapted "
-                      f"(biases, norms, BN statistics, other layers): {', '.join(lost[:6])}"
-                      + (" ..." if len(lost) > 6 else ""), stacklevel=3)
+    adapted = {n for n, _ in lora_layers(base_model)}
+    owners = sorted({k.rpartition(".")[0] for k in lost})
+    carried = [o for o in owners if o and not any(o == a or o.startswith(a + ".") for a in adapted)]
+    with torch.no_grad():
+        for name in carried:
+            _module(base_model, name, "base").load_state_dict(_module(tuned_model, name, "tuned").state_dict())
+    base_model.vislora_train = train + carried
+    left = [k for k in lost if k.rpartition(".")[0] not in carried]
+    if left:
+        warnings.warn(f"extract_adapter: {len(left)} changed tensors of adapted layers cannot be carried (a LoRA "
+                      f"update has no bias): {', '.join(left[:6])}" + (" ..." if len(left) > 6 else ""),
+                      stacklevel=3)
+    return carried
 
 
 def extract_adapter(base_model: nn.Module, tuned_model: nn.Module, config: LoraConfig, rank: int | str = 8,
@@ -230,8 +281,10 @@ def extract_adapter(base_model: nn.Module, tuned_model: nn.Module, config: LoraC
     most `budget` parameters). The chosen ranks go into the injected config's rank_pattern. Layers whose
     weight did not change are not adapted (reported with unchanged=True, rank 0). A base_model that already
     carries adapters keeps its layers and ranks (unchanged layers get A = B = 0); rank='auto'/'full' then
-    raise. The `train` modules (the head) are copied from tuned_model. Returns (base_model, per-layer report
-    rows: name, rank, parts, energy, rel_error, norm, params, unchanged).
+    raise. The `train` modules (the head) are copied from tuned_model, and so is every other module whose tensors
+    changed without an adapter to carry them (BN statistics, norms, stem): they join base_model.vislora_train
+    (modules_to_save in the file). Returns (base_model, per-layer report rows: name, rank, parts, energy,
+    rel_error, norm, params, unchanged).
     """
     _check_rank_args(rank, energy, budget)
     injected = dict(lora_layers(base_model))
@@ -265,42 +318,16 @@ def extract_adapter(base_model: nn.Module, tuned_model: nn.Module, config: LoraC
         d.svds = [(u[:, :d.rank], s, vh[:d.rank]) for u, s, vh in d.svds]
 
     if not injected:
-        # longest names first: a pattern also matches names ending in ".<pattern>", and the first match wins
-        ranks = {d.name: d.rank for d in sorted(diffs, key=lambda d: -len(d.name)) if not d.unchanged}
-        common = Counter(ranks.values()).most_common(1)[0][0]
-        skip = [f"^{re.escape(d.name)}$" for d in diffs if d.unchanged]  # anchored regex: that module only
-        config = replace(config, r=common, rank_pattern=ranks, init="default", exclude=[*config.exclude, *skip])
-        inject(base_model, config)
-        injected = dict(lora_layers(base_model))
-        got = {n: layer.r for n, layer in injected.items()}
-        if got != ranks:
-            raise RuntimeError(f"extract_adapter planned ranks {ranks} but inject() gave {got}")
-
-    report = []
+        injected = _inject_ranks(base_model, config, diffs)
+    report = _set_factors(diffs, injected)
+    train = list(base_model.vislora_train)
     with torch.no_grad():
-        for d in diffs:
-            layer = injected.get(d.name)
-            if layer is not None:
-                if d.unchanged:
-                    layer.lora_A.zero_()
-                    layer.lora_B.zero_()
-                else:
-                    layer.set_svd_factors([(u, s[:d.rank], vh) for u, s, vh in d.svds])
-            report.append({
-                "name": d.name, "rank": 0 if layer is None else layer.r, "parts": list(d.parts or ()),
-                "energy": d.kept(d.rank) / d.total if d.total else 1.0,
-                "rel_error": math.sqrt(d.discarded(d.rank) / d.total) if d.total else 0.0,
-                "norm": math.sqrt(d.total),
-                "params": 0 if layer is None else layer.lora_A.numel() + layer.lora_B.numel(),
-                "unchanged": d.unchanged,
-            })
-        train = list(base_model.vislora_train)
         for t in train:
             _module(base_model, t, "base").load_state_dict(_module(tuned_model, t, "tuned").state_dict())
     covered = {f"{d.name}.{injected[d.name].weight_name}" for d in diffs if d.name in injected}
     covered |= {f"{d.name}.{raw_weight_name(base_model.get_submodule(d.name))}" for d in diffs
                 if d.name not in injected}
-    _warn_unrepresented(base_model, tuned_model, covered, train)
+    _carry_unrepresented(base_model, tuned_model, covered)
     return base_model, report
 
 
@@ -316,13 +343,20 @@ def effective_rank(s: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def factor_svd(b: torch.Tensor, a: torch.Tensor, scaling: float = 1.0
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, S, Vh) of scaling * b @ a (fp64) from the factors: b = Qb Rb, a^T = Qa Ra, then the SVD of the small core
+    scaling * Rb Ra^T, never the out x fan_in product. Its top-k triplets are the best rank-k approximation."""
+    b, a = b.detach().double(), a.detach().double()
+    qb, rb = torch.linalg.qr(b)
+    qa, ra = torch.linalg.qr(a.T)
+    u, s, vh = torch.linalg.svd(scaling * (rb @ ra.T), full_matrices=False)
+    return qb @ u, s, vh @ qa.T
+
+
 def update_singular_values(layer: LoraLayer) -> torch.Tensor:
-    """Singular values of scaling * B @ A from QR of B and A^T: svd(Rb Ra^T), never the out x fan_in product."""
-    b = layer.full_B().detach().double()
-    a = layer.lora_A.detach().double()
-    rb = torch.linalg.qr(b, mode="r").R
-    ra = torch.linalg.qr(a.T, mode="r").R
-    return torch.linalg.svdvals(rb @ ra.T) * abs(layer.scaling)
+    """Singular values of the layer's whole update scaling * B @ A (vislora.svd.factor_svd)."""
+    return factor_svd(layer.full_B(), layer.lora_A, layer.scaling)[1]
 
 
 def spectrum(model: nn.Module) -> list[dict]:
@@ -383,12 +417,86 @@ def plot_spectrum(report: list[dict], path: str | Path) -> Path:
     return path
 
 
+# ---- shrinking a trained adapter ------------------------------------------------------------------
+def _part_factors(layer: LoraLayer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(B_i, A_i) of each adapted part: the one pair, or one pair per adapted qkv chunk."""
+    if not layer.qkv_parts:
+        return [(layer.lora_B, layer.lora_A)]
+    return list(zip(layer.lora_B.chunk(len(layer.qkv_parts)), layer.lora_A.split(layer.r), strict=True))
+
+
+def _update_diff(name: str, layer: LoraLayer) -> _Diff:
+    """A trained layer's update s * B A as a _Diff, with per-part SVDs computed from the factors (factor_svd)."""
+    if layer.merged or "pissa_A0" in layer._buffers:
+        raise ValueError(f"shrink: layer '{name}' is merged or PiSSA-initialised (its base weight is not the "
+                         "original): shrink the saved adapter, which load_adapter() reads as plain LoRA")
+    svds = [factor_svd(b, a, layer.scaling) for b, a in _part_factors(layer)]
+    limit = min(s.numel() for _, s, _ in svds)
+    diff = _Diff(name, layer.qkv_parts, limit, (layer.lora_A.numel() + layer.lora_B.numel()) // layer.r, svds=svds)
+    diff.adaptable = sum(s.pow(2).sum().item() for _, s, _ in svds)
+    return diff
+
+
+def _check_shrink_args(rank: int | None, energy: float | None, budget: int | None) -> None:
+    given = [k for k, v in (("rank", rank), ("energy", energy), ("budget", budget)) if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"shrink: give exactly one of rank, energy or budget (got {', '.join(given) or 'none'})")
+    for key, value in (("rank", rank), ("budget", budget)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"shrink: {key}={value!r} must be an int >= 1")
+    if energy is not None and not 0 < energy <= 1:
+        raise ValueError(f"shrink: energy={energy} must be in (0, 1]")
+
+
+def shrink_adapter(model: nn.Module, rank: int | None = None, energy: float | None = None,
+                   budget: int | None = None) -> list[dict]:
+    """Replace, in place, every LoRA layer's update s * B A by its best rank-k approximation: the truncated SVD
+    computed from the factors (factor_svd, per qkv part), exact by Eckart-Young.
+
+    k per layer (never above the old rank): `rank`; the smallest keeping `energy` of the update's squared norm;
+    or, with `budget` adapter parameters, lowered from the old ranks as extract_adapter's budget does (greedily
+    where the last component keeps the least share of its layer's energy per parameter). The model is re-injected
+    with the new ranks in config.rank_pattern and each layer's alpha unchanged (s = alpha / k, the factors absorb
+    the change); layers whose update is zero are dropped; `train` modules are untouched. Returns one row per old
+    layer: name, old_rank, rank, parts, energy, rel_error (= sqrt(discarded s^2 / all s^2)), norm, old_params,
+    params, unchanged.
+    """
+    _check_shrink_args(rank, energy, budget)
+    layers = dict(lora_layers(model))
+    if not layers:
+        raise ValueError(f"shrink: {type(model).__name__} carries no LoRA layers")
+    diffs = [_update_diff(n, layer) for n, layer in layers.items()]
+    changed = [d for d in diffs if not d.unchanged]
+    if not changed:
+        raise ValueError("shrink: every adapter update is zero (an untrained adapter): there is nothing to keep")
+    for d in changed:
+        d.rank = min(rank, d.limit) if rank is not None else _energy_rank(d, energy) if energy else d.limit
+    if budget is not None:
+        _fit_budget(changed, budget)
+    old = {n: (layer.r, layer.lora_A.numel() + layer.lora_B.numel()) for n, layer in layers.items()}
+    config, within = model.vislora_config, getattr(model, "vislora_within", None)
+    eject(model)
+    report = _set_factors(diffs, _inject_ranks(model, config, diffs, within))
+    return [{"name": row["name"], "old_rank": old[row["name"]][0], **row, "old_params": old[row["name"]][1]}
+            for row in report]
+
+
 # ---- penalties ------------------------------------------------------------------------------------
+def _update_factors(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B', A') with scaling * B' @ A' = the layer's learned update, with gradients: B @ A, or for a PiSSA layer
+    its change from the start, [B, -B0] @ [A; A0] (the principal part of W it started from is not the update)."""
+    if "pissa_A0" in layer._buffers:
+        a = torch.cat([layer.lora_A, layer.pissa_A0.to(layer.lora_A.dtype)])
+        return torch.cat([layer.full_B(), -layer.full_B(layer.pissa_B0.to(layer.lora_B.dtype))], dim=1), a
+    return layer.full_B(), layer.lora_A
+
+
 def frobenius_penalty(model: nn.Module) -> torch.Tensor:
-    """Sum of ||scaling * B @ A||_F^2 = scaling^2 * trace((B^T B)(A A^T)) over layers, never forming B @ A."""
+    """Sum of ||update||_F^2 = scaling^2 * trace((B^T B)(A A^T)) over layers, never forming B @ A; the update of
+    a PiSSA layer is its change from the start (zero at step 0)."""
     terms = []
     for _, layer in lora_layers(model):
-        b, a = layer.full_B(), layer.lora_A
+        b, a = _update_factors(layer)
         terms.append(layer.scaling ** 2 * ((b.T @ b) * (a @ a.T)).sum())
     if not terms:
         raise ValueError(f"frobenius_penalty: {type(model).__name__} carries no LoRA layers")
@@ -396,8 +504,15 @@ def frobenius_penalty(model: nn.Module) -> torch.Tensor:
 
 
 def factor_l2(model: nn.Module) -> torch.Tensor:
-    """Sum of ||A||_F^2 + ||B||_F^2 over layers (plain L2 on the factors)."""
-    terms = [layer.lora_A.pow(2).sum() + layer.lora_B.pow(2).sum() for _, layer in lora_layers(model)]
+    """Sum of ||A - A0||_F^2 + ||B - B0||_F^2 over layers: plain L2 on the factors (A0 = B0 = 0 unless PiSSA
+    started them at the principal part of W)."""
+    terms = []
+    for _, layer in lora_layers(model):
+        a0 = layer._buffers.get("pissa_A0")
+        b0 = layer._buffers.get("pissa_B0")
+        da = layer.lora_A - a0.to(layer.lora_A.dtype) if a0 is not None else layer.lora_A
+        db = layer.lora_B - b0.to(layer.lora_B.dtype) if b0 is not None else layer.lora_B
+        terms.append(da.pow(2).sum() + db.pow(2).sum())
     if not terms:
         raise ValueError(f"factor_l2: {type(model).__name__} carries no LoRA layers")
     return torch.stack(terms).sum()

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from vislora.tasks import classification, detection
+from vislora.tasks import classification, detection, segmentation
 
-TASKS: dict[str, ModuleType] = {"classification": classification, "detection": detection}
+TASKS: dict[str, ModuleType] = {"classification": classification, "detection": detection,
+                                  "segmentation": segmentation}
 
 
 def get(name: str | None) -> ModuleType:

@@ -6,7 +6,6 @@ predictor, evaluate, format_report, example_inputs, predict, format_prediction, 
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -24,7 +23,7 @@ from vislora import data as vdata
 from vislora import image
 from vislora.inject import classifier_names, inject, set_trainable
 from vislora.recipe import lora_config
-from vislora.tasks.common import Setup, create_timm, load_weights, seeded
+from vislora.tasks.common import Setup, batch_predictor, create_timm, load_weights, seeded, write_confusion
 
 NAME = "classification"
 SCORE = "val_top1"  # the validation metric that picks the best epoch (higher is better)
@@ -39,11 +38,28 @@ def build_model(recipe: dict, num_classes: int) -> nn.Module:
 
     def build() -> nn.Module:
         model = create_timm(m, num_classes=num_classes)
-        if m["checkpoint"]:
-            load_weights(model, m["checkpoint"], skip=classifier_names(model))
+        heads = classifier_names(model)
+        loaded = load_weights(model, m["checkpoint"], skip=heads) if m["checkpoint"] else set()
+        pretrained_head = m["pretrained"] and (model.pretrained_cfg or {}).get("num_classes") == num_classes
+        new_heads = [h for h in heads if not pretrained_head and f"{h}.weight" not in loaded]
+        init_heads(model, new_heads, m["head_init"])
         return model
 
     return seeded(recipe, build)
+
+
+def init_heads(model: nn.Module, names: list[str], how: str) -> None:
+    """Zero a new classifier (`how` "zero"): its logits start equal, the loss at ln C, and the first gradients
+    reach the head alone, so they cannot wreck the features (LoRA on MobileNetV2 collapsed to chance with timm's
+    random head, issue #13); "timm" keeps timm's init."""
+    if how not in ("zero", "timm"):
+        raise ValueError(f"model.head_init must be zero or timm, not {how!r}")
+    if how == "timm":
+        return
+    with torch.no_grad():
+        for name in names:
+            for p in model.get_submodule(name).parameters():
+                p.zero_()
 
 
 def adapt(model: nn.Module, recipe: dict) -> nn.Module:
@@ -127,15 +143,8 @@ def health(row: dict, num_classes: int) -> str | None:
 
 # ---- running a trained model ----------------------------------------------------------------------
 def predictor(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
-    """NCHW float32 batch -> logits, with the PyTorch model (the convention of exported files, vislora.serve)."""
-    model.eval()
-    device = next(model.parameters()).device
-
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)).float().cpu().numpy()
-
-    return run
+    """NCHW float32 batch -> logits (vislora.tasks.common.batch_predictor)."""
+    return batch_predictor(model)
 
 
 def example_inputs(recipe: dict, preprocess: dict, n: int = 8) -> torch.Tensor | None:
@@ -156,18 +165,18 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def predict(predictor: Callable[[np.ndarray], np.ndarray], preprocess: dict,
-            image_paths: Sequence[str | os.PathLike], topk: int = 5, batch_size: int = 16) -> list[dict]:
-    """Top-k (class_name, probability) per image, in input order; an unreadable image gets {"path", "error"}."""
+            image_paths: Sequence[str | os.PathLike], topk: int = 5, out_dir: str | os.PathLike | None = None,
+            batch_size: int = 16) -> list[dict]:
+    """Top-k (class_name, probability) per image, in input order; an unreadable image gets {"path", "error"}.
+    Nothing is written (out_dir is the interface's place for files, which classification does not make)."""
     results: list[dict] = [{"path": str(p)} for p in image_paths]
     ready: list[tuple[int, np.ndarray]] = []
     transform = image.eval_transform(preprocess)
-    for i, p in enumerate(image_paths):
-        try:
-            if not Path(p).is_file():
-                raise FileNotFoundError(f"no image at {p}")
-            ready.append((i, transform(image.read_image(p))))
-        except (FileNotFoundError, ValueError) as e:
-            results[i]["error"] = str(e)
+    for i, (_, rgb, error) in enumerate(image.read_each(image_paths)):
+        if error:
+            results[i]["error"] = error
+        else:
+            ready.append((i, transform(rgb)))
     names = preprocess.get("class_names")
     for start in range(0, len(ready), batch_size):
         chunk = ready[start:start + batch_size]
@@ -202,39 +211,6 @@ def classification_report(logits: np.ndarray, labels: np.ndarray, classes: list[
         "confusion_matrix": confusion_matrix(labels, pred, labels=ids).tolist(),
         "num_images": int(len(labels)),
     }
-
-
-def plot_confusion(matrix: list[list[int]], classes: list[str], path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    m = np.asarray(matrix)
-    size = max(4, 0.5 * len(classes) + 2)
-    fig = Figure(figsize=(size, size))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.imshow(m, cmap="Blues")
-    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true",
-           title="confusion matrix")
-    ax.set_xticklabels(classes, rotation=90)
-    ax.set_yticklabels(classes)
-    if len(classes) <= 30:
-        for i in range(m.shape[0]):
-            for j in range(m.shape[1]):
-                ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if m[i, j] > m.max() / 2 else "black")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
-def write_confusion(report: dict, out: Path, classes: list[str]) -> None:
-    """The confusion matrix as OUT_confusion.csv and OUT_confusion.png beside the report."""
-    with open(out.with_name(out.stem + "_confusion.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["true\\predicted", *classes])
-        for name, row in zip(classes, report["confusion_matrix"], strict=True):
-            writer.writerow([name, *row])
-    plot_confusion(report["confusion_matrix"], classes, out.with_name(out.stem + "_confusion.png"))
 
 
 def eval_split(data: str | Path | None, recipe: dict | None, classes: list[str]) -> vdata.Split:

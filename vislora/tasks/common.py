@@ -1,11 +1,14 @@
-"""What every task shares: the Setup the loop receives, seeded model building and local weight files."""
+"""What every task shares: the Setup the loop receives, seeded model building, local weight files, the numpy
+predictor convention and the confusion-matrix files."""
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 import torch.nn as nn
@@ -23,6 +26,19 @@ class Setup:
     collate: Callable
     class_names: list[str]
     preprocess: dict
+
+
+def batch_predictor(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+    """NCHW float32 numpy batch -> numpy output of the PyTorch model, in eval mode: the convention of exported files
+    (vislora.serve), so evaluation and predict run a run directory and an exported file the same way."""
+    model.eval()
+    device = next(model.parameters()).device
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)).float().cpu().numpy()
+
+    return run
 
 
 def seeded(recipe: dict, build: Callable[[], nn.Module]) -> nn.Module:
@@ -49,9 +65,9 @@ def create_timm(model_cfg: dict, **kwargs) -> nn.Module:
         raise ValueError(f"model.kwargs {model_cfg['kwargs']} do not fit timm model '{name}': {e}") from e
 
 
-def load_weights(model: nn.Module, path: str | Path, skip: list[str] = ()) -> None:
-    """Load a safetensors file into `model`. Keys under `skip` (a classifier of another size) are dropped;
-    any other missing, unknown or mis-shaped key is an error that names it."""
+def load_weights(model: nn.Module, path: str | Path, skip: list[str] = ()) -> set[str]:
+    """Load a safetensors file into `model`; returns the keys loaded. Keys under `skip` (a classifier of another
+    size) are dropped; any other missing, unknown or mis-shaped key is an error that names it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model.checkpoint not found: {path}")
@@ -69,3 +85,43 @@ def load_weights(model: nn.Module, path: str | Path, skip: list[str] = ()) -> No
         raise ValueError(f"{path} does not fit {type(model).__name__}: missing {missing[:5]}, unknown {unknown[:5]}, "
                          f"shape mismatch {wrong[:5]}")
     model.load_state_dict(state, strict=False)
+    return set(state)
+
+
+def plot_confusion(matrix: list[list[int]], classes: list[str], path: Path, normalize: bool = False) -> None:
+    """The confusion matrix as a PNG; normalize: each true-class row as fractions (pixel counts of segmentation
+    are too large to read), shown with two decimals."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    m = np.asarray(matrix)
+    if normalize:
+        m = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    size = max(4, 0.5 * len(classes) + 2)
+    fig = Figure(figsize=(size, size))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.imshow(m, cmap="Blues", vmin=0, vmax=1 if normalize else None)
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true",
+           title="confusion matrix" + (" (row fractions)" if normalize else ""))
+    ax.set_xticklabels(classes, rotation=90)
+    ax.set_yticklabels(classes)
+    if len(classes) <= 30:
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                ax.text(j, i, f"{m[i, j]:.2f}" if normalize else str(m[i, j]), ha="center", va="center",
+                        fontsize=7 if not normalize or len(classes) <= 12 else 5,
+                        color="white" if m[i, j] > m.max() / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def write_confusion(report: dict, out: Path, classes: list[str], normalize: bool = False) -> None:
+    """The confusion matrix as OUT_confusion.csv (counts) and OUT_confusion.png (normalize: row fractions)
+    beside the report."""
+    with open(out.with_name(out.stem + "_confusion.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["true\\predicted", *classes])
+        for name, row in zip(classes, report["confusion_matrix"], strict=True):
+            writer.writerow([name, *row])
+    plot_confusion(report["confusion_matrix"], classes, out.with_name(out.stem + "_confusion.png"), normalize)

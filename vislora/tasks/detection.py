@@ -75,18 +75,34 @@ class CnnBackbone(nn.Module):
     def __init__(self, body: nn.Module, fpn: FeaturePyramidNetwork, out_channels: int):
         super().__init__()
         self.body, self.fpn, self.out_channels = body, fpn, out_channels
+        self.channels_last = str(getattr(body, "output_fmt", "NCHW")).endswith("NHWC")  # Swin, some MaxViTs
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         feats: dict[str, Tensor] = {}
         for i, f in enumerate(self.body(x)):
-            feats[str(i)] = f
+            feats[str(i)] = f.permute(0, 3, 1, 2) if self.channels_last else f
         return self.fpn(feats)
 
 
-class VitBackbone(nn.Module):
-    """A timm VisionTransformer (`body`), its last tokens as a map, a simple pyramid and an FPN."""
+def is_plain_vit(model: nn.Module) -> bool:
+    """A ViT whose blocks keep one token grid (timm's VisionTransformer, EVA, DeiT, BEiT ...): it gets ViTDet's
+    simple pyramid from its last tokens. Hierarchical ViTs (Swin) go through features_only like CNNs."""
+    return (isinstance(model, VisionTransformer) or
+            all(hasattr(model, a) for a in ("patch_embed", "num_prefix_tokens", "blocks", "forward_features")))
 
-    def __init__(self, body: VisionTransformer, pyramid: SimplePyramid, fpn: FeaturePyramidNetwork,
+
+def token_map(tokens: Tensor, x: Tensor, patch_h: int, patch_w: int, prefix_tokens: int) -> Tensor:
+    """A plain ViT's output tokens for the images x as an N x C x H/patch x W/patch map (prefix tokens dropped)."""
+    gh = (x.shape[-2] + patch_h - 1) // patch_h
+    gw = (x.shape[-1] + patch_w - 1) // patch_w
+    tokens = tokens[:, prefix_tokens:]
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], gh, gw)
+
+
+class VitBackbone(nn.Module):
+    """A plain timm ViT (`body`), its last tokens as a map, a simple pyramid and an FPN."""
+
+    def __init__(self, body: nn.Module, pyramid: SimplePyramid, fpn: FeaturePyramidNetwork,
                  out_channels: int):
         super().__init__()
         self.body, self.pyramid, self.fpn, self.out_channels = body, pyramid, fpn, out_channels
@@ -94,10 +110,7 @@ class VitBackbone(nn.Module):
         self.prefix_tokens = int(body.num_prefix_tokens)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        gh = (x.shape[-2] + self.patch_h - 1) // self.patch_h
-        gw = (x.shape[-1] + self.patch_w - 1) // self.patch_w
-        tokens = self.body.forward_features(x)[:, self.prefix_tokens:]
-        fmap = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], gh, gw)
+        fmap = token_map(self.body.forward_features(x), x, self.patch_h, self.patch_w, self.prefix_tokens)
         feats: dict[str, Tensor] = {}
         for i, f in enumerate(self.pyramid(fmap)):
             feats[str(i)] = f
@@ -153,7 +166,7 @@ def _quiet_unexpected_keys(source: str):
 
 
 def create_body(model_cfg: dict, out_indices: Sequence[int] | None = None) -> nn.Module:
-    """The timm model: features_only for CNNs, the plain VisionTransformer (no classifier) for ViTs.
+    """The timm model: features_only for CNNs and hierarchical ViTs, the plain ViT (no classifier) otherwise.
     A checkpoint is checked against the full timm model, then loaded by timm (which adapts e.g. pos_embed)."""
     if "name" not in model_cfg:
         raise ValueError("model config needs 'name' (a timm model name)")
@@ -161,7 +174,7 @@ def create_body(model_cfg: dict, out_indices: Sequence[int] | None = None) -> nn
     if not timm.is_model(name):
         raise ValueError(f"model.name '{name}' is not a timm model")
     probe = timm.create_model(name, pretrained=False, **kwargs)
-    vit = isinstance(probe, VisionTransformer)
+    vit = is_plain_vit(probe)
     patch = tuple(int(p) for p in probe.patch_embed.patch_size) if vit else ()
     load: dict = {"pretrained": bool(model_cfg.get("pretrained", False))}
     if model_cfg.get("checkpoint"):
@@ -208,7 +221,7 @@ def build_backbone(model_cfg: dict, out_indices: Sequence[int] | None, fpn_chann
     body = create_body(model_cfg, out_indices)
     channels = fpn_channels or (64 if _param_count(body) < TINY_BACKBONE else 256)
     blocks = LastLevelP6P7(channels, channels) if extra == "p6p7" else LastLevelMaxPool()
-    if isinstance(body, VisionTransformer):
+    if is_plain_vit(body):
         width = body.embed_dim
         patch = int(body.patch_embed.patch_size[0])
         strides = [max(1, patch // 2), patch, patch * 2]
@@ -756,16 +769,14 @@ def example_inputs(recipe: dict, preprocess: dict) -> None:
 
 
 def predict(predictor: nn.Module, preprocess: dict, image_paths: Sequence[str | os.PathLike], topk: int = 5,
-            score_thresh: float = 0.3) -> list[dict]:
+            out_dir: str | os.PathLike | None = None, score_thresh: float = 0.3) -> list[dict]:
     """Up to topk boxes per image (xyxy pixels of the upright image) scoring at least score_thresh; an unreadable
-    image gets {"path", "error"}."""
+    image gets {"path", "error"}. Nothing is written (out_dir: the interface's place for files)."""
     names = preprocess["class_names"]
     results = []
-    for path in image_paths:
-        try:
-            pixels = image.read_image(path)
-        except ValueError as e:
-            results.append({"path": str(path), "error": str(e)})
+    for path, pixels, error in image.read_each(image_paths):
+        if error:
+            results.append({"path": path, "error": error})
             continue
         tensor = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255)
         pred = predict_detections(predictor, [tensor])[0]
