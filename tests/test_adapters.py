@@ -9,6 +9,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 
+import vislora
 from vislora import LoraConfig, inject, load_adapter, lora_layers, save_adapter
 
 VIT = ("vit_tiny_patch16_224", dict(img_size=32, patch_size=4, depth=2))
@@ -110,3 +111,28 @@ def test_vislora_loads_peft_files(tmp_path, spec, peft_targets, save):
     model = load_adapter(build(spec), tmp_path).eval()
     with torch.no_grad():
         assert (model(x) - peft_model(x)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("train,bias", [
+    (["head", "*.bias"], "all"),  # BitFit beside LoRA: PEFT's bias="all"
+    (["head", "*norm*"], "none"),  # every norm module: modules_to_save
+    (["head", "blocks.1"], "none"),  # the last block at full rank
+], ids=["biases", "norms", "last-block"])
+def test_hybrid_full_rank_parts_round_trip_in_vislora_and_peft(tmp_path, train, bias):
+    model = inject(build(VIT), LoraConfig(targets="vit", r=4, train=train))
+    summary = vislora.trainable_summary(model)
+    assert summary["fully_trained"] == summary["trainable"] - summary["adapter"] > 0
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["bias"] == bias
+    x = torch.randn(2, 3, 32, 32)
+    fresh = load_adapter(build(VIT), tmp_path)
+    with torch.no_grad():
+        y = model(x)
+        assert (fresh(x) - y).abs().max().item() == 0.0
+        assert (PeftModel.from_pretrained(build(VIT), tmp_path).eval()(x) - y).abs().max().item() <= 1e-5
+        assert (vislora.unload(fresh)(x) - y).abs().max().item() <= 1e-5  # merged keeps them

@@ -48,9 +48,9 @@ def test_step_budget_and_learning_rates(folder):
     recipe = recipe_for(folder)
     assert fs.default_steps(recipe, 16, 3) == 100  # 2 epochs x 12 batches < the floor
     assert fs.default_steps({**recipe, "train": {**recipe["train"], "epochs": 20}}, 16, 3) == 240
-    assert fs.contender_lrs(recipe) == pytest.approx({"lora": 1e-3, "probe": 2.5e-3, "full": 2.5e-4})
+    assert fs.contender_lrs(recipe) == pytest.approx({"lora": 1e-3, "probe": 5e-3, "full": 5e-4})
     probe = resolve({**recipe, "adapter": "linear_probe"})
-    assert fs.contender_lrs(probe, {"full": 1e-4}) == pytest.approx({"lora": 4e-4, "probe": 1e-3, "full": 1e-4})
+    assert fs.contender_lrs(probe, {"full": 1e-4}) == pytest.approx({"lora": 2e-4, "probe": 1e-3, "full": 1e-4})
     assert fs.contender_adapter(probe, "lora")["targets"] == "vit"  # the default LoRA for a probe recipe
     cell = fs.cell_recipe(recipe, "full", 2, folder, steps=7, lr=0.5)
     assert cell["adapter"] is None and cell["data"]["val_fraction"] == 0 and cell["data"]["path"] == str(folder)

@@ -213,3 +213,64 @@ def test_inject_on_meta_device_and_reentrant_checkpointing():
         assert not model._forward_pre_hooks
     finally:
         timm.layers.set_reentrant_ckpt(False)
+
+
+# ---- the first run (issue 13) ----------------------------------------------------------------------
+def test_a_new_head_starts_at_zero_and_a_loaded_one_is_kept(tmp_path):
+    from safetensors.torch import save_file
+
+    from vislora.recipe import resolve
+    from vislora.tasks import classification
+
+    def build(model, classes):
+        return classification.build_model(resolve({"model": model}), classes)
+
+    assert all(p.abs().sum() == 0 for p in build(VIT, 3).get_classifier().parameters())
+    assert any(p.abs().sum() > 0 for p in build({**VIT, "head_init": "timm"}, 3).get_classifier().parameters())
+    source = timm.create_model("vit_tiny_patch16_224", num_classes=3, **VIT["kwargs"])
+    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
+    same = build({**VIT, "checkpoint": str(tmp_path / "w.safetensors")}, 3)  # the file's 3-class head is kept
+    assert torch.equal(same.get_classifier().weight, source.get_classifier().weight)
+    other = build({**VIT, "checkpoint": str(tmp_path / "w.safetensors")}, 5)  # another size: new, so zero
+    assert other.get_classifier().weight.abs().sum() == 0
+
+
+def test_collapse_warning_fires_on_a_forced_collapse_and_not_on_a_healthy_run(tmp_path, folder):
+    from vislora.tasks.classification import health
+
+    healthy = write_recipe(tmp_path / "ok.yaml", folder, {"r": 4, "targets": "vit"}, epochs=3)
+    assert main(["train", str(healthy), "--out", str(tmp_path / "ok")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "ok/metrics.jsonl").read_text().splitlines()]
+    assert not any("warning" in r for r in rows)
+    # a huge lr on a tiny CNN with timm's random head: the features die, the loss sits at ln 3
+    collapse = {"model": {"name": "test_efficientnet", "head_init": "timm"}, "adapter": {"r": 4, "targets": "conv"},
+                "data": {"path": str(folder), "img_size": 32, "workers": 0},
+                "train": {"epochs": 3, "batch_size": 8, "lr": 3.0, "warmup_epochs": 0, "clip_grad": 1.0}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(collapse))
+    assert main(["train", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "bad")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "bad/metrics.jsonl").read_text().splitlines()]
+    assert any("collapsed" in r.get("warning", "") and "train.lr" in r["warning"] for r in rows), rows
+    assert health({"epoch": 1, "train_loss": 1.0986, "train_logit_std": 0.001}, 3)  # ln 3, constant logits
+    assert health({"epoch": 1, "train_loss": 0.4, "train_logit_std": 2.0, "val_top1": 0.9,
+                   "val_predicted_classes": 3}, 3) is None
+
+
+def test_resume_from_the_command_line_uses_the_runs_own_recipe(tmp_path, folder, monkeypatch):
+    from vislora.tasks import classification
+
+    recipe = write_recipe(tmp_path / "r.yaml", folder, {"r": 4, "targets": "vit"})
+    real, calls = classification.validate, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(classification, "validate", interrupted)
+    assert main(["train", str(recipe), "--out", str(tmp_path / "run")]) == 130  # Ctrl-C in epoch 2
+    monkeypatch.setattr(classification, "validate", real)
+    recipe.unlink()  # the run's own recipe.yaml is all --resume needs
+    assert main(["train", "--resume", "--out", str(tmp_path / "run")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]

@@ -203,12 +203,25 @@ def digits_folder(out: Path) -> Path:
     return out
 
 
-def defaults_contenders(model: str) -> dict:
-    """name: (adapter section with nothing but the preset, adapt function)."""
+HYBRID = {  # model: (norm modules and biases, the last block) trained at full rank beside LoRA (issue #15)
+    "mobilenetv2_100": (["*bn*", "*.bias"], ["blocks.6"]),
+    "tf_efficientnet_lite0": (["*bn*", "*.bias"], ["blocks.6"]),
+    "vit_fmnist": (["*norm*", "*.bias"], ["blocks.5"]),
+}
+
+
+def defaults_contenders(model: str, hybrid: bool = False) -> dict:
+    """name: (adapter section with nothing but the preset (and `train` for the hybrids), adapt function)."""
     presets = DEFAULT_MODELS[model][2]
     out = {f"lora_{p}": ({"targets": p}, apply_adapter) for p in presets}
     out |= {"full": (None, apply_adapter), "probe": ("linear_probe", apply_adapter),
             f"peft_{presets[-1]}": ({"targets": presets[-1]}, peft_adapt)}
+    if hybrid:
+        norms, last = HYBRID[model]
+        out = {f"lora_{presets[0]}": out[f"lora_{presets[0]}"],
+               f"lora_{presets[0]}+norms_biases": ({"targets": presets[0], "train": ["head", *norms]}, apply_adapter),
+               f"lora_{presets[0]}+last_block": ({"targets": presets[0], "train": ["head", *last]}, apply_adapter),
+               "full": out["full"], "probe": out["probe"]}
     return out
 
 
@@ -227,7 +240,7 @@ def run_defaults(args: argparse.Namespace, data: dict[str, Path], out: Path) -> 
     done = {(r["model"], r["target"], r["contender"], r["seed"]) for r in rows}
     for model in args.models:
         for target in args.targets:
-            for contender, (adapter, adapt) in defaults_contenders(model).items():
+            for contender, (adapter, adapt) in defaults_contenders(model, args.hybrid).items():
                 for seed in args.seeds:
                     if (model, target, contender, seed) in done:
                         continue
@@ -247,14 +260,17 @@ def run_defaults(args: argparse.Namespace, data: dict[str, Path], out: Path) -> 
 
 
 def markdown_defaults(rows: list[dict]) -> str:
-    """Mean ± std of the last-epoch val top-1 per (model, target) and contender, in points."""
+    """Mean ± std over seeds of the last-epoch val top-1 per (model, target) and contender, in points, with the
+    trainable share in parentheses."""
     contenders = list(dict.fromkeys(r["contender"] for r in rows))
     lines = ["| model | data | " + " | ".join(contenders) + " |", "|---|---|" + "---:|" * len(contenders)]
     for model, target in dict.fromkeys((r["model"], r["target"]) for r in rows):
         cells = []
         for c in contenders:
-            acc = [100 * r["val_top1"] for r in rows if (r["model"], r["target"], r["contender"]) == (model, target, c)]
-            cells.append(f"{np.mean(acc):.1f} ± {np.std(acc):.1f} (n={len(acc)})" if acc else "")
+            got = [r for r in rows if (r["model"], r["target"], r["contender"]) == (model, target, c)]
+            acc = [100 * r["val_top1"] for r in got]
+            share = 100 * np.mean([r["trainable_share"] for r in got]) if got else 0
+            cells.append(f"{np.mean(acc):.1f} ± {np.std(acc):.1f} ({share:.1f}%)" if acc else "")
         lines.append(f"| {model} | {target} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -280,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", nargs="+", default=None, choices=["fmnist", "mnist", "digits"],
                    help="default: fmnist mnist (+ digits: defaults)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="defaults mode")
+    p.add_argument("--hybrid", action="store_true", help="defaults mode: LoRA + norms/biases, LoRA + last block")
     p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
     p.add_argument("--epochs", type=int, default=None, help="default 5")
     p.add_argument("--batch", type=int, default=64)

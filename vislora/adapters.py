@@ -19,7 +19,16 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from vislora.inject import PRESETS, LoraConfig, eject, find_targets, inject, lora_layers, pattern_value
+from vislora.inject import (
+    PRESETS,
+    LoraConfig,
+    eject,
+    find_targets,
+    inject,
+    is_parameter_pattern,
+    lora_layers,
+    pattern_value,
+)
 from vislora.layers import LoraLayer
 from vislora.svd import pissa_as_lora
 
@@ -63,7 +72,17 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     for module_name in getattr(model, "vislora_train", []):
         for key, value in model.get_submodule(module_name).state_dict().items():
             state[f"{PREFIX}{module_name}.{key}"] = value.detach()
+    for name in getattr(model, "vislora_train_params", []):
+        state[f"{PREFIX}{name}"] = model.get_parameter(name).detach()
     return {k: v.contiguous().clone() for k, v in state.items()}
+
+
+def _all_biases(model: nn.Module) -> bool:
+    """The trained parameters are exactly every bias outside the adapters and trained modules: PEFT's bias='all'."""
+    trained = set(getattr(model, "vislora_train_params", []))
+    biases = {n for n, _ in model.named_parameters() if n.endswith(".bias") and
+              not any(n.startswith(m + ".") for m in model.vislora_train)}
+    return bool(trained) and trained == biases
 
 
 def exact(name: str) -> str:
@@ -81,7 +100,8 @@ def adapter_config(model: nn.Module) -> dict:
     alphas = {n: f[2] for n, f in factors.items()}
     r = max(set(ranks.values()), key=list(ranks.values()).count)
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)
-    ours = {"config": config.to_dict(), "ranks": {n: layer.r for n, layer in layers},
+    ours = {"config": config.to_dict(), "train_params": [t for t in config.train if is_parameter_pattern(t)],
+            "ranks": {n: layer.r for n, layer in layers},
             "alphas": {n: layer.alpha for n, layer in layers}, "within": getattr(model, "vislora_within", None)}
     if any(hasattr(layer, "pissa_A0") for _, layer in layers):  # saved as the equivalent plain adapter
         ours = {"config": {**config.to_dict(), "qkv": None, "init": "default"}, "ranks": ranks,
@@ -100,7 +120,7 @@ def adapter_config(model: nn.Module) -> dict:
         "modules_to_save": list(model.vislora_train) or None,
         "rank_pattern": {exact(n): v for n, v in ranks.items() if v != r},
         "alpha_pattern": {exact(n): v for n, v in alphas.items() if v != alpha},
-        "bias": "none",
+        "bias": "all" if _all_biases(model) else "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
@@ -137,9 +157,11 @@ def read_config(directory: str | os.PathLike) -> dict:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
     if data.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {data.get('peft_type')!r} is not LORA")
-    for key, plain in (("use_dora", False), ("bias", "none"), ("lora_bias", False), ("fan_in_fan_out", False)):
+    for key, plain in (("use_dora", False), ("lora_bias", False), ("fan_in_fan_out", False)):
         if data.get(key, plain) not in (plain, None):
             raise ValueError(f"{path}: {key}={data[key]!r} is not supported by vislora")
+    if data.get("bias", "none") not in ("none", "all", None):  # "all": every bias trained, saved in the file
+        raise ValueError(f"{path}: bias={data['bias']!r} is not supported by vislora (none or all)")
     return data
 
 
@@ -166,7 +188,9 @@ def config_from_file(data: dict) -> LoraConfig:
         r=data["r"], alpha=data.get("lora_alpha", data["r"]), dropout=data.get("lora_dropout", 0.0),
         targets=targets if isinstance(targets, str) else list(targets),
         exclude=list(data.get("exclude_modules") or []), rslora=bool(data.get("use_rslora", False)),
-        train=list(data.get("modules_to_save") or []), qkv=ours.get("config", {}).get("qkv"),
+        train=list(data.get("modules_to_save") or []) + list(ours.get("train_params") or
+                                                              (["*.bias"] if data.get("bias") == "all" else [])),
+        qkv=ours.get("config", {}).get("qkv"),
         rank_pattern=ranks, alpha_pattern=alphas, init="pissa" if init == "pissa" and not ours else "default",
     )
 
@@ -242,6 +266,9 @@ def _targets_for(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Size]]
     for module_name in getattr(model, "vislora_train", []):
         for key, value in model.get_submodule(module_name).state_dict(keep_vars=True).items():
             out[f"{PREFIX}{module_name}.{key}"] = (value, value.shape)
+    for name in getattr(model, "vislora_train_params", []):
+        value = model.get_parameter(name)
+        out[f"{PREFIX}{name}"] = (value, value.shape)
     return out
 
 

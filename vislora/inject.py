@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,9 @@ class LoraConfig:
     targets: str | Sequence[str] = "vit"  # a preset name (see PRESETS) or a list of name patterns
     exclude: Sequence[str] = ()  # patterns (same forms as targets) that are never adapted
     rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
-    train: Sequence[str] = ("head",)  # modules trained fully ("head" = the timm classifier)
+    # trained fully beside the adapters: "head" (the timm classifier), module names / patterns / globs ("blocks.11",
+    # "*norm*": modules_to_save in the file), parameter patterns ending in .weight / .bias ("*.bias": BitFit)
+    train: Sequence[str] = ("head",)
     qkv: str | None = None  # per-projection adapters inside fused qkv layers: "qv", "qkv", ...; None = one pair
     rank_pattern: dict[str, int] = field(default_factory=dict)  # per-layer r, keys matched like targets
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # per-layer alpha
@@ -117,19 +120,45 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
             yield name, module
 
 
+def is_parameter_pattern(entry: str) -> bool:
+    """A `train` entry naming parameters (it ends in .weight or .bias, e.g. "*.bias"), not modules."""
+    return entry.endswith((".weight", ".bias"))
+
+
+def _glob(entry: str) -> bool:
+    return any(c in entry for c in "*?[")
+
+
 def resolve_train(model: nn.Module, train: Sequence[str]) -> list[str]:
-    """Module names that stay fully trainable; "head" means the classifier. Unknown entries raise."""
+    """Module names that stay fully trainable: "head" (the classifier), names, suffix / regex patterns, globs
+    ("*norm*"). Parameter patterns are resolve_train_params'. Unknown entries raise."""
     modules = [n for n, _ in model.named_modules() if n]
     found: list[str] = []
     for entry in train:
+        if is_parameter_pattern(entry):
+            continue
         hits = classifier_names(model) if entry == "head" else []
-        hits = hits or [n for n in modules if matches(n, entry)]
+        hits = hits or [n for n in modules if matches(n, entry) or (_glob(entry) and fnmatch.fnmatchcase(n, entry))]
         if not hits and entry == "head":
             continue  # a model without a classifier (a backbone) has no head to train
         if not hits:
             raise ValueError(f"train entry '{entry}' matches no module of {type(model).__name__}")
         found += [h for h in hits if not _within(h, found)]
     return [n for n in found if not any(n != o and _within(n, [o]) for o in found)]
+
+
+def resolve_train_params(model: nn.Module, train: Sequence[str], modules: Sequence[str] = ()) -> list[str]:
+    """Parameter names matched by the `train` entries that end in .weight / .bias (exact names or globs, e.g.
+    "*.bias"), outside the adapters and the fully trained `modules`. A pattern that matches nothing raises."""
+    names = [n for n, _ in model.named_parameters() if ".lora_" not in f".{n}" and not _within(n, modules)]
+    found: list[str] = []
+    for entry in (e for e in train if is_parameter_pattern(e)):
+        hits = [n for n in names if fnmatch.fnmatchcase(n, entry) or n == entry or
+                fnmatch.fnmatchcase(n.replace(".base_layer.", "."), entry)]
+        if not hits:
+            raise ValueError(f"train entry '{entry}' matches no parameter of {type(model).__name__}")
+        found += [h for h in hits if h not in found]
+    return found
 
 
 def pattern_value(name: str, pattern_map: dict, default):
@@ -266,8 +295,9 @@ def _input_needs_grad_hook(model: nn.Module, args: tuple):
     return (args[0].detach().requires_grad_(True), *args[1:])
 
 
-def set_trainable(model: nn.Module, train_names: Sequence[str]) -> None:
-    """Only adapters and the `train` modules require grad; BatchNorm elsewhere keeps eval statistics."""
+def set_trainable(model: nn.Module, train_names: Sequence[str], train_params: Sequence[str] = ()) -> None:
+    """Only adapters, the `train` modules and the `train_params` parameters require grad; BatchNorm outside the
+    train modules keeps its eval statistics."""
     for p in model.parameters():
         p.requires_grad_(False)
     for _, layer in lora_layers(model):
@@ -275,6 +305,8 @@ def set_trainable(model: nn.Module, train_names: Sequence[str]) -> None:
         layer.lora_B.requires_grad_(True)
     for name in train_names:
         model.get_submodule(name).requires_grad_(True)
+    for name in train_params:
+        model.get_parameter(name).requires_grad_(True)
     freeze_bn_stats(model, train_names)
 
 
@@ -291,6 +323,7 @@ def inject(model: nn.Module, config: LoraConfig, verify: bool | None = None, wit
         raise ValueError("model already carries vislora adapters: unload() it first, or load_adapter() into it")
     names = find_targets(model, config, within)  # everything is checked before the model changes
     train_names = resolve_train(model, config.train)
+    resolve_train_params(model, config.train, train_names)
     plan = []
     for name in names:
         module = model.get_submodule(name)
@@ -304,9 +337,10 @@ def inject(model: nn.Module, config: LoraConfig, verify: bool | None = None, wit
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     model.vislora_config = config
     model.vislora_train = list(train_names)
+    model.vislora_train_params = resolve_train_params(model, config.train, train_names)  # names after wrapping
     model.vislora_within = within
     model._vislora_input_hook = model.register_forward_pre_hook(_input_needs_grad_hook)
-    set_trainable(model, train_names)
+    set_trainable(model, train_names, model.vislora_train_params)
     if config.init == "pissa":
         for _, layer in lora_layers(model):
             layer.init_pissa()
@@ -384,7 +418,7 @@ def _strip(model: nn.Module, merge_first: bool) -> nn.Module:
                 hook.remove()
         if type(m) in plain_bn:
             m.__class__ = plain_bn[type(m)]
-    for attr in ("vislora_config", "vislora_train", "vislora_within"):
+    for attr in ("vislora_config", "vislora_train", "vislora_train_params", "vislora_within"):
         model.__dict__.pop(attr, None)
     return model
 
@@ -404,5 +438,5 @@ def trainable_summary(model: nn.Module) -> dict:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     adapter = sum(layer.lora_A.numel() + layer.lora_B.numel() for _, layer in lora_layers(model))
-    return {"total": total, "trainable": trainable, "adapter": adapter,
+    return {"total": total, "trainable": trainable, "adapter": adapter, "fully_trained": trainable - adapter,
             "trainable_share": trainable / max(total, 1), "adapted_layers": sum(1 for _ in lora_layers(model))}
