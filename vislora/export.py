@@ -16,6 +16,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +181,62 @@ def _prepared(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+@dataclass
+class _Check:
+    """What verifying one exported file needs: the inputs, the PyTorch reference and how to call and time."""
+
+    inputs: torch.Tensor
+    reference: list[np.ndarray]
+    call: Callable
+    listed: bool
+    repeats: int
+
+    def latencies(self, fn: Callable, as_numpy: bool, batches: Sequence[int] = LATENCY_BATCHES) -> dict:
+        """Median latency of fn at each batch size (the inputs cycled to fill it)."""
+        out = {}
+        for b in batches:
+            x = self.inputs[torch.arange(b) % len(self.inputs)]
+            out[f"batch{b}"] = median_latency(fn, x.numpy() if as_numpy else x, repeats=self.repeats)
+        return out
+
+
+def _torchscript_entry(net: nn.Module, path: Path, check: _Check, method: str, metadata: dict) -> tuple[dict, list]:
+    """Write model.pt, reload it in torch.jit, run and time it; (report entry, outputs on [all inputs, one])."""
+    example = check.inputs[:2] if len(check.inputs) >= 2 else check.inputs  # 2: no singleton batch baked in
+    export_torchscript(net, example, path, method=method, metadata=metadata)
+    with quiet_jit():
+        loaded = torch.jit.load(str(path), map_location="cpu").eval()
+    with torch.inference_mode():
+        got = [_flatten(check.call(loaded, check.inputs)),
+               [] if check.listed else _flatten(check.call(loaded, check.inputs[:1]))]
+        latency = check.latencies(lambda x: check.call(loaded, x), as_numpy=False)
+    return {"path": path.name, "latency_s": latency, "method": method}, got
+
+
+def _onnx_entry(net: nn.Module, path: Path, check: _Check, opset: int, dynamic_batch: bool, metadata: dict
+                ) -> tuple[dict, list]:
+    """Write model.onnx, run and time it in onnxruntime; (report entry, outputs on [all inputs, one])."""
+    import onnx
+
+    example = (check.inputs[:2] if len(check.inputs) >= 2 else check.inputs) if dynamic_batch else check.inputs[:1]
+    export_onnx(net, example, path, opset, dynamic_batch, metadata)
+    predictor, _ = onnx_predictor(path)
+    got = [[predictor(check.inputs.numpy())], [predictor(check.inputs[:1].numpy())]]
+    latency = check.latencies(predictor, as_numpy=True, batches=LATENCY_BATCHES if dynamic_batch else (1,))
+    nodes = len(onnx.load(str(path), load_external_data=False).graph.node)
+    return {"path": path.name, "latency_s": latency, "nodes": nodes, "opset": opset,
+            "dynamic_batch": dynamic_batch}, got
+
+
+def _compare(entry: dict, check: _Check, got: list, fmt: str) -> None:
+    """Max abs / rel difference to PyTorch, on the whole batch and (batch models) on a batch of one, which catches
+    a batch size baked into the graph."""
+    diffs = [_max_diffs(check.reference, got[0], fmt)]
+    if not check.listed:
+        diffs.append(_max_diffs([r[:1] for r in check.reference], got[1], fmt))
+    entry["max_abs_diff"], entry["max_rel_diff"] = (max(d) for d in zip(*diffs, strict=True))
+
+
 def export_model(model: nn.Module, preprocess: dict, out_dir: str | os.PathLike,
                  formats: Sequence[str] = ("torchscript", "onnx"), opset: int = 17, dynamic_batch: bool = True,
                  inputs: torch.Tensor | None = None, tol: float = 1e-4, repeats: int = 20,
@@ -199,70 +256,30 @@ def export_model(model: nn.Module, preprocess: dict, out_dir: str | os.PathLike,
     if "onnx" in formats and spec["onnx"]:
         raise NotImplementedError(spec["onnx"])
     check_no_adapters(model)
-    was_training = model.training
-    net = _prepared(model)
-    listed = spec["input"] == "list"
+    was_training, net, listed = model.training, _prepared(model), spec["input"] == "list"
     check_preprocess(preprocess, ("input_size",) if listed else PREPROCESS_KEYS)  # list-input models normalise inside
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    h, w = input_hw(preprocess)
     source = "random" if inputs is None else "given"
     if inputs is None:
-        inputs = torch.randn(8, 3, h, w, generator=torch.Generator().manual_seed(0))
+        inputs = torch.randn(8, 3, *input_hw(preprocess), generator=torch.Generator().manual_seed(0))
     inputs = inputs.detach().float().cpu()
-    # a batch of 2 keeps the tracer from specializing on a singleton batch; static ONNX exports batch 1
-    example = inputs[:2] if len(inputs) >= 2 else inputs
-    call = (lambda m, x: m(list(x))) if listed else (lambda m, x: m(x))
     metadata = {**preprocess, "class_names": preprocess.get("class_names")}
     (out_dir / PREPROCESS_NAME).write_text(json.dumps(metadata, indent=2))
-
-    latency_inputs = {b: inputs[torch.arange(b) % len(inputs)] for b in LATENCY_BATCHES}
-
-    def latencies(fn: Callable, as_numpy: bool, batches=LATENCY_BATCHES) -> dict:
-        lat = {}
-        for b in batches:
-            x = latency_inputs[b].numpy() if as_numpy else latency_inputs[b]
-            lat[f"batch{b}"] = median_latency(fn, x, repeats=repeats)
-        return lat
-
     report: dict = {"parameters": sum(p.numel() for p in net.parameters()), "tol": tol,
                     "inputs": {"source": source, "shape": list(inputs.shape)},
                     "threads": torch.get_num_threads(), "preprocess": PREPROCESS_NAME}
     failures = []
     try:
+        call = (lambda m, x: m(list(x))) if listed else (lambda m, x: m(x))
         with torch.inference_mode():
-            reference = _flatten(call(net, inputs))
-            report["pytorch"] = {"latency_s": latencies(lambda x: call(net, x), as_numpy=False)}
+            check = _Check(inputs, _flatten(call(net, inputs)), call, listed, repeats)
+            report["pytorch"] = {"latency_s": check.latencies(lambda x: call(net, x), as_numpy=False)}
         for fmt in formats:
             path = out_dir / FILE_NAMES[fmt]
-            entry: dict = {"path": path.name}
-            if fmt == "torchscript":
-                export_torchscript(net, example, path, method=spec["torchscript"], metadata=metadata)
-                with quiet_jit():
-                    loaded = torch.jit.load(str(path), map_location="cpu").eval()
-                with torch.inference_mode():
-                    got = _flatten(call(loaded, inputs))
-                    single = [] if listed else _flatten(call(loaded, inputs[:1]))
-
-                    def run(x, loaded=loaded):
-                        return call(loaded, x)
-
-                    entry["latency_s"] = latencies(run, as_numpy=False)
-                entry["method"] = spec["torchscript"]
-            else:
-                export_onnx(net, example if dynamic_batch else inputs[:1], path, opset, dynamic_batch, metadata)
-                import onnx
-
-                predictor, _ = onnx_predictor(path)
-                got, single = [predictor(inputs.numpy())], [predictor(inputs[:1].numpy())]
-                entry["latency_s"] = latencies(predictor, as_numpy=True,
-                                               batches=LATENCY_BATCHES if dynamic_batch else (1,))
-                entry.update(nodes=len(onnx.load(str(path), load_external_data=False).graph.node), opset=opset,
-                             dynamic_batch=dynamic_batch)
-            diffs = [_max_diffs(reference, got, fmt)]
-            if not listed:  # a batch other than the traced one: catches a batch size baked into the graph
-                diffs.append(_max_diffs([r[:1] for r in reference], single, fmt))
-            entry["max_abs_diff"], entry["max_rel_diff"] = (max(d) for d in zip(*diffs, strict=True))
+            entry, got = (_torchscript_entry(net, path, check, spec["torchscript"], metadata) if fmt == "torchscript"
+                          else _onnx_entry(net, path, check, opset, dynamic_batch, metadata))
+            _compare(entry, check, got, fmt)
             entry["bytes"] = path.stat().st_size
             report[fmt] = entry
             if not entry["max_abs_diff"] <= tol:
