@@ -274,3 +274,19 @@ def test_resume_from_the_command_line_uses_the_runs_own_recipe(tmp_path, folder,
     assert main(["train", "--resume", "--out", str(tmp_path / "run")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
+
+
+def test_a_local_checkpoint_brings_its_cards_preprocessing(tmp_path):
+    """WEIGHTS.json beside a checkpoint (as import_weights.py and pretrain.py write it) is its pretrained_cfg."""
+    from safetensors.torch import save_file
+
+    from vislora.data import preprocess_config
+    from vislora.recipe import resolve
+    from vislora.tasks import classification
+
+    source = timm.create_model("vit_tiny_patch16_224", num_classes=3, **VIT["kwargs"])
+    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
+    (tmp_path / "w.json").write_text(json.dumps({"pretrained_cfg": {"mean": [0.1, 0.2, 0.3], "crop_pct": 1.0}}))
+    recipe = resolve({"model": {**VIT, "checkpoint": str(tmp_path / "w.safetensors")}, "data": {"std": [2, 2, 2]}})
+    pre = preprocess_config(classification.build_model(recipe, 3), {"std": recipe["data"]["std"]})
+    assert pre["mean"] == (0.1, 0.2, 0.3) and pre["crop_pct"] == 1.0 and pre["std"] == (2.0, 2.0, 2.0)

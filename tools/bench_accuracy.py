@@ -250,6 +250,7 @@ def run_defaults(args: argparse.Namespace, data: dict[str, Path], out: Path) -> 
                     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
                     summary = json.loads((run_dir / "train_summary.json").read_text())["summary"]
                     rows.append({"model": model, "target": target, "contender": contender, "seed": seed,
+                                 "epochs": args.epochs,
                                  "val_top1": metrics[-1]["val_top1"], "curve": [m["val_top1"] for m in metrics],
                                  "warnings": [m["warning"] for m in metrics if "warning" in m],
                                  "trainable_share": summary["trainable_share"],

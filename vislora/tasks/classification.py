@@ -23,7 +23,15 @@ from vislora import data as vdata
 from vislora import image
 from vislora.inject import classifier_names, inject, set_trainable
 from vislora.recipe import lora_config
-from vislora.tasks.common import Setup, batch_predictor, create_timm, load_weights, seeded, write_confusion
+from vislora.tasks.common import (
+    Setup,
+    batch_predictor,
+    card_pretrained_cfg,
+    create_timm,
+    load_weights,
+    seeded,
+    write_confusion,
+)
 
 NAME = "classification"
 SCORE = "val_top1"  # the validation metric that picks the best epoch (higher is better)
@@ -39,7 +47,10 @@ def build_model(recipe: dict, num_classes: int) -> nn.Module:
     def build() -> nn.Module:
         model = create_timm(m, num_classes=num_classes)
         heads = classifier_names(model)
-        loaded = load_weights(model, m["checkpoint"], skip=heads) if m["checkpoint"] else set()
+        loaded = set()
+        if m["checkpoint"]:
+            loaded = load_weights(model, m["checkpoint"], skip=heads)
+            model.pretrained_cfg = {**(model.pretrained_cfg or {}), **card_pretrained_cfg(m["checkpoint"])}
         pretrained_head = m["pretrained"] and (model.pretrained_cfg or {}).get("num_classes") == num_classes
         new_heads = [h for h in heads if not pretrained_head and f"{h}.weight" not in loaded]
         init_heads(model, new_heads, m["head_init"])

@@ -4,6 +4,7 @@ predictor convention and the confusion-matrix files."""
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,23 @@ def create_timm(model_cfg: dict, **kwargs) -> nn.Module:
         return timm.create_model(name, pretrained=model_cfg["pretrained"], **model_cfg["kwargs"], **kwargs)
     except TypeError as e:
         raise ValueError(f"model.kwargs {model_cfg['kwargs']} do not fit timm model '{name}': {e}") from e
+
+
+CARD_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation")
+
+
+def card_pretrained_cfg(path: str | Path) -> dict:
+    """The preprocessing a local weights file was trained with, from its card beside it (WEIGHTS.json, as
+    tools/import_weights.py and tools/pretrain.py write them): its "pretrained_cfg" entries among CARD_KEYS. timm's
+    pretrained_cfg describes the hub weights, not these; the recipe's data fields still win over both."""
+    card = Path(path).with_suffix(".json")
+    if not card.is_file():
+        return {}
+    try:
+        cfg = json.loads(card.read_text()).get("pretrained_cfg") or {}
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{card} (the card of {Path(path).name}) is not a JSON object: {e}") from e
+    return {k: v for k, v in cfg.items() if k in CARD_KEYS}
 
 
 def load_weights(model: nn.Module, path: str | Path, skip: list[str] = ()) -> set[str]:
