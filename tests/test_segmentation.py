@@ -94,8 +94,9 @@ def test_mask_and_image_stay_aligned_under_augmentation(seed):
     colours = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]], dtype=np.uint8)
     rgb, mask = _colour_scene(48, 40, 6, colours, seed)
     augment = {"scale": [0.2, 1.0], "hflip": 1.0, "color_jitter": 0.0}
-    for transform in (seg.train_transform(PRE, augment), seg.eval_transform(PRE)):
-        transform.set_random_seed(seed)
+    train = seg.train_transform(PRE, augment)
+    train.set_random_seed(seed)
+    for transform in (train, seg.eval_transform(PRE)):
         out = transform(image=rgb, mask=mask)
         pixels = seg.denormalize(out["image"].numpy(), PRE).astype(np.int64)
         labels = out["mask"].numpy()

@@ -166,6 +166,14 @@ def resize_center_crop(rgb: np.ndarray, height: int, width: int, crop_pct: float
     return rgb[top:top + height, left:left + width]
 
 
+def resize(pixels: np.ndarray, height: int, width: int, interpolation: str = "bilinear") -> np.ndarray:
+    """An HxW(xC) uint8 array resized to height x width with Pillow (aspect ratio not kept): segmentation's eval
+    geometry; interpolation "nearest" for masks of class indices."""
+    if pixels.shape[:2] == (height, width):
+        return pixels
+    return np.asarray(Image.fromarray(pixels).resize((width, height), RESAMPLING[interpolation]))
+
+
 def normalize(rgb: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """HxWx3 uint8 -> 3xHxW float32, (x / 255 - mean) / std per channel."""
     x = rgb.astype(np.float32) / np.float32(255.0)

@@ -307,11 +307,28 @@ def train_transform(preprocess: dict, augment: dict) -> A.Compose:
     return A.Compose(steps + _finish(preprocess))
 
 
-def eval_transform(preprocess: dict) -> A.Compose:
-    """The whole image resized to the input size (mask: nearest), normalised: validation, evaluation, predict."""
-    h, w = image.input_hw(preprocess)
-    return A.Compose([A.Resize(h, w, interpolation=_cv2_interpolation(preprocess),
-                               mask_interpolation=cv2.INTER_NEAREST)] + _finish(preprocess))
+class EvalTransform:
+    """The whole image resized to the input size with Pillow (mask: nearest), normalised (vislora.image, no
+    training stack: what a served segmenter is fed), called like albumentations: (image=, mask=) -> dict."""
+
+    def __init__(self, preprocess: dict):
+        image.check_preprocess(preprocess, ("input_size", "mean", "std", "interpolation"))
+        self.preprocess = preprocess
+        self.h, self.w = image.input_hw(preprocess)
+        self.resize, self.normalize = image.resize, image.normalize  # `image` is the call's argument below
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray | None = None) -> dict:
+        pre = self.preprocess
+        pixels = self.resize(image, self.h, self.w, pre["interpolation"])
+        out = {"image": torch.from_numpy(self.normalize(pixels, pre["mean"], pre["std"]))}
+        if mask is not None:
+            out["mask"] = torch.from_numpy(self.resize(mask, self.h, self.w, "nearest").copy())
+        return out
+
+
+def eval_transform(preprocess: dict) -> EvalTransform:
+    """Validation, evaluation and predict: EvalTransform."""
+    return EvalTransform(preprocess)
 
 
 def _val_dir(root: Path) -> Path | None:
