@@ -16,7 +16,7 @@ A task is a module with the same few names (see docs/adding-a-task.md):
   evaluate(predictor, preprocess, recipe, data, out, batch_size, workers) -> report (written to out, with plots)
   format_report(report) -> str
   example_inputs(recipe, preprocess)      real inputs to verify an export with, or None (random)
-  predict(predictor, preprocess, paths, topk) -> [{"path", ...} or {"path", "error"}]
+  predict(predictor, preprocess, paths, topk, out_dir) -> [{"path", ...} or {"path", "error"}]; files go to out_dir
   format_prediction(result) -> str
 """
 
