@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -88,10 +89,13 @@ CONTENDERS = {  # name: (adapter section, lr, label, how the loop prepares the m
 }
 
 
-def fashion_folder(out: Path, per_class: int, val_per_class: int = 100, seed: int = 0) -> Path:
-    """Fashion-MNIST as an image folder (out/train/<class>/*.png, out/val/<class>/*.png), seeded subset."""
+def fashion_folder(cache: Path, per_class: int, val_per_class: int = 100, seed: int = 0) -> Path:
+    """Fashion-MNIST as an image folder (train/<class>/*.png, val/<class>/*.png), a seeded subset, cached in
+    cache/fmnist_<per_class>_<val_per_class> so that two subset sizes never share (and mix) one folder."""
+    out = cache / f"fmnist_{per_class}_{val_per_class}"
     if (out / "done.json").is_file() and json.loads((out / "done.json").read_text()) == [per_class, val_per_class]:
         return out
+    shutil.rmtree(out, ignore_errors=True)
     rng = np.random.default_rng(seed)
     for split, prefix, n in (("train", "train", per_class), ("val", "t10k", val_per_class)):
         images = FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz"
@@ -281,7 +285,7 @@ def main_defaults(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data = {"mnist": ROOT / "data" / "mnist", "digits": digits_folder(ROOT / ".cache" / "bench" / "digits")}
     if "fmnist" in args.targets:
-        data["fmnist"] = fashion_folder(ROOT / ".cache" / "bench" / f"fmnist_{args.per_class}", args.per_class,
+        data["fmnist"] = fashion_folder(ROOT / ".cache" / "bench", args.per_class,
                                         val_per_class=50)
     rows = run_defaults(args, data, out)
     table = markdown_defaults(rows)
@@ -321,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data = {"mnist": ROOT / "data" / "mnist"}
     if "fmnist" in args.targets:
-        data["fmnist"] = fashion_folder(ROOT / ".cache" / "bench" / f"fmnist_{args.per_class}", args.per_class)
+        data["fmnist"] = fashion_folder(ROOT / ".cache" / "bench", args.per_class)
     rows = []
     for model in args.models:
         for target in args.targets:

@@ -19,7 +19,7 @@ from vislora.adapters import save_adapter
 from vislora.data import preprocess_config
 from vislora.evaluate import evaluate, predict
 from vislora.export import export_run
-from vislora.fewshot import CONTENDERS, TABLE, fewshot
+from vislora.fewshot import CONTENDERS, LR_SCALE, TABLE, fewshot
 from vislora.footprint import footprint, format_footprint
 from vislora.inject import LoraConfig, classifier_names, unload
 from vislora.recipe import apply_overrides, load_recipe, read_yaml, resolve
@@ -303,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer steps per run, whatever k (default: max(100, recipe epochs x steps per epoch at "
                         "the largest k))")
     p.add_argument("--lr", nargs="+", metavar="CONTENDER=LR",
-                   help="learning rate per contender (default: the recipe's, scaled lora 1 : probe 2.5 : full 0.25)")
+                   help="learning rate per contender (default: the recipe's, scaled as the measured mode defaults: "
+                        + " : ".join(f"{c} {s:g}" for c, s in LR_SCALE.items()) + ")")
     p.add_argument("--out", help="output folder (default runs/fewshot_<recipe name>); a rerun resumes its grid")
     p.set_defaults(func=cmd_fewshot)
 
