@@ -117,7 +117,8 @@ def test_vislora_loads_peft_files(tmp_path, spec, peft_targets, save):
     (["head", "*.bias"], "all"),  # BitFit beside LoRA: PEFT's bias="all"
     (["head", "*norm*"], "none"),  # every norm module: modules_to_save
     (["head", "blocks.1"], "none"),  # the last block at full rank
-], ids=["biases", "norms", "last-block"])
+    (["head", "*norm*", "*.bias"], "all"),  # norms whole, then the biases left outside them (norm biases match too)
+], ids=["biases", "norms", "last-block", "norms-and-biases"])
 def test_hybrid_full_rank_parts_round_trip_in_vislora_and_peft(tmp_path, train, bias):
     model = inject(build(VIT), LoraConfig(targets="vit", r=4, train=train))
     summary = vislora.trainable_summary(model)

@@ -150,14 +150,14 @@ def resolve_train(model: nn.Module, train: Sequence[str]) -> list[str]:
 def resolve_train_params(model: nn.Module, train: Sequence[str], modules: Sequence[str] = ()) -> list[str]:
     """Parameter names matched by the `train` entries that end in .weight / .bias (exact names or globs, e.g.
     "*.bias"), outside the adapters and the fully trained `modules`. A pattern that matches nothing raises."""
-    names = [n for n, _ in model.named_parameters() if ".lora_" not in f".{n}" and not _within(n, modules)]
+    names = [n for n, _ in model.named_parameters() if ".lora_" not in f".{n}"]
     found: list[str] = []
     for entry in (e for e in train if is_parameter_pattern(e)):
         hits = [n for n in names if fnmatch.fnmatchcase(n, entry) or n == entry or
                 fnmatch.fnmatchcase(n.replace(".base_layer.", "."), entry)]
         if not hits:
             raise ValueError(f"train entry '{entry}' matches no parameter of {type(model).__name__}")
-        found += [h for h in hits if h not in found]
+        found += [h for h in hits if h not in found and not _within(h, modules)]  # those modules train whole
     return found
 
 
