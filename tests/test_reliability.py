@@ -9,13 +9,15 @@ import timm
 import torch
 import yaml
 from PIL import Image
+from safetensors.torch import save_file
 
 import vislora
 from vislora import LoraConfig, inject, load_adapter, lora_layers, save_adapter
 from vislora.cli import main
-from vislora.data import make_synthetic_folder
+from vislora.data import make_synthetic_folder, preprocess_config
 from vislora.evaluate import evaluate, predict
-from vislora.recipe import load_recipe
+from vislora.recipe import load_recipe, resolve
+from vislora.tasks import classification
 
 VIT = {"name": "vit_tiny_patch16_224", "pretrained": False, "kwargs": {"img_size": 32, "patch_size": 8, "depth": 1}}
 
@@ -217,11 +219,6 @@ def test_inject_on_meta_device_and_reentrant_checkpointing():
 
 # ---- the first run (issue 13) ----------------------------------------------------------------------
 def test_a_new_head_starts_at_zero_and_a_loaded_one_is_kept(tmp_path):
-    from safetensors.torch import save_file
-
-    from vislora.recipe import resolve
-    from vislora.tasks import classification
-
     def build(model, classes):
         return classification.build_model(resolve({"model": model}), classes)
 
@@ -236,8 +233,6 @@ def test_a_new_head_starts_at_zero_and_a_loaded_one_is_kept(tmp_path):
 
 
 def test_collapse_warning_fires_on_a_forced_collapse_and_not_on_a_healthy_run(tmp_path, folder):
-    from vislora.tasks.classification import health
-
     healthy = write_recipe(tmp_path / "ok.yaml", folder, {"r": 4, "targets": "vit"}, epochs=3)
     assert main(["train", str(healthy), "--out", str(tmp_path / "ok")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "ok/metrics.jsonl").read_text().splitlines()]
@@ -250,9 +245,10 @@ def test_collapse_warning_fires_on_a_forced_collapse_and_not_on_a_healthy_run(tm
     assert main(["train", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "bad")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "bad/metrics.jsonl").read_text().splitlines()]
     assert any("collapsed" in r.get("warning", "") and "train.lr" in r["warning"] for r in rows), rows
-    assert health({"epoch": 1, "train_loss": 1.0986, "train_logit_std": 0.001}, 3)  # ln 3, constant logits
-    assert health({"epoch": 1, "train_loss": 0.4, "train_logit_std": 2.0, "val_top1": 0.9,
-                   "val_predicted_classes": 3}, 3) is None
+    collapsed = {"epoch": 1, "train_loss": 1.0986, "train_logit_std": 0.001}  # ln 3, constant logits
+    assert classification.health(collapsed, 3)
+    assert classification.health({"epoch": 1, "train_loss": 0.4, "train_logit_std": 2.0, "val_top1": 0.9,
+                                  "val_predicted_classes": 3}, 3) is None
 
 
 def test_resume_from_the_command_line_uses_the_runs_own_recipe(tmp_path, folder, monkeypatch):
@@ -278,12 +274,6 @@ def test_resume_from_the_command_line_uses_the_runs_own_recipe(tmp_path, folder,
 
 def test_a_local_checkpoint_brings_its_cards_preprocessing(tmp_path):
     """WEIGHTS.json beside a checkpoint (as import_weights.py and pretrain.py write it) is its pretrained_cfg."""
-    from safetensors.torch import save_file
-
-    from vislora.data import preprocess_config
-    from vislora.recipe import resolve
-    from vislora.tasks import classification
-
     source = timm.create_model("vit_tiny_patch16_224", num_classes=3, **VIT["kwargs"])
     save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
     (tmp_path / "w.json").write_text(json.dumps({"pretrained_cfg": {"mean": [0.1, 0.2, 0.3], "crop_pct": 1.0}}))

@@ -285,8 +285,7 @@ def main_defaults(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data = {"mnist": ROOT / "data" / "mnist", "digits": digits_folder(ROOT / ".cache" / "bench" / "digits")}
     if "fmnist" in args.targets:
-        data["fmnist"] = fashion_folder(ROOT / ".cache" / "bench", args.per_class,
-                                        val_per_class=50)
+        data["fmnist"] = fashion_folder(ROOT / ".cache" / "bench", args.per_class, val_per_class=50)
     rows = run_defaults(args, data, out)
     table = markdown_defaults(rows)
     (out / "results_defaults.md").write_text(table + "\n")

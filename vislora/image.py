@@ -145,6 +145,14 @@ def check_preprocess(preprocess: dict, keys: Sequence[str] = PREPROCESS_KEYS) ->
                          f"{sorted(RESAMPLING)}")
 
 
+def resize(pixels: np.ndarray, height: int, width: int, interpolation: str = "bilinear") -> np.ndarray:
+    """An HxW(xC) uint8 array resized to height x width with Pillow (aspect ratio not kept): the resize of the eval
+    geometries; interpolation "nearest" for masks of class indices."""
+    if pixels.shape[:2] == (height, width):
+        return pixels
+    return np.asarray(Image.fromarray(pixels).resize((width, height), RESAMPLING[interpolation]))
+
+
 def resize_center_crop(rgb: np.ndarray, height: int, width: int, crop_pct: float = 1.0,
                        interpolation: str = "bilinear") -> np.ndarray:
     """timm's eval geometry on an HxWxC uint8 array: scale so that the image covers floor(size / crop_pct)
@@ -158,20 +166,11 @@ def resize_center_crop(rgb: np.ndarray, height: int, width: int, crop_pct: float
     else:  # timm's ResizeKeepRatio: the smaller ratio of the two sides
         ratio = min(h / scale_h, w / scale_w)
         new_h, new_w = round(h / ratio), round(w / ratio)
-    if (new_h, new_w) != (h, w):
-        rgb = np.asarray(Image.fromarray(rgb).resize((new_w, new_h), RESAMPLING[interpolation]))
+    rgb = resize(rgb, new_h, new_w, interpolation)
     top, left = int(round((new_h - height) / 2.0)), int(round((new_w - width) / 2.0))
     if top < 0 or left < 0:
         raise ValueError(f"image of {new_h}x{new_w} is smaller than the {height}x{width} crop")
     return rgb[top:top + height, left:left + width]
-
-
-def resize(pixels: np.ndarray, height: int, width: int, interpolation: str = "bilinear") -> np.ndarray:
-    """An HxW(xC) uint8 array resized to height x width with Pillow (aspect ratio not kept): segmentation's eval
-    geometry; interpolation "nearest" for masks of class indices."""
-    if pixels.shape[:2] == (height, width):
-        return pixels
-    return np.asarray(Image.fromarray(pixels).resize((width, height), RESAMPLING[interpolation]))
 
 
 def normalize(rgb: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

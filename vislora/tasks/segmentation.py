@@ -309,20 +309,19 @@ def train_transform(preprocess: dict, augment: dict) -> A.Compose:
 
 class EvalTransform:
     """The whole image resized to the input size with Pillow (mask: nearest), normalised (vislora.image, no
-    training stack: what a served segmenter is fed), called like albumentations: (image=, mask=) -> dict."""
+    training stack: what a served segmenter is fed), called as albumentations is: (image=, mask=) -> dict."""
 
     def __init__(self, preprocess: dict):
         image.check_preprocess(preprocess, ("input_size", "mean", "std", "interpolation"))
         self.preprocess = preprocess
         self.h, self.w = image.input_hw(preprocess)
-        self.resize, self.normalize = image.resize, image.normalize  # `image` is the call's argument below
 
-    def __call__(self, image: np.ndarray, mask: np.ndarray | None = None) -> dict:
-        pre = self.preprocess
-        pixels = self.resize(image, self.h, self.w, pre["interpolation"])
-        out = {"image": torch.from_numpy(self.normalize(pixels, pre["mean"], pre["std"]))}
+    def __call__(self, **sample: np.ndarray) -> dict:
+        pre, mask = self.preprocess, sample.get("mask")
+        pixels = image.resize(sample["image"], self.h, self.w, pre["interpolation"])
+        out = {"image": torch.from_numpy(image.normalize(pixels, pre["mean"], pre["std"]))}
         if mask is not None:
-            out["mask"] = torch.from_numpy(self.resize(mask, self.h, self.w, "nearest").copy())
+            out["mask"] = torch.from_numpy(image.resize(mask, self.h, self.w, "nearest").copy())
         return out
 
 
