@@ -218,18 +218,28 @@ def test_inject_on_meta_device_and_reentrant_checkpointing():
 
 
 # ---- the first run (issue 13) ----------------------------------------------------------------------
-def test_a_new_head_starts_at_zero_and_a_loaded_one_is_kept(tmp_path):
+def test_a_new_head_starts_at_zero_and_a_loaded_one_is_kept_only_for_its_own_classes(tmp_path):
     def build(model, classes):
         return classification.build_model(resolve({"model": model}), classes)
 
-    assert all(p.abs().sum() == 0 for p in build(VIT, 3).get_classifier().parameters())
-    assert any(p.abs().sum() > 0 for p in build({**VIT, "head_init": "timm"}, 3).get_classifier().parameters())
+    abc = ["a", "b", "c"]
+    assert all(p.abs().sum() == 0 for p in build(VIT, abc).get_classifier().parameters())
+    assert any(p.abs().sum() > 0 for p in build({**VIT, "head_init": "timm"}, abc).get_classifier().parameters())
     source = timm.create_model("vit_tiny_patch16_224", num_classes=3, **VIT["kwargs"])
-    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
-    same = build({**VIT, "checkpoint": str(tmp_path / "w.safetensors")}, 3)  # the file's 3-class head is kept
+    weights = {**VIT, "checkpoint": str(tmp_path / "w.safetensors")}
+    save_file(source.state_dict(), weights["checkpoint"])
+    # no card: nothing says what the file's 3 outputs mean, so the head is new (zero); the body is loaded
+    unknown = build(weights, abc)
+    assert unknown.get_classifier().weight.abs().sum() == 0
+    assert torch.equal(unknown.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    (tmp_path / "w.json").write_text(json.dumps({"classes": abc}))
+    same = build(weights, abc)  # the card names these classes, in this order: the file's head is kept
     assert torch.equal(same.get_classifier().weight, source.get_classifier().weight)
-    other = build({**VIT, "checkpoint": str(tmp_path / "w.safetensors")}, 5)  # another size: new, so zero
-    assert other.get_classifier().weight.abs().sum() == 0
+    for classes in (["c", "b", "a"], ["x", "y", "z"], ["a", "b", "c", "d", "e"]):  # other order, names or size
+        assert build(weights, classes).get_classifier().weight.abs().sum() == 0, classes
+    assert classification.head_notes(weights | {"head_init": "zero"}, abc) == []  # kept: nothing to say
+    note = classification.head_notes(weights | {"head_init": "zero"}, ["x", "y", "z"])
+    assert len(note) == 1 and "w.safetensors" in note[0] and "3 other classes" in note[0]
 
 
 def test_collapse_warning_fires_on_a_forced_collapse_and_not_on_a_healthy_run(tmp_path, folder):
@@ -278,5 +288,5 @@ def test_a_local_checkpoint_brings_its_cards_preprocessing(tmp_path):
     save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
     (tmp_path / "w.json").write_text(json.dumps({"pretrained_cfg": {"mean": [0.1, 0.2, 0.3], "crop_pct": 1.0}}))
     recipe = resolve({"model": {**VIT, "checkpoint": str(tmp_path / "w.safetensors")}, "data": {"std": [2, 2, 2]}})
-    pre = preprocess_config(classification.build_model(recipe, 3), {"std": recipe["data"]["std"]})
+    pre = preprocess_config(classification.build_model(recipe, ["a", "b", "c"]), {"std": recipe["data"]["std"]})
     assert pre["mean"] == (0.1, 0.2, 0.3) and pre["crop_pct"] == 1.0 and pre["std"] == (2.0, 2.0, 2.0)

@@ -122,7 +122,7 @@ def test_detection_recipes_get_detection_defaults():
     assert resolve({"task": "classification"})["data"]["augment"]["scale"] == [0.35, 1.0]
     fcos = detection.build_model(resolve({"task": "detection", "model": {"name": "test_resnet"},
                                           "detector": {"anchor_sizes": [8, 16, 32, 64, 128],
-                                                       "representation_size": 32}}), 2)
+                                                       "representation_size": 32}}), ["a", "b"])
     assert fcos.nms_thresh == 0.6  # FCOS's own default, not 0.5
 
 

@@ -45,7 +45,7 @@ VARIANTS = {  # name: (--set overrides on the shipped recipe, label)
 def backbone_share(recipe: dict) -> dict:
     """Trainable parameters inside the backbone (`body`) of the adapted segmenter, and their share of its weights."""
     classes = segmentation.read_classes(recipe["data"]["path"])
-    model = segmentation.adapt(segmentation.build_model(recipe, len(classes)), recipe)
+    model = segmentation.adapt(segmentation.build_model(recipe, classes), recipe)
     adapter = sum(layer.lora_A.numel() + layer.lora_B.numel() for _, layer in lora_layers(model.body))
     base = sum(p.numel() for p in model.body.parameters()) - adapter
     trainable = sum(p.numel() for p in model.body.parameters() if p.requires_grad)

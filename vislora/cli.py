@@ -150,7 +150,7 @@ def cmd_extract(args) -> int:
         base = unload(rundir.load_run(base_path)[0]) if base_path.is_dir() else \
             _weights_model(base_path, args.model, _kwargs(args.kwargs), n_classes)
     elif recipe is not None:  # the run's starting point: its recipe's base model
-        base = tasks.get(recipe["task"]).build_model(recipe, len(pre["class_names"])).eval()
+        base = tasks.get(recipe["task"]).build_model(recipe, pre["class_names"]).eval()
     else:
         raise ValueError("--base is needed when --tuned is a weights file")
     targets = args.targets[0] if len(args.targets) == 1 else args.targets

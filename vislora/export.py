@@ -312,7 +312,7 @@ def export_run(run_dir: str | os.PathLike, formats: str | Sequence[str] | None =
         raise ValueError(task.EXPORT["onnx"])
     unload(model)
     with torch.random.fork_rng(devices=[]):
-        base = task.build_model(recipe, len(preprocess["class_names"])).eval()
+        base = task.build_model(recipe, preprocess["class_names"]).eval()
     out_dir = Path(out) if out else Path(run_dir) / "export"
     report = export_model(model, preprocess, out_dir, formats, settings["opset"] if opset is None else opset,
                           settings["dynamic_batch"] if dynamic_batch is None else dynamic_batch,

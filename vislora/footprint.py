@@ -68,14 +68,13 @@ def _input_size(model: nn.Module, fallback: int = 224) -> int:
     return int(size[-1])
 
 
-def _count_classes(path: str | None) -> int:
-    """Class folders of a recipe's data path (ROOT/train/<class> or ROOT/<class>); 10 when it is absent."""
+def _class_names(path: str | None) -> list[str]:
+    """Class folders of a recipe's data path (ROOT/train/<class> or ROOT/<class>); ten placeholders when absent."""
     root = Path(path) if path else None
-    if root is None or not root.is_dir():
-        return 10
-    split = root / "train" if (root / "train").is_dir() else root
-    classes = [d for d in split.iterdir() if d.is_dir() and not d.name.startswith(".")]
-    return len(classes) or 10
+    split = root / "train" if root is not None and (root / "train").is_dir() else root
+    classes = sorted(d.name for d in split.iterdir() if d.is_dir() and not d.name.startswith(".")) \
+        if split is not None and split.is_dir() else []
+    return classes or [str(i) for i in range(10)]
 
 
 def _timm_model(name: str, img_size: int | None, num_classes: int | None = None) -> nn.Module:
@@ -99,9 +98,10 @@ def _run_subject(path: Path, img_size: int | None) -> Subject:
     if recipe["task"] != "classification":
         raise ValueError(f"{path}: footprint measures classifiers, and this run's task is {recipe['task']}")
     preprocess = json.loads((path / rundir.PREPROCESS).read_text())
-    n = len(preprocess["class_names"])
-    return Subject(str(path), "run", lambda: classification.adapt(classification.build_model(recipe, n), recipe),
-                   lambda: classification.build_model(recipe, n).eval(),
+    classes = preprocess["class_names"]
+    return Subject(str(path), "run",
+                   lambda: classification.adapt(classification.build_model(recipe, classes), recipe),
+                   lambda: classification.build_model(recipe, classes).eval(),
                    img_size or int(preprocess["input_size"][-1]), {"target": str(path)})
 
 
@@ -109,16 +109,16 @@ def _recipe_subject(path: Path, img_size: int | None, lora: LoraConfig | None) -
     recipe = load_recipe(path)
     if recipe["task"] != "classification":
         raise ValueError(f"{path}: footprint measures classifiers, and this recipe's task is {recipe['task']}")
-    n = _count_classes(recipe["data"]["path"])
+    classes = _class_names(recipe["data"]["path"])
 
     def adapted() -> nn.Module:
-        model = classification.build_model(recipe, n)
+        model = classification.build_model(recipe, classes)
         if isinstance(recipe["adapter"], dict) and lora is None:
             return classification.adapt(model, recipe)
         return _with_lora(model, lora)  # full fine-tuning / linear-probe recipes: the LoRA they could use
 
     def base() -> nn.Module:
-        return classification.build_model(recipe, n).eval()
+        return classification.build_model(recipe, classes).eval()
 
     size = img_size or recipe["data"]["img_size"] or _input_size(base())
     return Subject(str(path), "recipe", adapted, base, size, {"target": str(path)})

@@ -158,7 +158,7 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, dict, dict]:
     recipe = read_recipe(run_dir)
     preprocess = json.loads((run_dir / PREPROCESS).read_text())
     with torch.random.fork_rng(devices=[]):
-        model = tasks.get(recipe["task"]).build_model(recipe, len(preprocess["class_names"]))
+        model = tasks.get(recipe["task"]).build_model(recipe, preprocess["class_names"])
     if (run_dir / ADAPTER).is_dir():
         load_adapter(model, run_dir / ADAPTER)
     elif (run_dir / WEIGHTS).is_file():

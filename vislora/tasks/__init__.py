@@ -7,7 +7,7 @@ A task is a module with the same few names (see docs/adding-a-task.md):
   EXPORT                                  plain data: {"torchscript": "trace" | "script", "input": "batch" | "list",
                                           "onnx": None or why not, "served": None or why exported files are not run}
   build(recipe) -> Setup                  datasets, class names, preprocessing and the base model (not adapted)
-  build_model(recipe, num_classes)        the base model alone, seeded (to rebuild a run)
+  build_model(recipe, classes)            the base model alone for these class names, seeded (to rebuild a run)
   adapt(model, recipe) -> model           the recipe's adapter: LoRA, linear_probe or full fine-tuning
   loss(model, batch, device, recipe)      -> (loss, {name: float}, batch size) for one training step
   validate(model, loader, device, amp_dtype, world) -> {"val_...": float}, SCORE included

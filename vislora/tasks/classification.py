@@ -26,6 +26,7 @@ from vislora.recipe import lora_config
 from vislora.tasks.common import (
     Setup,
     batch_predictor,
+    card_classes,
     card_pretrained_cfg,
     create_timm,
     load_weights,
@@ -39,24 +40,32 @@ EXPORT = {"torchscript": "trace", "onnx": None, "input": "batch", "served": None
 
 
 # ---- model and data -------------------------------------------------------------------------------
-def build_model(recipe: dict, num_classes: int) -> nn.Module:
-    """The recipe's timm classifier with num_classes outputs and its local checkpoint weights, if any (seeded:
+def build_model(recipe: dict, classes: Sequence[str]) -> nn.Module:
+    """The recipe's timm classifier with one output per class and its local checkpoint weights, if any (seeded:
     the same base every time the run is rebuilt)."""
     m = recipe["model"]
 
     def build() -> nn.Module:
-        model = create_timm(m, num_classes=num_classes)
+        model = create_timm(m, num_classes=len(classes))
         heads = classifier_names(model)
         loaded = set()
         if m["checkpoint"]:
-            loaded = load_weights(model, m["checkpoint"], skip=heads)
+            fits = checkpoint_head_fits(m["checkpoint"], classes)
+            loaded = load_weights(model, m["checkpoint"], skip=[] if fits else heads)
             model.pretrained_cfg = {**(model.pretrained_cfg or {}), **card_pretrained_cfg(m["checkpoint"])}
-        pretrained_head = m["pretrained"] and (model.pretrained_cfg or {}).get("num_classes") == num_classes
+        pretrained_head = m["pretrained"] and (model.pretrained_cfg or {}).get("num_classes") == len(classes)
         new_heads = [h for h in heads if not pretrained_head and f"{h}.weight" not in loaded]
         init_heads(model, new_heads, m["head_init"])
         return model
 
     return seeded(recipe, build)
+
+
+def checkpoint_head_fits(path: str | Path, classes: Sequence[str]) -> bool:
+    """A checkpoint's classifier is kept only when its card names the folder's classes, in order: a head of the
+    right size trained for other classes (the shipped Fashion-MNIST ViT on digits) is as wrong as a random one,
+    and confidently so (issue #13)."""
+    return card_classes(path) == list(classes)
 
 
 def init_heads(model: nn.Module, names: list[str], how: str) -> None:
@@ -91,12 +100,24 @@ def build(recipe: dict) -> Setup:
     """Scan the folder, build the base classifier, read its preprocessing, wrap both splits as datasets."""
     d = recipe["data"]
     train_split, val_split = vdata.scan_folder(d["path"], d["val_fraction"], recipe["train"]["seed"])
-    model = build_model(recipe, len(train_split.classes))
+    model = build_model(recipe, train_split.classes)
     overrides = {k: d[k] for k in vdata.OVERRIDE_KEYS if d[k] is not None}
     pre = {**vdata.preprocess_config(model, overrides), "class_names": train_split.classes, "task": "classification"}
     train_set = vdata.ImageDataset(train_split, vdata.build_transform(pre, True, d["augment"]))
     val_set = vdata.ImageDataset(val_split, vdata.build_transform(pre, False))
-    return Setup(model, train_set, val_set, vdata.collate_skip, train_split.classes, pre)
+    return Setup(model, train_set, val_set, vdata.collate_skip, train_split.classes, pre,
+                 head_notes(recipe["model"], train_split.classes))
+
+
+def head_notes(model_cfg: dict, classes: Sequence[str]) -> list[str]:
+    """One line when the checkpoint's classifier is replaced, saying why."""
+    path = model_cfg["checkpoint"]
+    if not path or checkpoint_head_fits(path, classes):
+        return []
+    named = card_classes(path)
+    why = f"its card names {len(named)} other classes" if named else "its card names no classes"
+    return [f"{Path(path).name}'s classifier is not used ({why}): a new head for the folder's {len(classes)} "
+            f"classes starts from model.head_init={model_cfg['head_init']}"]
 
 
 # ---- training -------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ class Setup:
     collate: Callable
     class_names: list[str]
     preprocess: dict
+    notes: list[str] = field(default_factory=list)  # what the user should know before training starts
 
 
 def batch_predictor(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
@@ -69,32 +70,44 @@ def create_timm(model_cfg: dict, **kwargs) -> nn.Module:
 CARD_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation")
 
 
-def card_pretrained_cfg(path: str | Path) -> dict:
-    """The preprocessing a local weights file was trained with, from its card beside it (WEIGHTS.json, as
-    tools/import_weights.py and tools/pretrain.py write them): its "pretrained_cfg" entries among CARD_KEYS. timm's
-    pretrained_cfg describes the hub weights, not these; the recipe's data fields still win over both."""
+def read_card(path: str | Path) -> dict:
+    """The card beside a local weights file (WEIGHTS.json, as tools/import_weights.py and tools/pretrain.py write
+    them), or {} when there is none."""
     card = Path(path).with_suffix(".json")
     if not card.is_file():
         return {}
     try:
-        cfg = json.loads(card.read_text()).get("pretrained_cfg") or {}
-    except (json.JSONDecodeError, AttributeError) as e:
+        content = json.loads(card.read_text())
+    except json.JSONDecodeError as e:
         raise ValueError(f"{card} (the card of {Path(path).name}) is not a JSON object: {e}") from e
-    return {k: v for k, v in cfg.items() if k in CARD_KEYS}
+    if not isinstance(content, dict):
+        raise ValueError(f"{card} (the card of {Path(path).name}) is not a JSON object")
+    return content
 
 
-def load_weights(model: nn.Module, path: str | Path, skip: list[str] = ()) -> set[str]:
-    """Load a safetensors file into `model`; returns the keys loaded. Keys under `skip` (a classifier of another
-    size) are dropped; any other missing, unknown or mis-shaped key is an error that names it."""
+def card_pretrained_cfg(path: str | Path) -> dict:
+    """The preprocessing a local weights file was trained with: its card's "pretrained_cfg" entries among
+    CARD_KEYS. timm's pretrained_cfg describes the hub weights, not these; the recipe's data fields still win."""
+    cfg = read_card(path).get("pretrained_cfg") or {}
+    return {k: v for k, v in cfg.items() if k in CARD_KEYS} if isinstance(cfg, dict) else {}
+
+
+def card_classes(path: str | Path) -> list[str] | None:
+    """The class names a local weights file's classifier was trained for, from its card ("classes"), or None."""
+    classes = read_card(path).get("classes")
+    return [str(c) for c in classes] if isinstance(classes, list) else None
+
+
+def load_weights(model: nn.Module, path: str | Path, skip: Sequence[str] = ()) -> set[str]:
+    """Load a safetensors file into `model`; returns the keys loaded. Keys under the modules `skip` (a classifier
+    the run replaces) are dropped; any other missing, unknown or mis-shaped key is an error that names it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model.checkpoint not found: {path}")
     if path.suffix != ".safetensors":
         raise ValueError(f"model.checkpoint {path} must be a .safetensors file (pickled checkpoints are not read)")
-    state = load_file(str(path))
     own = model.state_dict()
-    state = {k: v for k, v in state.items()
-             if not (any(k.startswith(s + ".") for s in skip) and (k not in own or own[k].shape != v.shape))}
+    state = {k: v for k, v in load_file(str(path)).items() if not any(k.startswith(s + ".") for s in skip)}
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and
              own[k].shape != v.shape]
     unknown = [k for k in state if k not in own]

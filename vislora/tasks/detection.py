@@ -723,9 +723,9 @@ def augment_config(augment: dict) -> dict:
     return {k: v for k, v in given.items() if v is not None}
 
 
-def build_model(recipe: dict, num_classes: int) -> nn.Module:
-    """The recipe's detector (seeded: the same neck and head every time the run is rebuilt)."""
-    return seeded(recipe, lambda: build_detector(recipe["model"], detector_config(recipe), num_classes))
+def build_model(recipe: dict, classes: Sequence[str]) -> nn.Module:
+    """The recipe's detector for these classes (seeded: the same neck and head every time the run is rebuilt)."""
+    return seeded(recipe, lambda: build_detector(recipe["model"], detector_config(recipe), len(classes)))
 
 
 def adapt(model: nn.Module, recipe: dict) -> nn.Module:
@@ -739,7 +739,7 @@ def adapt(model: nn.Module, recipe: dict) -> nn.Module:
 def build(recipe: dict) -> Setup:
     d, det = recipe["data"], recipe["detector"]
     train_set, val_set, names = build_detection_datasets(d, det["min_size"], augment_config(d["augment"]))
-    model = build_model(recipe, len(names))
+    model = build_model(recipe, names)
     pre = {"input_size": [3, det["min_size"], det["min_size"]], "class_names": names, "task": "detection"}
     return Setup(model, train_set, val_set, detection_collate, names, pre)
 

@@ -452,9 +452,9 @@ def image_size_of(recipe: dict) -> int | list[int]:
     return recipe["data"]["img_size"] or recipe["segmenter"]["img_size"]
 
 
-def build_model(recipe: dict, num_classes: int) -> Segmenter:
-    """The recipe's segmenter (seeded: the same decoder every time the run is rebuilt)."""
-    return seeded(recipe, lambda: build_segmenter(recipe["model"], recipe["segmenter"], num_classes))
+def build_model(recipe: dict, classes: Sequence[str]) -> Segmenter:
+    """The recipe's segmenter for these classes (seeded: the same decoder every time the run is rebuilt)."""
+    return seeded(recipe, lambda: build_segmenter(recipe["model"], recipe["segmenter"], len(classes)))
 
 
 def adapt(model: Segmenter, recipe: dict) -> Segmenter:
@@ -481,7 +481,7 @@ def build(recipe: dict) -> Setup:
     classes = read_classes(d["path"])
     train, val, train_skipped, val_skipped = split_pairs(d["path"], classes, d["val_fraction"],
                                                          recipe["train"]["seed"])
-    model = build_model(recipe, len(classes))
+    model = build_model(recipe, classes)
     pre = preprocess_of(model, recipe, classes)
     train_set = SegmentationDataset(train, classes, train_transform(pre, d["augment"]), train_skipped)
     val_set = SegmentationDataset(val, classes, eval_transform(pre), val_skipped)
