@@ -52,8 +52,11 @@ def test_train_then_eval(tmp_path, folder, model, adapter):
     assert (tmp_path / "report_confusion.csv").is_file() and (tmp_path / "report_confusion.png").is_file()
 
 
-def test_resume_after_interrupt_matches_uninterrupted(tmp_path, folder, monkeypatch):
-    recipe = recipe_for(VIT, {"r": 4, "targets": "vit"}, folder)
+@pytest.mark.parametrize("head_epochs", [0, 2], ids=["one-stage", "in-the-head-stage"])
+def test_resume_after_interrupt_matches_uninterrupted(tmp_path, folder, monkeypatch, head_epochs):
+    """Ctrl-C after epoch 1, then --resume: the same weights as the uninterrupted run; with head_epochs 2 the
+    interruption falls inside the head stage (LP-FT), which resumes at its own step of the schedule."""
+    recipe = recipe_for(VIT, {"r": 4, "targets": "vit"}, folder, head_epochs=head_epochs)
     vtrain.train(recipe, tmp_path / "straight")
     real_validate, calls = classification.validate, []
 
@@ -67,7 +70,10 @@ def test_resume_after_interrupt_matches_uninterrupted(tmp_path, folder, monkeypa
     with pytest.raises(KeyboardInterrupt):
         vtrain.train(recipe, tmp_path / "resumed")
     monkeypatch.setattr(classification, "validate", real_validate)
-    assert torch.load(tmp_path / "resumed/checkpoints/last.pt", weights_only=True)["epoch"] == 1
+    first = torch.load(tmp_path / "resumed/checkpoints/last.pt", weights_only=True)
+    assert first["epoch"] == 1
+    lora_b = [v for k, v in first["model"].items() if k.endswith("lora_B")]
+    assert lora_b and all((b.abs().sum() == 0) == (head_epochs > 0) for b in lora_b)  # only the head moved
     load_run(tmp_path / "resumed")  # the interrupted run is loadable
     vtrain.train(recipe, tmp_path / "resumed", resume=True)
     a = torch.load(tmp_path / "straight/checkpoints/last.pt", weights_only=True)["model"]
@@ -153,3 +159,20 @@ def test_detection_run_end_to_end(tmp_path):
     exported = export_run(run, formats="torchscript")  # verifies the scripted boxes against the merged model
     assert exported["torchscript"]["max_abs_diff"] <= 1e-4
     assert exported["cost"]["base_parameters"] == exported["cost"]["merged_parameters"]
+
+
+def test_head_stage_schedule_and_its_limits():
+    """LP-FT's schedule: the head alone at head_lr (its own warmup and cosine) for head_steps, the rest at 0; then
+    every group from a fresh warmup. head_steps 0 is the plain warmup + cosine."""
+    plain = [vtrain.warmup_cosine(s, 100, 10, 0.0) for s in range(100)]
+    assert [vtrain.staged(h, s, 100, 0, 10, 0.0, 5.0) for h in (True, False) for s in range(100)] == plain * 2
+    head = [vtrain.staged(True, s, 100, 20, 10, 0.0, 5.0) for s in range(100)]
+    body = [vtrain.staged(False, s, 100, 20, 10, 0.0, 5.0) for s in range(100)]
+    assert body[:20] == [0.0] * 20 and head[:20] == [5.0 * vtrain.warmup_cosine(s, 20, 10, 0.0) for s in range(20)]
+    assert head[20:] == body[20:] == [vtrain.warmup_cosine(s, 80, 10, 0.0) for s in range(80)]
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))  # no classifier to train first
+    t = resolve({"train": {"head_epochs": 1, "epochs": 3}})["train"]
+    with pytest.raises(ValueError, match="train.head_epochs"):
+        vtrain.build_optimizer(model, t, steps_per_epoch=4)
+    t = resolve({"train": {"head_epochs": 0}})["train"]
+    assert len(vtrain.build_optimizer(model, t, steps_per_epoch=4)[0].param_groups) == 2

@@ -214,10 +214,14 @@ HYBRID = {  # model: (norm modules and biases, the last block) trained at full r
 }
 
 
-def defaults_contenders(model: str, hybrid: bool = False) -> dict:
-    """name: (adapter section with nothing but the preset (and `train` for the hybrids), adapt function)."""
+def defaults_contenders(model: str, hybrid: bool = False, head_epochs: int = 0) -> dict:
+    """name: (adapter section with nothing but the preset (and `train` for the hybrids), adapt function, train
+    section). head_epochs > 0 adds LoRA with that LP-FT head stage (train.head_epochs) as one more contender."""
     presets = DEFAULT_MODELS[model][2]
     out = {f"lora_{p}": ({"targets": p}, apply_adapter) for p in presets}
+    if head_epochs:
+        out[f"lora_{presets[0]}+lpft{head_epochs}"] = ({"targets": presets[0]}, apply_adapter,
+                                                      {"head_epochs": head_epochs})
     out |= {"full": (None, apply_adapter), "probe": ("linear_probe", apply_adapter),
             f"peft_{presets[-1]}": ({"targets": presets[-1]}, peft_adapt)}
     if hybrid:
@@ -229,12 +233,12 @@ def defaults_contenders(model: str, hybrid: bool = False) -> dict:
     return out
 
 
-def defaults_recipe(model: str, data: Path, adapter, epochs: int, seed: int) -> dict:
+def defaults_recipe(model: str, data: Path, adapter, epochs: int, seed: int, train: dict | None = None) -> dict:
     section, img_size, _ = DEFAULT_MODELS[model]
     if not Path(section["checkpoint"]).is_file():
         raise SystemExit(f"{section['checkpoint']} is missing: run `.venv/bin/python tools/import_weights.py` first")
     return resolve({"model": section, "adapter": adapter, "data": {"path": str(data), "img_size": img_size},
-                    "train": {"epochs": epochs, "seed": seed}}, f"bench_accuracy defaults {model}")
+                    "train": {"epochs": epochs, "seed": seed, **(train or {})}}, f"bench_accuracy defaults {model}")
 
 
 def run_defaults(args: argparse.Namespace, data: dict[str, Path], out: Path) -> list[dict]:
@@ -244,13 +248,15 @@ def run_defaults(args: argparse.Namespace, data: dict[str, Path], out: Path) -> 
     done = {(r["model"], r["target"], r["contender"], r["seed"]) for r in rows}
     for model in args.models:
         for target in args.targets:
-            for contender, (adapter, adapt) in defaults_contenders(model, args.hybrid).items():
+            for contender, (adapter, adapt, *extra) in defaults_contenders(model, args.hybrid,
+                                                                           args.head_epochs).items():
                 for seed in args.seeds:
                     if (model, target, contender, seed) in done:
                         continue
                     run_dir = out / "defaults" / model / target / contender / str(seed)
                     start = time.perf_counter()
-                    train(defaults_recipe(model, data[target], adapter, args.epochs, seed), run_dir, adapt=adapt)
+                    train(defaults_recipe(model, data[target], adapter, args.epochs, seed, *extra), run_dir,
+                          adapt=adapt)
                     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
                     summary = json.loads((run_dir / "train_summary.json").read_text())["summary"]
                     rows.append({"model": model, "target": target, "contender": contender, "seed": seed,
@@ -301,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="default: fmnist mnist (+ digits: defaults)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="defaults mode")
     p.add_argument("--hybrid", action="store_true", help="defaults mode: LoRA + norms/biases, LoRA + last block")
+    p.add_argument("--head-epochs", type=int, default=0,
+                   help="defaults mode: add LoRA with an LP-FT head stage of this many epochs as a contender")
     p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
     p.add_argument("--epochs", type=int, default=None, help="default 5")
     p.add_argument("--batch", type=int, default=64)

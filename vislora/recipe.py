@@ -73,6 +73,11 @@ DEFAULTS: dict[str, Any] = {
         "lr": None,  # peak AdamW learning rate; None = MODE_DEFAULTS below, by adapter mode
         "weight_decay": 0.05,  # AdamW weight decay (not on biases and norms)
         "warmup_epochs": 1,  # linear warmup, then cosine decay to min_lr
+        # LP-FT (Kumar et al., ICLR 2022): the first N epochs train the new classifier alone, at head_lr, then
+        # everything trains (its own warmup + cosine). Only where more than the head trains (LoRA, full FT) and the
+        # model has a classifier; None = the task's default (TASK_DEFAULTS)
+        "head_epochs": None,
+        "head_lr": None,  # the head stage's peak lr; None = the linear probe's default (MODE_DEFAULTS)
         "min_lr": 0.0,
         "grad_accum": 1,  # optimizer step every N batches
         "clip_grad": None,  # max gradient norm, None = no clipping
@@ -96,11 +101,14 @@ TASK_DEFAULTS: dict[str, dict] = {
     # a small custom folder, not ImageNet: crops keep >= 35% of the image (0.08 wipes out small objects), mild jitter.
     # Measured (issue #13, MobileNetV2 -> digits, 4 epochs): vs ImageNet's [0.08, 1] / jitter 0.4, LoRA 94.2 -> 96.7,
     # full fine-tuning 96.9 -> 97.8, linear probe 82.2 -> 85.1. Turn hflip off (0) for text and digits.
-    "classification": {"data": {"augment": {"scale": [0.35, 1.0], "hflip": 0.5, "color_jitter": 0.2}}},
+    "classification": {"data": {"augment": {"scale": [0.35, 1.0], "hflip": 0.5, "color_jitter": 0.2}},
+                       "train": {"head_epochs": 0}},
     # detection crops must keep the boxes: scale 0.5-1 keeps 97% of them, 0.08-1 only 70% (measured)
-    "detection": {"data": {"augment": {"scale": [0.5, 1.0], "hflip": 0.5, "color_jitter": 0.2}}},
+    "detection": {"data": {"augment": {"scale": [0.5, 1.0], "hflip": 0.5, "color_jitter": 0.2}},
+                  "train": {"head_epochs": 0}},  # a detector has no classifier to train first
     # segmentation crops zoom in at most 1/sqrt(0.5) = 1.4x, so objects keep their context
-    "segmentation": {"data": {"augment": {"scale": [0.5, 1.0], "hflip": 0.5, "color_jitter": 0.2}}},
+    "segmentation": {"data": {"augment": {"scale": [0.5, 1.0], "hflip": 0.5, "color_jitter": 0.2}},
+                     "train": {"head_epochs": 0}},
 }
 
 # Learning rates by training mode where train.lr is None. Measured (issue #13) on real ImageNet MobileNetV2 ->
@@ -174,11 +182,13 @@ def _pair(source: str, key: str, value, low: float, high: float):
 def _check_fields(recipe: dict, source: str) -> None:
     """Types and ranges of the fields a typo breaks late (e.g. epochs: -1 trained nothing, silently)."""
     t, d = recipe["train"], recipe["data"]
-    for key, low, open_low in (("epochs", 1, False), ("batch_size", 1, False), ("grad_accum", 1, False)):
+    for key, low, open_low in (("epochs", 1, False), ("batch_size", 1, False), ("grad_accum", 1, False),
+                               ("head_epochs", 0, False)):
         t[key] = _number(source, f"train.{key}", t[key], low, whole=True, open_low=open_low)
     if t["max_steps"] is not None:
         t["max_steps"] = _number(source, "train.max_steps", t["max_steps"], 1, whole=True)
-    for key in ("lr", "weight_decay", "warmup_epochs", "min_lr", "lowrank_penalty", "factor_l2", "label_smoothing"):
+    for key in ("lr", "head_lr", "weight_decay", "warmup_epochs", "min_lr", "lowrank_penalty", "factor_l2",
+                "label_smoothing"):
         if t[key] is not None:
             t[key] = _number(source, f"train.{key}", t[key], 0)
     if t["clip_grad"] is not None:
@@ -224,7 +234,13 @@ def resolve(raw: dict, source: str = "recipe") -> dict:
     _fill_none(recipe, TASK_DEFAULTS[recipe["task"]])
     if recipe["train"]["lr"] is None:
         recipe["train"]["lr"] = MODE_DEFAULTS[mode(recipe)]
+    if recipe["train"]["head_lr"] is None:
+        recipe["train"]["head_lr"] = MODE_DEFAULTS["linear_probe"]
     _check_fields(recipe, source)
+    t = recipe["train"]
+    if mode(recipe) != "linear_probe" and t["head_epochs"] >= t["epochs"]:
+        raise ValueError(f"{source}: train.head_epochs={t['head_epochs']} leaves no epoch of train.epochs="
+                         f"{t['epochs']} for the rest of the model")
     return recipe
 
 

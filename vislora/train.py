@@ -8,6 +8,7 @@ Multi-process: `torchrun --nproc_per_node N -m vislora train ...` (DDP, gloo on 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from vislora import data as vdata
 from vislora import rundir, tasks
-from vislora.inject import trainable_summary
+from vislora.inject import classifier_names, trainable_summary
 from vislora.svd import factor_l2, frobenius_penalty
 from vislora.tasks.common import Setup
 
@@ -81,13 +82,22 @@ def init_distributed(device: torch.device) -> tuple[torch.device, int, int]:
     return (device, dist.get_rank(), world) if world > 1 else (device, 0, 1)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Only requires_grad parameters; no decay on biases and norm weights (1-d), decay on LoRA factors."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, head: set[int] = frozenset()) -> list[dict]:
+    """Only requires_grad parameters; no decay on biases and norm weights (1-d), decay on LoRA factors. The
+    parameters whose id is in `head` (the new classifier) get groups of their own, flagged "head": True."""
+    groups: dict[tuple[bool, bool], list] = {}
     for _, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups.setdefault((id(p) in head, p.ndim > 1), []).append(p)
+    return [{"params": groups[key], "weight_decay": weight_decay if key[1] else 0.0, "head": key[0]}
+            for key in ((False, True), (False, False), (True, True), (True, False)) if key in groups]
+
+
+def head_parameter_ids(model: nn.Module) -> set[int]:
+    """The trainable parameters of the model's classifier (timm's get_classifier(), through wrappers such as
+    PEFT's); empty for models without one (detectors, segmenters)."""
+    return {id(p) for name in classifier_names(model) for p in model.get_submodule(name).parameters()
+            if p.requires_grad}
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -95,6 +105,16 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def staged(head: bool, step: int, total: int, head_steps: int, warmup: int, min_ratio: float,
+           head_scale: float) -> float:
+    """The lr factor of one parameter group. Head stage (LP-FT, Kumar et al. 2022), steps [0, head_steps): the
+    head alone at head_scale x lr, its own warmup (at most half the stage) and cosine; the rest wait at 0. Then
+    every group: warmup + cosine over the remaining steps. head_steps 0 is the plain warmup + cosine."""
+    if step < head_steps:
+        return head_scale * warmup_cosine(step, head_steps, min(warmup, head_steps // 2), 0.0) if head else 0.0
+    return warmup_cosine(step - head_steps, total - head_steps, warmup, min_ratio)
 
 
 def rank_divergence(model: nn.Module) -> float:
@@ -161,6 +181,26 @@ def penalty_of(t: dict) -> Callable[[nn.Module], torch.Tensor] | None:
     return lambda m: t["lowrank_penalty"] * frobenius_penalty(m) + t["factor_l2"] * factor_l2(m)
 
 
+def build_optimizer(model: nn.Module, t: dict, steps_per_epoch: int):
+    """AdamW over the trainable parameters and its schedule (`staged`): train.head_epochs of the new classifier
+    alone at train.head_lr first, when anything besides it trains (LoRA, full fine-tuning), then all of them."""
+    head = head_parameter_ids(model)
+    groups = param_groups(model, t["weight_decay"], head)
+    staging = t["head_epochs"] > 0 and any(not g["head"] for g in groups)
+    if staging and not any(g["head"] for g in groups):
+        raise ValueError(f"train.head_epochs={t['head_epochs']}: {type(model).__name__} has no classifier to train "
+                         "first; set train.head_epochs: 0")
+    head_steps = t["head_epochs"] * steps_per_epoch if staging else 0
+    total = min(steps_per_epoch * t["epochs"], t["max_steps"] or math.inf)
+    warmup, min_ratio = int(t["warmup_epochs"] * steps_per_epoch), t["min_lr"] / t["lr"] if t["lr"] else 0.0
+    head_scale = t["head_lr"] / t["lr"] if t["lr"] else 0.0
+    optimizer = torch.optim.AdamW(groups, lr=t["lr"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [
+        functools.partial(staged, g["head"], total=total, head_steps=head_steps, warmup=warmup,
+                          min_ratio=min_ratio, head_scale=head_scale) for g in groups])
+    return optimizer, scheduler
+
+
 def setup(recipe: dict, run_dir: Path, resume: bool, adapt: Callable | None) -> Loop:
     """Device and processes, the task's data and model, the adapter, optimizer and schedule; restores
     checkpoints/last.pt with `resume`."""
@@ -172,16 +212,12 @@ def setup(recipe: dict, run_dir: Path, resume: bool, adapt: Callable | None) -> 
     seed_everything(t["seed"])
     built = task.build(recipe)
     model = (adapt or task.adapt)(built.model, recipe).to(device)
+    train_loader, val_loader, sampler = build_loaders(recipe, built, device, rank, world)
+    optimizer, scheduler = build_optimizer(model, t, math.ceil(len(train_loader) / t["grad_accum"]))
     if rank == 0:
         if not resume:
             rundir.clear(run_dir)
         rundir.start(run_dir, recipe, built.class_names, built.preprocess)
-    train_loader, val_loader, sampler = build_loaders(recipe, built, device, rank, world)
-    optimizer = torch.optim.AdamW(param_groups(model, t["weight_decay"]), lr=t["lr"])
-    steps_per_epoch = math.ceil(len(train_loader) / t["grad_accum"])
-    total = min(steps_per_epoch * t["epochs"], t["max_steps"] or math.inf)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
-        s, total, int(t["warmup_epochs"] * steps_per_epoch), t["min_lr"] / t["lr"] if t["lr"] else 0.0))
     amp_dtype = autocast_dtype(t["amp"], device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -200,7 +236,11 @@ def restore(loop: Loop) -> None:
         raise ValueError(f"{loop.run_dir / rundir.CHECKPOINTS / 'last.pt'} does not fit the recipe's model: "
                          f"{sorted(missing)[:5]}")
     loop.model.load_state_dict(state["model"], strict=False)
-    loop.optimizer.load_state_dict(state["optimizer"])
+    try:
+        loop.optimizer.load_state_dict(state["optimizer"])
+    except ValueError as e:  # e.g. a checkpoint of a vislora before the head had parameter groups of its own
+        raise ValueError(f"{loop.run_dir / rundir.CHECKPOINTS / 'last.pt'}: its optimizer state does not fit this "
+                         f"run's parameter groups ({e}); start the run again with --force") from None
     loop.scheduler.load_state_dict(state["scheduler"])
     loop.scaler.load_state_dict(state["scaler"])
     loop.epoch, loop.step, loop.best = state["epoch"], state["step"], state["best"]
@@ -268,13 +308,13 @@ def train_epoch(loop: Loop, epoch: int) -> dict:
         seen += n
         shown = {"loss": sums.get("train_loss"), "acc": sums.get("train_acc")}
         bar.set_postfix({k: f"{v / counts['train_' + k]:.4f}" for k, v in shown.items() if v is not None} |
-                        {"lr": f"{loop.scheduler.get_last_lr()[0]:.2e}",
+                        {"lr": f"{max(loop.scheduler.get_last_lr()):.2e}",
                          "img_s": f"{seen / (time.perf_counter() - tic):.1f}"})
         if t["max_steps"] and loop.step >= t["max_steps"]:
             break
     elapsed = time.perf_counter() - tic
     return {"epoch": epoch + 1, "step": loop.step, **{k: sums[k] / counts[k] for k in sums},
-            "lr": loop.scheduler.get_last_lr()[0], "images_per_s": seen * loop.world / max(elapsed, 1e-9),
+            "lr": max(loop.scheduler.get_last_lr()), "images_per_s": seen * loop.world / max(elapsed, 1e-9),
             "epoch_s": elapsed}
 
 
@@ -324,6 +364,8 @@ def finish(loop: Loop, summary: dict) -> None:
 
 def announce(loop: Loop, summary: dict) -> None:
     setup = loop.setup
+    for note in setup.notes:
+        print(f"vislora: {note}")
     print(f"vislora: {summary['trainable']:,} of {summary['total']:,} parameters trainable "
           f"({100 * summary['trainable_share']:.2f}%), {summary['adapted_layers']} adapted layers, "
           f"{len(setup.train_set)} train / {len(setup.val_set)} val images, device {loop.device}, world {loop.world}")
