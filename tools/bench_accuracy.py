@@ -250,17 +250,19 @@ def run_defaults(args: argparse.Namespace, data: dict[str, Path], out: Path) -> 
         for target in args.targets:
             for contender, (adapter, adapt, *extra) in defaults_contenders(model, args.hybrid,
                                                                            args.head_epochs).items():
+                if args.only and contender not in args.only:
+                    continue
                 for seed in args.seeds:
                     if (model, target, contender, seed) in done:
                         continue
                     run_dir = out / "defaults" / model / target / contender / str(seed)
                     start = time.perf_counter()
-                    train(defaults_recipe(model, data[target], adapter, args.epochs, seed, *extra), run_dir,
-                          adapt=adapt)
+                    recipe = defaults_recipe(model, data[target], adapter, args.epochs, seed, *extra)
+                    train(recipe, run_dir, adapt=adapt)
                     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
                     summary = json.loads((run_dir / "train_summary.json").read_text())["summary"]
                     rows.append({"model": model, "target": target, "contender": contender, "seed": seed,
-                                 "epochs": args.epochs,
+                                 "epochs": args.epochs, "lr": recipe["train"]["lr"],
                                  "val_top1": metrics[-1]["val_top1"], "curve": [m["val_top1"] for m in metrics],
                                  "warnings": [m["warning"] for m in metrics if "warning" in m],
                                  "trainable_share": summary["trainable_share"],
@@ -307,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="default: fmnist mnist (+ digits: defaults)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="defaults mode")
     p.add_argument("--hybrid", action="store_true", help="defaults mode: LoRA + norms/biases, LoRA + last block")
+    p.add_argument("--only", nargs="+", default=None, help="defaults mode: run only these contenders")
     p.add_argument("--head-epochs", type=int, default=0,
                    help="defaults mode: add LoRA with an LP-FT head stage of this many epochs as a contender")
     p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
