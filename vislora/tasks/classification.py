@@ -112,9 +112,9 @@ def build(recipe: dict) -> Setup:
 def head_notes(model_cfg: dict, classes: Sequence[str]) -> list[str]:
     """One line when the checkpoint's classifier is replaced, saying why."""
     path = model_cfg["checkpoint"]
-    if not path or checkpoint_head_fits(path, classes):
+    named = card_classes(path) if path else None
+    if not path or named == list(classes):  # checkpoint_head_fits, with the card read once
         return []
-    named = card_classes(path)
     why = f"its card names {len(named)} other classes" if named else "its card names no classes"
     return [f"{Path(path).name}'s classifier is not used ({why}): a new head for the folder's {len(classes)} "
             f"classes starts from model.head_init={model_cfg['head_init']}"]
