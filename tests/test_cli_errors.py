@@ -1,10 +1,12 @@
 """Every bad input the CLI can get: a non-zero exit, one line naming the key, file or value, and no traceback."""
 
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -27,6 +29,12 @@ def env(tmp_path_factory):
     assert main(["train", str(tmp / "good.yaml"), "--out", str(tmp / "run")]) == 0
     (tmp / "not_torchscript.pt").write_bytes(b"PK\x03\x04 this is not a TorchScript archive")
     (tmp / "empty_run").mkdir()
+    shutil.copytree(tmp / "run", tmp / "old_groups_run")  # as a vislora before the head had groups of its own
+    last = tmp / "old_groups_run" / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    state["optimizer"]["param_groups"] = [{**groups[0], "params": [p for g in groups for p in g["params"]]}]
+    torch.save(state, last)
     return tmp
 
 
@@ -84,6 +92,8 @@ CASES = [
     ("resume-no-checkpoint", lambda e: ["train", str(e / "good.yaml"), "--out", str(e / "empty_run"), "--resume"],
      "nothing to resume"),
     ("resume-no-recipe", lambda e: ["train", "--resume"], "RECIPE"),
+    ("resume-other-optimizer-groups", lambda e: ["train", str(e / "good.yaml"), "--out", str(e / "old_groups_run"),
+                                                 "--resume"], "parameter groups"),
     ("eval-not-torchscript", lambda e: ["eval", str(e / "not_torchscript.pt"), "--data", str(e / "images")],
      "not a TorchScript"),
     ("eval-missing", lambda e: ["eval", str(e / "no_run")], "no_run"),
