@@ -41,7 +41,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 from vislora import image
 from vislora.inject import LoraConfig, classifier_names, freeze_bn_stats, inject, set_trainable
 from vislora.recipe import TASK_DEFAULTS, lora_config
-from vislora.tasks.common import Setup, seeded
+from vislora.tasks.common import Setup, card_pretrained_cfg, seeded
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +196,9 @@ def create_body(model_cfg: dict, out_indices: Sequence[int] | None = None) -> nn
         if model_cfg.get("checkpoint"):
             raise ValueError(f"checkpoint {model_cfg['checkpoint']} cannot be loaded into '{name}': {e}") from e
         raise
-    cfg = getattr(body, "pretrained_cfg", None) or {}
-    body.pretrained_cfg = {k: v for k, v in cfg.items() if k != "state_dict"}  # drop the loaded tensors
+    cfg = {k: v for k, v in (getattr(body, "pretrained_cfg", None) or {}).items() if k != "state_dict"}
+    card = card_pretrained_cfg(model_cfg["checkpoint"]) if model_cfg.get("checkpoint") else {}
+    body.pretrained_cfg = {**cfg, **card}  # the loaded tensors dropped; a local file's card names its preprocessing
     _fix_first_conv(body)
     return body
 
