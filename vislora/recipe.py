@@ -101,11 +101,11 @@ PATH_KEYS = ("data.path", "data.images", "data.train_ann", "data.val_ann", "mode
 # Defaults that depend on the task, filled in where the recipe leaves None (the run's recipe.yaml shows them).
 TASK_DEFAULTS: dict[str, dict] = {
     # a small custom folder, not ImageNet: crops keep >= 70% of the image (0.08 wipes out small objects), mild jitter.
-    # Measured (issue #13, 4 epochs at 64 px): on MobileNetV2 -> digits ImageNet's [0.08, 1] / jitter 0.4 ->
-    # [0.35, 1] took LoRA 94.2 -> 96.7; [0.35, 1] -> [0.7, 1] (seed 0, defaults otherwise) moved the 18 CNN cells
-    # (2 models x 3 folders x LoRA / full / probe) by -0.7 .. +4.0 (mean +1.4) and the shipped ViT's LoRA by +10.6
-    # / +4.7 on the two digit folders (a 28 px image cropped to 35% is a blurred 17 px patch its features never
-    # saw). BENCHMARKS.md "Defaults" has the 3-seed table. Turn hflip off (0) for text and digits.
+    # Measured (issue #13; BENCHMARKS.md "Defaults", 3 seeds): on MobileNetV2 -> digits ImageNet's [0.08, 1] /
+    # jitter 0.4 -> [0.35, 1] took LoRA 94.2 -> 96.7; [0.35, 1] -> [0.7, 1] moved the 30 CNN cells (2 models x 3
+    # folders x LoRA conv / conv1x1 / full / probe / PEFT) by -0.2 .. +3.7 (mean +1.5) and the shipped ViT's 12 by
+    # +1.1 .. +10.3 (LoRA +7.4 / +4.5 on the digit folders: a 28 px image cropped to 35% is a blurred 17 px patch
+    # its features never saw). Turn hflip off (0) for text and digits.
     "classification": {"data": {"augment": {"scale": [0.7, 1.0], "hflip": 0.5, "color_jitter": 0.2}},
                        "train": {"head_epochs": 0}},
     # detection crops must keep the boxes: scale 0.5-1 keeps 97% of them, 0.08-1 only 70% (measured)
