@@ -94,7 +94,8 @@ def test_peft_loads_vislora_files(tmp_path, spec, config, peft_targets):
     with torch.no_grad():
         y = model(x)
         # PiSSA moved a residual into the base weights: the file holds [B, -B0][A; A0], exact up to fp32 rounding
-        tol = 1e-6 * y.abs().max().item() if config.init == "pissa" else 1e-5
+        # of that cancellation (1.4e-6 of the output scale seen on one machine)
+        tol = 1e-5 * y.abs().max().item() if config.init == "pissa" else 1e-5
         assert (peft_model(x) - y).abs().max().item() <= tol
 
 

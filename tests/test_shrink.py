@@ -162,8 +162,8 @@ def test_rank_pattern_round_trip_through_vislora_and_peft(tmp_path, case):
     with torch.no_grad():
         y = model(x)
         assert {n: layer.r for n, layer in lora_layers(fresh)} == ranks
-        assert (fresh(x) - y).abs().max().item() <= 1e-5
-        assert (peft_model(x) - y).abs().max().item() <= 1e-5
+        assert relative(fresh(x), y) <= 1e-6
+        assert relative(peft_model(x), y) <= 1e-6  # fp32: PEFT sums the update in another order
 
 
 # ---- the command ------------------------------------------------------------------------------------
