@@ -138,3 +138,18 @@ def test_hybrid_full_rank_parts_round_trip_in_vislora_and_peft(tmp_path, train, 
         assert (fresh(x) - y).abs().max().item() == 0.0
         assert (PeftModel.from_pretrained(build(VIT), tmp_path).eval()(x) - y).abs().max().item() <= 1e-5
         assert (vislora.unload(fresh)(x) - y).abs().max().item() <= 1e-5  # merged keeps them
+
+
+def test_a_stem_trained_by_glob_reloads_exactly(tmp_path):
+    """`train: [head, "conv*"]` on ResNet trains the stem `conv1`; PEFT would read that modules_to_save entry as
+    every `*.conv1`, vislora reloads exactly the modules it trained (the run rebuilds)."""
+    model = trained(CNN, LoraConfig(targets="conv", r=2, train=["head", "conv*"]))
+    assert model.vislora_train == ["fc", "conv1"]
+    with torch.no_grad():
+        model.conv1.weight.add_(0.1)  # what training did to the stem
+    save_adapter(model, tmp_path)
+    fresh = load_adapter(build(CNN), tmp_path).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model.eval()(x))
+    assert fresh.vislora_train == ["fc", "conv1"]

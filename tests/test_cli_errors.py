@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import yaml
@@ -35,6 +36,18 @@ def env(tmp_path_factory):
     groups = state["optimizer"]["param_groups"]
     state["optimizer"]["param_groups"] = [{**groups[0], "params": [p for g in groups for p in g["params"]]}]
     torch.save(state, last)
+    for name, spoil in (("pickled_run", lambda f: torch.save({"epoch": 1, "model": {}, "optimizer": {},
+                                                               "payload": print}, f)),
+                        ("truncated_run", lambda f: f.write_bytes(f.read_bytes()[:200]))):
+        shutil.copytree(tmp / "run", tmp / name)
+        spoil(tmp / name / "checkpoints" / "last.pt")
+    (tmp / "a_file").write_text("not a folder")
+    (tmp / "foreign").mkdir()
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])], "identity",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 32, 32])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3, 32, 32])])),
+        str(tmp / "foreign" / "model.onnx"))
     return tmp
 
 
@@ -106,6 +119,29 @@ CASES = [
     ("extract-kwargs-json", lambda e: ["extract", "--tuned", str(e / "w.safetensors"), "--model", "resnet18",
                                        "--kwargs", "{bad", "--out", str(e / "x")], "--kwargs"),
     ("footprint-unknown", lambda e: ["footprint", "not_a_model_or_file"], "not_a_model_or_file"),
+    ("shrink-rank-zero", lambda e: ["shrink", str(e / "run"), "--rank", "0", "--out", str(e / "shrunk0")], "rank"),
+    ("predict-topk-negative", lambda e: ["predict", str(e / "run"), str(e / "a_file"), "--topk", "-1"], "--topk"),
+    ("set-malformed-yaml", lambda e: ["train", str(e / "good.yaml"), "--out", str(e / "o12"), "--set",
+                                      "train.lr=[1,"], "train.lr=[1,"),
+    ("set-reserved-yaml", lambda e: ["train", str(e / "good.yaml"), "--out", str(e / "o13"), "--set",
+                                     "train.epochs=@x"], "train.epochs=@x"),
+    ("set-rank-pattern-number", lambda e: ["train", str(e / "good.yaml"), "--out", str(e / "o14"), "--set",
+                                           "adapter.rank_pattern=5"], "adapter.rank_pattern"),
+    ("set-targets-number", lambda e: ["train", str(e / "good.yaml"), "--out", str(e / "o15"), "--set",
+                                      "adapter.targets=5"], "adapter.targets"),
+    ("train-out-is-a-file", lambda e: ["train", str(e / "good.yaml"), "--out", str(e / "a_file")], "is a file"),
+    ("export-out-is-a-file", lambda e: ["export", str(e / "run"), "--out", str(e / "a_file")], "is a file"),
+    ("predict-out-is-a-file", lambda e: ["predict", str(e / "run"), str(e / "a_file"), "--out", str(e / "a_file")],
+     "is a file"),
+    ("fewshot-out-is-a-file", lambda e: ["fewshot", str(e / "good.yaml"), "--out", str(e / "a_file")], "is a file"),
+    ("extract-out-is-a-file", lambda e: ["extract", "--tuned", str(e / "run"), "--out", str(e / "a_file")],
+     "is a file"),
+    ("resume-pickle-payload", lambda e: ["train", "--resume", "--out", str(e / "pickled_run")],
+     "not a training checkpoint"),
+    ("resume-truncated-checkpoint", lambda e: ["train", "--resume", "--out", str(e / "truncated_run")],
+     "not a training checkpoint"),
+    ("eval-foreign-onnx", lambda e: ["eval", str(e / "foreign" / "model.onnx"), "--data", str(e / "images")],
+     "preprocess.json"),
 ]
 
 
@@ -117,6 +153,12 @@ def test_bad_input_is_one_clear_line(env, build, expected, capsys):
     assert code != 0, captured.out[-500:]
     assert message and expected in message[-1], captured.err[-1000:]
     assert "Traceback" not in captured.err + captured.out
+
+
+def test_bad_arguments_are_checked_before_anything_is_written(env):
+    """A refused `shrink --rank 0 --out NEW` leaves no NEW behind (a corrected rerun would be refused)."""
+    assert main(["shrink", str(env / "run"), "--rank", "0", "--out", str(env / "shrunk_bad")]) == 2
+    assert not (env / "shrunk_bad").exists()
 
 
 def test_no_traceback_in_a_real_process(env):

@@ -336,3 +336,16 @@ def test_synthetic_classes_are_learnable(tmp_path):
 
     clf = LogisticRegression(max_iter=500).fit(*features(train))
     assert clf.score(*features(val)) >= 0.9
+
+
+def test_class_folders_named_like_splits_are_classes(tmp_path):
+    """ROOT/<class> with a class called `train` (or `valid`) is a class layout, not ROOT/train + ROOT/val."""
+    root = vdata.make_synthetic_folder(tmp_path / "flat", classes=3, per_class=6, size=16)
+    (root / "class_0").rename(root / "train")
+    (root / "class_1").rename(root / "valid")
+    train, val = vdata.scan_folder(root, 0.5, 0)
+    assert train.classes == ["class_2", "train", "valid"] and len(train.items) == len(val.items) == 9
+    assert vdata.scan_eval_folder(root, train.classes).classes == train.classes
+    assert len(vdata.scan_eval_folder(root, train.classes).items) == 18  # all of ROOT, not ROOT/valid alone
+    split = vdata.make_synthetic_folder(tmp_path / "split", classes=2, per_class=4, size=16, split=True)
+    assert len(vdata.scan_eval_folder(split, ["class_0", "class_1"]).items) < 8  # a real split layout: val only

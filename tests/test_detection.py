@@ -4,6 +4,7 @@ import importlib.util
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,19 @@ def train_steps(detector, images, targets, steps: int) -> tuple[float, float]:
 
 
 # ---- scenes and data ------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["coco", "yolo"])
+def test_an_unreadable_image_is_skipped_and_reported(scenes, tmp_path, fmt, caplog):
+    shutil.copytree(scenes, tmp_path / "s")
+    broken = sorted((tmp_path / "s" / "images" / "train").iterdir())[0]
+    broken.write_bytes(b"not an image")
+    cfg = coco_cfg(tmp_path / "s") if fmt == "coco" else {"format": "yolo", "path": str(tmp_path / "s")}
+    with caplog.at_level(logging.WARNING, logger="vislora.tasks.detection"):
+        train_set, _, _ = build_detection_datasets(cfg, 64)
+    assert train_set.skipped == [str(broken)] and str(broken) in caplog.text
+    assert len(train_set) == 15 and all(r["path"] != broken for r in train_set.records)
+    assert detection_collate([train_set[0], None])[0][0].shape[0] == 3  # a file broken later: dropped
+
+
 def test_scenes_deterministic_and_formats_agree(scenes, data, tmp_path):
     summary = scenes_tool.make_scenes(tmp_path, 16, 8, 64, seed=0, empty_fraction=0.2)
     assert summary["classes"] == list(scenes_tool.SHAPES)

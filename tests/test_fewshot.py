@@ -122,3 +122,19 @@ def test_cli_fewshot_on_a_cnn(folder, tmp_path, capsys):
     assert "fewer than --shots 20" in capsys.readouterr().err
     assert main(["fewshot", str(tmp_path / "cnn.yaml"), "--lr", "probe", "--out", str(tmp_path / "bad")]) == 2
     assert "CONTENDER=LR" in capsys.readouterr().err
+
+
+def test_lp_ft_recipes_repeated_contenders_and_a_class_named_valid(tmp_path):
+    """A recipe with train.head_epochs runs its head stage as the same share of each cell's one epoch;
+    `--contenders probe probe` is one contender; a class folder called `valid` is a class, not a split."""
+    flat = make_synthetic_folder(tmp_path / "flat", classes=3, per_class=8, size=32)
+    (flat / "class_2").rename(flat / "valid")
+    recipe = resolve({"model": VIT, "adapter": {"r": 2, "targets": "vit"},
+                      "data": {"path": str(flat), "img_size": 32, "workers": 0},
+                      "train": {"epochs": 4, "batch_size": 4, "head_epochs": 1, "lr": 1e-3}})
+    cell = fs.cell_recipe(recipe, "lora", 0, flat, steps=8, lr=1e-3)
+    assert cell["train"]["head_epochs"] == 0.25 and cell["train"]["epochs"] == 1
+    rows = fs.fewshot(recipe, tmp_path / "grid", shots=[1], seeds=1, contenders=["lora", "probe", "probe"],
+                      steps=4)
+    assert [r["contender"] for r in rows] == ["lora", "probe"]
+    assert all(r["val_images"] == len(scan_folder(flat)[1].items) == 5 for r in rows)  # `valid` is a class

@@ -271,3 +271,13 @@ def test_trainable_summary_and_optimizer_params():
     assert s["adapted_layers"] == 8
     assert s["trainable"] == s["adapter"] + sum(p.numel() for p in model.head.parameters())
     assert 0 < s["trainable_share"] < 0.1
+
+
+def test_one_exclude_or_train_pattern_given_as_a_string_is_one_pattern():
+    """`exclude: blocks.0.attn.qkv` (a string, not a list) is honoured, not read as its characters."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, patch_size=8,
+                              depth=2)
+    inject(model, LoraConfig(r=2, targets="vit", exclude="blocks.0.attn.qkv", train="head"), verify=False)
+    names = [n for n, _ in lora_layers(model)]
+    assert "blocks.0.attn.qkv" not in names and "blocks.1.attn.qkv" in names
+    assert model.head.weight.requires_grad

@@ -118,7 +118,8 @@ def _bad_copy(scenes: Path, root: Path) -> dict[str, Path]:
     shutil.copy(scenes / "classes.txt", root / "classes.txt")
     masks = root / "val" / "masks"
     bad = {"no_mask": root / "val/images/000001.jpg", "small": masks / "000002.png",
-           "index": masks / "000003.png", "rgb": masks / "000004.png", "orphan": masks / "extra.png"}
+           "index": masks / "000003.png", "rgb": masks / "000004.png", "orphan": masks / "extra.png",
+           "unreadable_image": root / "val/images/000005.jpg"}  # its mask is fine: the image is named
     (masks / "000001.png").unlink()
     write_mask(bad["small"], np.zeros((SIZE, SIZE - 4), dtype=np.uint8))
     wrong = read_mask(bad["index"])
@@ -126,6 +127,7 @@ def _bad_copy(scenes: Path, root: Path) -> dict[str, Path]:
     write_mask(bad["index"], wrong)
     Image.new("RGB", (SIZE, SIZE)).save(bad["rgb"])
     write_mask(bad["orphan"], np.zeros((SIZE, SIZE), dtype=np.uint8))
+    bad["unreadable_image"].write_bytes(b"not a jpeg")
     return bad
 
 
@@ -134,7 +136,7 @@ def test_bad_input_is_skipped_and_reported_by_path(scenes, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="vislora.tasks.segmentation"):
         pairs, skipped = seg.scan_pairs(tmp_path / "val", len(CLASSES))
     assert sorted(p for p, _ in skipped) == sorted(str(p) for p in bad.values())
-    assert len(pairs) == 8 - 4
+    assert len(pairs) == 8 - 5
     for kind, path in bad.items():
         assert str(path) in caplog.text, kind
     reasons = dict(skipped)
@@ -235,7 +237,7 @@ def test_export_matches_and_exported_files_evaluate_alike(run, scenes, tmp_path)
 def test_bad_masks_in_eval_data_are_reported(run, scenes, tmp_path):
     bad = _bad_copy(scenes, tmp_path / "data")
     report = evaluate(run, data=tmp_path / "data", out=tmp_path / "bad.json", workers=0)
-    assert sorted(report["skipped"]) == sorted(str(p) for p in bad.values()) and report["num_images"] == 4
+    assert sorted(report["skipped"]) == sorted(str(p) for p in bad.values()) and report["num_images"] == 3
 
 
 def test_predict_writes_masks_from_a_run_and_an_export(run, scenes, tmp_path, monkeypatch, capsys):
@@ -266,3 +268,11 @@ def test_recipe_defaults_and_shipped_recipe():
     defaults = resolve({"task": "segmentation"})
     assert defaults["data"]["augment"] == {"scale": [0.5, 1.0], "hflip": 0.5, "color_jitter": 0.2}
     assert yaml.safe_load(yaml.safe_dump(defaults))["segmenter"]["img_size"] == 512
+
+
+def test_deeplabv3_at_batch_one_is_refused_before_any_work(scenes):
+    recipe = resolve({"task": "segmentation", "model": {"name": "test_resnet"}, "adapter": {"r": 2, "targets": "conv"},
+                      "segmenter": {"head": "deeplabv3", "img_size": SIZE}, "data": {"path": str(scenes)},
+                      "train": {"batch_size": 1}})
+    with pytest.raises(ValueError, match="train.batch_size=1 .* deeplabv3"):
+        seg.build(recipe)

@@ -207,6 +207,13 @@ def test_cli_shrink_writes_a_run_that_eval_export_predict_accept(runs, capsys):
     assert main(["shrink", str(runs / "lora"), "--rank", "2", "--out", str(out), "--force"]) == 0
 
 
+def test_cli_shrink_from_inside_the_run_folder(runs, monkeypatch):
+    """`shrink .` names its output by the run folder's real name, beside it."""
+    monkeypatch.chdir(runs / "lora")
+    assert main(["shrink", ".", "--rank", "1"]) == 0
+    assert (runs / "lora_shrink_rank1" / "adapter" / "adapter_config.json").is_file()
+
+
 def test_cli_shrink_pissa_run_at_full_rank_is_exact(runs):
     out = runs / "pissa_small"
     assert main(["shrink", str(runs / "pissa"), "--rank", "8", "--out", str(out)]) == 0

@@ -179,6 +179,9 @@ def test_detection_predict_export_and_what_is_not_supported(det_run, capsys):
     assert main(["export", str(run), "--format", "onnx"]) == 2
     assert "ONNX export of torchvision detectors is not supported" in capsys.readouterr().err
     assert main(["export", str(run), "--format", "torchscript"]) == 0
+    assert main(["export", str(run)]) == 0  # the recipe's default formats: what a detector can export
+    report = json.loads((run / "export" / "export.json").read_text())
+    assert "onnx" in report["not_exported"] and not (run / "export" / "model.onnx").exists()
     capsys.readouterr()
     assert main(["eval", str(run / "export" / "model.pt"), "--data", str(tmp / "scenes")]) == 2
     assert "use the run directory" in capsys.readouterr().err

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 __version__ = "0.1.0"
+_WARNED: set[str] = set()  # modules_to_save names already reported as ambiguous for PEFT
 
 
 def _peft_shapes(layer: LoraLayer, rank: int) -> tuple[torch.Size, torch.Size]:
@@ -85,6 +86,18 @@ def _all_biases(model: nn.Module) -> bool:
     return bool(trained) and trained == biases
 
 
+def _warn_suffix_clash(model: nn.Module) -> None:
+    """PEFT takes every module whose name ends with a modules_to_save entry: say so when that is more modules than
+    vislora trained (e.g. ResNet's stem `conv1` is also the end of `layer1.0.conv1`); vislora loads it exactly."""
+    names = [n for n, _ in model.named_modules()]
+    for module in getattr(model, "vislora_train", []):
+        others = [n for n in names if n.endswith("." + module)]
+        if others and module not in _WARNED:
+            _WARNED.add(module)
+            log.warning("modules_to_save '%s' also names %d other module(s) for PEFT (e.g. %s): vislora loads "
+                        "this adapter exactly, PEFT would treat those as trained too", module, len(others), others[0])
+
+
 def exact(name: str) -> str:
     """A pattern that matches the layer `name` and no other: anchored, dots escaped (PEFT's rank_pattern and
     alpha_pattern read `^...$` keys that way, and so does vislora.inject.matches)."""
@@ -100,12 +113,14 @@ def adapter_config(model: nn.Module) -> dict:
     alphas = {n: f[2] for n, f in factors.items()}
     r = max(set(ranks.values()), key=list(ranks.values()).count)
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)
-    ours = {"config": config.to_dict(), "train_params": [t for t in config.train if is_parameter_pattern(t)],
-            "ranks": {n: layer.r for n, layer in layers},
+    trained = {"train_params": [t for t in config.train if is_parameter_pattern(t)],
+               "train_modules": list(model.vislora_train)}  # exact names: PEFT reads modules_to_save by suffix
+    ours = {"config": config.to_dict(), **trained, "ranks": {n: layer.r for n, layer in layers},
             "alphas": {n: layer.alpha for n, layer in layers}, "within": getattr(model, "vislora_within", None)}
     if any(hasattr(layer, "pissa_A0") for _, layer in layers):  # saved as the equivalent plain adapter
-        ours = {"config": {**config.to_dict(), "qkv": None, "init": "default"}, "ranks": ranks,
+        ours = {"config": {**config.to_dict(), "qkv": None, "init": "default"}, **trained, "ranks": ranks,
                 "alphas": {n: alphas[n] for n in ranks}, "within": ours["within"]}
+    _warn_suffix_clash(model)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return {
         "peft_type": "LORA",
@@ -188,11 +203,21 @@ def config_from_file(data: dict) -> LoraConfig:
         r=data["r"], alpha=data.get("lora_alpha", data["r"]), dropout=data.get("lora_dropout", 0.0),
         targets=targets if isinstance(targets, str) else list(targets),
         exclude=list(data.get("exclude_modules") or []), rslora=bool(data.get("use_rslora", False)),
-        train=list(data.get("modules_to_save") or []) + list(ours.get("train_params") or
-                                                              (["*.bias"] if data.get("bias") == "all" else [])),
+        train=_train_entries(data, ours),
         qkv=ours.get("config", {}).get("qkv"),
         rank_pattern=ranks, alpha_pattern=alphas, init="pissa" if init == "pissa" and not ours else "default",
     )
+
+
+def _train_entries(data: dict, ours: dict) -> list[str]:
+    """The file's fully trained modules and parameter patterns: vislora's exact module names where it wrote them,
+    else PEFT's modules_to_save (suffixes) and bias='all' as '*.bias'."""
+    if "train_modules" in ours:
+        modules = [exact(n) for n in ours["train_modules"]]
+    else:
+        modules = list(data.get("modules_to_save") or [])
+    params = ours.get("train_params") or (["*.bias"] if data.get("bias") == "all" else [])
+    return modules + list(params)
 
 
 def _file_scaling(data: dict, name: str, layer: LoraLayer) -> tuple[float, float, bool]:
@@ -234,7 +259,7 @@ def _check_architecture(model: nn.Module, data: dict, path: Path) -> None:
     if not (isinstance(targets, str) and targets in PRESETS):
         return
     config = LoraConfig(targets=targets, exclude=list(original.get("exclude") or []),
-                        train=list(data.get("modules_to_save") or []))
+                        train=_train_entries(data, ours))
     try:
         expected = set(find_targets(model, config, ours.get("within")))
     except ValueError as e:

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import datetime
 import json
+import logging
 import os
-import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import timm
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from vislora import rundir, tasks
 from vislora.adapters import save_adapter
@@ -20,13 +26,14 @@ from vislora.data import preprocess_config
 from vislora.evaluate import evaluate, predict
 from vislora.export import export_run
 from vislora.fewshot import CONTENDERS, LR_SCALE, TABLE, fewshot
+from vislora.files import listing
 from vislora.footprint import footprint, format_footprint
 from vislora.inject import LoraConfig, classifier_names, unload
 from vislora.recipe import apply_overrides, load_recipe, read_yaml, resolve
 from vislora.shrink import format_shrink, shrink_run
 from vislora.svd import extract_adapter, format_spectrum, plot_spectrum, spectrum
 from vislora.tasks.common import load_weights
-from vislora.train import TrainingDiverged, train
+from vislora.train import TrainingDiverged, first_rank, train
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -41,11 +48,24 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+def launch(nproc: int, argv: list[str]) -> int:
+    """`vislora ARGV` in nproc processes on this machine, as `torchrun --standalone` starts them (torch's elastic
+    launcher, in process): the ranks print their own one-line errors, so a failed rank is an exit code here,
+    not torchrun's traceback."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several processes on one machine
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, rdzv_backend="c10d",
+                          rdzv_endpoint="localhost:0", run_id=str(uuid.uuid4()), max_restarts=0)
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "vislora", *argv)
+    except ChildFailedError as e:
+        return max(f.exitcode for f in e.failures.values()) or 1
+    return 0
+
+
 def cmd_train(args) -> int:
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # re-run this command under torchrun
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", "vislora", *_without_nproc(sys.argv[1:])]
-        return subprocess.call(cmd)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # re-run this command in N processes
+        return launch(args.nproc, _without_nproc(sys.argv[1:]))
     overrides = list(args.set or [])
     if args.data:
         overrides.append(f"data.path={args.data}")
@@ -56,24 +76,38 @@ def cmd_train(args) -> int:
         recipe = resolve(apply_overrides(read_yaml(run_dir / rundir.RECIPE), overrides), str(run_dir / rundir.RECIPE))
     else:
         recipe = load_recipe(args.recipe, overrides)
-    if run_dir.exists() and any(run_dir.iterdir()) and not args.resume and not args.force:
-        print(f"vislora train: error: {run_dir} already holds a run: pass --resume to continue it, --force to "
-              "replace it (vislora's files there are removed first), or --out DIR", file=sys.stderr)
-        return 2
-    train(recipe, run_dir, resume=args.resume)
+    data = (recipe["data"]["path"], recipe["data"]["images"])
+    rundir.check_out(run_dir, data, args.resume, args.force)  # before anything is created
+    with rundir.locked(run_dir) if first_rank() else contextlib.nullcontext():
+        if first_rank():
+            rundir.check_out(run_dir, data, args.resume, args.force)  # again: no other training can start now
+        train(recipe, run_dir, resume=args.resume)
     print(f"vislora: run written to {run_dir}")
     return 0
 
 
+def folder_arg(path: str | None, flag: str = "--out") -> Path | None:
+    """A folder argument: refused in one line when it names an existing file."""
+    if path is not None and Path(path).is_file():
+        raise ValueError(f"{flag} {path} is a file: name a folder")
+    return Path(path) if path is not None else None
+
+
 def cmd_eval(args) -> int:
+    if args.out and args.data:
+        rundir.keep_apart(Path(args.out).parent, [args.data])
+    if args.out and Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a folder: name the report file, e.g. {Path(args.out) / 'report.json'}")
     report = evaluate(args.target, data=args.data, out=args.out, batch_size=args.batch_size)
     print(json.dumps(report, indent=2) if args.json else tasks.get(report["task"]).format_report(report))
     if report.get("skipped"):
-        print(f"vislora: skipped {len(report['skipped'])} unreadable image(s): {', '.join(report['skipped'][:5])}")
+        print(f"vislora: skipped {len(report['skipped'])} unreadable or unusable file(s): "
+              f"{listing(report['skipped'])}")
     return 0
 
 
 def cmd_export(args) -> int:
+    folder_arg(args.out)
     report = export_run(args.run_dir, formats=args.format, out=args.out, opset=args.opset,
                         dynamic_batch=args.dynamic_batch)
     print(json.dumps(report, indent=2))
@@ -81,6 +115,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    if args.topk < 1:
+        raise ValueError(f"--topk must be >= 1, got {args.topk}")
+    folder_arg(args.out)
     task, results = predict(args.model, args.images, topk=args.topk, out=args.out)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -90,7 +127,7 @@ def cmd_predict(args) -> int:
     if all("error" in r for r in results):
         print(f"vislora predict: error: none of the {len(results)} image(s) could be read: {results[0]['error']}",
               file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 
@@ -137,6 +174,7 @@ def _weights_model(path: Path, model_name: str | None, kwargs: dict, num_classes
 
 
 def cmd_extract(args) -> int:
+    out_dir = folder_arg(args.out)
     tuned_path = Path(args.tuned)
     if tuned_path.is_dir():
         tuned, recipe, pre = rundir.load_run(tuned_path)
@@ -157,7 +195,7 @@ def cmd_extract(args) -> int:
     rank = args.rank if args.rank in ("auto", "full") else int(args.rank)
     model, report = extract_adapter(base, tuned, LoraConfig(targets=targets), rank=rank, energy=args.energy,
                                     budget=args.budget)
-    out = save_adapter(model, args.out)
+    out = save_adapter(model, out_dir)
     (out / "extract_report.json").write_text(json.dumps(report, indent=2))
     fidelity = output_fidelity(model, tuned, pre)
     (out / "extract_fidelity.json").write_text(json.dumps(fidelity, indent=2))
@@ -209,9 +247,11 @@ def _lr_overrides(items: list[str] | None) -> dict[str, float]:
 
 def cmd_fewshot(args) -> int:
     recipe = load_recipe(args.recipe, [f"data.path={args.data}"] if args.data else [])
-    out = Path(args.out) if args.out else Path("runs") / f"fewshot_{Path(args.recipe).stem}"
-    rows = fewshot(recipe, out, shots=args.shots, seeds=args.seeds, contenders=args.contenders, steps=args.steps,
-                   lrs=_lr_overrides(args.lr))
+    out = folder_arg(args.out) or Path("runs") / f"fewshot_{Path(args.recipe).stem}"
+    rundir.keep_apart(out, [recipe["data"]["path"]], [out / "data", out / "runs"])  # before the lock makes out
+    with rundir.locked(out):
+        rows = fewshot(recipe, out, shots=args.shots, seeds=args.seeds, contenders=args.contenders,
+                       steps=args.steps, lrs=_lr_overrides(args.lr))
     print((out / TABLE).read_text(), end="")
     print(f"vislora: {len(rows)} runs in {out} (fewshot.json, fewshot.md, fewshot.png)")
     return 0
@@ -321,12 +361,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def leave_process_group(timeout_s: float = 10.0) -> None:
+    """Under DDP, after an error every rank met together (e.g. a diverged loss): wait, at most timeout_s, until
+    all ranks are here, so rank 0 has printed the error before the launcher stops the others."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    with contextlib.suppress(Exception):
+        dist.barrier(async_op=True).wait(datetime.timedelta(seconds=timeout_s))
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError, NotImplementedError, TrainingDiverged) as e:
-        print(f"vislora {args.command}: error: {e}", file=sys.stderr)
+        if first_rank():  # under torchrun every rank stops with the same error: say it once
+            print(f"vislora {args.command}: error: {e}", file=sys.stderr)
+        leave_process_group()
         return 2
     except KeyboardInterrupt:
         print(f"vislora {args.command}: interrupted; the last checkpoint stays loadable", file=sys.stderr)

@@ -33,6 +33,7 @@ from vislora.recipe import TASK_DEFAULTS
 logger = logging.getLogger(__name__)
 
 VAL_DIRS = ("val", "valid", "validation")
+SPLIT_DIRS = ("train", *VAL_DIRS, "test")
 INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
                   "area": cv2.INTER_AREA, "box": cv2.INTER_AREA, "hamming": cv2.INTER_LINEAR,
                   "lanczos": cv2.INTER_LANCZOS4}  # albumentations (cv2) flags for the train crop
@@ -91,8 +92,23 @@ def _scan_classes(root: Path, classes: list[str] | None = None) -> Split:
     return Split(items, list(classes))
 
 
+def _split_names_only(root: Path) -> bool:
+    """Every folder of ROOT is a split name (train, val, valid, validation, test): a ROOT/train + ROOT/val layout,
+    not class folders one of which happens to be called `train` or `valid`."""
+    return all(d.name in SPLIT_DIRS for d in _class_dirs(root))
+
+
 def _val_dir(root: Path) -> Path | None:
+    """ROOT's val split folder, when ROOT is a split layout."""
+    if not _split_names_only(root):
+        return None
     return next((root / n for n in VAL_DIRS if (root / n).is_dir()), None)
+
+
+def is_split_layout(root: Path) -> bool:
+    """ROOT/train/<class>/* (+ ROOT/val/<class>/*): ROOT holds only split folders and train holds class folders."""
+    train = root / "train"
+    return train.is_dir() and _split_names_only(root) and bool(_class_dirs(train))
 
 
 def _stratified_split(full: Split, root: Path, val_fraction: float, seed: int) -> tuple[Split, Split]:
@@ -124,7 +140,7 @@ def scan_folder(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> t
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    if (root / "train").is_dir():
+    if is_split_layout(root):
         train = _scan_classes(root / "train")
         val_dir = _val_dir(root)
         if val_dir is not None:

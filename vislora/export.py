@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import statistics
 import time
@@ -33,6 +34,8 @@ REPORT_NAME = "export.json"
 LATENCY_BATCHES = (1, 8)
 # the EXPORT of a model that takes an NCHW batch and returns a tensor (timm classifiers): tasks.classification's
 BATCH_MODEL = {"torchscript": "trace", "onnx": None, "input": "batch", "served": None}
+
+log = logging.getLogger(__name__)
 
 
 # ---- checks ---------------------------------------------------------------------------------------
@@ -306,10 +309,14 @@ def export_run(run_dir: str | os.PathLike, formats: str | Sequence[str] | None =
     model, recipe, preprocess = rundir.load_run(run_dir)
     task = tasks.get(recipe["task"])
     settings = recipe["export"]
+    asked = formats is not None and formats != "all"  # named on the command line, not the recipe's defaults
     formats = settings["formats"] if formats is None else formats
     formats = tuple(FILE_NAMES) if formats == "all" else ((formats,) if isinstance(formats, str) else tuple(formats))
     if "onnx" in formats and task.EXPORT["onnx"]:
-        raise ValueError(task.EXPORT["onnx"])
+        if asked:
+            raise ValueError(task.EXPORT["onnx"])
+        formats = tuple(f for f in formats if f != "onnx")  # the defaults: what this task can export
+        log.warning("vislora export: not exporting ONNX (the recipe's default formats): %s", task.EXPORT["onnx"])
     unload(model)
     with torch.random.fork_rng(devices=[]):
         base = task.build_model(recipe, preprocess["class_names"]).eval()
@@ -327,6 +334,8 @@ def export_run(run_dir: str | os.PathLike, formats: str | Sequence[str] | None =
             "base_latency_b1_s": median_latency(lambda t: call(base, t), x),
             "merged_latency_b1_s": median_latency(lambda t: call(model, t), x),
         }
+    if "onnx" not in formats and task.EXPORT["onnx"]:
+        report["not_exported"] = {"onnx": task.EXPORT["onnx"]}
     report["cost"]["latency_ratio"] = report["cost"]["merged_latency_b1_s"] / report["cost"]["base_latency_b1_s"]
     if report["cost"]["base_parameters"] != report["cost"]["merged_parameters"]:
         raise ValueError(f"merged model has {report['cost']['merged_parameters']} parameters, the base model "

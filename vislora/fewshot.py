@@ -44,6 +44,7 @@ from tqdm import tqdm
 from vislora import data as vdata
 from vislora import rundir
 from vislora.evaluate import evaluate
+from vislora.files import write_json
 from vislora.recipe import DEFAULTS, differences, mode, resolve
 from vislora.train import train
 
@@ -142,7 +143,8 @@ def cell_recipe(recipe: dict, contender: str, seed: int, train_dir: Path, steps:
     t = r["train"]
     r["adapter"] = contender_adapter(recipe, contender)
     r["data"].update(path=str(train_dir), val_fraction=0.0)
-    t.update(seed=seed, lr=lr, max_steps=steps, warmup_epochs=t["warmup_epochs"] / t["epochs"], epochs=1)
+    t.update(seed=seed, lr=lr, max_steps=steps, warmup_epochs=t["warmup_epochs"] / t["epochs"],
+             head_epochs=t["head_epochs"] / t["epochs"], epochs=1)  # the recipe's shares of the one epoch
     return resolve(r, f"fewshot {contender} seed {seed}")
 
 
@@ -178,12 +180,6 @@ def _read_results(path: Path, settings: dict) -> list[dict]:
         raise ValueError(f"{path} holds a grid made with other settings ({'; '.join(changed[:4])}): use another "
                          "--out, or the same recipe, --steps and --lr")
     return list(saved.get("rows", []))
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -232,7 +228,7 @@ def plot_results(rows: list[dict], path: Path) -> None:
 
 def write_outputs(out: Path, settings: dict, rows: list[dict]) -> None:
     """fewshot.json after every cell; fewshot.md and fewshot.png from the rows so far."""
-    _write_json(out / RESULTS, {"settings": settings, "rows": rows})
+    write_json(out / RESULTS, {"settings": settings, "rows": rows})
     if rows:
         (out / TABLE).write_text(format_table(rows, settings))
         plot_results(rows, out / PLOT)
@@ -245,10 +241,12 @@ def fewshot(recipe: dict, out: str | Path, shots: Sequence[int] = (1, 2, 4, 8, 1
     """Run (or resume) the grid shots x seeds x contenders of a resolved recipe into `out` (see the module
     docstring for the protocol); returns every row of fewshot.json."""
     _check_grid(shots, seeds, contenders)
+    contenders = list(dict.fromkeys(contenders))  # `--contenders probe probe` is one contender
     if recipe["task"] != "classification":
         raise ValueError(f"fewshot needs a classification recipe (task: {recipe['task']})")
     out = Path(out)
     d = recipe["data"]
+    rundir.keep_apart(out, [d["path"]], [out / "data", out / "runs"])
     train_split, val_split = vdata.scan_folder(d["path"], d["val_fraction"], recipe["train"]["seed"])
     if not val_split.items:
         raise ValueError(f"data.path {d['path']} has no val split to evaluate on: add ROOT/val or set "

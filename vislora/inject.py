@@ -34,6 +34,13 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # per-layer alpha
     init: str = "default"  # "default" (B = 0) or "pissa" (principal singular vectors, see vislora.svd)
 
+    def __post_init__(self) -> None:
+        """One pattern given as a plain string means a list of one (not its characters)."""
+        if isinstance(self.exclude, str):
+            self.exclude = (self.exclude,)
+        if isinstance(self.train, str):
+            self.train = (self.train,)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["targets"] = d["targets"] if isinstance(d["targets"], str) else list(d["targets"])

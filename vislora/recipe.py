@@ -190,9 +190,9 @@ def _pair(source: str, key: str, value, low: float, high: float):
 def _check_fields(recipe: dict, source: str) -> None:
     """Types and ranges of the fields a typo breaks late (e.g. epochs: -1 trained nothing, silently)."""
     t, d = recipe["train"], recipe["data"]
-    for key, low, open_low in (("epochs", 1, False), ("batch_size", 1, False), ("grad_accum", 1, False),
-                               ("head_epochs", 0, False)):
+    for key, low, open_low in (("epochs", 1, False), ("batch_size", 1, False), ("grad_accum", 1, False)):
         t[key] = _number(source, f"train.{key}", t[key], low, whole=True, open_low=open_low)
+    t["head_epochs"] = _number(source, "train.head_epochs", t["head_epochs"], 0)  # a fraction: fewshot's cells
     if t["max_steps"] is not None:
         t["max_steps"] = _number(source, "train.max_steps", t["max_steps"], 1, whole=True)
     for key in ("lr", "head_lr", "weight_decay", "warmup_epochs", "min_lr", "lowrank_penalty", "factor_l2",
@@ -222,6 +222,33 @@ def _check_fields(recipe: dict, source: str) -> None:
         raise ValueError(f"{source}: model.kwargs must be a mapping, got {recipe['model']['kwargs']!r}")
 
 
+def _names(source: str, key: str, value, allow_str: bool = True) -> str | list[str]:
+    """A name pattern or a list of them: one string is read as a list of one (`exclude: blocks.0.attn.qkv`)."""
+    if isinstance(value, str):
+        return value if allow_str else [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ValueError(f"{source}: {key} must be a name or a list of names, got {value!r}")
+
+
+def _check_adapter(adapter: dict, source: str) -> None:
+    """The adapter section's types: patterns are strings or lists of them, per-layer maps are name -> number."""
+    adapter["targets"] = _names(source, "adapter.targets", adapter["targets"])
+    for key in ("exclude", "train"):
+        adapter[key] = _names(source, f"adapter.{key}", adapter[key], allow_str=False)
+    for key in ("rank_pattern", "alpha_pattern"):
+        value = adapter[key] if adapter[key] is not None else {}
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ValueError(f"{source}: adapter.{key} must map layer patterns to numbers, got {value!r}")
+        adapter[key] = {k: _number(source, f"adapter.{key}.{k}", v, 0, open_low=True) for k, v in value.items()}
+    adapter["r"] = _number(source, "adapter.r", adapter["r"], 0, open_low=True)
+    adapter["alpha"] = _number(source, "adapter.alpha", adapter["alpha"], 0, open_low=True)
+    adapter["dropout"] = _number(source, "adapter.dropout", adapter["dropout"], 0)
+    for key in ("qkv", "init"):
+        if adapter[key] is not None and not isinstance(adapter[key], str):
+            raise ValueError(f"{source}: adapter.{key} must be a string, got {adapter[key]!r}")
+
+
 def resolve(raw: dict, source: str = "recipe") -> dict:
     """Defaults + the user's recipe: the adapter mode normalised (None, 'linear_probe' or a LoraConfig dict), the
     task's defaults filled in, field types and ranges checked (ValueError naming the key)."""
@@ -245,6 +272,8 @@ def resolve(raw: dict, source: str = "recipe") -> dict:
     if recipe["train"]["head_lr"] is None:
         recipe["train"]["head_lr"] = MODE_DEFAULTS["linear_probe"]
     _check_fields(recipe, source)
+    if isinstance(recipe["adapter"], dict):
+        _check_adapter(recipe["adapter"], source)
     t = recipe["train"]
     if mode(recipe) != "linear_probe" and t["head_epochs"] >= t["epochs"]:
         raise ValueError(f"{source}: train.head_epochs={t['head_epochs']} leaves no epoch of train.epochs="
@@ -271,7 +300,12 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ValueError(f"--set expects key.sub=value, got '{item}'")
     key, value = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value)
+    try:
+        return key.strip().split("."), yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        reason = str(e).splitlines()[0]
+        raise ValueError(f"--set {item}: the value is not valid YAML ({reason}); quote text, e.g. "
+                         f"{key}='\"{value}\"'") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vislora.files import read_json
 from vislora.image import PREPROCESS_KEYS
 
 PREPROCESS_NAME = "preprocess.json"
@@ -36,10 +37,18 @@ def _read_preprocess_file(path: Path) -> dict | None:
     side = path.parent / PREPROCESS_NAME
     if not side.is_file():
         return None
+    content = read_json(side, "preprocessing of the exported model")
+    if not isinstance(content, dict):
+        raise ValueError(f"{side} is not a JSON object (expected the keys {', '.join(PREPROCESS_KEYS)})")
+    return content
+
+
+def _metadata(entries: dict[str, str], path: Path) -> dict:
+    """The preprocessing `vislora export` stores in a file (JSON strings); values that are not JSON are named."""
     try:
-        return json.loads(side.read_text())
+        return {k: json.loads(v) for k, v in entries.items()}
     except json.JSONDecodeError as e:
-        raise ValueError(f"{side} is not valid JSON: {e}") from e
+        raise ValueError(f"{path}: its stored preprocessing is not JSON ({e})") from None
 
 
 def onnx_predictor(path: Path) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
@@ -64,7 +73,7 @@ def onnx_predictor(path: Path) -> tuple[Callable[[np.ndarray], np.ndarray], dict
         return np.concatenate([session.run(None, {spec.name: x[i:i + static]})[0] for i in range(0, len(x), static)])
 
     meta = session.get_modelmeta().custom_metadata_map
-    return run, {k: json.loads(v) for k, v in meta.items()}
+    return run, _metadata({k: v for k, v in meta.items() if k in METADATA_KEYS}, path)
 
 
 def torchscript_predictor(path: Path) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
@@ -82,7 +91,7 @@ def torchscript_predictor(path: Path) -> tuple[Callable[[np.ndarray], np.ndarray
         with torch.inference_mode():
             return module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
 
-    return run, {k[:-5]: json.loads(v) for k, v in files.items() if v}
+    return run, _metadata({k[:-5]: v for k, v in files.items() if v}, path)
 
 
 def load_exported(path: str | os.PathLike) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
@@ -105,4 +114,9 @@ def load_exported(path: str | os.PathLike) -> tuple[Callable[[np.ndarray], np.nd
         predictor, embedded = torchscript_predictor(path)
     else:
         raise ValueError(f"{path}: unknown export format '{path.suffix}' (expected .pt or .onnx)")
-    return predictor, _read_preprocess_file(path) or embedded
+    preprocess = _read_preprocess_file(path) or embedded
+    if "input_size" not in preprocess:  # a file vislora did not export: nothing says how to feed it
+        raise ValueError(f"{path} carries no preprocessing: vislora reads it from {path.parent / PREPROCESS_NAME} "
+                         "or from the metadata `vislora export` embeds; write that file (a run's preprocess.json: "
+                         f"{', '.join(PREPROCESS_KEYS)}, class_names) beside the model")
+    return predictor, preprocess

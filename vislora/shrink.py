@@ -9,16 +9,16 @@ equivalent relative to the original weights (vislora.svd.pissa_as_lora), so the 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 from vislora import rundir
 from vislora.adapters import save_adapter
 from vislora.evaluate import evaluate
+from vislora.files import write_json
 from vislora.inject import LoraConfig
 from vislora.recipe import save_recipe
-from vislora.svd import shrink_adapter
+from vislora.svd import check_shrink_args, shrink_adapter
 
 REPORT = "shrink_report.json"
 ADAPTER_KEYS = ("r", "rank_pattern", "alpha_pattern", "exclude", "qkv", "init")  # what shrinking changes
@@ -31,15 +31,13 @@ def default_out(run_dir: Path, rank: int | None, energy: float | None, budget: i
 
 
 def _check_out(out: Path, run_dir: Path, force: bool) -> None:
-    """The new run goes to an empty folder other than the run; --force clears vislora's files there first."""
+    """The new run goes to an empty folder other than the run; --force replaces a run there (train's rules)."""
     if out.resolve() == run_dir.resolve():
         raise ValueError(f"--out {out} is the run being shrunk: write the smaller run elsewhere")
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise ValueError(f"--out {out} is not empty: pass --force to replace the run there, or another --out")
-        rundir.clear(out)
-        (out / REPORT).unlink(missing_ok=True)
+    rundir.check_out(out, [], resume=False, force=force)
+    rundir.clear(out)
     out.mkdir(parents=True, exist_ok=True)
+    rundir.mark(out)
 
 
 def shrunk_recipe(recipe: dict, config: LoraConfig) -> dict:
@@ -59,7 +57,8 @@ def shrink_run(run_dir: str | Path, rank: int | None = None, energy: float | Non
     """Shrink a LoRA run's adapter (one of rank / energy / budget, see vislora.svd.shrink_adapter) into a new run
     directory `out`; writes and returns the report: per-layer ranks and energy, parameters and val metrics before
     and after."""
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()  # `shrink .` names its run by the folder's real name
+    check_shrink_args(rank, energy, budget)  # before anything is created
     if not (run_dir / rundir.ADAPTER).is_dir():
         raise FileNotFoundError(f"{run_dir / rundir.ADAPTER} does not exist: shrink needs a LoRA run (a linear "
                                 "probe or full fine-tuning run has no adapter to shrink)")
@@ -77,7 +76,7 @@ def shrink_run(run_dir: str | Path, rank: int | None = None, energy: float | Non
               "selection": {k: v for k, v in (("rank", rank), ("energy", energy), ("budget", budget)) if v is not None},
               "params_before": sum(r["old_params"] for r in layers), "params_after": sum(r["params"] for r in layers),
               "val_before": before, "val_after": after, "layers": layers}
-    (out / REPORT).write_text(json.dumps(report, indent=2))
+    write_json(out / REPORT, report)
     return report
 
 

@@ -437,7 +437,8 @@ def _update_diff(name: str, layer: LoraLayer) -> _Diff:
     return diff
 
 
-def _check_shrink_args(rank: int | None, energy: float | None, budget: int | None) -> None:
+def check_shrink_args(rank: int | None, energy: float | None, budget: int | None) -> None:
+    """Exactly one of rank (>= 1), energy (in (0, 1]) or budget (>= 1): a bad value stops shrink before it writes."""
     given = [k for k, v in (("rank", rank), ("energy", energy), ("budget", budget)) if v is not None]
     if len(given) != 1:
         raise ValueError(f"shrink: give exactly one of rank, energy or budget (got {', '.join(given) or 'none'})")
@@ -461,7 +462,7 @@ def shrink_adapter(model: nn.Module, rank: int | None = None, energy: float | No
     layer: name, old_rank, rank, parts, energy, rel_error (= sqrt(discarded s^2 / all s^2)), norm, old_params,
     params, unchanged.
     """
-    _check_shrink_args(rank, energy, budget)
+    check_shrink_args(rank, energy, budget)
     layers = dict(lora_layers(model))
     if not layers:
         raise ValueError(f"shrink: {type(model).__name__} carries no LoRA layers")

@@ -8,8 +8,8 @@ Multi-process: `torchrun --nproc_per_node N -m vislora train ...` (DDP, gloo on 
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import json
 import math
 import os
 import random
@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from vislora import data as vdata
 from vislora import rundir, tasks
+from vislora.files import listing, write_json
 from vislora.inject import classifier_names, trainable_summary
 from vislora.svd import factor_l2, frobenius_penalty
 from vislora.tasks.common import Setup
@@ -69,6 +70,11 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def first_rank() -> bool:
+    """This process is rank 0 of a torchrun launch, or runs alone (readable before the process group exists)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def init_distributed(device: torch.device) -> tuple[torch.device, int, int]:
@@ -190,7 +196,7 @@ def build_optimizer(model: nn.Module, t: dict, steps_per_epoch: int):
     if staging and not any(g["head"] for g in groups):
         raise ValueError(f"train.head_epochs={t['head_epochs']}: {type(model).__name__} has no classifier to train "
                          "first; set train.head_epochs: 0")
-    head_steps = t["head_epochs"] * steps_per_epoch if staging else 0
+    head_steps = round(t["head_epochs"] * steps_per_epoch) if staging else 0
     total = min(steps_per_epoch * t["epochs"], t["max_steps"] or math.inf)
     warmup, min_ratio = int(t["warmup_epochs"] * steps_per_epoch), t["min_lr"] / t["lr"] if t["lr"] else 0.0
     head_scale = t["head_lr"] / t["lr"] if t["lr"] else 0.0
@@ -244,7 +250,7 @@ def restore(loop: Loop) -> None:
     loop.scheduler.load_state_dict(state["scheduler"])
     loop.scaler.load_state_dict(state["scaler"])
     loop.epoch, loop.step, loop.best = state["epoch"], state["step"], state["best"]
-    loop.history = rundir.read_metrics(loop.run_dir)[:loop.epoch]
+    loop.history = state.get("history") or rundir.read_metrics(loop.run_dir)[:loop.epoch]  # older checkpoints
 
 
 # ---- one epoch ------------------------------------------------------------------------------------
@@ -271,6 +277,17 @@ def optimizer_step(loop: Loop) -> None:
     loop.step += 1
 
 
+def finite_on_every_rank(loop: Loop, loss: torch.Tensor) -> bool:
+    """The loss is finite on this rank and, under DDP, on every other: all ranks stop together (a rank that
+    stopped alone would leave the others waiting in the gradient all-reduce)."""
+    finite = torch.isfinite(loss.detach()).all()
+    if loop.world == 1:
+        return bool(finite)
+    flag = finite.to(device=loop.device, dtype=torch.float32).reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def diverged(loop: Loop, value: float, epoch: int, batch: int) -> TrainingDiverged:
     last = loop.run_dir / rundir.CHECKPOINTS / "last.pt"
     kept = f"the last good checkpoint is {last}" if last.is_file() else "no epoch finished, so no checkpoint exists"
@@ -294,7 +311,7 @@ def train_epoch(loop: Loop, epoch: int) -> dict:
             loss, logs, n = loop.task.loss(loop.net, batch, loop.device, loop.recipe)
             penalty = loop.penalty(loop.model) if loop.penalty is not None else None
             loss_total = loss + penalty if penalty is not None else loss
-        if not torch.isfinite(loss_total):
+        if not finite_on_every_rank(loop, loss_total):
             raise diverged(loop, loss_total.item(), epoch, i)
         loop.scaler.scale(loss_total / group).backward()
         if (i + 1) % t["grad_accum"] == 0 or i + 1 == n_batches:
@@ -336,11 +353,8 @@ def end_epoch(loop: Loop, row: dict) -> None:
         return
     state = {"epoch": loop.epoch, "step": loop.step, "best": loop.best, "model": rundir.trained_state(loop.model),
              "optimizer": loop.optimizer.state_dict(), "scheduler": loop.scheduler.state_dict(),
-             "scaler": loop.scaler.state_dict()}
-    rundir.save_checkpoint(loop.run_dir, state, best=improved)
-    if improved:
-        rundir.save_trained(loop.model, loop.run_dir)
-    rundir.log_epoch(loop.run_dir, loop.history)
+             "scaler": loop.scaler.state_dict(), "history": loop.history}
+    rundir.save_epoch(loop.run_dir, loop.model, state, improved)
     shown = {k: round(v, 4) for k, v in row.items() if k.startswith(("val_", "train_")) and isinstance(v, float)}
     tqdm.write(f"epoch {loop.epoch}: {shown} ({row['epoch_s']:.1f}s, {row['images_per_s']:.0f} img/s)")
     if warning:
@@ -353,11 +367,11 @@ def finish(loop: Loop, summary: dict) -> None:
     if loop.main:
         skipped = getattr(loop.setup.train_set, "skipped", []) + getattr(loop.setup.val_set, "skipped", [])
         if skipped:
-            print(f"vislora: skipped {len(skipped)} unreadable image(s): {', '.join(map(str, skipped[:5]))}")
+            print(f"vislora: skipped {len(skipped)} unreadable or unusable file(s): {listing(skipped)}")
         result = {"summary": summary, "best": loop.best, "epochs": len(loop.history), "run_dir": str(loop.run_dir),
                   "world_size": loop.world, "max_rank_difference": difference,
                   "kept": "best" if loop.val_loader is not None else "last"}
-        (loop.run_dir / rundir.SUMMARY).write_text(json.dumps(result, indent=2))
+        write_json(loop.run_dir / rundir.SUMMARY, result)  # standard JSON: no val split gives best null
     if loop.world > 1:
         dist.barrier()
 
@@ -380,14 +394,15 @@ def train(recipe: dict, run_dir: str | Path, resume: bool = False, adapt: Callab
     with the run's own recipe). adapt(model, recipe) replaces the task's adapter step; benchmarks pass another
     (e.g. PEFT's) to run it through this same loop."""
     run_dir = Path(run_dir)
-    loop = setup(recipe, run_dir, resume, adapt)
-    summary = trainable_summary(loop.model)
-    if loop.main:
-        announce(loop, summary)
-    t = recipe["train"]
-    for epoch in range(loop.epoch, t["epochs"]):
-        if t["max_steps"] and loop.step >= t["max_steps"]:
-            break
-        end_epoch(loop, train_epoch(loop, epoch))
-    finish(loop, summary)
+    with rundir.locked(run_dir) if first_rank() else contextlib.nullcontext():
+        loop = setup(recipe, run_dir, resume, adapt)
+        summary = trainable_summary(loop.model)
+        if loop.main:
+            announce(loop, summary)
+        t = recipe["train"]
+        for epoch in range(loop.epoch, t["epochs"]):
+            if t["max_steps"] and loop.step >= t["max_steps"]:
+                break
+            end_epoch(loop, train_epoch(loop, epoch))
+        finish(loop, summary)
     return run_dir

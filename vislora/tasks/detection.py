@@ -333,15 +333,21 @@ class DetectionDataset(Dataset):
     """Images with boxes; item = (CHW float image in [0, 1], {boxes [N,4] xyxy pixels, labels [N] in 1..K,
     image_id}). An albumentations pipeline (with BboxParams pascal_voc, label_fields=['labels']) moves boxes."""
 
-    def __init__(self, records: list[dict], class_names: list[str], transform: A.Compose | None = None):
+    def __init__(self, records: list[dict], class_names: list[str], transform: A.Compose | None = None,
+                 skipped: Sequence[str] = ()):
         self.records, self.class_names, self.transform = records, list(class_names), transform
+        self.skipped = list(skipped)  # image files set aside as unreadable when the records were read
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, dict]:
+    def __getitem__(self, index: int) -> tuple[Tensor, dict] | None:
         rec = self.records[index]
-        pixels = image.read_image(rec["path"])
+        try:
+            pixels = image.read_image(rec["path"])
+        except ValueError as e:  # a file that broke after the scan: skipped, as classification does
+            log.warning("skipping %s", e)
+            return None
         boxes, labels = rec["boxes"], rec["labels"]
         if self.transform is not None:
             out = self.transform(image=pixels, bboxes=boxes, labels=labels)
@@ -352,6 +358,24 @@ class DetectionDataset(Dataset):
         tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div_(255)
         return tensor, {"boxes": torch.from_numpy(boxes[keep]), "labels": torch.from_numpy(labels[keep]),
                         "image_id": int(rec["image_id"])}
+
+
+def _size(path: Path) -> tuple[int, int] | None:
+    """(width, height) of an image, None for a file that cannot be read (it is skipped, not fatal)."""
+    try:
+        return image.image_size(path)
+    except ValueError:
+        return None
+
+
+def usable_records(records: list[dict], source: str) -> tuple[list[dict], list[str]]:
+    """The records whose image Pillow can read, and the paths of the others (reported once, by name)."""
+    skipped = [str(r["path"]) for r in records if r.get("size") is None or not image.verifies(r["path"])]
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (f" ... and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        log.warning("%s: skipping %d unreadable image(s): %s", source, len(skipped), shown)
+    bad = set(skipped)
+    return [r for r in records if str(r["path"]) not in bad], skipped
 
 
 def _read_json(path: Path) -> dict:
@@ -412,13 +436,17 @@ def coco_records(ann_path: str | os.PathLike, images_dir: str | os.PathLike, lab
     records, clipped, dropped = [], 0, 0
     for position, (image_id, img) in enumerate(images.items()):
         path = images_dir / img["file_name"]
-        width, height = ((img["width"], img["height"]) if img.get("width") and img.get("height")
-                         else image.image_size(path))
+        size = (img["width"], img["height"]) if img.get("width") and img.get("height") else _size(path)
+        if size is None:  # unreadable: usable_records sets it aside
+            records.append({"path": path, "boxes": np.zeros((0, 4)), "labels": np.zeros(0, dtype=np.int64),
+                            "size": None, "image_id": position})
+            continue
+        width, height = size
         b = np.array([x for x, _ in boxes[image_id]], dtype=np.float64).reshape(-1, 4)
         lab = np.array([c for _, c in boxes[image_id]], dtype=np.int64)
         b, lab, c, d = clean_boxes(b, lab, width, height)
         clipped, dropped = clipped + c, dropped + d
-        records.append({"path": path, "boxes": b, "labels": lab,
+        records.append({"path": path, "boxes": b, "labels": lab, "size": size,
                         "image_id": image_id if isinstance(image_id, int) else position})
     _report(ann_path, clipped, dropped)
     return records, names, label_of
@@ -488,7 +516,12 @@ def yolo_records(root: str | os.PathLike, split: str, names: list[str], data: di
     records, clipped, dropped = [], 0, 0
     bad_files = []
     for i, path in enumerate(files):
-        width, height = image.image_size(path)
+        size = _size(path)
+        if size is None:  # unreadable: usable_records sets it aside
+            records.append({"path": path, "boxes": np.zeros((0, 4)), "labels": np.zeros(0, dtype=np.int64),
+                            "size": None, "image_id": i})
+            continue
+        width, height = size
         label_file = _label_path(path)
         if label_file.is_file():
             b, lab = _yolo_boxes(label_file, width, height, len(names))
@@ -498,7 +531,7 @@ def yolo_records(root: str | os.PathLike, split: str, names: list[str], data: di
         if c or d:
             bad_files.append(label_file.name)
         clipped, dropped = clipped + c, dropped + d
-        records.append({"path": path, "boxes": b, "labels": lab, "image_id": i})
+        records.append({"path": path, "boxes": b, "labels": lab, "size": size, "image_id": i})
     if bad_files:
         _report(f"{image_dir} labels {bad_files[:5]}{' ...' if len(bad_files) > 5 else ''}", clipped, dropped)
     return records
@@ -551,12 +584,14 @@ def build_detection_datasets(data_cfg: dict, img_size: int, augment: dict | None
         val = yolo_records(data_cfg["path"], "val", names, meta)
     else:
         raise ValueError(f"data format {fmt!r} is not supported: use 'coco' or 'yolo'")
-    return (DetectionDataset(train, names, train_transform(img_size, augment)),
-            DetectionDataset(val, names, None), names)
+    (train, train_skipped), (val, val_skipped) = usable_records(train, "train"), usable_records(val, "val")
+    return (DetectionDataset(train, names, train_transform(img_size, augment), train_skipped),
+            DetectionDataset(val, names, None, val_skipped), names)
 
 
 def detection_collate(batch: list) -> tuple[list[Tensor], list[dict]]:
     """Images differ in size: keep lists (torchvision's transform batches and pads them)."""
+    batch = [b for b in batch if b is not None]  # unreadable files
     images, targets = zip(*batch, strict=True) if batch else ((), ())
     return list(images), list(targets)
 

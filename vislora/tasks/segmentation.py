@@ -191,20 +191,24 @@ def read_classes(root: str | os.PathLike) -> list[str]:
     return names
 
 
-def check_pair(image_path: Path, mask_path: Path, num_classes: int) -> str | None:
-    """Why this image and mask cannot be used (None when they can): unreadable, sizes differ, or an index outside
-    the class list other than 255."""
+def check_pair(image_path: Path, mask_path: Path, num_classes: int) -> tuple[Path, str] | None:
+    """(the file at fault, why) when this image and mask cannot be used, None when they can: unreadable, sizes
+    differ, or an index outside the class list other than 255."""
     try:
         width, height = image.image_size(image_path)
+    except ValueError as e:
+        return image_path, str(e)
+    try:
         mask = image.read_mask(mask_path)
     except ValueError as e:
-        return str(e)
+        return mask_path, str(e)
     if mask.shape != (height, width):
-        return f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image {image_path} is {width}x{height}"
+        return mask_path, (f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image {image_path} is "
+                           f"{width}x{height}")
     bad = np.unique(mask[(mask >= num_classes) & (mask != IGNORE)])
     if bad.size:
-        return (f"mask {mask_path} holds class index(es) {bad[:5].tolist()} outside 0..{num_classes - 1} "
-                f"({CLASSES_FILE}) and {IGNORE} (ignore)")
+        return mask_path, (f"mask {mask_path} holds class index(es) {bad[:5].tolist()} outside 0..{num_classes - 1} "
+                           f"({CLASSES_FILE}) and {IGNORE} (ignore)")
     return None
 
 
@@ -235,8 +239,8 @@ def scan_pairs(folder: str | os.PathLike, num_classes: int) -> tuple[list[tuple[
     skipped += [(str(m), f"mask {m} has no image") for stem, m in masks.items() if stem not in seen]
     with ThreadPoolExecutor(max_workers=8) as pool:
         reasons = list(pool.map(lambda pair: check_pair(*pair, num_classes), candidates))
-    pairs = [pair for pair, why in zip(candidates, reasons, strict=True) if why is None]
-    skipped += [(str(m), why) for (_, m), why in zip(candidates, reasons, strict=True) if why is not None]
+    pairs = [pair for pair, fault in zip(candidates, reasons, strict=True) if fault is None]
+    skipped += [(str(fault[0]), fault[1]) for fault in reasons if fault is not None]
     if skipped:
         shown = "; ".join(why for _, why in skipped[:10]) + (f" ... and {len(skipped) - 10} more"
                                                              if len(skipped) > 10 else "")
@@ -475,9 +479,18 @@ def preprocess_of(model: Segmenter, recipe: dict, class_names: list[str]) -> dic
     return {**pre, "class_names": list(class_names), "task": NAME}
 
 
+def check_batch(recipe: dict) -> None:
+    """DeepLabV3's image-pooling branch normalises one value per channel and image: BatchNorm cannot train on a
+    batch of one (torch: 'Expected more than 1 value per channel'), so that is refused before any work."""
+    if recipe["segmenter"]["head"] == "deeplabv3" and recipe["train"]["batch_size"] < 2:
+        raise ValueError("train.batch_size=1 cannot train segmenter.head deeplabv3 (the BatchNorm of its image-"
+                         "pooling branch needs 2 images a batch): set train.batch_size >= 2, or segmenter.head fpn")
+
+
 def build(recipe: dict) -> Setup:
     """Scan ROOT/{train,val}/{images,masks} and classes.txt, build the base segmenter and its preprocessing."""
     d = recipe["data"]
+    check_batch(recipe)
     classes = read_classes(d["path"])
     train, val, train_skipped, val_skipped = split_pairs(d["path"], classes, d["val_fraction"],
                                                          recipe["train"]["seed"])
@@ -562,9 +575,11 @@ def _mask_at(logits: np.ndarray, height: int, width: int) -> np.ndarray:
     return up[0].argmax(0).numpy().astype(np.uint8)
 
 
-def _mask_path(out_dir: Path, path: Path, taken: set[str]) -> Path:
+def _mask_path(out_dir: Path, path: Path, taken: set[str], inputs: set[Path]) -> Path:
+    """OUT_DIR/<stem>_mask.png, numbered where that name is taken by another mask of this call or by an input
+    image (predicting a.png beside an input a_mask.png must never overwrite it)."""
     stem, k = f"{path.stem}_mask", 1
-    while stem in taken:
+    while stem in taken or (out_dir / f"{stem}.png").resolve() in inputs:
         stem, k = f"{path.stem}_mask_{k}", k + 1
     taken.add(stem)
     return out_dir / f"{stem}.png"
@@ -578,7 +593,7 @@ def predict(predictor: Callable[[np.ndarray], np.ndarray], preprocess: dict, ima
     names = preprocess["class_names"]
     out_dir = Path(out_dir if out_dir is not None else PREDICT_DIR)
     transform = eval_transform(preprocess)
-    results, taken = [], set()
+    results, taken, inputs = [], set(), {Path(p).resolve() for p in image_paths}
     for path, rgb, error in image.read_each(image_paths):
         if error:
             results.append({"path": path, "error": error})
@@ -588,7 +603,7 @@ def predict(predictor: Callable[[np.ndarray], np.ndarray], preprocess: dict, ima
             raise ValueError(f"the model outputs {logits.shape}, not 1 x {len(names)} classes x H x W logits")
         mask = _mask_at(logits, *rgb.shape[:2])
         out_dir.mkdir(parents=True, exist_ok=True)
-        mask_path = _mask_path(out_dir, Path(path), taken)
+        mask_path = _mask_path(out_dir, Path(path), taken, inputs)
         image.write_mask(mask_path, mask)
         counts = np.bincount(mask.ravel(), minlength=len(names))
         order = np.argsort(-counts, kind="stable")
