@@ -28,6 +28,8 @@ def env(tmp_path_factory):
     recipe = {**TINY, "data": {"path": str(folder), "img_size": 32, "workers": 0}}
     (tmp / "good.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["train", str(tmp / "good.yaml"), "--out", str(tmp / "run")]) == 0
+    assert main(["train", str(tmp / "good.yaml"), "--out", str(tmp / "dora_run"), "--set",
+                 "adapter.use_dora=true"]) == 0
     (tmp / "not_torchscript.pt").write_bytes(b"PK\x03\x04 this is not a TorchScript archive")
     (tmp / "empty_run").mkdir()
     shutil.copytree(tmp / "run", tmp / "old_groups_run")  # as a vislora before the head had groups of its own
@@ -140,6 +142,23 @@ CASES = [
      "not a training checkpoint"),
     ("resume-truncated-checkpoint", lambda e: ["train", "--resume", "--out", str(e / "truncated_run")],
      "not a training checkpoint"),
+    ("dora-with-pissa", lambda e: ["train", recipe_with(e, adapter__use_dora=True, adapter__init="pissa"), "--out",
+                                   str(e / "o16")], "pissa"),
+    ("dora-on-stdconv", lambda e: ["train", recipe_with(e, model__name="resnetv2_50x1_bit", model__kwargs={},
+                                                        adapter__targets="conv", adapter__use_dora=True),
+                                   "--out", str(e / "o17")], "StdConv2d"),
+    ("dora-with-lowrank-penalty", lambda e: ["train", recipe_with(e, adapter__use_dora=True,
+                                                                  train__lowrank_penalty=0.1), "--out",
+                                             str(e / "o18")], "train.lowrank_penalty"),
+    ("dora-use-dora-text", lambda e: ["train", recipe_with(e, adapter__use_dora="yes please"), "--out",
+                                      str(e / "o19")], "adapter.use_dora"),
+    ("shrink-dora-run", lambda e: ["shrink", str(e / "dora_run"), "--rank", "1", "--out", str(e / "o20")], "DoRA"),
+    ("spectrum-dora-run", lambda e: ["spectrum", str(e / "dora_run")], "DoRA"),
+    ("lora-plus-on-probe", lambda e: ["train", str(e / "good.yaml"), "--out", str(e / "o21"), "--set",
+                                      "adapter=linear_probe", "--set", "train.lora_plus_ratio=16"],
+     "train.lora_plus_ratio"),
+    ("lora-plus-negative", lambda e: ["train", str(e / "good.yaml"), "--out", str(e / "o22"), "--set",
+                                      "train.lora_plus_ratio=-2"], "train.lora_plus_ratio"),
     ("eval-foreign-onnx", lambda e: ["eval", str(e / "foreign" / "model.onnx"), "--data", str(e / "images")],
      "preprocess.json"),
 ]

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from vislora import LoraConfig, inject, save_adapter
+from vislora import LoraConfig, LoraLayer, inject, save_adapter
 from vislora.footprint import adapter_group, count_flops, footprint, format_footprint, resolve_target
 
 FAST = dict(repeats=2, steps=1, memory=False)
@@ -108,7 +108,7 @@ def test_format(vit_report):
 def test_cnn_groups_and_weight_path_overhead():
     torch.manual_seed(0)
     model = inject(TinyCNN(), LoraConfig(r=2, targets="all", train=[]))
-    groups = {adapter_group(n, layer) for n, layer in model.named_modules() if hasattr(layer, "lora_A")}
+    groups = {adapter_group(n, layer) for n, layer in model.named_modules() if isinstance(layer, LoraLayer)}
     assert groups == {"dense kxk", "depthwise", "grouped", "kx1/1xk", "conv 1x1", "other"}
     report = footprint(model, img_size=16, batch=2, **FAST)
     assert report["num_classes"] == 3

@@ -1,7 +1,8 @@
 """Adapter files in PEFT's layout: adapter_model.safetensors + adapter_config.json. No pickle anywhere.
 
 Keys are PEFT's: `base_model.model.<layer>.lora_A.weight` (conv A as [R, in/groups, kh, kw], B as
-[out, R, 1, 1]) and `base_model.model.<module>.<param>` for the fully trained (`modules_to_save`) modules.
+[out, R, 1, 1]), `<layer>.lora_magnitude_vector` for DoRA ([out], conv [1, out, 1, 1]) and
+`base_model.model.<module>.<param>` for the fully trained (`modules_to_save`) modules.
 Per-projection qkv adapters are written as one fused adapter of rank parts*r with a block-diagonal B,
 which is the same update, so PEFT loads it and gives the same outputs.
 """
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+MAGNITUDE = "lora_magnitude_vector"  # PEFT's file key of a DoRA layer's magnitude
 __version__ = "0.1.0"
 _WARNED: set[str] = set()  # modules_to_save names already reported as ambiguous for PEFT
 
@@ -49,13 +51,19 @@ def _peft_shapes(layer: LoraLayer, rank: int) -> tuple[torch.Size, torch.Size]:
     return torch.Size((rank, base.in_features)), torch.Size((base.out_features, rank))
 
 
+def _magnitude_shape(layer: LoraLayer) -> torch.Size:
+    """PEFT's shape of a DoRA magnitude: [out] for Linear, [1, out, 1, 1] for Conv2d."""
+    out = layer.raw_weight().shape[0]
+    return torch.Size((1, out, 1, 1) if isinstance(layer.base_layer, nn.Conv2d) else (out,))
+
+
 def file_factors(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(A, B, PEFT alpha) of one layer as a plain fused adapter relative to the ORIGINAL base weight.
 
     Per-projection qkv adapters become one adapter of rank parts*r with a block-diagonal B; a PiSSA layer
     (whose base weight holds a residual) becomes [A; A0], [B, -B0] of rank 2r (see vislora.svd.pissa_as_lora).
     """
-    if hasattr(layer, "pissa_A0"):
+    if layer.update.pissa:
         a, b, scaling = pissa_as_lora(layer)
     else:
         a, b, scaling = layer.lora_A, layer.full_B(), layer.scaling
@@ -70,6 +78,9 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     state = {}
     for name, layer in lora_layers(model):
         state[f"{PREFIX}{name}.lora_A.weight"], state[f"{PREFIX}{name}.lora_B.weight"], _ = file_factors(layer)
+        if not layer.additive:
+            magnitude = layer.update.full_magnitude(layer.raw_weight())
+            state[f"{PREFIX}{name}.{MAGNITUDE}"] = magnitude.reshape(_magnitude_shape(layer))
     for module_name in getattr(model, "vislora_train", []):
         for key, value in model.get_submodule(module_name).state_dict().items():
             state[f"{PREFIX}{module_name}.{key}"] = value.detach()
@@ -117,7 +128,7 @@ def adapter_config(model: nn.Module) -> dict:
                "train_modules": list(model.vislora_train)}  # exact names: PEFT reads modules_to_save by suffix
     ours = {"config": config.to_dict(), **trained, "ranks": {n: layer.r for n, layer in layers},
             "alphas": {n: layer.alpha for n, layer in layers}, "within": getattr(model, "vislora_within", None)}
-    if any(hasattr(layer, "pissa_A0") for _, layer in layers):  # saved as the equivalent plain adapter
+    if any(layer.update.pissa for _, layer in layers):  # saved as the equivalent plain adapter
         ours = {"config": {**config.to_dict(), "qkv": None, "init": "default"}, **trained, "ranks": ranks,
                 "alphas": {n: alphas[n] for n in ranks}, "within": ours["within"]}
     _warn_suffix_clash(model)
@@ -139,7 +150,7 @@ def adapter_config(model: nn.Module) -> dict:
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "vislora": {"version": __version__, **ours},
     }
 
@@ -172,7 +183,7 @@ def read_config(directory: str | os.PathLike) -> dict:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
     if data.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {data.get('peft_type')!r} is not LORA")
-    for key, plain in (("use_dora", False), ("lora_bias", False), ("fan_in_fan_out", False)):
+    for key, plain in (("lora_bias", False), ("fan_in_fan_out", False)):
         if data.get(key, plain) not in (plain, None):
             raise ValueError(f"{path}: {key}={data[key]!r} is not supported by vislora")
     if data.get("bias", "none") not in ("none", "all", None):  # "all": every bias trained, saved in the file
@@ -206,6 +217,7 @@ def config_from_file(data: dict) -> LoraConfig:
         train=_train_entries(data, ours),
         qkv=ours.get("config", {}).get("qkv"),
         rank_pattern=ranks, alpha_pattern=alphas, init="pissa" if init == "pissa" and not ours else "default",
+        use_dora=bool(data.get("use_dora", False)),
     )
 
 
@@ -243,7 +255,7 @@ def _use_file_scaling(model: nn.Module, data: dict, path: Path) -> None:
         if layer.merged:
             raise ValueError(f"{path}: layer '{name}' is merged with scaling {layer.scaling:g}, the file's is "
                              f"{scaling:g} (lora_alpha / alpha_pattern, use_rslora): unmerge() before loading")
-        layer.alpha, layer.rslora, layer.scaling = alpha, rslora, scaling
+        layer.update.set_scaling(alpha, rslora, scaling)
 
 
 def _check_architecture(model: nn.Module, data: dict, path: Path) -> None:
@@ -288,6 +300,8 @@ def _targets_for(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Size]]
         shape_a, shape_b = _peft_shapes(layer, n * layer.r)
         out[f"{PREFIX}{name}.lora_A.weight"] = (layer.lora_A, shape_a)
         out[f"{PREFIX}{name}.lora_B.weight"] = (layer.lora_B, shape_b)
+        if not layer.additive:
+            out[f"{PREFIX}{name}.{MAGNITUDE}"] = (layer.update.lora_magnitude, _magnitude_shape(layer))
     for module_name in getattr(model, "vislora_train", []):
         for key, value in model.get_submodule(module_name).state_dict(keep_vars=True).items():
             out[f"{PREFIX}{module_name}.{key}"] = (value, value.shape)
@@ -338,8 +352,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         for key, (target, _) in targets.items():
             value = tensors[key]
             name, _, leaf = key[len(PREFIX):].rpartition(".lora_")
-            layer = layers.get(name) if leaf in ("A.weight", "B.weight") else None
-            if layer is not None:
+            layer = layers.get(name) if leaf in ("A.weight", "B.weight", "magnitude_vector") else None
+            if layer is not None and leaf == "magnitude_vector":
+                value = layer.update.magnitude_from_full(value)
+            elif layer is not None:
                 value = value.reshape(value.shape[0], -1)
                 if leaf == "B.weight" and layer.qkv_parts:
                     value = _fused_to_parts(layer, value)

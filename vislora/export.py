@@ -53,8 +53,8 @@ def check_no_adapters(model: nn.Module) -> None:
             raise ValueError(f"{where} is an unmerged vislora adapter: call vislora.unload(model) before exporting")
         if type(m) in FROZEN_BN.values():
             raise ValueError(f"{where} is vislora's frozen BatchNorm: call vislora.unload(model) before exporting")
-        if any(k in m._parameters or k in m._modules or k in m.__dict__ for k in ("lora_A", "lora_B")):
-            raise ValueError(f"{where} carries lora_A/lora_B adapter weights: merge and unload it before exporting")
+        if any(".lora_" in f".{n}" for n in m._parameters) or "updates" in m._modules:
+            raise ValueError(f"{where} carries adapter weights (lora_*): merge and unload it before exporting")
         hooks = [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]
         for hook in hooks:
             if getattr(hook, "__module__", "") and hook.__module__.startswith("vislora"):

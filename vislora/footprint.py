@@ -192,7 +192,7 @@ def parameter_report(model: nn.Module) -> dict:
     for name, layer in lora_layers(model):
         row = groups.setdefault(adapter_group(name, layer), {"layers": 0, "params": 0})
         row["layers"] += 1
-        row["params"] += layer.lora_A.numel() + layer.lora_B.numel()
+        row["params"] += layer.adapter_numel()
     summary["by_group"] = {g: groups[g] for g in GROUPS if g in groups}
     return summary
 

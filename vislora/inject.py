@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from timm.layers import BatchNormAct2d, use_reentrant_ckpt
 
-from vislora.layers import LoraLayer, max_rank, warn_if_oversized
+from vislora.layers import LoraLayer, dora_refusal, max_rank, warn_if_oversized
 
 QKV_CHUNKS = {"q": 0, "k": 1, "v": 2}
 
@@ -33,6 +33,9 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)  # per-layer r, keys matched like targets
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # per-layer alpha
     init: str = "default"  # "default" (B = 0) or "pissa" (principal singular vectors, see vislora.svd)
+    # DoRA (Liu et al. 2024, PEFT's name): W' = m * (W + s B A) / ||W + s B A||, one trained magnitude per output
+    # row; not additive, so PiSSA, shrink and the low-rank penalty refuse it
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         """One pattern given as a plain string means a list of one (not its characters)."""
@@ -308,8 +311,8 @@ def set_trainable(model: nn.Module, train_names: Sequence[str], train_params: Se
     for p in model.parameters():
         p.requires_grad_(False)
     for _, layer in lora_layers(model):
-        layer.lora_A.requires_grad_(True)
-        layer.lora_B.requires_grad_(True)
+        for p in layer.adapter_parameters():
+            p.requires_grad_(True)
     for name in train_names:
         model.get_submodule(name).requires_grad_(True)
     for name in train_params:
@@ -328,17 +331,24 @@ def inject(model: nn.Module, config: LoraConfig, verify: bool | None = None, wit
     """
     if any(True for _ in lora_layers(model)):
         raise ValueError("model already carries vislora adapters: unload() it first, or load_adapter() into it")
+    if config.use_dora and config.init == "pissa":
+        raise ValueError("init: pissa with use_dora: PiSSA moves the top singular part of W into the adapter, and "
+                         "DoRA's magnitude is not an additive part; use one of them")
     names = find_targets(model, config, within)  # everything is checked before the model changes
     train_names = resolve_train(model, config.train)
     resolve_train_params(model, config.train, train_names)
     plan = []
     for name in names:
         module = model.get_submodule(name)
+        if config.use_dora and dora_refusal(module):
+            raise ValueError(f"use_dora: '{name}' ({type(module).__name__}) cannot carry DoRA: "
+                             f"{dora_refusal(module)}; add it to adapter.exclude, or use plain LoRA")
         parts = resolve_qkv_parts(name, module, config.qkv)
         plan.append((name, module, parts, layer_rank(name, module, config, parts)))
     for name, module, parts, r in plan:
         alpha = pattern_value(name, config.alpha_pattern, config.alpha)
-        layer = LoraLayer(module, r, alpha, config.dropout, config.rslora, qkv_parts=parts)
+        layer = LoraLayer(module, r, alpha, config.dropout, config.rslora, qkv_parts=parts,
+                          use_dora=config.use_dora)
         warn_if_oversized(name, layer)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
@@ -372,21 +382,24 @@ def _probe_input(layer: LoraLayer) -> torch.Tensor:
 
 @torch.no_grad()
 def verify_layers(model: nn.Module, tol: float | None = None) -> None:
-    """Check every LoraLayer: merged == unmerged (relative tolerance) with a random B; B is restored."""
+    """Check every LoraLayer: merged == unmerged (relative tolerance) with a random update (B, and DoRA's
+    magnitude); the adapter's tensors are restored."""
     for name, layer in lora_layers(model):
         if layer.merged:
             continue
-        saved_b, was_training = layer.lora_B.detach().clone(), layer.training
+        saved = [p.detach().clone() for p in layer.adapter_parameters()]
+        was_training = layer.training
         layer.eval()
         try:
-            layer.lora_B.normal_(std=0.1)
+            layer.update.perturb_()  # a random B (and, for DoRA, magnitude): a non-zero update to merge
             x = _probe_input(layer)
             unmerged = layer(x).float()
             layer.merge()
             merged = layer(x).float()
             layer.unmerge()
         finally:
-            layer.lora_B.copy_(saved_b)
+            for p, value in zip(layer.adapter_parameters(), saved, strict=True):
+                p.copy_(value)
             layer.train(was_training)
         limit = tol or (1e-4 if x.dtype in (torch.float32, torch.float64) else 2e-2)
         err = ((merged - unmerged).abs().max() / unmerged.abs().max().clamp_min(1e-12)).item()
@@ -444,6 +457,6 @@ def trainable_summary(model: nn.Module) -> dict:
     """Counts of total, trainable and adapter parameters, and the trainable share of the total."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    adapter = sum(layer.lora_A.numel() + layer.lora_B.numel() for _, layer in lora_layers(model))
+    adapter = sum(layer.adapter_numel() for _, layer in lora_layers(model))
     return {"total": total, "trainable": trainable, "adapter": adapter, "fully_trained": trainable - adapter,
             "trainable_share": trainable / max(total, 1), "adapted_layers": sum(1 for _ in lora_layers(model))}

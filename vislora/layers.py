@@ -1,28 +1,46 @@
-"""LoRA layers: one wrapper that adds a low-rank update to the raw weight of a Linear or any Conv2d.
+"""Low-rank adapter layers: one wrapper that changes the raw weight of a Linear or any Conv2d through an update.
 
-The update of a weight W (out x fan_in, where a conv's fan_in = in/groups * kh * kw) is
-    delta_W = scaling * B @ A,   A: R x fan_in (kaiming-uniform), B: out x R (zeros)
-so it is a true low-rank update of the weight matrix for every kernel shape and every `groups`,
-and merging (W += delta_W) is exact. The forward pass picks the cheaper of two exact paths:
-  * activation path: y = base(x) + scaling * B (A x), as in the LoRA paper (dense layers);
-  * weight path: y = base(x; W + delta_W), which needs no extra activations (depthwise and grouped
-    convs, convs that transform their weight inside forward, and code that reads `.weight` itself).
-On CPU the weight gradient of a depthwise conv of 5x5 or more comes from one grouped conv of the input with the
-output gradient (depthwise_weight_grad): exact, and several times faster than torch's own there.
+The variant seam: a LoraLayer holds its updates by name (`updates`, today one: "default") and asks the active one
+for the effective weight and for its parameters; nothing outside this file and vislora.adapters reads the factors
+by name. Two variants, each a small module:
+  * LowRank (LoRA):  W' = W + s B A,  A: R x fan_in (kaiming-uniform), B: out x R (zeros), additive;
+  * DoRA (Liu et al. 2024):  W' = m * (W + s B A) / ||W + s B A||, one magnitude m per output row (initialised
+    to ||W|| of the row), the row norm detached from the gradient as in the paper (section 4.3). Not additive.
+A conv's weight is seen as the out x fan_in matrix (fan_in = in/groups * kh * kw), so one definition serves 1x1,
+kxk, kx1/1xk, dilated, grouped and depthwise convs, and merging (W <- W') is exact for both variants.
+
+The forward pass picks the cheaper of two exact paths:
+  * activation path: y = base(x) + s B (A x) (dense layers); DoRA scales it per output channel,
+    y = (m / n) (base(x) - b + s B(Ax)) + b, with n^2 = ||W||^2 + 2s rowsum(B * (W A^T)) + s^2 rowsum((B A A^T) * B)
+    computed from the factors, never forming W + s B A;
+  * weight path: y = base(x; W'), which needs no extra activations (depthwise and grouped convs, convs that
+    transform their weight inside forward, and code that reads `.weight` itself, e.g. EVA's F.linear).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import Conv2dSame, pad_same
+from timm.layers import Conv2dSame, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame, pad_same
 from torch.func import functional_call
 
-AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")  # device types torch.autocast knows
+from vislora.kernels import (  # noqa: F401  (depthwise_weight_grad: re-exported for tools and tests)
+    AUTOCAST_DEVICES,
+    ScaleRows,
+    _depthwise_on_cpu,
+    _DepthwiseConv2d,
+    _lora_linear,
+    _LoraLinear,
+    depthwise_weight_grad,
+)
+
+DEFAULT = "default"  # the name of the update every run has today (state_dict: <layer>.updates.default.*)
+STANDARDISED = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)  # forward normalises each filter
 
 
 def raw_weight_name(base: nn.Module) -> str:
@@ -56,56 +74,67 @@ def chunk_rows(out: int, parts: tuple[int, ...] | None, num_chunks: int = 3) -> 
     return [slice(c * chunk, (c + 1) * chunk) for c in parts]
 
 
-class LoraLayer(nn.Module):
-    """Wraps `base_layer` (nn.Linear or nn.Conv2d, subclasses included) with y = base(x; W + s * B A).
+def full_precision(device_type: str):
+    """A context without autocast on this device (a no-op where torch has no autocast, e.g. meta)."""
+    if device_type in AUTOCAST_DEVICES:
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
-    r: rank per adapted part; alpha: scaling numerator (s = alpha / r, or alpha / sqrt(r) with rslora).
-    qkv_parts: for a fused projection (timm `attn.qkv`), the indices of the equal output chunks that get
-    their own A/B pair, e.g. (0, 2) adapts only Wq and Wv (the LoRA paper's setting); None adapts the
-    whole weight with one pair. dropout applies to the adapter input on the activation path.
+
+def dora_refusal(base: nn.Module) -> str | None:
+    """Why DoRA cannot act on this layer (None when it can): a forward that normalises each output filter
+    (StdConv2d, ScaledStdConv2d) or transforms the weight (weight norm, parametrizations) cancels a magnitude."""
+    if isinstance(base, STANDARDISED):
+        return f"{type(base).__name__} standardises each output filter in its forward, which cancels DoRA's magnitude"
+    if raw_weight_name(base) != "weight":
+        return "its weight is re-parametrised (weight norm / torch parametrization), which rescales each row"
+    return None
+
+
+# ---- the variants -----------------------------------------------------------------------------------------------
+class LowRank(nn.Module):
+    """LoRA's update of an out x fan_in weight: delta = s B A (s = alpha / r, or alpha / sqrt(r) with rslora).
+
+    qkv_parts: for a fused projection (timm `attn.qkv`), the indices of the equal output chunks that get their own
+    A/B pair, e.g. (0, 2) adapts only Wq and Wv (the LoRA paper's setting); None adapts every row with one pair.
     """
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
-                 rslora: bool = False, qkv_parts: tuple[int, ...] | None = None, num_chunks: int = 3):
+    additive = True  # W' = W + delta: the activation path, the fused kernel and the SVD tools rely on it
+
+    def __init__(self, out: int, fan_in: int, r: int, alpha: float, rslora: bool = False,
+                 qkv_parts: tuple[int, ...] | None = None, num_chunks: int = 3, device=None,
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
-        if not isinstance(base_layer, (nn.Linear, nn.Conv2d)):
-            raise TypeError(f"LoRA supports nn.Linear and nn.Conv2d, not {type(base_layer).__name__}")
-        self.base_layer = base_layer
-        self.weight_name = raw_weight_name(base_layer)
-        w = base_layer.get_parameter(self.weight_name)
-        out, fan_in = w.shape[0], w[0].numel()
         self.qkv_parts = tuple(qkv_parts) if qkv_parts else None
         self.num_chunks = num_chunks if self.qkv_parts else 1
         if out % self.num_chunks:
             raise ValueError(f"{out} output features cannot be split into {self.num_chunks} qkv chunks")
-        n_parts = len(self.qkv_parts) if self.qkv_parts else 1
         limit = min(out // self.num_chunks, fan_in)
         if not 1 <= r <= limit:
-            raise ValueError(f"rank r={r} must be between 1 and {limit} for this layer (weight {tuple(w.shape)})")
-        self.r, self.alpha, self.rslora = r, alpha, rslora
+            raise ValueError(f"rank r={r} must be between 1 and {limit} for this layer ({out} x {fan_in})")
+        n_parts = len(self.qkv_parts) if self.qkv_parts else 1
+        self.out, self.r, self.alpha, self.rslora = out, r, alpha, rslora
         self.scaling = alpha / (math.sqrt(r) if rslora else r)
-        dtype = w.dtype if w.dtype == torch.float64 else torch.float32  # adapters train in fp32 at least
-        self.lora_A = nn.Parameter(torch.empty(n_parts * r, fan_in, device=w.device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(n_parts * (out // self.num_chunks), r, device=w.device,
-                                               dtype=dtype))
+        self.lora_A = nn.Parameter(torch.empty(n_parts * r, fan_in, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(n_parts * (out // self.num_chunks), r, device=device, dtype=dtype))
         self.reset_parameters()
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
-        self._original: torch.Tensor | None = None  # exact copy of the raw weight while merged
-        plain = type(base_layer) in (nn.Linear, nn.Conv2d) and self.weight_name == "weight"
-        # Extra cost per output position: activation path R*(in*kk + out); weight path = the weight gradient.
-        act_cost = r * n_parts * (fan_in * getattr(base_layer, "groups", 1) + out)
-        self.weight_path = not plain or (dropout == 0 and out * fan_in <= act_cost)
 
     def reset_parameters(self) -> None:
         """A as nn.Linear initialises its weight (kaiming-uniform), B zero: the layer starts as the base."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
-    # ---- the update as a weight -------------------------------------------------------------------
+    # -- what the layer and the tools ask --------------------------------------------------------------------
+    def factor_roles(self) -> dict[str, list[nn.Parameter]]:
+        """The trained tensors by role: "A", "B" (LoRA+ speeds up B) and, for DoRA, "magnitude"."""
+        return {"A": [self.lora_A], "B": [self.lora_B]}
+
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
     def full_B(self, b: torch.Tensor | None = None) -> torch.Tensor:
-        """B (default lora_B; or any tensor in its per-part layout) as one out x (parts*r) matrix: block-diagonal
-        over the adapted qkv chunks, zero elsewhere."""
+        """B (or any tensor in its per-part layout) as one out x (parts*r) matrix: block-diagonal over the adapted
+        qkv chunks, zero elsewhere."""
         b = self.lora_B if b is None else b
         if not self.qkv_parts:
             return b
@@ -119,12 +148,262 @@ class LoraLayer(nn.Module):
             rows.append(torch.cat(row, dim=1))
         return torch.cat(rows, dim=0)
 
-    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """scaling * B @ A in the raw weight's shape, computed in fp32 (or the adapter dtype if wider)."""
-        w = self.base_layer.get_parameter(self.weight_name)
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(B as one out x R matrix, A, s): delta = s B A."""
+        return self.full_B(), self.lora_A, self.scaling
+
+    def part_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(B_i, A_i) of each adapted part: the one pair, or one pair per adapted qkv chunk."""
+        if not self.qkv_parts:
+            return [(self.lora_B, self.lora_A)]
+        return list(zip(self.lora_B.chunk(len(self.qkv_parts)), self.lora_A.split(self.r), strict=True))
+
+    def delta(self, shape: torch.Size, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """s B A in the raw weight's shape, computed in fp32 (or the adapter dtype if wider)."""
         acc = torch.promote_types(self.lora_A.dtype, torch.float32)
-        delta = (self.full_B().to(acc) @ self.lora_A.to(acc)) * self.scaling
-        return delta.view(w.shape).to(dtype or acc)
+        d = (self.full_B().to(acc) @ self.lora_A.to(acc)) * self.scaling
+        return d.view(shape).to(dtype or acc)
+
+    def weight(self, w: torch.Tensor) -> torch.Tensor:
+        """The effective weight W' of the raw weight w, in w's dtype, differentiable in the update's tensors."""
+        return w + self.delta(w.shape, w.dtype)
+
+    # -- changes made from outside -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_svd_factors(self, svds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        """One (U, S, Vh) per adapted part: A = sqrt(S) Vh, B = U sqrt(S) / s, so that s B A = U S Vh with
+        balanced factors."""
+        a_rows, b_rows = [], []
+        for u, sv, vh in svds:
+            root = sv.clamp_min(0).sqrt()
+            a_rows.append(root[:, None] * vh)
+            b_rows.append(u * root / self.scaling)
+        self.lora_A.copy_(torch.cat(a_rows).to(self.lora_A.dtype))
+        self.lora_B.copy_(torch.cat(b_rows).to(self.lora_B.dtype))
+
+    @torch.no_grad()
+    def zero_(self) -> None:
+        """An update of zero (a layer extraction found unchanged)."""
+        self.lora_A.zero_()
+        self.lora_B.zero_()
+
+    @torch.no_grad()
+    def perturb_(self, std: float = 0.1) -> None:
+        """A random non-zero update (what verify_layers and the conformance suite check merging with)."""
+        self.lora_B.normal_(std=std)
+
+    def set_scaling(self, alpha: float, rslora: bool, scaling: float) -> None:
+        """The scaling an adapter file defines (vislora.adapters)."""
+        self.alpha, self.rslora, self.scaling = alpha, rslora, scaling
+
+    # -- PiSSA: the change from the starting factors ------------------------------------------------------
+    @property
+    def pissa(self) -> bool:
+        """PiSSA-initialised: the base weight holds a residual, the start factors are kept (pissa_A0 / pissa_B0)."""
+        return "pissa_A0" in self._buffers
+
+    @torch.no_grad()
+    def keep_start(self) -> None:
+        self.register_buffer("pissa_A0", self.lora_A.detach().clone(), persistent=False)
+        self.register_buffer("pissa_B0", self.lora_B.detach().clone(), persistent=False)
+
+    def change_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B', A') with s B' A' = the learned change, with gradients: B A, or for PiSSA its change from the start
+        [B, -B0] [A; A0] (the principal part of W it started from is not a change)."""
+        if not self.pissa:
+            return self.full_B(), self.lora_A
+        a = torch.cat([self.lora_A, self.pissa_A0.to(self.lora_A.dtype)])
+        return torch.cat([self.full_B(), -self.full_B(self.pissa_B0.to(self.lora_B.dtype))], dim=1), a
+
+    def factor_change_l2(self) -> torch.Tensor:
+        """||A - A0||^2 + ||B - B0||^2 (A0 = B0 = 0 unless PiSSA started the factors elsewhere)."""
+        da, db = self.lora_A, self.lora_B
+        if self.pissa:
+            da, db = da - self.pissa_A0.to(da.dtype), db - self.pissa_B0.to(db.dtype)
+        return da.pow(2).sum() + db.pow(2).sum()
+
+    def extra_repr(self) -> str:
+        parts = f", qkv_parts={self.qkv_parts}" if self.qkv_parts else ""
+        return f"r={self.r}, alpha={self.alpha}, rslora={self.rslora}{parts}"
+
+
+class DoRA(LowRank):
+    """DoRA: W' = g * (W + s B A) per output row, g = m / ||W + s B A|| with the norm detached (Liu et al. 2024,
+    section 4.3). m (`lora_magnitude`) covers the adapted rows only (with qkv parts: the adapted chunks); it starts
+    at ||W|| of each row, so the layer starts as the base."""
+
+    additive = False
+
+    def __init__(self, weight: torch.Tensor, r: int, alpha: float, rslora: bool = False,
+                 qkv_parts: tuple[int, ...] | None = None, num_chunks: int = 3, dtype: torch.dtype = torch.float32):
+        out, fan_in = weight.shape[0], weight[0].numel()
+        super().__init__(out, fan_in, r, alpha, rslora, qkv_parts, num_chunks, weight.device, dtype)
+        rows = torch.cat([weight.detach().reshape(out, -1)[sl] for sl in self.rows()])
+        self.lora_magnitude = nn.Parameter(rows.to(dtype).norm(dim=1))
+        self._sq_key, self._sq = None, None
+
+    def factor_roles(self) -> dict[str, list[nn.Parameter]]:
+        return {**super().factor_roles(), "magnitude": [self.lora_magnitude]}
+
+    def rows(self) -> list[slice]:
+        return chunk_rows(self.out, self.qkv_parts, self.num_chunks)
+
+    @torch.no_grad()
+    def full_magnitude(self, w: torch.Tensor) -> torch.Tensor:
+        """One magnitude per output row, as PEFT stores it: m on the adapted rows, ||W|| (scale 1) elsewhere."""
+        full = w.detach().reshape(self.out, -1).to(self.lora_magnitude.dtype).norm(dim=1)
+        taken = 0
+        for rows in self.rows():
+            size = rows.stop - rows.start
+            full[rows] = self.lora_magnitude[taken:taken + size]
+            taken += size
+        return full
+
+    def magnitude_from_full(self, full: torch.Tensor) -> torch.Tensor:
+        """The adapted rows of a per-row magnitude (the inverse of full_magnitude)."""
+        full = full.reshape(-1)
+        return torch.cat([full[rows] for rows in self.rows()])
+
+    @torch.no_grad()
+    def perturb_(self, std: float = 0.1) -> None:
+        super().perturb_(std)
+        self.lora_magnitude.mul_(1 + std * torch.randn_like(self.lora_magnitude))
+
+    def scale(self, norms: torch.Tensor) -> torch.Tensor:
+        """g per output row: m / n on the adapted rows (n detached), 1 elsewhere; differentiable in m."""
+        m = self.lora_magnitude
+        n = norms.detach().to(m.dtype)
+        if not self.qkv_parts:
+            return m / n
+        pieces, taken = [], 0
+        for c in range(self.num_chunks):
+            rows = slice(c * (self.out // self.num_chunks), (c + 1) * (self.out // self.num_chunks))
+            if c in self.qkv_parts:
+                size = rows.stop - rows.start
+                pieces.append(m[taken:taken + size] / n[rows])
+                taken += size
+            else:
+                pieces.append(torch.ones_like(n[rows]))
+        return torch.cat(pieces)
+
+    @torch.no_grad()
+    def _weight_sq(self, w2: torch.Tensor) -> torch.Tensor:
+        """||W||^2 per row, cached while the weight is unchanged (its version counter)."""
+        try:
+            key = (w2.data_ptr(), w2._version, w2.dtype, w2.device)
+        except RuntimeError:  # inference tensors keep no version counter
+            return w2.pow(2).sum(1)
+        if key != self._sq_key:
+            self._sq_key, self._sq = key, w2.pow(2).sum(1)
+        return self._sq
+
+    @torch.no_grad()
+    def row_norms(self, w: torch.Tensor) -> torch.Tensor:
+        """||W + s B A|| per row from the factors: n^2 = ||W||^2 + 2s rowsum(B * (W A^T)) + s^2 rowsum((B A A^T) * B),
+        out x fan_in x R work, no weight-sized tensor (vislora's activation path)."""
+        acc = torch.promote_types(self.lora_A.dtype, torch.float32)
+        w2 = w.detach().reshape(self.out, -1)
+        with full_precision(w.device.type):  # under autocast the products would run in bf16
+            sq = self._weight_sq(w2).to(acc)
+            a, b, s = self.lora_A.detach().to(acc), self.full_B().detach().to(acc), self.scaling
+            cross = (b * (w2.to(acc) @ a.T)).sum(1)
+            quad = ((b @ (a @ a.T)) * b).sum(1)
+            return (sq + 2 * s * cross + s * s * quad).clamp_min(0).sqrt()
+
+    def weight(self, w: torch.Tensor) -> torch.Tensor:
+        v = w.to(torch.promote_types(w.dtype, torch.float32)) + self.delta(w.shape)
+        g = self.scale(v.reshape(self.out, -1).norm(dim=1))
+        return (v * g.view(-1, *[1] * (w.dim() - 1)).to(v.dtype)).to(w.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", dora=True"
+
+
+def upgrade_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoints written before the variant seam named the factors `<layer>.lora_A`; today they are
+    `<layer>.updates.default.lora_A`: rename the old keys so old runs still resume."""
+    out = {}
+    for key, value in state.items():
+        head, _, leaf = key.rpartition(".")
+        if leaf in ("lora_A", "lora_B") and not head.endswith(f"updates.{DEFAULT}"):
+            key = f"{head}.updates.{DEFAULT}.{leaf}" if head else f"updates.{DEFAULT}.{leaf}"
+        out[key] = value
+    return out
+
+
+# ---- the layer ---------------------------------------------------------------------------------------------------
+class LoraLayer(nn.Module):
+    """Wraps `base_layer` (nn.Linear or nn.Conv2d, subclasses included) with y = base(x; W'), W' given by the
+    active update (LowRank, or DoRA with use_dora). r, alpha, rslora, qkv_parts: see LowRank. dropout applies to
+    the adapter input on the activation path."""
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False, qkv_parts: tuple[int, ...] | None = None, num_chunks: int = 3,
+                 use_dora: bool = False):
+        super().__init__()
+        if not isinstance(base_layer, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"LoRA supports nn.Linear and nn.Conv2d, not {type(base_layer).__name__}")
+        if use_dora and dora_refusal(base_layer):
+            raise ValueError(f"DoRA cannot adapt this {type(base_layer).__name__}: {dora_refusal(base_layer)}")
+        self.base_layer = base_layer
+        self.weight_name = raw_weight_name(base_layer)
+        w = base_layer.get_parameter(self.weight_name)
+        dtype = w.dtype if w.dtype == torch.float64 else torch.float32  # adapters train in fp32 at least
+        if use_dora:
+            update = DoRA(w, r, alpha, rslora, qkv_parts, num_chunks, dtype)
+        else:
+            update = LowRank(w.shape[0], w[0].numel(), r, alpha, rslora, qkv_parts, num_chunks, w.device, dtype)
+        self.updates = nn.ModuleDict({DEFAULT: update})
+        self.active = DEFAULT
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self._original: torch.Tensor | None = None  # exact copy of the raw weight while merged
+        self._merged_scale: torch.Tensor | None = None  # DoRA's g at merge time, to unmerge without the copy
+        out, fan_in, parts = w.shape[0], w[0].numel(), len(update.qkv_parts or (0,))
+        plain = type(base_layer) in (nn.Linear, nn.Conv2d) and self.weight_name == "weight"
+        # Extra cost per output position: activation path R*(in*kk + out); weight path = the weight gradient.
+        act_cost = r * parts * (fan_in * getattr(base_layer, "groups", 1) + out)
+        self.weight_path = not plain or (dropout == 0 and out * fan_in <= act_cost)
+
+    # ---- the active update, as the rest of vislora sees it ------------------------------------------------------
+    @property
+    def update(self) -> LowRank:
+        return self.updates[self.active]
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """Every tensor the adapter trains (what set_trainable, counts, footprint and files use)."""
+        return list(self.updates.parameters())
+
+    def adapter_numel(self) -> int:
+        return sum(p.numel() for p in self.adapter_parameters())
+
+    r = property(lambda self: self.update.r)
+    alpha = property(lambda self: self.update.alpha)
+    rslora = property(lambda self: self.update.rslora)
+    scaling = property(lambda self: self.update.scaling)
+    qkv_parts = property(lambda self: self.update.qkv_parts)
+    num_chunks = property(lambda self: self.update.num_chunks)
+    additive = property(lambda self: self.update.additive)
+    lora_A = property(lambda self: self.update.lora_A)
+    lora_B = property(lambda self: self.update.lora_B)
+
+    def full_B(self, b: torch.Tensor | None = None) -> torch.Tensor:
+        return self.update.full_B(b)
+
+    def raw_weight(self) -> torch.Tensor:
+        return self.base_layer.get_parameter(self.weight_name)
+
+    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The additive update s B A in the raw weight's shape (fp32, or the adapter dtype if wider)."""
+        return self.update.delta(self.raw_weight().shape, dtype)
+
+    def effective_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W' (raw form) as the forward uses it: the merged weight itself, else the active update applied."""
+        w = self.raw_weight()
+        if self.merged:
+            return w if dtype is None else w.to(dtype)
+        acc = dtype or torch.promote_types(w.dtype, torch.float32)
+        return self.update.weight(w.to(acc))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -132,7 +411,7 @@ class LoraLayer(nn.Module):
         w = self.base_layer.weight
         if self.merged or self.weight_name != "weight":
             return w
-        return w + self.delta_weight(w.dtype)
+        return self.update.weight(w)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -146,243 +425,143 @@ class LoraLayer(nn.Module):
                 raise
             return getattr(self.base_layer, name)
 
-    # ---- factors from singular triplets (PiSSA, extraction, shrinking) ----------------------------
-    @torch.no_grad()
-    def set_svd_factors(self, svds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
-        """One (U, S, Vh) per adapted part: A = sqrt(S) Vh, B = U sqrt(S) / scaling, so that scaling * B @ A =
-        U S Vh with balanced factors."""
-        a_rows, b_rows = [], []
-        for u, s, vh in svds:
-            root = s.clamp_min(0).sqrt()
-            a_rows.append(root[:, None] * vh)
-            b_rows.append(u * root / self.scaling)
-        self.lora_A.copy_(torch.cat(a_rows).to(self.lora_A.dtype))
-        self.lora_B.copy_(torch.cat(b_rows).to(self.lora_B.dtype))
-
+    # ---- PiSSA: the adapter starts as the principal singular triplets ----------------------------------------
     @torch.no_grad()
     def init_pissa(self) -> None:
-        """PiSSA: the adapter starts as the top-r singular triplets of the weight, the base keeps the residual.
-
-        scaling * B @ A = U_r S_r Vh_r and W <- W - scaling * B @ A (rounded once into W's dtype), so the output
-        is unchanged. The initial factors stay as non-persistent buffers pissa_A0 / pissa_B0, with which
-        vislora.svd.pissa_as_lora expresses the trained adapter relative to the original weight.
-        """
+        """PiSSA: s B A = U_r S_r Vh_r and W <- W - s B A (rounded once into W's dtype), so the output is unchanged.
+        The starting factors stay (LowRank.keep_start), with which vislora.svd.pissa_as_lora expresses the trained
+        adapter relative to the original weight."""
         if self.merged:
             raise ValueError(f"PiSSA init: the layer ({self.extra_repr()}) is merged: unmerge() it first")
-        if "pissa_A0" in self._buffers:
+        if not self.additive:
+            raise ValueError("PiSSA init needs an additive update (LoRA): DoRA's magnitude is not a low-rank part")
+        if self.update.pissa:
             raise ValueError(f"PiSSA init: the layer ({self.extra_repr()}) is already PiSSA-initialised")
-        w = self.base_layer.get_parameter(self.weight_name)
+        w = self.raw_weight()
         acc = torch.promote_types(w.dtype, torch.float32)
         mat = w.detach().to(acc).reshape(w.shape[0], -1)
         svds = []
         for rows in chunk_rows(w.shape[0], self.qkv_parts, self.num_chunks):
             u, s, vh = torch.linalg.svd(mat[rows], full_matrices=False)
             svds.append((u[:, :self.r], s[:self.r], vh[:self.r]))
-        self.set_svd_factors(svds)
+        self.update.set_svd_factors(svds)
         w.copy_((w.detach().to(acc) - self.delta_weight(acc)).to(w.dtype))
-        self.register_buffer("pissa_A0", self.lora_A.detach().clone(), persistent=False)
-        self.register_buffer("pissa_B0", self.lora_B.detach().clone(), persistent=False)
+        self.update.keep_start()
 
-    # ---- merge / unmerge --------------------------------------------------------------------------
+    # ---- merge / unmerge --------------------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self, keep_original: bool = True) -> None:
-        """W += delta_W, rounded once; with keep_original, unmerge later restores W bit-exactly."""
+        """W <- W', rounded once; with keep_original, unmerge later restores W bit-exactly."""
         if self.merged:
             return
-        w = self.base_layer.get_parameter(self.weight_name)
+        w = self.raw_weight()
         self._original = w.detach().clone() if keep_original else None
-        w.copy_((w.to(torch.float32) + self.delta_weight()).to(w.dtype))
+        if self.additive:
+            w.copy_((w.to(torch.float32) + self.delta_weight()).to(w.dtype))
+        else:
+            v = w.to(torch.promote_types(w.dtype, torch.float32)) + self.delta_weight()
+            self._merged_scale = self.update.scale(v.reshape(w.shape[0], -1).norm(dim=1)).detach()
+            w.copy_((v * self._merged_scale.view(-1, *[1] * (w.dim() - 1))).to(w.dtype))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore the base weight (exact copy if one was kept, else W - delta_W)."""
+        """Restore the base weight (the exact copy if one was kept, else W' - s B A, or W' / g - s B A for DoRA)."""
         if not self.merged:
             return
-        w = self.base_layer.get_parameter(self.weight_name)
+        w = self.raw_weight()
         if self._original is not None:
             w.copy_(self._original)
-        else:
+        elif self.additive:
             w.copy_((w.to(torch.float32) - self.delta_weight()).to(w.dtype))
-        self._original = None
+        else:
+            g = self._merged_scale.view(-1, *[1] * (w.dim() - 1))
+            w.copy_((w.to(torch.float32) / g - self.delta_weight()).to(w.dtype))
+        self._original, self._merged_scale = None, None
         self.merged = False
 
-    # ---- forward ----------------------------------------------------------------------------------
+    # ---- forward ----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         if self.merged:
             return base(x)
         if self.weight_path:
-            w = base.get_parameter(self.weight_name)
-            w_eff = w + self.delta_weight(w.dtype)
-            if type(base) is nn.Linear:
-                return F.linear(x, w_eff, base.bias)
-            if type(base) in (nn.Conv2d, Conv2dSame) and _depthwise_on_cpu(base, x):
-                padding = base.padding
-                if type(base) is Conv2dSame:  # timm's TF "same" padding: pad as its forward does, then conv
-                    x, padding = pad_same(x, base.kernel_size, base.stride, base.dilation), (0, 0)
-                return _DepthwiseConv2d.apply(x, w_eff, base.bias, base.stride, padding, base.dilation)
-            if type(base) is nn.Conv2d:
-                return base._conv_forward(x, w_eff, base.bias)
-            return functional_call(base, {self.weight_name: w_eff}, (x,))
+            return self._weight_forward(x)
         hooked = bool(base._forward_hooks or base._forward_pre_hooks)
         if isinstance(base, nn.Linear) and not hooked and isinstance(self.dropout, nn.Identity):
-            return self._linear_fused(x)
+            if self.additive:
+                return self._linear_fused(x, base.bias)
+            y0 = self._linear_fused(x, None)
+            return ScaleRows.apply(y0, self.update.scale(self.update.row_norms(base.weight)), base.bias, -1)
+        return self._activation_forward(x, hooked)
+
+    def _weight_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = base(x; W'): one conv / linear with the effective weight (depthwise convs, transformed weights)."""
+        base = self.base_layer
+        w_eff = self.update.weight(base.get_parameter(self.weight_name))
+        if type(base) is nn.Linear:
+            return F.linear(x, w_eff, base.bias)
+        if type(base) in (nn.Conv2d, Conv2dSame) and _depthwise_on_cpu(base, x):
+            padding = base.padding
+            if type(base) is Conv2dSame:  # timm's TF "same" padding: pad as its forward does, then conv
+                x, padding = pad_same(x, base.kernel_size, base.stride, base.dilation), (0, 0)
+            return _DepthwiseConv2d.apply(x, w_eff, base.bias, base.stride, padding, base.dilation)
+        if type(base) is nn.Conv2d:
+            return base._conv_forward(x, w_eff, base.bias)
+        return functional_call(base, {self.weight_name: w_eff}, (x,))
+
+    def _activation_forward(self, x: torch.Tensor, hooked: bool) -> torch.Tensor:
+        """y = base(x) + s B(A x), for DoRA scaled per output channel (ScaleRows) after the bias is taken out."""
+        base, update = self.base_layer, self.update
         y = base(x)
-        A, B = self.lora_A.to(y.dtype), self.full_B().to(y.dtype)
+        A, B = update.lora_A.to(y.dtype), update.full_B().to(y.dtype)
         x = self.dropout(x)
+        channel = -1 if isinstance(base, nn.Linear) else 1
+        if not update.additive and base.bias is not None:
+            y = y - base.bias.to(y.dtype).view([-1 if d == channel % y.dim() else 1 for d in range(y.dim())])
         if isinstance(base, nn.Linear):
             z = F.linear(x, A)
-            out = torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]), B.t(), alpha=self.scaling)
-            return out.view(y.shape)
-        g = base.groups  # A acts on each group's inputs; B maps each group's R codes to its outputs
-        a = A.view(A.shape[0], *base.weight.shape[1:])
-        z = base._conv_forward(x, a.repeat(g, 1, 1, 1) if g > 1 else a, None)
-        update = F.conv2d(z, (B * self.scaling)[:, :, None, None], groups=g)
-        return y.add_(update) if not hooked else y + update  # a plain conv's backward never reads its output
+            y = torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]), B.t(), alpha=update.scaling
+                            ).view(y.shape)
+        else:
+            g = base.groups  # A acts on each group's inputs; B maps each group's R codes to its outputs
+            a = A.view(A.shape[0], *base.weight.shape[1:])
+            z = base._conv_forward(x, a.repeat(g, 1, 1, 1) if g > 1 else a, None)
+            change = F.conv2d(z, (B * update.scaling)[:, :, None, None], groups=g)
+            y = y.add_(change) if not hooked and update.additive else y + change  # a conv never reads its output
+        if update.additive:
+            return y
+        return ScaleRows.apply(y, update.scale(update.row_norms(base.weight)), base.bias, channel)
 
-    def _linear_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """Base linear + LoRA as one autograd node (see _LoraLinear), in the autocast dtype when autocast is on."""
-        base, device = self.base_layer, x.device.type
+    def _linear_fused(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Base linear + LoRA as one autograd node (kernels._LoraLinear), in the autocast dtype when autocast is
+        on; `bias` None leaves it out (DoRA adds it after scaling)."""
+        device, update = x.device.type, self.update
         autocast = device in AUTOCAST_DEVICES and torch.is_autocast_enabled(device)  # "meta" has no autocast
         dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
-        a, b, w, bias = self.lora_A, self.full_B(), base.weight, base.bias
+        a, b, w = update.lora_A, update.full_B(), self.base_layer.weight
         if a.dtype != dtype or w.dtype != dtype or x.dtype != dtype:
             x, w, a, b = x.to(dtype), w.to(dtype), a.to(dtype), b.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
         if not torch.is_grad_enabled():  # inference: the same maths without an autograd node
-            return _lora_linear(x.reshape(-1, x.shape[-1]), w, bias, a, b, self.scaling, False)[0].view(
+            return _lora_linear(x.reshape(-1, x.shape[-1]), w, bias, a, b, update.scaling, False)[0].view(
                 *x.shape[:-1], -1)
         if not autocast:
-            return _LoraLinear.apply(x, w, bias, a, b, self.scaling)
+            return _LoraLinear.apply(x, w, bias, a, b, update.scaling)
         with torch.autocast(device, enabled=False):
-            return _LoraLinear.apply(x, w, bias, a, b, self.scaling)
+            return _LoraLinear.apply(x, w, bias, a, b, update.scaling)
 
     def extra_repr(self) -> str:
-        parts = f", qkv_parts={self.qkv_parts}" if self.qkv_parts else ""
         path = "weight" if self.weight_path else "activation"
-        return f"r={self.r}, alpha={self.alpha}, rslora={self.rslora}{parts}, path={path}, merged={self.merged}"
-
-
-def _lora_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
-                 lora_B: torch.Tensor, scaling: float, need_z: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(y, z) for 2-d x: y = x W^T + b + s z B^T with z = x A^T. The update goes into the weight when x has more
-    rows than inputs (out x in is then smaller than rows x out), else into y in place; both are exact."""
-    rows, fan_in = x2.shape
-    z = F.linear(x2, lora_A) if need_z or rows <= fan_in else None
-    if rows > fan_in:
-        return F.linear(x2, torch.addmm(weight, lora_B, lora_A, alpha=scaling), bias), z
-    y = F.linear(x2, weight, bias)
-    torch.addmm(y, z, lora_B.t(), alpha=scaling, out=y)  # in place; the out= form is what FlopCounterMode counts
-    return y, z
-
-
-class _LoraLinear(torch.autograd.Function):
-    """y = x W^T + b + s (x A^T) B^T in one autograd node.
-
-    It saves only x and the small z = x A^T (no copy of y, no separate nodes for A, B and the sum) and
-    computes a gradient for W or b only if they require one (frozen base: none). Backward, with u = s g B:
-    dx = g W + u A, dA = u^T x, dB = s g^T z; dx adds the update to W (out x in) or to dx (rows x in),
-    whichever is smaller.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
-        x2 = x.reshape(-1, x.shape[-1])
-        y, z = _lora_linear(x2, weight, bias, lora_A, lora_B, scaling, True)
-        ctx.save_for_backward(x2, z, weight, lora_A, lora_B)
-        ctx.scaling = scaling
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        x2, z, weight, lora_A, lora_B = ctx.saved_tensors
-        g, s = grad.reshape(-1, grad.shape[-1]), ctx.scaling
-        need_x, need_w, need_b, need_a, need_bb, _ = ctx.needs_input_grad
-        via_weight = g.shape[0] > g.shape[1]  # more rows than outputs: rebuilding W + s B A is the cheaper way
-        u = F.linear(g, lora_B.t().contiguous().mul_(s)) if need_a or need_x and not via_weight else None  # [N, R]
-        dx = None
-        if need_x and via_weight:
-            dx = g.mm(torch.addmm(weight, lora_B, lora_A, alpha=s)).view(*grad.shape[:-1], -1)
-        elif need_x:
-            dx = g.mm(weight).addmm_(u, lora_A).view(*grad.shape[:-1], -1)
-        dw = g.t().mm(x2) if need_w else None
-        db = g.sum(0) if need_b else None
-        da = u.t().mm(x2) if need_a else None
-        dB = z.t().mm(g).mul_(s).t() if need_bb else None
-        return dx, dw, db, da, dB, None
-
-
-def _depthwise_on_cpu(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """True where _DepthwiseConv2d applies: a training step on CPU (no autocast) through a depthwise conv
-    (one filter per channel) of 5x5 or more with numeric zero padding. (3x3: oneDNN's own gradient is faster.)"""
-    return (conv.groups == conv.in_channels == conv.out_channels > 1 and x.dim() == 4 and x.device.type == "cpu"
-            and conv.kernel_size[0] * conv.kernel_size[1] > 9
-            and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
-
-
-def depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel: tuple[int, int], stride, padding,
-                          dilation) -> torch.Tensor:
-    """dL/dW of a depthwise conv, as ONE depthwise conv of the input with the output gradient as its filter.
-
-    Channel c of sample n gives the correlation x[n, c] * grad[n, c] (stride and dilation swap roles); summing
-    over n gives dW[c]. Only the kernel taps that can meet the input are computed (on maps smaller than the
-    padding, e.g. 7x7 on 3x3, the rest are zero). On CPU this runs 3-15x faster than oneDNN's native depthwise
-    weight gradient in NCHW for kernels of 5x5 and more."""
-    n, c, h, w = x.shape
-    taps, left, right = [], [], []
-    for size, gsize, k, s, p, d in zip(x.shape[2:], grad.shape[2:], kernel, stride, padding, dilation, strict=True):
-        lo, hi = max(0, -((s * (gsize - 1) - p) // d)), min(k - 1, (p + size - 1) // d)  # taps that see data
-        taps.append(slice(lo, hi + 1))
-        left.append(p - d * lo)
-        right.append(s * (gsize - 1) + d * (hi - lo) + 1 - size - left[-1])  # the padding the last tap needs
-    xs = x.transpose(0, 1).reshape(1, c * n, h, w)
-    if min(left) < 0 or right[0] > left[0] or right[1] > left[1]:  # conv2d pads symmetrically; else pad here
-        xs, left = F.pad(xs, (left[1], right[1], left[0], right[0])), (0, 0)
-    gs = grad.transpose(0, 1).reshape(c * n, 1, *grad.shape[2:])
-    part = F.conv2d(xs, gs, None, stride=dilation, padding=left, dilation=stride, groups=c * n)
-    hk, wk = taps[0].stop - taps[0].start, taps[1].stop - taps[1].start
-    part = part[0, :, :hk, :wk].reshape(c, n, hk, wk).sum(1)
-    if (hk, wk) == tuple(kernel):
-        return part.unsqueeze(1)
-    dw = x.new_zeros(c, 1, *kernel)
-    dw[:, 0, taps[0], taps[1]] = part
-    return dw
-
-
-class _DepthwiseConv2d(torch.autograd.Function):
-    """F.conv2d with groups = channels whose weight gradient comes from depthwise_weight_grad (the input
-    gradient and the forward are torch's own)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation):
-        ctx.save_for_backward(x, weight)
-        ctx.conv = (stride, padding, dilation)
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups=x.shape[1])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        stride, padding, dilation = ctx.conv
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, dilation, False, [0, 0],
-                                                 x.shape[1], [True, False, False])[0] if need_x else None
-        dw = depthwise_weight_grad(x, grad, weight.shape[2:], stride, padding, dilation) if need_w else None
-        db = grad.sum((0, 2, 3)) if need_b else None
-        return dx, dw, db, None, None, None
+        return f"path={path}, merged={self.merged}"
 
 
 def adapter_exceeds_layer(layer: LoraLayer) -> bool:
     """True when the adapter holds more parameters than the layer it adapts (e.g. depthwise at high rank)."""
-    w = layer.base_layer.get_parameter(layer.weight_name)
-    return layer.lora_A.numel() + layer.lora_B.numel() > w.numel()
+    return layer.adapter_numel() > layer.raw_weight().numel()
 
 
 def warn_if_oversized(name: str, layer: LoraLayer) -> None:
     if adapter_exceeds_layer(layer):
-        w = layer.base_layer.get_parameter(layer.weight_name)
-        warnings.warn(f"adapter on '{name}' has {layer.lora_A.numel() + layer.lora_B.numel()} parameters, "
-                      f"more than the layer itself ({w.numel()}): lower r for it", stacklevel=3)
+        warnings.warn(f"adapter on '{name}' has {layer.adapter_numel()} parameters, more than the layer itself "
+                      f"({layer.raw_weight().numel()}): lower r for it", stacklevel=3)

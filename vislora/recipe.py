@@ -35,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "adapter": {
         "r": 8, "alpha": 16, "dropout": 0.0, "targets": "vit", "exclude": [], "rslora": False, "train": ["head"],
         "qkv": None, "rank_pattern": {}, "alpha_pattern": {}, "init": "default",
+        "use_dora": False,  # DoRA (PEFT's name): a trained magnitude per output row beside the low-rank direction
     },
     "data": {
         # ROOT/train + ROOT/val, or ROOT/<class> split by val_fraction; segmentation: ROOT/{train,val}/images/*,
@@ -83,6 +84,7 @@ DEFAULTS: dict[str, Any] = {
         "min_lr": 0.0,
         "grad_accum": 1,  # optimizer step every N batches
         "clip_grad": None,  # max gradient norm, None = no clipping
+        "lora_plus_ratio": None,  # LoRA+ (Hayou et al. 2024): the adapters' B factors at ratio x the lr of A
         "label_smoothing": 0.0,
         "amp": "auto",  # auto (bf16 on GPU/CPU-if-supported: off on CPU) | bf16 | fp16 | none
         "seed": 0,
@@ -201,6 +203,8 @@ def _check_fields(recipe: dict, source: str) -> None:
             t[key] = _number(source, f"train.{key}", t[key], 0)
     if t["clip_grad"] is not None:
         t["clip_grad"] = _number(source, "train.clip_grad", t["clip_grad"], 0, open_low=True)
+    if t["lora_plus_ratio"] is not None:
+        t["lora_plus_ratio"] = _number(source, "train.lora_plus_ratio", t["lora_plus_ratio"], 0, open_low=True)
     t["seed"] = _number(source, "train.seed", t["seed"], 0, whole=True)
     d["val_fraction"] = _number(source, "data.val_fraction", d["val_fraction"], 0)
     if d["val_fraction"] >= 1:
@@ -247,6 +251,11 @@ def _check_adapter(adapter: dict, source: str) -> None:
     for key in ("qkv", "init"):
         if adapter[key] is not None and not isinstance(adapter[key], str):
             raise ValueError(f"{source}: adapter.{key} must be a string, got {adapter[key]!r}")
+    if not isinstance(adapter["use_dora"], bool):
+        raise ValueError(f"{source}: adapter.use_dora must be true or false, got {adapter['use_dora']!r}")
+    if adapter["use_dora"] and adapter["init"] == "pissa":
+        raise ValueError(f"{source}: adapter.init pissa with adapter.use_dora: PiSSA moves the top singular part "
+                         "of W into the adapter, DoRA's magnitude is not an additive part; use one of them")
 
 
 def resolve(raw: dict, source: str = "recipe") -> dict:
@@ -274,6 +283,9 @@ def resolve(raw: dict, source: str = "recipe") -> dict:
     _check_fields(recipe, source)
     if isinstance(recipe["adapter"], dict):
         _check_adapter(recipe["adapter"], source)
+        if recipe["adapter"]["use_dora"] and recipe["train"]["lowrank_penalty"]:
+            raise ValueError(f"{source}: train.lowrank_penalty with adapter.use_dora: the penalty is ||s B A||^2, "
+                             "which is not DoRA's change of the weight; use train.factor_l2, or plain LoRA")
     t = recipe["train"]
     if mode(recipe) != "linear_probe" and t["head_epochs"] >= t["epochs"]:
         raise ValueError(f"{source}: train.head_epochs={t['head_epochs']} leaves no epoch of train.epochs="

@@ -25,6 +25,7 @@ from vislora import tasks
 from vislora.adapters import load_adapter, save_adapter
 from vislora.files import atomic_write, read_json, to_json, write_json
 from vislora.inject import lora_layers
+from vislora.layers import upgrade_state_dict
 from vislora.recipe import differences, read_yaml, resolve, save_recipe
 
 RECIPE, CLASSES, PREPROCESS, SUMMARY = "recipe.yaml", "classes.json", "preprocess.json", "train_summary.json"
@@ -211,6 +212,7 @@ def load_checkpoint(run_dir: Path) -> dict:
                          "start the run again with --force") from None
     if not isinstance(state, dict) or not {"epoch", "model", "optimizer"} <= set(state):
         raise ValueError(f"--resume: {path} is not a vislora training checkpoint (no epoch / model / optimizer)")
+    state["model"] = upgrade_state_dict(state["model"])  # factor keys of checkpoints before the variant seam
     return state
 
 

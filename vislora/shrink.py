@@ -62,6 +62,9 @@ def shrink_run(run_dir: str | Path, rank: int | None = None, energy: float | Non
     if not (run_dir / rundir.ADAPTER).is_dir():
         raise FileNotFoundError(f"{run_dir / rundir.ADAPTER} does not exist: shrink needs a LoRA run (a linear "
                                 "probe or full fine-tuning run has no adapter to shrink)")
+    if (rundir.read_recipe(run_dir)["adapter"] or {}).get("use_dora"):
+        raise ValueError(f"shrink: {run_dir} is a DoRA run (adapter.use_dora): its update is not the low-rank "
+                         "s B A that a truncated SVD shrinks; shrink works on LoRA runs")
     out = Path(out) if out else default_out(run_dir, rank, energy, budget)
     _check_out(out, run_dir, force)
     before = _metrics(run_dir, out / "eval" / "before.json")

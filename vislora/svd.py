@@ -34,6 +34,13 @@ def _raw(module: nn.Module) -> torch.Tensor:
     return module.get_parameter(raw_weight_name(module))
 
 
+def refuse_dora(layer: LoraLayer, name: str, tool: str) -> None:
+    """The SVD tools read an additive update s B A; DoRA's W' - W is not low-rank: say so, never compute it."""
+    if not layer.additive:
+        raise ValueError(f"{tool}: layer '{name}' is DoRA (use_dora): its update m * (W + sBA) / ||W + sBA|| - W "
+                         f"is not the low-rank s B A that {tool} reads; {tool} works on LoRA runs")
+
+
 # ---- PiSSA ----------------------------------------------------------------------------------------
 def pissa_init(model: nn.Module) -> None:
     """PiSSA on every LoRA layer of the model (LoraLayer.init_pissa): each adapter starts as the top-r singular
@@ -56,9 +63,9 @@ def pissa_as_lora(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor, float]:
     (out x 2R, block-diagonal B assembled for qkv parts), scaling' = scaling. A file written from them
     needs lora_alpha = scaling' * 2R (scaling' * sqrt(2R) with rslora) to keep PEFT's scaling.
     """
-    if "pissa_A0" not in layer._buffers:
+    if not layer.update.pissa:
         raise ValueError(f"layer {layer.extra_repr()} was not PiSSA-initialised: pissa_init() keeps A0/B0")
-    b, a = _update_factors(layer)
+    b, a = layer.update.change_factors()
     return a.detach().clone(), b.detach().clone(), layer.scaling
 
 
@@ -97,9 +104,8 @@ def _effective_weight(module: nn.Module, where: str) -> torch.Tensor:
     """The weight a module's forward uses, in raw form: raw + pending adapter update for a LoraLayer."""
     if isinstance(module, LoraLayer):
         w = _raw(module.base_layer).detach()
-        if module.merged:
-            return w
-        return w.to(_acc_dtype(w)) + module.delta_weight(_acc_dtype(w))
+        with torch.no_grad():
+            return module.effective_weight(_acc_dtype(w))  # LoRA's W + s B A, DoRA's scaled direction
     if not isinstance(module, (nn.Linear, nn.Conv2d)):
         raise ValueError(f"{where}: '{type(module).__name__}' is not an nn.Linear / nn.Conv2d")
     return _raw(module).detach()
@@ -227,16 +233,15 @@ def _set_factors(diffs: list[_Diff], injected: dict[str, LoraLayer]) -> list[dic
         layer = injected.get(d.name)
         if layer is not None:
             if d.unchanged:
-                layer.lora_A.zero_()
-                layer.lora_B.zero_()
+                layer.update.zero_()
             else:
-                layer.set_svd_factors([(u[:, :d.rank], s[:d.rank], vh[:d.rank]) for u, s, vh in d.svds])
+                layer.update.set_svd_factors([(u[:, :d.rank], s[:d.rank], vh[:d.rank]) for u, s, vh in d.svds])
         report.append({
             "name": d.name, "rank": 0 if layer is None else layer.r, "parts": list(d.parts or ()),
             "energy": d.kept(d.rank) / d.total if d.total else 1.0,
             "rel_error": math.sqrt(d.discarded(d.rank) / d.total) if d.total else 0.0,
             "norm": math.sqrt(d.total),
-            "params": 0 if layer is None else layer.lora_A.numel() + layer.lora_B.numel(),
+            "params": 0 if layer is None else layer.adapter_numel(),
             "unchanged": d.unchanged,
         })
     return report
@@ -293,9 +298,9 @@ def extract_adapter(base_model: nn.Module, tuned_model: nn.Module, config: LoraC
             raise ValueError("base_model already carries adapters, whose ranks are used: eject() it to let "
                              "extract_adapter choose ranks")
         for name, layer in injected.items():
-            if layer.merged or "pissa_A0" in layer._buffers:
-                raise ValueError(f"base layer '{name}' is merged or PiSSA-initialised: extract into a plain "
-                                 "or freshly injected model")
+            if layer.merged or layer.update.pissa or not layer.additive:
+                raise ValueError(f"base layer '{name}' is merged, PiSSA-initialised or DoRA: extract into a plain "
+                                 "or freshly injected LoRA model")
         diffs = [_difference(n, layer.base_layer, tuned_model, layer.qkv_parts, layer.num_chunks)
                  for n, layer in injected.items()]
         for d in diffs:
@@ -356,18 +361,19 @@ def factor_svd(b: torch.Tensor, a: torch.Tensor, scaling: float = 1.0
 
 def update_singular_values(layer: LoraLayer) -> torch.Tensor:
     """Singular values of the layer's whole update scaling * B @ A (vislora.svd.factor_svd)."""
-    return factor_svd(layer.full_B(), layer.lora_A, layer.scaling)[1]
+    return factor_svd(*layer.update.factors())[1]
 
 
 def spectrum(model: nn.Module) -> list[dict]:
     """Per LoraLayer: singular values of its update, effective rank, energy curve (cumsum s^2 / sum s^2), norm."""
     rows = []
     for name, layer in lora_layers(model):
+        refuse_dora(layer, name, "spectrum")
         s = update_singular_values(layer).cpu()
         power = s.pow(2)
         total = power.sum()
         curve = (power.cumsum(0) / total) if total > 0 else torch.zeros_like(power)
-        rows.append({"name": name, "rank": layer.lora_A.shape[0], "singular_values": s.tolist(),
+        rows.append({"name": name, "rank": s.numel(), "singular_values": s.tolist(),
                      "effective_rank": effective_rank(s), "energy": curve.tolist(), "norm": total.sqrt().item()})
     if not rows:
         raise ValueError(f"spectrum: {type(model).__name__} carries no LoRA layers")
@@ -418,21 +424,15 @@ def plot_spectrum(report: list[dict], path: str | Path) -> Path:
 
 
 # ---- shrinking a trained adapter ------------------------------------------------------------------
-def _part_factors(layer: LoraLayer) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(B_i, A_i) of each adapted part: the one pair, or one pair per adapted qkv chunk."""
-    if not layer.qkv_parts:
-        return [(layer.lora_B, layer.lora_A)]
-    return list(zip(layer.lora_B.chunk(len(layer.qkv_parts)), layer.lora_A.split(layer.r), strict=True))
-
-
 def _update_diff(name: str, layer: LoraLayer) -> _Diff:
     """A trained layer's update s * B A as a _Diff, with per-part SVDs computed from the factors (factor_svd)."""
-    if layer.merged or "pissa_A0" in layer._buffers:
+    refuse_dora(layer, name, "shrink")
+    if layer.merged or layer.update.pissa:
         raise ValueError(f"shrink: layer '{name}' is merged or PiSSA-initialised (its base weight is not the "
                          "original): shrink the saved adapter, which load_adapter() reads as plain LoRA")
-    svds = [factor_svd(b, a, layer.scaling) for b, a in _part_factors(layer)]
+    svds = [factor_svd(b, a, layer.scaling) for b, a in layer.update.part_factors()]
     limit = min(s.numel() for _, s, _ in svds)
-    diff = _Diff(name, layer.qkv_parts, limit, (layer.lora_A.numel() + layer.lora_B.numel()) // layer.r, svds=svds)
+    diff = _Diff(name, layer.qkv_parts, limit, layer.adapter_numel() // layer.r, svds=svds)
     diff.adaptable = sum(s.pow(2).sum().item() for _, s, _ in svds)
     return diff
 
@@ -474,7 +474,7 @@ def shrink_adapter(model: nn.Module, rank: int | None = None, energy: float | No
         d.rank = min(rank, d.limit) if rank is not None else _energy_rank(d, energy) if energy else d.limit
     if budget is not None:
         _fit_budget(changed, budget)
-    old = {n: (layer.r, layer.lora_A.numel() + layer.lora_B.numel()) for n, layer in layers.items()}
+    old = {n: (layer.r, layer.adapter_numel()) for n, layer in layers.items()}
     config, within = model.vislora_config, getattr(model, "vislora_within", None)
     eject(model)
     report = _set_factors(diffs, _inject_ranks(model, config, diffs, within))
@@ -483,21 +483,13 @@ def shrink_adapter(model: nn.Module, rank: int | None = None, energy: float | No
 
 
 # ---- penalties ------------------------------------------------------------------------------------
-def _update_factors(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B', A') with scaling * B' @ A' = the layer's learned update, with gradients: B @ A, or for a PiSSA layer
-    its change from the start, [B, -B0] @ [A; A0] (the principal part of W it started from is not the update)."""
-    if "pissa_A0" in layer._buffers:
-        a = torch.cat([layer.lora_A, layer.pissa_A0.to(layer.lora_A.dtype)])
-        return torch.cat([layer.full_B(), -layer.full_B(layer.pissa_B0.to(layer.lora_B.dtype))], dim=1), a
-    return layer.full_B(), layer.lora_A
-
-
 def frobenius_penalty(model: nn.Module) -> torch.Tensor:
     """Sum of ||update||_F^2 = scaling^2 * trace((B^T B)(A A^T)) over layers, never forming B @ A; the update of
     a PiSSA layer is its change from the start (zero at step 0)."""
     terms = []
-    for _, layer in lora_layers(model):
-        b, a = _update_factors(layer)
+    for name, layer in lora_layers(model):
+        refuse_dora(layer, name, "train.lowrank_penalty")
+        b, a = layer.update.change_factors()
         terms.append(layer.scaling ** 2 * ((b.T @ b) * (a @ a.T)).sum())
     if not terms:
         raise ValueError(f"frobenius_penalty: {type(model).__name__} carries no LoRA layers")
@@ -509,11 +501,7 @@ def factor_l2(model: nn.Module) -> torch.Tensor:
     started them at the principal part of W)."""
     terms = []
     for _, layer in lora_layers(model):
-        a0 = layer._buffers.get("pissa_A0")
-        b0 = layer._buffers.get("pissa_B0")
-        da = layer.lora_A - a0.to(layer.lora_A.dtype) if a0 is not None else layer.lora_A
-        db = layer.lora_B - b0.to(layer.lora_B.dtype) if b0 is not None else layer.lora_B
-        terms.append(da.pow(2).sum() + db.pow(2).sum())
+        terms.append(layer.update.factor_change_l2())  # DoRA too: its direction factors are plain L2
     if not terms:
         raise ValueError(f"factor_l2: {type(model).__name__} carries no LoRA layers")
     return torch.stack(terms).sum()

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from vislora import data as vdata
 from vislora import rundir, tasks
 from vislora.files import listing, write_json
-from vislora.inject import classifier_names, trainable_summary
+from vislora.inject import classifier_names, lora_layers, trainable_summary
 from vislora.svd import factor_l2, frobenius_penalty
 from vislora.tasks.common import Setup
 
@@ -88,15 +88,24 @@ def init_distributed(device: torch.device) -> tuple[torch.device, int, int]:
     return (device, dist.get_rank(), world) if world > 1 else (device, 0, 1)
 
 
-def param_groups(model: nn.Module, weight_decay: float, head: set[int] = frozenset()) -> list[dict]:
-    """Only requires_grad parameters; no decay on biases and norm weights (1-d), decay on LoRA factors. The
-    parameters whose id is in `head` (the new classifier) get groups of their own, flagged "head": True."""
-    groups: dict[tuple[bool, bool], list] = {}
+def param_groups(model: nn.Module, weight_decay: float, head: set[int] = frozenset(),
+                 fast: set[int] = frozenset(), fast_scale: float = 1.0) -> list[dict]:
+    """Only requires_grad parameters; no decay on biases, norm weights and DoRA magnitudes (1-d), decay on LoRA
+    factors. The parameters whose id is in `head` (the new classifier) get groups of their own, flagged "head";
+    those in `fast` (LoRA+'s B factors) a group at `fast_scale` x the lr ("lr_scale")."""
+    groups: dict[tuple[bool, bool, bool], list] = {}
     for _, p in model.named_parameters():
         if p.requires_grad:
-            groups.setdefault((id(p) in head, p.ndim > 1), []).append(p)
-    return [{"params": groups[key], "weight_decay": weight_decay if key[1] else 0.0, "head": key[0]}
-            for key in ((False, True), (False, False), (True, True), (True, False)) if key in groups]
+            groups.setdefault((id(p) in head, p.ndim > 1, id(p) in fast), []).append(p)
+    order = [(h, m, f) for h in (False, True) for m in (True, False) for f in (False, True)]
+    return [{"params": groups[key], "weight_decay": weight_decay if key[1] else 0.0, "head": key[0],
+             "lr_scale": fast_scale if key[2] else 1.0} for key in order if key in groups]
+
+
+def lora_plus_ids(model: nn.Module) -> set[int]:
+    """LoRA+ (Hayou et al. 2024): the adapters' B factors, which it trains at a higher lr than A. Only those:
+    not the head, norms or DoRA magnitudes (PEFT's helper puts every 1-d parameter in the fast group)."""
+    return {id(p) for _, layer in lora_layers(model) for p in layer.update.factor_roles()["B"] if p.requires_grad}
 
 
 def head_parameter_ids(model: nn.Module) -> set[int]:
@@ -191,7 +200,12 @@ def build_optimizer(model: nn.Module, t: dict, steps_per_epoch: int):
     """AdamW over the trainable parameters and its schedule (`staged`): train.head_epochs of the new classifier
     alone at train.head_lr first, when anything besides it trains (LoRA, full fine-tuning), then all of them."""
     head = head_parameter_ids(model)
-    groups = param_groups(model, t["weight_decay"], head)
+    ratio = t["lora_plus_ratio"]
+    fast = lora_plus_ids(model) if ratio else set()
+    if ratio and not fast:
+        raise ValueError(f"train.lora_plus_ratio={ratio}: {type(model).__name__} has no vislora adapter whose B "
+                         "factors it could speed up; set it to null")
+    groups = param_groups(model, t["weight_decay"], head, fast, ratio or 1.0)
     staging = t["head_epochs"] > 0 and any(not g["head"] for g in groups)
     if staging and not any(g["head"] for g in groups):
         raise ValueError(f"train.head_epochs={t['head_epochs']}: {type(model).__name__} has no classifier to train "
@@ -200,6 +214,8 @@ def build_optimizer(model: nn.Module, t: dict, steps_per_epoch: int):
     total = min(steps_per_epoch * t["epochs"], t["max_steps"] or math.inf)
     warmup, min_ratio = int(t["warmup_epochs"] * steps_per_epoch), t["min_lr"] / t["lr"] if t["lr"] else 0.0
     head_scale = t["head_lr"] / t["lr"] if t["lr"] else 0.0
+    for group in groups:
+        group["lr"] = t["lr"] * group["lr_scale"]
     optimizer = torch.optim.AdamW(groups, lr=t["lr"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [
         functools.partial(staged, g["head"], total=total, head_steps=head_steps, warmup=warmup,
@@ -241,7 +257,7 @@ def restore(loop: Loop) -> None:
     if missing:
         raise ValueError(f"{loop.run_dir / rundir.CHECKPOINTS / 'last.pt'} does not fit the recipe's model: "
                          f"{sorted(missing)[:5]}")
-    loop.model.load_state_dict(state["model"], strict=False)
+    loop.model.load_state_dict(state["model"], strict=False)  # keys upgraded in load_checkpoint
     try:
         loop.optimizer.load_state_dict(state["optimizer"])
     except ValueError as e:  # e.g. a checkpoint of a vislora before the head had parameter groups of its own
