@@ -215,3 +215,16 @@ def test_a_checkpoint_that_is_not_one_is_one_line(tmp_path, images):
     last.write_bytes(last.read_bytes()[:100])
     with pytest.raises(ValueError, match="last.pt is not a training checkpoint"):
         rundir.load_checkpoint(tmp_path / "run")
+
+
+def test_a_checkpoint_from_before_the_variant_seam_still_resumes(tmp_path, images):
+    """Checkpoints written before DoRA named the factors `<layer>.lora_A`; today `<layer>.updates.default.lora_A`."""
+    path = recipe_file(tmp_path, images, epochs=2)
+    assert main(["train", str(path), "--out", str(tmp_path / "run"), "--set", "train.epochs=1"]) == 0
+    last = tmp_path / "run" / rundir.CHECKPOINTS / "last.pt"
+    state = torch.load(last, weights_only=True)
+    state["model"] = {k.replace(".updates.default.", "."): v for k, v in state["model"].items()}
+    assert any(k.endswith(".lora_A") and "updates" not in k for k in state["model"])
+    torch.save(state, last)
+    assert rundir.load_checkpoint(tmp_path / "run")["model"].keys() == \
+        {k.replace(".lora_", ".updates.default.lora_") for k in state["model"]}

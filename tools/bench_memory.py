@@ -11,6 +11,8 @@ Subprocesses alternate contenders round-robin for `--repeats` rounds; medians ar
 
     .venv/bin/python tools/bench_memory.py
     .venv/bin/python tools/bench_memory.py --suite convnext --repeats 3
+DoRA contenders (vislora-dora, peft-dora: use_dora=True) run beside LoRA; "vs vislora" is the step peak over
+vislora LoRA's.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONTENDERS = ("limit", "vislora", "peft", "full")
+CONTENDERS = ("limit", "vislora", "vislora-dora", "peft", "peft-dora", "full")
 
 
 def _status_kib(field: str) -> int:
@@ -46,7 +48,10 @@ def child(contender: str, suite: str, steps: int, r: int) -> dict:
     torch.set_num_threads(1)
     name, img, batch, targets, peft_targets, stem = bs.SUITES[suite]
     build = {"limit": lambda: bs.limit(name, img, stem), "vislora": lambda: bs.vislora_model(name, img, targets, r),
-             "peft": lambda: bs.peft_model(name, img, peft_targets, r), "full": lambda: bs.full(name, img)}
+             "vislora-dora": lambda: bs.vislora_model(name, img, targets, r, dora=True),
+             "peft": lambda: bs.peft_model(name, img, peft_targets, r),
+             "peft-dora": lambda: bs.peft_model(name, img, peft_targets, r, dora=True),
+             "full": lambda: bs.full(name, img)}
     torch.manual_seed(0)
     x, y = torch.randn(batch, 3, img, img), torch.randint(0, 10, (batch,))
     step = bs.step_fn(build[contender](), x, y)
@@ -80,18 +85,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rows: dict[str, list[dict]] = {c: [] for c in CONTENDERS}
     for i in range(args.repeats):
-        order = CONTENDERS[i % 4:] + CONTENDERS[:i % 4]
+        order = CONTENDERS[i % len(CONTENDERS):] + CONTENDERS[:i % len(CONTENDERS)]
         for c in order:
             rows[c].append(run(c, args.suite, args.steps, args.r))
     keys = ("peak_rss_mb", "step_peak_mb", "above_build_mb")
     med = {c: {k: statistics.median(row[k] for row in rows[c]) for k in keys} for c in CONTENDERS}
     print(f"{args.suite}: {args.steps} steps, {args.repeats} subprocesses per contender, medians (MB)")
-    print(f"{'contender':<10} {'peak RSS':>9} {'step peak':>10} {'above build':>12} {'x limit':>8} {'vs peft':>8}")
+    print(f"{'contender':<13} {'peak RSS':>9} {'step peak':>10} {'above build':>12} {'x limit':>8} {'vs peft':>8} "
+          f"{'vs vislora':>10}")
     for c in CONTENDERS:
         m = med[c]
-        print(f"{c:<10} {m['peak_rss_mb']:9.0f} {m['step_peak_mb']:10.0f} {m['above_build_mb']:12.0f} "
+        print(f"{c:<13} {m['peak_rss_mb']:9.0f} {m['step_peak_mb']:10.0f} {m['above_build_mb']:12.0f} "
               f"{m['step_peak_mb'] / med['limit']['step_peak_mb']:8.3f} "
-              f"{m['step_peak_mb'] / med['peft']['step_peak_mb']:8.3f}")
+              f"{m['step_peak_mb'] / med['peft']['step_peak_mb']:8.3f} "
+              f"{m['step_peak_mb'] / med['vislora']['step_peak_mb']:10.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"suite": args.suite, "steps": args.steps, "repeats": args.repeats,
                                                "medians": med, "runs": rows}, indent=2))

@@ -9,6 +9,7 @@ in wall time and in CPU time.
     .venv/bin/python tools/bench_step.py                    # all suites below
     .venv/bin/python tools/bench_step.py --suite vit --rounds 30
     .venv/bin/python tools/bench_step.py --suite convnext-conv lite0-conv --native-dw   # depthwise before/after
+    .venv/bin/python tools/bench_step.py --dora --threads 1   # + vislora DoRA and PEFT DoRA, DoRA / LoRA ratios
 """
 
 from __future__ import annotations
@@ -60,19 +61,20 @@ def limit(name: str, img_size: int, stem: str) -> nn.Module:
     return model
 
 
-def vislora_model(name: str, img_size: int, targets, r: int) -> nn.Module:
+def vislora_model(name: str, img_size: int, targets, r: int, dora: bool = False) -> nn.Module:
     model = base_model(name, img_size)
-    inject(model, LoraConfig(r=r, alpha=2 * r, targets=targets), verify=False)
+    inject(model, LoraConfig(r=r, alpha=2 * r, targets=targets, use_dora=dora), verify=False)
     return model
 
 
-def peft_model(name: str, img_size: int, targets, r: int) -> nn.Module:
+def peft_model(name: str, img_size: int, targets, r: int, dora: bool = False) -> nn.Module:
     from peft import LoraConfig as PeftConfig
     from peft import get_peft_model
 
     model = base_model(name, img_size)
     head = [n for n, m in model.named_modules() if m is model.get_classifier()]
-    return get_peft_model(model, PeftConfig(r=r, lora_alpha=2 * r, target_modules=targets, modules_to_save=head))
+    return get_peft_model(model, PeftConfig(r=r, lora_alpha=2 * r, target_modules=targets, modules_to_save=head,
+                                            use_dora=dora))
 
 
 def full(name: str, img_size: int) -> nn.Module:
@@ -132,16 +134,20 @@ def summarise(times: dict[str, list[float]], ref: str = "limit") -> dict[str, di
     return rows
 
 
-def run_suite(suite: str, rounds: int, warmup: int, r: int, batch: int | None, native_dw: bool = False
-              ) -> list[dict]:
+def run_suite(suite: str, rounds: int, warmup: int, r: int, batch: int | None, native_dw: bool = False,
+              dora: bool = False) -> list[dict]:
     name, img, bs, targets, peft_targets, stem = SUITES[suite]
     bs = batch or bs
     torch.manual_seed(0)
     x, y = torch.randn(bs, 3, img, img), torch.randint(0, 10, (bs,))
     models = {"limit": limit(name, img, stem), "vislora": vislora_model(name, img, targets, r)}
+    if dora:
+        models["vislora-dora"] = vislora_model(name, img, targets, r, dora=True)
     peft_error = None
     if peft_targets is not None:
         models["peft"] = peft_model(name, img, peft_targets, r)
+        if dora:
+            models["peft-dora"] = peft_model(name, img, peft_targets, r, dora=True)
     else:
         try:
             peft_model(name, img, [n for n, m in vislora_model(name, img, targets, r).named_modules()
@@ -156,6 +162,11 @@ def run_suite(suite: str, rounds: int, warmup: int, r: int, batch: int | None, n
         steps["vislora-native-dw"] = native_depthwise(step_fn(vislora_model(name, img, targets, r), x, y))
     wall, cpu = round_robin(steps, rounds, warmup)
     rows = {"wall": summarise(wall), "cpu": summarise(cpu)}
+    if dora:  # DoRA against LoRA of the same library, paired per round
+        rows["cpu_vs_lora"] = {f"{lib}-dora": summarise({k: cpu[k] for k in (lib, f"{lib}-dora")}, lib)[f"{lib}-dora"]
+                               for lib in ("vislora", "peft") if f"{lib}-dora" in cpu}
+        for n, row in rows["cpu_vs_lora"].items():
+            print(f"[{suite}] {n} / {n[:-5]} step (cpu, paired median): {row['paired_ratio']:.3f}")
     print(f"\n{suite}: {name} img {img} batch {bs}, r={r}, targets {targets}, {rounds} rounds, "
           f"{torch.get_num_threads()} threads")
     print(f"{'contender':<18} {'wall ms':>9} {'ratio':>6} {'paired':>6} {'cpu ms':>9} {'ratio':>6} {'paired':>6}")
@@ -176,11 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=None, help="override the suite's batch size")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write the results to this JSON file")
+    p.add_argument("--dora", action="store_true", help="add vislora DoRA and PEFT DoRA (use_dora) contenders")
     p.add_argument("--native-dw", action="store_true",
                    help="add a contender with torch's own depthwise weight gradient (the before of vislora's)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = [run_suite(suite, args.rounds, args.warmup, args.r, args.batch, args.native_dw)
+    results = [run_suite(suite, args.rounds, args.warmup, args.r, args.batch, args.native_dw, args.dora)
                for suite in args.suite]
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

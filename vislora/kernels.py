@@ -128,25 +128,74 @@ class _DepthwiseConv2d(torch.autograd.Function):
         return dx, dw, db, None, None, None
 
 
-class ScaleRows(torch.autograd.Function):
-    """out = y0 * g + b, g and b broadcast along `dim` (one value per output channel): DoRA's magnitude over the
-    detached row norm, applied to the unscaled output y0 = x W'^T of the direction W + s B A.
+def _reduce_dims(t: torch.Tensor, dim: int) -> list[int]:
+    return [d for d in range(t.dim()) if d != dim]
 
-    It saves `out` (the next op of a ViT's qkv or fc1 saves that tensor anyway) and recovers y0 = (out - b) / g
-    for the gradient of g, dg = sum(grad * y0); where some g is exactly 0 it saves y0 instead (exact either way).
-    """
+
+def column_dot(a: torch.Tensor, b: torch.Tensor, block_elements: int = 1 << 17) -> torch.Tensor:
+    """sum over rows of a * b for 2-d a, b: in blocks of about `block_elements` (0.5 MB, cache-sized) through one
+    reused buffer and a matrix-vector product (twice as fast on CPU as (a * b).sum(0), which allocates and faults
+    in an output-sized tensor)."""
+    rows = max(64, block_elements // max(1, a.shape[1]))
+    ones, acc = a.new_ones(rows), a.new_zeros(a.shape[1])
+    buf = a.new_empty(min(rows, a.shape[0]), a.shape[1])
+    for i in range(0, a.shape[0], rows):
+        n = min(rows, a.shape[0] - i)
+        torch.mul(a[i:i + n], b[i:i + n], out=buf[:n])
+        acc.addmv_(buf[:n].t(), ones[:n])
+    return acc
+
+
+def channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum over N, H, W of a * b for contiguous NCHW a, b: one sample at a time through a reused buffer."""
+    c = a.shape[1]
+    buf, acc = a.new_empty(a.shape[1:]), a.new_zeros(c)
+    ones = a.new_ones(buf[0].numel())
+    for i in range(a.shape[0]):
+        torch.mul(a[i], b[i], out=buf)
+        acc.addmv_(buf.view(c, -1), ones)
+    return acc
+
+
+def _dg(grad: torch.Tensor, out: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None, dim: int
+        ) -> torch.Tensor:
+    """sum(grad * y0) per channel with y0 = (out - b) / g, computed as (sum(grad * out) - b * sum(grad)) / g: no
+    tensor the size of the output is formed."""
+    fp32 = grad.dtype == out.dtype == torch.float32
+    if grad.dim() == 2 and dim == 1 and fp32:
+        total = column_dot(grad, out)
+        grad_sum = grad.t().mv(grad.new_ones(grad.shape[0])) if bias is not None else None
+    elif grad.dim() == 4 and dim == 1 and fp32 and grad.is_contiguous() and out.is_contiguous():
+        total = channel_dot(grad, out)
+        grad_sum = grad.sum((0, 2, 3)) if bias is not None else None
+    else:
+        dims = _reduce_dims(grad, dim)
+        total = (grad.float() * out.float()).sum(dims)
+        grad_sum = grad.float().sum(dims) if bias is not None else None
+    if bias is not None:
+        total = total - bias.float() * grad_sum.float()
+    return total.float() / g.float()
+
+
+class ScaleRows(torch.autograd.Function):
+    """out = y0 * g + b, g and b broadcast along `dim` (one value per output channel), in place on y0: DoRA's
+    magnitude over the detached row norm, applied to the unscaled output y0 of the direction W + s B A.
+
+    It saves `out` (the next op of a ViT's qkv or fc1 saves that tensor anyway) and gets dg = sum(grad * y0) from
+    it; where some g is exactly 0, y0 cannot be recovered from out, so a copy of y0 is saved instead (exact)."""
 
     @staticmethod
     def forward(ctx, y0, g, bias, dim):
         dim = dim % y0.dim()
         shape = [1] * y0.dim()
         shape[dim] = -1
-        g_view = g.to(y0.dtype).view(shape)
-        out = y0 * g_view
-        if bias is not None:
-            out = out + bias.to(y0.dtype).view(shape)
         recover = bool((g != 0).all())
-        ctx.save_for_backward(out if recover else y0, g, bias)
+        kept = None if recover else y0.detach().clone()
+        out = y0.mul_(g.to(y0.dtype).view(shape))
+        if bias is not None:
+            out.add_(bias.to(y0.dtype).view(shape))
+        ctx.mark_dirty(y0)
+        ctx.save_for_backward(out if recover else kept, g, bias)
         ctx.recover, ctx.shape, ctx.dim = recover, shape, dim
         return out
 
@@ -156,15 +205,60 @@ class ScaleRows(torch.autograd.Function):
         saved, g, bias = ctx.saved_tensors
         shape, dim = ctx.shape, ctx.dim
         need_y, need_g, need_b = ctx.needs_input_grad[:3]
-        reduce = [d for d in range(grad.dim()) if d != dim]
         dg = db = None
-        if need_g:
-            y0 = saved.float()
-            if ctx.recover:
-                y0 = (y0 - bias.float().view(shape)) if bias is not None else y0
-                y0 = y0 / g.float().view(shape)
-            dg = (grad.float() * y0).sum(reduce).to(g.dtype)
+        if need_g and ctx.recover:
+            dg = _dg(grad, saved, g, bias, dim).to(g.dtype)
+        elif need_g:
+            dg = (grad.float() * saved.float()).sum(_reduce_dims(grad, dim)).to(g.dtype)
         if need_b:
-            db = grad.sum(reduce).to(bias.dtype)
+            db = grad.sum(_reduce_dims(grad, dim)).to(bias.dtype)
         dy = grad * g.to(grad.dtype).view(shape) if need_y else None
         return dy, dg, db, None
+
+
+class _DoraLinear(torch.autograd.Function):
+    """DoRA on a Linear in one node: y = g * (x W^T + s (x A^T) B^T) + b = x (gW)^T + s z (gB)^T + b.
+
+    The per-row scale g goes into W and B (out x in work) rather than into the N x out output and its gradient;
+    the node saves x, z and its output y, from which dg = (sum(grad * y) - b sum(grad)) / g (y0 is recomputed
+    from x only where some g is exactly 0). dB = g * d(gB); dA, dx as _LoraLinear with gW, gB."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a_factor, b_factor, scaling, g):
+        x2 = x.reshape(-1, x.shape[-1])
+        gcol = g[:, None].to(weight.dtype)
+        if x2.shape[0] > x2.shape[1]:  # many rows: one matmul with W' = g (W + s B A), formed once
+            z = F.linear(x2, a_factor)
+            y = F.linear(x2, torch.addmm(weight, b_factor, a_factor, alpha=scaling).mul_(gcol), bias)
+        else:
+            y, z = _lora_linear(x2, weight * gcol, bias, a_factor, b_factor * gcol, scaling, True)
+        ctx.save_for_backward(x2, z, weight, a_factor, b_factor, g, bias, y)
+        ctx.scaling, ctx.recover = scaling, bool((g != 0).all())
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x2, z, weight, a_factor, b_factor, g, bias, y = ctx.saved_tensors
+        gr, s = grad.reshape(-1, grad.shape[-1]), ctx.scaling
+        need_x, need_w, need_bias, need_a, need_b, _, need_g = ctx.needs_input_grad
+        gcol = g[:, None].to(weight.dtype)
+        gb = b_factor * gcol.to(b_factor.dtype)
+        via_weight = gr.shape[0] > gr.shape[1]  # more rows than outputs: rebuild W' = g (W + s B A) once
+        u = F.linear(gr, gb.t().contiguous().mul_(s)) if need_a or need_x and not via_weight else None
+        dx = None
+        if need_x and via_weight:
+            dx = gr.mm(torch.addmm(weight, b_factor, a_factor, alpha=s).mul_(gcol)).view(*grad.shape[:-1], -1)
+        elif need_x:
+            dx = gr.mm(weight * gcol).addmm_(u, a_factor).view(*grad.shape[:-1], -1)
+        da = u.t().mm(x2) if need_a else None
+        db = z.t().mm(gr).mul_(s).t().mul_(gcol.to(z.dtype)) if need_b else None
+        dw = gr.t().mm(x2).mul_(gcol) if need_w else None  # W' = g W (the norm is detached)
+        dbias = gr.sum(0) if need_bias else None
+        dg = None
+        if need_g and ctx.recover:
+            dg = _dg(gr, y, g, bias, 1).to(g.dtype)
+        elif need_g:  # some g is 0: y0 = x W^T + s z B^T, recomputed
+            y0 = torch.addmm(F.linear(x2, weight), z, b_factor.t(), alpha=s)
+            dg = (gr.float() * y0.float()).sum(0).to(g.dtype)
+        return dx, dw, dbias, da, db, None, dg

@@ -34,6 +34,7 @@ from vislora.kernels import (  # noqa: F401  (depthwise_weight_grad: re-exported
     ScaleRows,
     _depthwise_on_cpu,
     _DepthwiseConv2d,
+    _DoraLinear,
     _lora_linear,
     _LoraLinear,
     depthwise_weight_grad,
@@ -489,10 +490,7 @@ class LoraLayer(nn.Module):
             return self._weight_forward(x)
         hooked = bool(base._forward_hooks or base._forward_pre_hooks)
         if isinstance(base, nn.Linear) and not hooked and isinstance(self.dropout, nn.Identity):
-            if self.additive:
-                return self._linear_fused(x, base.bias)
-            y0 = self._linear_fused(x, None)
-            return ScaleRows.apply(y0, self.update.scale(self.update.row_norms(base.weight)), base.bias, -1)
+            return self._linear_fused(x)
         return self._activation_forward(x, hooked)
 
     def _weight_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -533,22 +531,23 @@ class LoraLayer(nn.Module):
             return y
         return ScaleRows.apply(y, update.scale(update.row_norms(base.weight)), base.bias, channel)
 
-    def _linear_fused(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """Base linear + LoRA as one autograd node (kernels._LoraLinear), in the autocast dtype when autocast is
-        on; `bias` None leaves it out (DoRA adds it after scaling)."""
-        device, update = x.device.type, self.update
+    def _linear_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """Base linear + LoRA (kernels._LoraLinear) or + DoRA (kernels._DoraLinear) as one autograd node, in the
+        autocast dtype when autocast is on."""
+        device, update, base = x.device.type, self.update, self.base_layer
         autocast = device in AUTOCAST_DEVICES and torch.is_autocast_enabled(device)  # "meta" has no autocast
         dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
-        a, b, w = update.lora_A, update.full_B(), self.base_layer.weight
+        a, b, w, bias = update.lora_A, update.full_B(), base.weight, base.bias
+        g = None if update.additive else update.scale(update.row_norms(w))
         if a.dtype != dtype or w.dtype != dtype or x.dtype != dtype:
             x, w, a, b = x.to(dtype), w.to(dtype), a.to(dtype), b.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
-        if not torch.is_grad_enabled():  # inference: the same maths without an autograd node
-            return _lora_linear(x.reshape(-1, x.shape[-1]), w, bias, a, b, update.scaling, False)[0].view(
-                *x.shape[:-1], -1)
-        if not autocast:
-            return _LoraLinear.apply(x, w, bias, a, b, update.scaling)
-        with torch.autocast(device, enabled=False):
+        with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
+            if g is not None:
+                return _DoraLinear.apply(x, w, bias, a, b, update.scaling, g.to(dtype))
+            if not torch.is_grad_enabled():  # inference: the same maths without an autograd node
+                return _lora_linear(x.reshape(-1, x.shape[-1]), w, bias, a, b, update.scaling, False)[0].view(
+                    *x.shape[:-1], -1)
             return _LoraLinear.apply(x, w, bias, a, b, update.scaling)
 
     def extra_repr(self) -> str:
