@@ -132,16 +132,20 @@ def _reduce_dims(t: torch.Tensor, dim: int) -> list[int]:
     return [d for d in range(t.dim()) if d != dim]
 
 
-def column_dot(a: torch.Tensor, b: torch.Tensor, block_elements: int = 1 << 17) -> torch.Tensor:
-    """sum over rows of a * b for 2-d a, b: in blocks of about `block_elements` (0.5 MB, cache-sized) through one
-    reused buffer and a matrix-vector product (twice as fast on CPU as (a * b).sum(0), which allocates and faults
-    in an output-sized tensor)."""
+def column_dot(a: torch.Tensor, b: torch.Tensor, shift: torch.Tensor | None = None,
+               block_elements: int = 1 << 17) -> torch.Tensor:
+    """sum over rows of a * (b - shift) for 2-d a, b (shift: one value per column, or None): in blocks of about
+    `block_elements` (0.5 MB, cache-sized) through one reused buffer and a matrix-vector product, twice as fast
+    on CPU as (a * b).sum(0), which allocates and faults in an output-sized tensor."""
     rows = max(64, block_elements // max(1, a.shape[1]))
     ones, acc = a.new_ones(rows), a.new_zeros(a.shape[1])
     buf = a.new_empty(min(rows, a.shape[0]), a.shape[1])
     for i in range(0, a.shape[0], rows):
         n = min(rows, a.shape[0] - i)
-        torch.mul(a[i:i + n], b[i:i + n], out=buf[:n])
+        if shift is None:
+            torch.mul(a[i:i + n], b[i:i + n], out=buf[:n])
+        else:
+            torch.sub(b[i:i + n], shift, out=buf[:n]).mul_(a[i:i + n])
         acc.addmv_(buf[:n].t(), ones[:n])
     return acc
 
@@ -159,13 +163,12 @@ def channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _dg(grad: torch.Tensor, out: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None, dim: int
         ) -> torch.Tensor:
-    """sum(grad * y0) per channel with y0 = (out - b) / g, computed as (sum(grad * out) - b * sum(grad)) / g: no
-    tensor the size of the output is formed."""
+    """sum(grad * y0) per channel with y0 = (out - b) / g, computed from the saved output without forming a
+    tensor of its size (2-d: sum(grad * (out - b)) in cache-sized blocks; 4-d: (sum(grad * out) - b sum(grad)))."""
     fp32 = grad.dtype == out.dtype == torch.float32
     if grad.dim() == 2 and dim == 1 and fp32:
-        total = column_dot(grad, out)
-        grad_sum = grad.t().mv(grad.new_ones(grad.shape[0])) if bias is not None else None
-    elif grad.dim() == 4 and dim == 1 and fp32 and grad.is_contiguous() and out.is_contiguous():
+        return column_dot(grad, out, bias.float() if bias is not None else None) / g.float()
+    if grad.dim() == 4 and dim == 1 and fp32 and grad.is_contiguous() and out.is_contiguous():
         total = channel_dot(grad, out)
         grad_sum = grad.sum((0, 2, 3)) if bias is not None else None
     else:
