@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from vislora.files import atomic_write
 from vislora.inject import (
     PRESETS,
     LoraConfig,
@@ -29,8 +30,10 @@ from vislora.inject import (
     is_parameter_pattern,
     lora_layers,
     pattern_value,
+    wrapped_layers,
 )
-from vislora.layers import LoraLayer
+from vislora.layers import DEFAULT, LoraLayer
+from vislora.named import active_adapter, adapter_names, add_adapter, delete_adapter, set_adapter
 from vislora.svd import pissa_as_lora
 
 log = logging.getLogger(__name__)
@@ -155,21 +158,30 @@ def adapter_config(model: nn.Module) -> dict:
     }
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the adapter of `model` to `directory` (created if missing); each file is written then renamed."""
+    """Write the adapters of `model` to `directory` (created if missing) in PEFT's layout: the first ("default")
+    at the top, every other named one in DIRECTORY/<name>/; each file is written then renamed."""
     if not hasattr(model, "vislora_config"):
         raise ValueError("model carries no vislora adapter: inject() or load_adapter() first")
-    directory = Path(directory)
+    names = adapter_names(model)
+    if len(names) > 1:
+        previous = active_adapter(model)
+        try:
+            for i, name in enumerate(names):
+                set_adapter(model, name)
+                _save_active(model, Path(directory) if i == 0 else Path(directory) / name)
+        finally:
+            set_adapter(model, previous)
+        return Path(directory)
+    return _save_active(model, Path(directory))
+
+
+def _save_active(model: nn.Module, directory: Path) -> Path:
+    """The active adapter's files: adapter_model.safetensors and adapter_config.json."""
     directory.mkdir(parents=True, exist_ok=True)
     config = adapter_config(model)
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(adapter_state(model), str(p), {"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2)))
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(adapter_state(model), str(p), {"format": "pt"}))
+    atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2)))
     return directory
 
 
@@ -319,31 +331,74 @@ def _mismatch_report(path: Path, missing, unexpected, wrong) -> str:
     return "\n".join(lines)
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Load a vislora or PEFT adapter into `model`: a plain model gets injected from the saved config,
-    an injected one must have the same layout. All or nothing: on any mismatch the model is unchanged."""
+def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> nn.Module:
+    """Load a vislora or PEFT adapter into `model`: a plain model gets injected from the saved config, an injected
+    one must have the same layout. With `name`, the adapter goes in beside the ones the model carries (inactive:
+    vislora.set_adapter switches to it). All or nothing: on any mismatch the model is unchanged."""
     directory = Path(directory)
     data = read_config(directory)
     weights_path = directory / WEIGHTS_NAME
     if not weights_path.is_file():
         raise FileNotFoundError(f"no adapter weights at {weights_path}")
     tensors = load_file(str(weights_path))
-    injected_here = not any(True for _ in lora_layers(model))
-    if injected_here:  # an injected model is checked layer by layer below
+    plain = not any(True for _ in wrapped_layers(model))
+    if plain or name is not None:
         _check_architecture(model, data, directory)
+    if name is not None and not plain:
+        return _load_beside(model, data, tensors, directory, name)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    if injected_here:
-        inject(model, config_from_file(data), verify=False)
+    if plain:
+        inject(model, config_from_file(data), verify=False, name=name or DEFAULT)
+    try:
+        _copy_tensors(model, data, tensors, directory, injected_here=plain)
+    except ValueError:
+        if plain:
+            eject(model)
+            for n, p in model.named_parameters():
+                p.requires_grad_(flags.get(n, True))
+        raise
+    return model
+
+
+def _load_beside(model: nn.Module, data: dict, tensors: dict, directory: Path, name: str) -> nn.Module:
+    """A named adapter beside the model's others (vislora.named.add_adapter), its tensors loaded while it is
+    active, the previous adapter active again after."""
+    add_adapter(model, config_from_file(data), name, (data.get("vislora") or {}).get("within"))
+    previous = active_adapter(model)
+    set_adapter(model, name)
+    try:
+        _fit_classifiers(model, tensors)
+        _copy_tensors(model, data, tensors, directory, injected_here=True)
+    except ValueError:
+        set_adapter(model, previous)
+        delete_adapter(model, name)
+        raise
+    set_adapter(model, previous)
+    return model
+
+
+def _fit_classifiers(model: nn.Module, tensors: dict) -> None:
+    """A trained nn.Linear whose file weight has another number of outputs (another task's classes) becomes a
+    Linear of that size: each named adapter has its own head."""
+    for module_name in model.vislora_train:
+        module, weight = model.get_submodule(module_name), tensors.get(f"{PREFIX}{module_name}.weight")
+        if type(module) is nn.Linear and weight is not None and weight.shape[0] != module.out_features:
+            head = nn.Linear(module.in_features, weight.shape[0], bias=module.bias is not None,
+                             device=module.weight.device, dtype=module.weight.dtype)
+            parent, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, head)
+
+
+def _copy_tensors(model: nn.Module, data: dict, tensors: dict, directory: Path, injected_here: bool) -> None:
+    """The file's tensors into the active adapter's layers and modules; a missing, unknown or mis-shaped key is a
+    ValueError naming them, before anything is copied."""
+    weights_path = directory / WEIGHTS_NAME
     targets = _targets_for(model)
     missing = sorted(set(targets) - set(tensors))
     unexpected = sorted(set(tensors) - set(targets))
     wrong = sorted(f"{k} {tuple(tensors[k].shape)} vs {tuple(shape)}" for k, (_, shape) in targets.items()
                    if k in tensors and tensors[k].shape != shape)
     if missing or unexpected or wrong:
-        if injected_here:
-            eject(model)
-            for n, p in model.named_parameters():
-                p.requires_grad_(flags.get(n, True))
         raise ValueError(_mismatch_report(weights_path, missing, unexpected, wrong))
     if not injected_here:
         _use_file_scaling(model, data, directory)
@@ -360,4 +415,3 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 if leaf == "B.weight" and layer.qkv_parts:
                     value = _fused_to_parts(layer, value)
             target.copy_(value.to(target.dtype))
-    return model

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from timm.layers import BatchNormAct2d, use_reentrant_ckpt
 
-from vislora.layers import LoraLayer, dora_refusal, max_rank, warn_if_oversized
+from vislora.layers import DEFAULT, LoraLayer, dora_refusal, max_rank, warn_if_oversized
 
 QKV_CHUNKS = {"q": 0, "k": 1, "v": 2}
 
@@ -49,6 +49,16 @@ class LoraConfig:
         d["targets"] = d["targets"] if isinstance(d["targets"], str) else list(d["targets"])
         d["exclude"], d["train"] = list(d["exclude"]), list(d["train"])
         return d
+
+
+@dataclass
+class Adapter:
+    """One named adapter of a model: its config, the modules and parameters it trains fully, its search scope."""
+
+    config: LoraConfig
+    train: list[str]
+    train_params: list[str]
+    within: str | None = None
 
 
 # ---- names and patterns ---------------------------------------------------------------------------
@@ -123,10 +133,33 @@ PRESETS = {
 
 
 # ---- finding targets ------------------------------------------------------------------------------
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
-    """Every (name, LoraLayer) in the model."""
+def wrapped_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """Every (name, LoraLayer) in the model, whichever adapters it carries."""
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """Every (name, LoraLayer) the active adapter adapts (all of them with a single adapter)."""
+    for name, module in wrapped_layers(model):
+        if module.carries_active:
+            yield name, module
+
+
+def plain_modules(scope: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """named_modules() as if no adapter were there: a LoraLayer shows as its base layer under its own name, and
+    nothing inside it (nor the modules other named adapters keep, vislora_modules) is listed."""
+    hidden: list[str] = []
+    for name, module in scope.named_modules():
+        if any(name.startswith(h + ".") for h in hidden):
+            continue
+        if isinstance(module, LoraLayer):
+            hidden.append(name)
+            yield name, module.base_layer
+        elif name.split(".")[0] == "vislora_modules":
+            hidden.append(name)
+        else:
             yield name, module
 
 
@@ -142,7 +175,7 @@ def _glob(entry: str) -> bool:
 def resolve_train(model: nn.Module, train: Sequence[str]) -> list[str]:
     """Module names that stay fully trainable: "head" (the classifier), names, suffix / regex patterns, globs
     ("*norm*"). Parameter patterns are resolve_train_params'. Unknown entries raise."""
-    modules = [n for n, _ in model.named_modules() if n]
+    modules = [n for n, _ in plain_modules(model) if n]
     found: list[str] = []
     for entry in train:
         if is_parameter_pattern(entry):
@@ -185,7 +218,7 @@ def find_targets(model: nn.Module, config: LoraConfig, within: str | None = None
     scope = model.get_submodule(within) if within else model
     prefix = within + "." if within else ""
     trained = resolve_train(model, config.train)
-    candidates = [(prefix + n, m) for n, m in scope.named_modules() if n and not _within(prefix + n, trained)]
+    candidates = [(prefix + n, m) for n, m in plain_modules(scope) if n and not _within(prefix + n, trained)]
     excluded = {n for n, _ in candidates for p in config.exclude if matches(n, p)}
     if isinstance(config.targets, str) and config.targets in PRESETS:
         keep, edges = PRESETS[config.targets], [prefix + n for n in stem_names(scope) + classifier_names(scope)]
@@ -320,8 +353,45 @@ def set_trainable(model: nn.Module, train_names: Sequence[str], train_params: Se
     freeze_bn_stats(model, train_names)
 
 
-def inject(model: nn.Module, config: LoraConfig, verify: bool | None = None, within: str | None = None
-           ) -> nn.Module:
+def _plan(model: nn.Module, config: LoraConfig, within: str | None) -> list[tuple]:
+    """(name, base layer, qkv parts, rank) of every layer the config adapts: everything checked before any change."""
+    if config.use_dora and config.init == "pissa":
+        raise ValueError("init: pissa with use_dora: PiSSA moves the top singular part of W into the adapter, and "
+                         "DoRA's magnitude is not an additive part; use one of them")
+    plan = []
+    for name in find_targets(model, config, within):
+        module = model.get_submodule(name)
+        module = module.base_layer if isinstance(module, LoraLayer) else module
+        if config.use_dora and dora_refusal(module):
+            raise ValueError(f"use_dora: '{name}' ({type(module).__name__}) cannot carry DoRA: "
+                             f"{dora_refusal(module)}; add it to adapter.exclude, or use plain LoRA")
+        parts = resolve_qkv_parts(name, module, config.qkv)
+        plan.append((name, module, parts, layer_rank(name, module, config, parts)))
+    return plan
+
+
+def inject_layers(model: nn.Module, config: LoraConfig, name: str = DEFAULT, within: str | None = None) -> None:
+    """The adapter `name` on every layer the config targets: a new LoraLayer where none is, or an update beside
+    the others where one is (several named adapters). Wrappers added here start at the model's active adapter."""
+    active = getattr(model, "vislora_active", name)
+    for target, module, parts, r in _plan(model, config, within):
+        alpha = pattern_value(target, config.alpha_pattern, config.alpha)
+        existing = model.get_submodule(target)
+        if isinstance(existing, LoraLayer):
+            existing.add_update(name, r, alpha, config.rslora, parts, use_dora=config.use_dora)
+            continue
+        layer = LoraLayer(module, r, alpha, config.dropout, config.rslora, qkv_parts=parts,
+                          use_dora=config.use_dora, name=name)
+        layer.train(module.training)
+        layer.active = active
+        if layer.carries_active:
+            warn_if_oversized(target, layer)
+        parent, _, child = target.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+
+
+def inject(model: nn.Module, config: LoraConfig, verify: bool | None = None, within: str | None = None,
+           name: str = DEFAULT) -> nn.Module:
     """Wrap every target layer of `model` in a LoraLayer, in place, and select the trainable parameters.
 
     within: search targets only in this submodule (e.g. a detector's timm backbone); its own pretrained_cfg
@@ -329,33 +399,18 @@ def inject(model: nn.Module, config: LoraConfig, verify: bool | None = None, wit
     verify (default: on for models under 30M parameters) checks each layer once: with a random B,
     merged and unmerged outputs agree on a random input; a layer that fails is named in the error.
     """
-    if any(True for _ in lora_layers(model)):
-        raise ValueError("model already carries vislora adapters: unload() it first, or load_adapter() into it")
-    if config.use_dora and config.init == "pissa":
-        raise ValueError("init: pissa with use_dora: PiSSA moves the top singular part of W into the adapter, and "
-                         "DoRA's magnitude is not an additive part; use one of them")
-    names = find_targets(model, config, within)  # everything is checked before the model changes
+    if any(True for _ in wrapped_layers(model)):
+        raise ValueError("model already carries vislora adapters: unload() it first, load_adapter() into it, or "
+                         "add one beside it with vislora.add_adapter(model, config, name)")
     train_names = resolve_train(model, config.train)
     resolve_train_params(model, config.train, train_names)
-    plan = []
-    for name in names:
-        module = model.get_submodule(name)
-        if config.use_dora and dora_refusal(module):
-            raise ValueError(f"use_dora: '{name}' ({type(module).__name__}) cannot carry DoRA: "
-                             f"{dora_refusal(module)}; add it to adapter.exclude, or use plain LoRA")
-        parts = resolve_qkv_parts(name, module, config.qkv)
-        plan.append((name, module, parts, layer_rank(name, module, config, parts)))
-    for name, module, parts, r in plan:
-        alpha = pattern_value(name, config.alpha_pattern, config.alpha)
-        layer = LoraLayer(module, r, alpha, config.dropout, config.rslora, qkv_parts=parts,
-                          use_dora=config.use_dora)
-        warn_if_oversized(name, layer)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    inject_layers(model, config, name, within)
     model.vislora_config = config
     model.vislora_train = list(train_names)
     model.vislora_train_params = resolve_train_params(model, config.train, train_names)  # names after wrapping
     model.vislora_within = within
+    model.vislora_active = name
+    model.vislora_adapters = {name: Adapter(config, list(train_names), list(model.vislora_train_params), within)}
     model._vislora_input_hook = model.register_forward_pre_hook(_input_needs_grad_hook)
     set_trainable(model, train_names, model.vislora_train_params)
     if config.init == "pissa":
@@ -423,7 +478,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def _strip(model: nn.Module, merge_first: bool) -> nn.Module:
-    for name, layer in list(lora_layers(model)):
+    for name, layer in list(wrapped_layers(model)):
         if merge_first:
             layer.merge(keep_original=False)
         else:
@@ -438,7 +493,9 @@ def _strip(model: nn.Module, merge_first: bool) -> nn.Module:
                 hook.remove()
         if type(m) in plain_bn:
             m.__class__ = plain_bn[type(m)]
-    for attr in ("vislora_config", "vislora_train", "vislora_train_params", "vislora_within"):
+    model._modules.pop("vislora_modules", None)  # the trained modules of the other named adapters
+    for attr in ("vislora_config", "vislora_train", "vislora_train_params", "vislora_within", "vislora_adapters",
+                 "vislora_active"):
         model.__dict__.pop(attr, None)
     return model
 

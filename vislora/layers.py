@@ -340,22 +340,18 @@ class LoraLayer(nn.Module):
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  rslora: bool = False, qkv_parts: tuple[int, ...] | None = None, num_chunks: int = 3,
-                 use_dora: bool = False):
+                 use_dora: bool = False, name: str = DEFAULT):
         super().__init__()
         if not isinstance(base_layer, (nn.Linear, nn.Conv2d)):
             raise TypeError(f"LoRA supports nn.Linear and nn.Conv2d, not {type(base_layer).__name__}")
-        if use_dora and dora_refusal(base_layer):
-            raise ValueError(f"DoRA cannot adapt this {type(base_layer).__name__}: {dora_refusal(base_layer)}")
         self.base_layer = base_layer
         self.weight_name = raw_weight_name(base_layer)
-        w = base_layer.get_parameter(self.weight_name)
-        dtype = w.dtype if w.dtype == torch.float64 else torch.float32  # adapters train in fp32 at least
-        if use_dora:
-            update = DoRA(w, r, alpha, rslora, qkv_parts, num_chunks, dtype)
-        else:
-            update = LowRank(w.shape[0], w[0].numel(), r, alpha, rslora, qkv_parts, num_chunks, w.device, dtype)
-        self.updates = nn.ModuleDict({DEFAULT: update})
-        self.active = DEFAULT
+        self.updates = nn.ModuleDict()
+        self.add_update(name, r, alpha, rslora, qkv_parts, num_chunks, use_dora)
+        self.active = name
+        self._mixed: list[tuple[str, torch.Tensor]] | None = None  # vislora.named.mixed_forward's sample groups
+        w = self.raw_weight()
+        update = self.update
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self._original: torch.Tensor | None = None  # exact copy of the raw weight while merged
@@ -366,14 +362,37 @@ class LoraLayer(nn.Module):
         act_cost = r * parts * (fan_in * getattr(base_layer, "groups", 1) + out)
         self.weight_path = not plain or (dropout == 0 and out * fan_in <= act_cost)
 
+    def add_update(self, name: str, r: int, alpha: float, rslora: bool = False,
+                   qkv_parts: tuple[int, ...] | None = None, num_chunks: int = 3, use_dora: bool = False) -> None:
+        """A named update beside the others (LoRA, or DoRA with use_dora); it acts when `active` is its name."""
+        if name in self.updates:
+            raise ValueError(f"the layer already carries an adapter named '{name}'")
+        if use_dora and dora_refusal(self.base_layer):
+            raise ValueError(f"DoRA cannot adapt this {type(self.base_layer).__name__}: "
+                             f"{dora_refusal(self.base_layer)}")
+        w = self.raw_weight()
+        dtype = w.dtype if w.dtype == torch.float64 else torch.float32  # adapters train in fp32 at least
+        if use_dora:
+            update = DoRA(w, r, alpha, rslora, qkv_parts, num_chunks, dtype)
+        else:
+            update = LowRank(w.shape[0], w[0].numel(), r, alpha, rslora, qkv_parts, num_chunks, w.device, dtype)
+        self.updates[name] = update
+
     # ---- the active update, as the rest of vislora sees it ------------------------------------------------------
     @property
+    def carries_active(self) -> bool:
+        """The active adapter adapts this layer (with several adapters, one may leave it as the base)."""
+        return self.active in self.updates
+
+    @property
     def update(self) -> LowRank:
+        if self.active not in self.updates:
+            raise ValueError(f"this layer carries no adapter named '{self.active}' ({', '.join(self.updates)})")
         return self.updates[self.active]
 
     def adapter_parameters(self) -> list[nn.Parameter]:
-        """Every tensor the adapter trains (what set_trainable, counts, footprint and files use)."""
-        return list(self.updates.parameters())
+        """Every tensor the active adapter trains here (what set_trainable, counts, footprint and files use)."""
+        return list(self.update.parameters()) if self.carries_active else []
 
     def adapter_numel(self) -> int:
         return sum(p.numel() for p in self.adapter_parameters())
@@ -401,7 +420,7 @@ class LoraLayer(nn.Module):
     def effective_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W' (raw form) as the forward uses it: the merged weight itself, else the active update applied."""
         w = self.raw_weight()
-        if self.merged:
+        if self.merged or not self.carries_active:
             return w if dtype is None else w.to(dtype)
         acc = dtype or torch.promote_types(w.dtype, torch.float32)
         return self.update.weight(w.to(acc))
@@ -410,7 +429,7 @@ class LoraLayer(nn.Module):
     def weight(self) -> torch.Tensor:
         """The effective weight, for code that reads `layer.weight` and calls F.linear itself (EVA, BEiT)."""
         w = self.base_layer.weight
-        if self.merged or self.weight_name != "weight":
+        if self.merged or self.weight_name != "weight" or not self.carries_active:
             return w
         return self.update.weight(w)
 
@@ -453,7 +472,7 @@ class LoraLayer(nn.Module):
     @torch.no_grad()
     def merge(self, keep_original: bool = True) -> None:
         """W <- W', rounded once; with keep_original, unmerge later restores W bit-exactly."""
-        if self.merged:
+        if self.merged or not self.carries_active:
             return
         w = self.raw_weight()
         self._original = w.detach().clone() if keep_original else None
@@ -484,7 +503,9 @@ class LoraLayer(nn.Module):
     # ---- forward ----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
-        if self.merged:
+        if self._mixed is not None:
+            return self._mixed_forward(x)
+        if self.merged or not self.carries_active:
             return base(x)
         if self.weight_path:
             return self._weight_forward(x)
@@ -493,10 +514,10 @@ class LoraLayer(nn.Module):
             return self._linear_fused(x)
         return self._activation_forward(x, hooked)
 
-    def _weight_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _weight_forward(self, x: torch.Tensor, update: LowRank | None = None) -> torch.Tensor:
         """y = base(x; W'): one conv / linear with the effective weight (depthwise convs, transformed weights)."""
         base = self.base_layer
-        w_eff = self.update.weight(base.get_parameter(self.weight_name))
+        w_eff = (update or self.update).weight(base.get_parameter(self.weight_name))
         if type(base) is nn.Linear:
             return F.linear(x, w_eff, base.bias)
         if type(base) in (nn.Conv2d, Conv2dSame) and _depthwise_on_cpu(base, x):
@@ -508,10 +529,12 @@ class LoraLayer(nn.Module):
             return base._conv_forward(x, w_eff, base.bias)
         return functional_call(base, {self.weight_name: w_eff}, (x,))
 
-    def _activation_forward(self, x: torch.Tensor, hooked: bool) -> torch.Tensor:
-        """y = base(x) + s B(A x), for DoRA scaled per output channel (ScaleRows) after the bias is taken out."""
-        base, update = self.base_layer, self.update
-        y = base(x)
+    def _activation_forward(self, x: torch.Tensor, hooked: bool, update: LowRank | None = None,
+                            y: torch.Tensor | None = None) -> torch.Tensor:
+        """y = base(x) + s B(A x), for DoRA scaled per output channel (ScaleRows) after the bias is taken out.
+        `y`: base(x) when the caller already has it (mixed batches)."""
+        base, update = self.base_layer, update or self.update
+        y = base(x) if y is None else y
         A, B = update.lora_A.to(y.dtype), update.full_B().to(y.dtype)
         x = self.dropout(x)
         channel = -1 if isinstance(base, nn.Linear) else 1
@@ -549,6 +572,24 @@ class LoraLayer(nn.Module):
                 return _lora_linear(x.reshape(-1, x.shape[-1]), w, bias, a, b, update.scaling, False)[0].view(
                     *x.shape[:-1], -1)
             return _LoraLinear.apply(x, w, bias, a, b, update.scaling)
+
+    @torch.no_grad()
+    def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch whose samples belong to different adapters (`_mixed`: (adapter name, sample indices) groups):
+        the base output once, then each group's own update on its rows (weight path: its own W' per group)."""
+        groups = [(self.updates[n] if n in self.updates else None, idx) for n, idx in self._mixed]
+        if self.weight_path:
+            parts = [(idx, self._weight_forward(x[idx], u) if u is not None else self.base_layer(x[idx]))
+                     for u, idx in groups]
+            out = parts[0][1].new_empty((x.shape[0], *parts[0][1].shape[1:]))
+            for idx, part in parts:
+                out[idx] = part
+            return out
+        y = self.base_layer(x)
+        for update, idx in groups:
+            if update is not None:
+                y[idx] = self._activation_forward(x[idx], True, update, y[idx])
+        return y
 
     def extra_repr(self) -> str:
         path = "weight" if self.weight_path else "activation"

@@ -1,0 +1,154 @@
+"""Several named adapters on one backbone: exact switching, per-adapter heads, mixed batches equal to each
+adapter's merged model, PEFT's multi-adapter layout both ways, refusals, and single-adapter runs unchanged."""
+
+import copy
+
+import pytest
+import timm
+import torch
+from peft import PeftModel
+
+from vislora import LoraConfig, inject, load_adapter, lora_layers, merge, save_adapter, unload, unmerge
+from vislora.named import adapter_names, add_adapter, delete_adapter, mixed_forward, set_adapter
+
+VIT = ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2))
+CNN = ("mobilenetv2_035", {})
+SPECS = {"vit": VIT, "mobilenet": CNN}
+
+
+def base(spec, classes=5):
+    """The shared backbone (the same weights whatever the head: its classifier is replaced after)."""
+    torch.manual_seed(0)
+    name, kwargs = spec
+    model = timm.create_model(name, pretrained=False, num_classes=5, **kwargs).eval()
+    if classes != 5:
+        model.reset_classifier(classes)
+    return model
+
+
+def close(a, b, spec) -> bool:
+    """fp32 agreement: 1e-5 of the output scale; 1e-4 through MobileNetV2's 52 DoRA layers and BatchNorms."""
+    return (a - b).abs().max() <= (1e-5 if spec is VIT else 1e-4) * b.abs().max().clamp_min(1e-6)
+
+
+def trained_adapter(spec, tmp_path, tag: str, seed: int, classes: int = 5, **config) -> tuple:
+    """An adapter (random B / magnitudes / head) saved to tmp_path/tag, and its merged model."""
+    targets = "vit" if spec is VIT else "conv"
+    model = inject(base(spec, classes), LoraConfig(r=2, targets=targets, **config), verify=False)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.update.perturb_()
+        for p in model.get_classifier().parameters():
+            p.normal_()
+    save_adapter(model, tmp_path / tag)
+    return tmp_path / tag, unload(copy.deepcopy(model)).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread):
+    """Small models on a shared 2-core machine: one thread (conftest.one_thread)."""
+
+
+CASES = [("vit", {}, {}), ("vit-dora-vs-lora", {"use_dora": True}, {"r": 2}),
+         ("mobilenet-dora", {"use_dora": True}, {}), ("vit-other-classes", {}, {"classes": 3})]
+
+
+@pytest.mark.parametrize("spec_name,config_a,extra_b", CASES, ids=[c[0] for c in CASES])
+def test_switching_is_exact_and_mixed_batches_match_each_merged_model(tmp_path, spec_name, config_a, extra_b):
+    spec = SPECS[spec_name.split("-")[0]]
+    classes_b = extra_b.pop("classes", 5)
+    dir_a, merged_a = trained_adapter(spec, tmp_path, "a", 1, **config_a)
+    dir_b, merged_b = trained_adapter(spec, tmp_path, "b", 2, classes=classes_b)
+    model = load_adapter(base(spec), dir_a)
+    load_adapter(model, dir_b, name="b")
+    assert adapter_names(model) == ["default", "b"]
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        y_a = model(x)
+        set_adapter(model, "b")
+        y_b = model(x)
+        set_adapter(model, "default")
+        assert torch.equal(model(x), y_a)  # A -> B -> A: bit-identical
+        assert close(y_a, merged_a(x), spec) and close(y_b, merged_b(x), spec)
+        assert y_b.shape[1] == classes_b
+    names = ["default", "b", "b", "default"]
+    out = mixed_forward(model, x, names)
+    for i, name in enumerate(names):
+        reference = (merged_a if name == "default" else merged_b)(x[i:i + 1])[0]
+        assert close(out[i], reference, spec), (i, name)
+    with torch.no_grad():
+        assert torch.equal(model(x), y_a)  # mixed_forward left the model as it was
+
+
+def test_merging_one_adapter_for_deployment_and_switching_back(tmp_path):
+    dir_a, _ = trained_adapter(VIT, tmp_path, "a", 1)
+    dir_b, merged_b = trained_adapter(VIT, tmp_path, "b", 2)
+    model = load_adapter(load_adapter(base(VIT), dir_a), dir_b, name="b")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        y_a = model(x)
+        with pytest.raises(ValueError, match="unmerge"):
+            merge(model)
+            set_adapter(model, "b")
+        unmerge(model)
+        set_adapter(model, "b")
+        merge(model)
+        assert (model(x) - merged_b(x)).abs().max() <= 1e-5 * merged_b(x).abs().max()
+        unmerge(model)
+        set_adapter(model, "default")
+        assert torch.equal(model(x), y_a)
+    delete_adapter(model, "b")
+    assert adapter_names(model) == ["default"] and "vislora_modules" not in dict(model.named_children())
+
+
+def test_peft_multi_adapter_layout_both_ways(tmp_path):
+    dir_a, merged_a = trained_adapter(VIT, tmp_path, "a", 1)
+    dir_b, merged_b = trained_adapter(VIT, tmp_path, "b", 2)
+    model = load_adapter(load_adapter(base(VIT), dir_a), dir_b, name="cats")
+    save_adapter(model, tmp_path / "both")
+    assert (tmp_path / "both" / "adapter_config.json").is_file()
+    assert (tmp_path / "both" / "cats" / "adapter_config.json").is_file()
+    x = torch.randn(2, 3, 32, 32)
+    peft = PeftModel.from_pretrained(base(VIT), tmp_path / "both").eval()
+    peft.load_adapter(tmp_path / "both" / "cats", adapter_name="cats")
+    with torch.no_grad():
+        assert (peft(x) - merged_a(x)).abs().max() <= 1e-5 * merged_a(x).abs().max()
+        peft.set_adapter("cats")
+        assert (peft(x) - merged_b(x)).abs().max() <= 1e-5 * merged_b(x).abs().max()
+    again = load_adapter(load_adapter(base(VIT), tmp_path / "both"), tmp_path / "both" / "cats", name="cats")
+    with torch.no_grad():
+        set_adapter(again, "cats")
+        assert (again(x) - merged_b(x)).abs().max() <= 1e-5 * merged_b(x).abs().max()
+
+
+def test_named_adapter_refusals(tmp_path):
+    dir_a, _ = trained_adapter(VIT, tmp_path, "a", 1)
+    pissa, _ = trained_adapter(VIT, tmp_path, "p", 1, init="pissa")
+    model = load_adapter(base(VIT), dir_a)
+    with pytest.raises(ValueError, match="already carries an adapter named 'default'"):
+        add_adapter(model, LoraConfig(r=2, targets="vit"), "default")
+    with pytest.raises(ValueError, match="same modules"):
+        add_adapter(model, LoraConfig(r=2, targets="vit", train=[]), "headless")
+    with pytest.raises(ValueError, match="single parameters"):
+        add_adapter(model, LoraConfig(r=2, targets="vit", train=["head", "*.bias"]), "biases")
+    with pytest.raises(ValueError, match="PiSSA"):
+        add_adapter(model, LoraConfig(r=2, targets="vit", init="pissa"), "p")
+    other_arch = trained_adapter(CNN, tmp_path, "cnn", 3)[0]
+    with pytest.raises(ValueError):
+        load_adapter(model, other_arch, name="cnn")
+    with pytest.raises(ValueError, match="no adapter named"):
+        set_adapter(model, "dogs")
+    with pytest.raises(ValueError, match="is active"):
+        delete_adapter(model, "default")
+    with pytest.raises(ValueError, match="2 adapter names for a batch of 3"):
+        mixed_forward(model, torch.randn(3, 3, 32, 32), ["default", "default"])
+    assert adapter_names(model) == ["default"] and pissa.is_dir()  # every refusal left the model as it was
+
+
+def test_a_single_adapter_keeps_todays_keys(tmp_path):
+    dir_a, _ = trained_adapter(VIT, tmp_path, "a", 1)
+    model = load_adapter(base(VIT), dir_a)
+    keys = set(model.state_dict())
+    assert "head.weight" in keys and not any(k.startswith("vislora_modules") for k in keys)
+    assert "blocks.0.attn.qkv.updates.default.lora_A" in keys
