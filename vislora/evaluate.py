@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from vislora import rundir, serve, tasks
+from vislora import rundir, runpaths, serve, tasks
 from vislora.inject import unload
 
 EXPORTED_SUFFIXES = (".pt", ".pth", ".jit", ".onnx")
@@ -28,7 +28,7 @@ class Opened:
 
 def is_exported(target: str | Path) -> bool:
     target = Path(target)
-    return target.suffix in EXPORTED_SUFFIXES or (target.is_dir() and not (target / rundir.RECIPE).is_file())
+    return target.suffix in EXPORTED_SUFFIXES or (target.is_dir() and not (target / runpaths.RECIPE).is_file())
 
 
 def open_model(target: str | Path) -> Opened:

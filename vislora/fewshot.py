@@ -42,7 +42,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vislora import data as vdata
-from vislora import rundir
+from vislora import runpaths
 from vislora.evaluate import evaluate
 from vislora.files import write_json
 from vislora.recipe import DEFAULTS, differences, mode, resolve
@@ -158,8 +158,8 @@ def run_cell(recipe: dict, run_dir: Path, val_dir: Path) -> dict:
         wall = time.perf_counter() - start
         report = evaluate(run_dir, data=val_dir, out=run_dir / "eval" / "report.json",
                           workers=recipe["data"]["workers"])
-    shutil.rmtree(run_dir / rundir.CHECKPOINTS, ignore_errors=True)
-    summary = json.loads((run_dir / rundir.SUMMARY).read_text())["summary"]
+    shutil.rmtree(run_dir / runpaths.CHECKPOINTS, ignore_errors=True)
+    summary = json.loads((run_dir / runpaths.SUMMARY).read_text())["summary"]
     return {"top1": report["top1"], "macro_f1": report["macro_f1"], "trainable": summary["trainable"],
             "total": summary["total"], "wall_s": round(wall, 2), "val_images": report["num_images"]}
 
@@ -246,7 +246,7 @@ def fewshot(recipe: dict, out: str | Path, shots: Sequence[int] = (1, 2, 4, 8, 1
         raise ValueError(f"fewshot needs a classification recipe (task: {recipe['task']})")
     out = Path(out)
     d = recipe["data"]
-    rundir.keep_apart(out, [d["path"]], [out / "data", out / "runs"])
+    runpaths.keep_apart(out, [d["path"]], [out / "data", out / "runs"])
     train_split, val_split = vdata.scan_folder(d["path"], d["val_fraction"], recipe["train"]["seed"])
     if not val_split.items:
         raise ValueError(f"data.path {d['path']} has no val split to evaluate on: add ROOT/val or set "

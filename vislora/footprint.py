@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_model
 from torch.utils.flop_counter import FlopCounterMode
 
-from vislora import rundir
+from vislora import runpaths
 from vislora.adapters import WEIGHTS_NAME, save_adapter
 from vislora.inject import LoraConfig, eject, find_targets, inject, lora_layers, trainable_summary, unload
 from vislora.layers import LoraLayer
@@ -94,10 +94,10 @@ def _with_lora(model: nn.Module, lora: LoraConfig | None) -> nn.Module:
 
 def _run_subject(path: Path, img_size: int | None) -> Subject:
     """A run as training built it: the recipe's model and adapter (trainable set, PiSSA rank, linear probe)."""
-    recipe = rundir.read_recipe(path)
+    recipe = runpaths.read_recipe(path)
     if recipe["task"] != "classification":
         raise ValueError(f"{path}: footprint measures classifiers, and this run's task is {recipe['task']}")
-    preprocess = json.loads((path / rundir.PREPROCESS).read_text())
+    preprocess = json.loads((path / runpaths.PREPROCESS).read_text())
     classes = preprocess["class_names"]
     return Subject(str(path), "run",
                    lambda: classification.adapt(classification.build_model(recipe, classes), recipe),

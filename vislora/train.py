@@ -26,15 +26,12 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from vislora import data as vdata
-from vislora import rundir, tasks
+from vislora import rundir, runpaths, tasks
+from vislora.errors import TrainingDiverged, first_rank
 from vislora.files import listing, write_json
 from vislora.inject import classifier_names, lora_layers, trainable_summary
 from vislora.svd import factor_l2, frobenius_penalty
 from vislora.tasks.common import Setup
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 # ---- set-up helpers -------------------------------------------------------------------------------
@@ -70,11 +67,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def first_rank() -> bool:
-    """This process is rank 0 of a torchrun launch, or runs alone (readable before the process group exists)."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def init_distributed(device: torch.device) -> tuple[torch.device, int, int]:
@@ -230,7 +222,7 @@ def setup(recipe: dict, run_dir: Path, resume: bool, adapt: Callable | None) -> 
     task = tasks.get(recipe["task"])
     device, rank, world = init_distributed(resolve_device(t["device"]))
     if resume:
-        rundir.check_resumable(run_dir, recipe)
+        runpaths.check_resumable(run_dir, recipe)
     seed_everything(t["seed"])
     built = task.build(recipe)
     model = (adapt or task.adapt)(built.model, recipe).to(device)
@@ -238,7 +230,7 @@ def setup(recipe: dict, run_dir: Path, resume: bool, adapt: Callable | None) -> 
     optimizer, scheduler = build_optimizer(model, t, math.ceil(len(train_loader) / t["grad_accum"]))
     if rank == 0:
         if not resume:
-            rundir.clear(run_dir)
+            runpaths.clear(run_dir)
         rundir.start(run_dir, recipe, built.class_names, built.preprocess)
     amp_dtype = autocast_dtype(t["amp"], device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -247,6 +239,7 @@ def setup(recipe: dict, run_dir: Path, resume: bool, adapt: Callable | None) -> 
                 amp_dtype, train_loader, val_loader, sampler, penalty_of(t))
     if resume:
         restore(loop)
+        refuse_finished(loop)
     return loop
 
 
@@ -255,18 +248,29 @@ def restore(loop: Loop) -> None:
     state = rundir.load_checkpoint(loop.run_dir)
     missing = set(state["model"]) - set(loop.model.state_dict())
     if missing:
-        raise ValueError(f"{loop.run_dir / rundir.CHECKPOINTS / 'last.pt'} does not fit the recipe's model: "
+        raise ValueError(f"{loop.run_dir / runpaths.CHECKPOINTS / 'last.pt'} does not fit the recipe's model: "
                          f"{sorted(missing)[:5]}")
     loop.model.load_state_dict(state["model"], strict=False)  # keys upgraded in load_checkpoint
     try:
         loop.optimizer.load_state_dict(state["optimizer"])
     except ValueError as e:  # e.g. a checkpoint of a vislora before the head had parameter groups of its own
-        raise ValueError(f"{loop.run_dir / rundir.CHECKPOINTS / 'last.pt'}: its optimizer state does not fit this "
+        raise ValueError(f"{loop.run_dir / runpaths.CHECKPOINTS / 'last.pt'}: its optimizer state does not fit this "
                          f"run's parameter groups ({e}); start the run again with --force") from None
     loop.scheduler.load_state_dict(state["scheduler"])
     loop.scaler.load_state_dict(state["scaler"])
     loop.epoch, loop.step, loop.best = state["epoch"], state["step"], state["best"]
     loop.history = state.get("history") or rundir.read_metrics(loop.run_dir)[:loop.epoch]  # older checkpoints
+
+
+def refuse_finished(loop: Loop) -> None:
+    """--resume on a run that trained all its epochs (or train.max_steps) and wrote its summary: nothing to do,
+    which is an error that says so (it did nothing, silently, before)."""
+    t = loop.recipe["train"]
+    done = loop.epoch >= t["epochs"] or bool(t["max_steps"] and loop.step >= t["max_steps"])
+    if done and (loop.run_dir / runpaths.SUMMARY).is_file():
+        raise ValueError(f"--resume: {loop.run_dir} already finished (epoch {loop.epoch} of train.epochs="
+                         f"{t['epochs']}), so there is nothing to resume: evaluate it (vislora eval "
+                         f"{loop.run_dir}), or train a longer run into a new --out (--set train.epochs=N)")
 
 
 # ---- one epoch ------------------------------------------------------------------------------------
@@ -305,7 +309,7 @@ def finite_on_every_rank(loop: Loop, loss: torch.Tensor) -> bool:
 
 
 def diverged(loop: Loop, value: float, epoch: int, batch: int) -> TrainingDiverged:
-    last = loop.run_dir / rundir.CHECKPOINTS / "last.pt"
+    last = loop.run_dir / runpaths.CHECKPOINTS / "last.pt"
     kept = f"the last good checkpoint is {last}" if last.is_file() else "no epoch finished, so no checkpoint exists"
     return TrainingDiverged(f"loss is {value} at epoch {epoch + 1}, batch {batch + 1}: stopped; {kept}. Lower "
                             "train.lr or set train.clip_grad")
@@ -387,7 +391,7 @@ def finish(loop: Loop, summary: dict) -> None:
         result = {"summary": summary, "best": loop.best, "epochs": len(loop.history), "run_dir": str(loop.run_dir),
                   "world_size": loop.world, "max_rank_difference": difference,
                   "kept": "best" if loop.val_loader is not None else "last"}
-        write_json(loop.run_dir / rundir.SUMMARY, result)  # standard JSON: no val split gives best null
+        write_json(loop.run_dir / runpaths.SUMMARY, result)  # standard JSON: no val split gives best null
     if loop.world > 1:
         dist.barrier()
 
@@ -410,7 +414,7 @@ def train(recipe: dict, run_dir: str | Path, resume: bool = False, adapt: Callab
     with the run's own recipe). adapt(model, recipe) replaces the task's adapter step; benchmarks pass another
     (e.g. PEFT's) to run it through this same loop."""
     run_dir = Path(run_dir)
-    with rundir.locked(run_dir) if first_rank() else contextlib.nullcontext():
+    with runpaths.locked(run_dir) if first_rank() else contextlib.nullcontext():
         loop = setup(recipe, run_dir, resume, adapt)
         summary = trainable_summary(loop.model)
         if loop.main:

@@ -22,7 +22,6 @@ from tqdm import tqdm
 from vislora import data as vdata
 from vislora import image
 from vislora.inject import classifier_names, inject, set_trainable
-from vislora.recipe import lora_config
 from vislora.tasks.common import (
     Setup,
     batch_predictor,
@@ -30,6 +29,7 @@ from vislora.tasks.common import (
     card_pretrained_cfg,
     create_timm,
     load_weights,
+    lora_config,
     seeded,
     write_confusion,
 )

@@ -4,6 +4,7 @@ predictor convention and the confusion-matrix files."""
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,9 @@ import timm
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file
+
+from vislora import hub
+from vislora.inject import LoraConfig
 
 
 @dataclass
@@ -28,6 +32,13 @@ class Setup:
     class_names: list[str]
     preprocess: dict
     notes: list[str] = field(default_factory=list)  # what the user should know before training starts
+
+
+def lora_config(recipe: dict) -> LoraConfig | None:
+    """The recipe's LoraConfig (its adapter section holds exactly LoraConfig's fields, as plain data: recipes are
+    read and checked without torch), or None for full fine-tuning and linear probing."""
+    adapter = recipe["adapter"]
+    return LoraConfig(**adapter) if isinstance(adapter, dict) else None
 
 
 def batch_predictor(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
@@ -52,19 +63,34 @@ def seeded(recipe: dict, build: Callable[[], nn.Module]) -> nn.Module:
 
 def create_timm(model_cfg: dict, **kwargs) -> nn.Module:
     """timm.create_model(model.name, pretrained=model.pretrained, **model.kwargs, **kwargs), with the errors a
-    user can fix named by recipe key."""
+    user can fix named by recipe key: an unknown name (with the closest timm names), kwargs that do not fit, hub
+    weights without network (the offline options, vislora.hub)."""
     name = model_cfg["name"]
     if not timm.is_model(name):
-        raise ValueError(f"model.name '{name}' is not a timm model (timm.list_models('*{name[:6]}*') lists "
-                         "similar names)")
+        raise ValueError(f"model.name '{name}' is not a timm model{similar_models(name)}")
     clash = sorted(set(model_cfg["kwargs"]) & set(kwargs))
     if clash:
         raise ValueError(f"model.kwargs must not set {clash}: vislora sets {'them' if len(clash) > 1 else 'it'} "
                          "(num_classes comes from the class folders)")
+    hub.check_pretrained(model_cfg)
     try:
         return timm.create_model(name, pretrained=model_cfg["pretrained"], **model_cfg["kwargs"], **kwargs)
     except TypeError as e:
         raise ValueError(f"model.kwargs {model_cfg['kwargs']} do not fit timm model '{name}': {e}") from e
+    except OSError as e:  # huggingface_hub's download, offline and cache errors are OSErrors
+        if not model_cfg["pretrained"]:
+            raise
+        raise ValueError(f"model.pretrained: true: timm could not get the weights of '{name}' ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}). Offline, "
+                         f"{hub.OFFLINE_OPTIONS}") from None
+
+
+def similar_models(name: str) -> str:
+    """'; did you mean ...?' with the timm architectures closest to a mistyped name (difflib), or a hint."""
+    close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=3, cutoff=0.6)
+    if close:
+        return f"; did you mean {' or '.join(repr(c) for c in close)}?"
+    return f" (timm.list_models('*{name[:6]}*') lists similar names)"
 
 
 CARD_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation")

@@ -40,8 +40,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 
 from vislora import image
 from vislora.inject import LoraConfig, classifier_names, freeze_bn_stats, inject, set_trainable
-from vislora.recipe import TASK_DEFAULTS, lora_config
-from vislora.tasks.common import Setup, card_pretrained_cfg, seeded
+from vislora.recipe import TASK_DEFAULTS
+from vislora.tasks.common import Setup, card_pretrained_cfg, lora_config, seeded
 
 log = logging.getLogger(__name__)
 

@@ -40,8 +40,7 @@ from tqdm import tqdm
 from vislora import data as vdata
 from vislora import image
 from vislora.inject import LoraConfig, freeze_bn_stats, inject, set_trainable
-from vislora.recipe import lora_config
-from vislora.tasks.common import Setup, batch_predictor, seeded, write_confusion
+from vislora.tasks.common import Setup, batch_predictor, lora_config, seeded, write_confusion
 from vislora.tasks.detection import TINY_BACKBONE, SimplePyramid, create_body, is_plain_vit, token_map
 
 log = logging.getLogger(__name__)
