@@ -16,12 +16,12 @@ from vislora import fewshot
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "timm", "onnxruntime", "matplotlib")
 # runs `python -m vislora ARGS` in this process and reports, at exit, which heavy modules it imported
-PROBE = """
+PROBE = f"""
 import atexit, json, runpy, sys
-atexit.register(lambda: print("HEAVY=" + json.dumps([m for m in %r if m in sys.modules]), file=sys.stderr))
+atexit.register(lambda: print("HEAVY=" + json.dumps([m for m in {HEAVY!r} if m in sys.modules]), file=sys.stderr))
 sys.argv = ["vislora", *sys.argv[1:]]
 runpy.run_module("vislora", run_name="__main__", alter_sys=True)
-""" % (HEAVY,)
+"""
 
 
 def vislora(*argv: str, cwd: Path = ROOT) -> tuple[int, str, list[str]]:
@@ -38,7 +38,8 @@ def vislora(*argv: str, cwd: Path = ROOT) -> tuple[int, str, list[str]]:
 def bad_recipe(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("start")
     (tmp / "images").mkdir()
-    (tmp / "good.yaml").write_text(yaml.safe_dump({"model": {"name": "resnet18"}, "data": {"path": str(tmp / "images")}}))
+    data = {"path": str(tmp / "images")}
+    (tmp / "good.yaml").write_text(yaml.safe_dump({"model": {"name": "resnet18"}, "data": data}))
     path = tmp / "bad.yaml"
     path.write_text(yaml.safe_dump({"model": {"name": "resnet18"}, "adaptor": {"r": 4},
                                     "data": {"path": str(tmp / "images")}}))
