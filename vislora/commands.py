@@ -78,11 +78,27 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     report = evaluate(args.target, data=args.data, out=args.out, batch_size=args.batch_size)
+    written = report.pop("written")
     print(json.dumps(report, indent=2) if args.json else tasks.get(report["task"]).format_report(report))
+    if report.get("scored"):
+        print(f"vislora: scored {report['scored']}")
+    if report.get("run_score"):
+        print(beside_the_run(report))
     if report.get("skipped"):
         print(f"vislora: skipped {len(report['skipped'])} unreadable or unusable file(s): "
               f"{listing(report['skipped'])}")
+    print(f"vislora: wrote {', '.join(written['files'])} in {written['folder']}")
     return 0
+
+
+def beside_the_run(report: dict) -> str:
+    """This evaluation's score beside the run's own figure at training (train_summary.json)."""
+    run = report["run_score"]
+    key = run["metric"].removeprefix("val_")
+    here = report.get(key)
+    shown = f"{here:.4f}" if isinstance(here, (int, float)) else "?"
+    return (f"vislora: {key} {shown} here; the run reported {run['metric']} {run['value']:.4f} at training "
+            f"({run['run']})")
 
 
 def cmd_export(args) -> int:

@@ -98,7 +98,7 @@ def _split_names_only(root: Path) -> bool:
     return all(d.name in SPLIT_DIRS for d in _class_dirs(root))
 
 
-def _val_dir(root: Path) -> Path | None:
+def val_dir(root: Path) -> Path | None:
     """ROOT's val split folder, when ROOT is a split layout."""
     if not _split_names_only(root):
         return None
@@ -142,9 +142,9 @@ def scan_folder(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> t
         raise FileNotFoundError(f"image folder not found: {root}")
     if is_split_layout(root):
         train = _scan_classes(root / "train")
-        val_dir = _val_dir(root)
-        if val_dir is not None:
-            return train, _scan_classes(val_dir, train.classes)
+        val = val_dir(root)
+        if val is not None:
+            return train, _scan_classes(val, train.classes)
         return _stratified_split(train, root / "train", val_fraction, seed)
     return _stratified_split(_scan_classes(root), root, val_fraction, seed)
 
@@ -155,7 +155,7 @@ def scan_eval_folder(path: str | Path, classes: list[str]) -> Split:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"image folder not found: {path}")
-    return _scan_classes(_val_dir(path) or path, list(classes))
+    return _scan_classes(val_dir(path) or path, list(classes))
 
 
 # ---- checking images ------------------------------------------------------------------------------------------

@@ -28,9 +28,8 @@ from vislora import rundir, tasks
 from vislora.image import PREPROCESS_KEYS, check_preprocess, input_hw
 from vislora.inject import FROZEN_BN, unload
 from vislora.layers import LoraLayer
-from vislora.serve import FILE_NAMES, PREPROCESS_NAME, onnx_predictor, quiet_jit
+from vislora.serve import FILE_NAMES, PREPROCESS_NAME, REPORT_NAME, onnx_predictor, quiet_jit
 
-REPORT_NAME = "export.json"
 LATENCY_BATCHES = (1, 8)
 # the EXPORT of a model that takes an NCHW batch and returns a tensor (timm classifiers): tasks.classification's
 BATCH_MODEL = {"torchscript": "trace", "onnx": None, "input": "batch", "served": None}
@@ -336,6 +335,7 @@ def export_run(run_dir: str | os.PathLike, formats: str | Sequence[str] | None =
         }
     if "onnx" not in formats and task.EXPORT["onnx"]:
         report["not_exported"] = {"onnx": task.EXPORT["onnx"]}
+    report["run"] = str(Path(run_dir).resolve())  # `vislora eval` of these files scores this run's val split
     report["cost"]["latency_ratio"] = report["cost"]["merged_latency_b1_s"] / report["cost"]["base_latency_b1_s"]
     if report["cost"]["base_parameters"] != report["cost"]["merged_parameters"]:
         raise ValueError(f"merged model has {report['cost']['merged_parameters']} parameters, the base model "

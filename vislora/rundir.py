@@ -31,6 +31,7 @@ from vislora.runpaths import (
     METRICS,
     PREPROCESS,
     RECIPE,
+    SPLIT,
     WEIGHTS,
     mark,
     read_recipe,
@@ -38,13 +39,16 @@ from vislora.runpaths import (
 
 
 # ---- starting ------------------------------------------------------------------------------------
-def start(run_dir: Path, recipe: dict, class_names: list[str], preprocess: dict) -> None:
-    """Write what defines the run before the first epoch: recipe.yaml, classes.json, preprocess.json."""
+def start(run_dir: Path, recipe: dict, class_names: list[str], preprocess: dict, split: dict | None = None) -> None:
+    """Write what defines the run before the first epoch: recipe.yaml, classes.json, preprocess.json and, when the
+    task records it, split.json (which images were train and which val)."""
     (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     mark(run_dir)
     save_recipe(recipe, run_dir / RECIPE)
     write_json(run_dir / CLASSES, class_names, indent=None)
     write_json(run_dir / PREPROCESS, preprocess)
+    if split is not None:
+        write_json(run_dir / SPLIT, split, indent=None)
 
 
 # ---- checkpoints and the per-epoch log ------------------------------------------------------------

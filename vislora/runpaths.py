@@ -18,10 +18,11 @@ from vislora.recipe import differences, read_yaml, resolve
 
 RECIPE, CLASSES, PREPROCESS, SUMMARY = "recipe.yaml", "classes.json", "preprocess.json", "train_summary.json"
 ADAPTER, WEIGHTS, CHECKPOINTS = "adapter", "weights.safetensors", "checkpoints"
-METRICS, CURVES = "metrics.jsonl", "curves.png"
+METRICS, CURVES, SPLIT, TRAIN_BATCH = "metrics.jsonl", "curves.png", "split.json", "train_batch.png"
 MARKER, LOCK = ".vislora_run", ".vislora.lock"  # "vislora wrote this run"; "a training is writing it now"
 # everything vislora writes into a run directory: `train --force` removes these, in a run (MARKER) and nowhere else
-ARTIFACTS = (RECIPE, CLASSES, PREPROCESS, SUMMARY, ADAPTER, WEIGHTS, CHECKPOINTS, METRICS, CURVES, "eval", "export",
+ARTIFACTS = (RECIPE, CLASSES, PREPROCESS, SUMMARY, ADAPTER, WEIGHTS, CHECKPOINTS, METRICS, CURVES, SPLIT, TRAIN_BATCH,
+             "eval", "export",
              "spectrum.png", "spectrum.json", "predictions", "shrink_report.json", METRICS + ".tmp", WEIGHTS + ".tmp",
              MARKER)
 # recipe fields a resumed run may change: they do not change what is trained (data.workers does: each worker

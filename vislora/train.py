@@ -231,7 +231,7 @@ def setup(recipe: dict, run_dir: Path, resume: bool, adapt: Callable | None) -> 
     if rank == 0:
         if not resume:
             runpaths.clear(run_dir)
-        rundir.start(run_dir, recipe, built.class_names, built.preprocess)
+        rundir.start(run_dir, recipe, built.class_names, built.preprocess, built.split)
     amp_dtype = autocast_dtype(t["amp"], device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model

@@ -20,7 +20,8 @@ from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_
 from tqdm import tqdm
 
 from vislora import data as vdata
-from vislora import image
+from vislora import image, runpaths
+from vislora.files import read_json
 from vislora.inject import classifier_names, inject, set_trainable
 from vislora.tasks.common import (
     Setup,
@@ -106,7 +107,18 @@ def build(recipe: dict) -> Setup:
     train_set = vdata.ImageDataset(train_split, vdata.build_transform(pre, True, d["augment"]))
     val_set = vdata.ImageDataset(val_split, vdata.build_transform(pre, False))
     return Setup(model, train_set, val_set, vdata.collate_skip, train_split.classes, pre,
-                 head_notes(recipe["model"], train_split.classes))
+                 head_notes(recipe["model"], train_split.classes), split_record(recipe, train_split, val_split))
+
+
+def split_record(recipe: dict, train: vdata.Split, val: vdata.Split) -> dict:
+    """The run's split.json: which images were train and which val (by path, label index into `classes`), so an
+    exported file of the run is scored on the run's own val split, whatever the folder holds later."""
+    d = recipe["data"]
+    root = Path(d["path"])
+    layout = (f"{root}/train and its val folder" if vdata.is_split_layout(root) and vdata.val_dir(root) else
+              f"{root} split by data.val_fraction={d['val_fraction']} (stratified, seed {recipe['train']['seed']})")
+    return {"layout": layout, "classes": list(train.classes), "train": [[str(p), y] for p, y in train.items],
+            "val": [[str(p), y] for p, y in val.items]}
 
 
 def head_notes(model_cfg: dict, classes: Sequence[str]) -> list[str]:
@@ -182,7 +194,7 @@ def predictor(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
 def example_inputs(recipe: dict, preprocess: dict, n: int = 8) -> torch.Tensor | None:
     """Up to n real images of the run's val split through the eval transform (None if none can be read)."""
     try:
-        val = eval_split(None, recipe, preprocess["class_names"])
+        val, _ = eval_split(None, recipe, preprocess["class_names"])
     except (FileNotFoundError, ValueError):
         return None
     dataset = vdata.ImageDataset(vdata.Split(val.items[:n], val.classes), vdata.build_transform(preprocess, False))
@@ -245,28 +257,52 @@ def classification_report(logits: np.ndarray, labels: np.ndarray, classes: list[
     }
 
 
-def eval_split(data: str | Path | None, recipe: dict | None, classes: list[str]) -> vdata.Split:
-    """The images to evaluate: `--data` (ROOT/val, a ROOT holding val/, or ROOT/<class>), else the run's val split."""
+def eval_split(data: str | Path | None, recipe: dict | None, classes: list[str], run_dir: Path | None = None
+               ) -> tuple[vdata.Split, str]:
+    """The images to evaluate and what they are: `--data` (ROOT/val, a ROOT holding val/, or ROOT/<class>), else the
+    run's val split (from its split.json, else recomputed from the recipe as training split it)."""
     if data is not None:
-        return vdata.scan_eval_folder(data, classes)
+        return data_split(Path(data), classes)
     if recipe is None:
-        raise ValueError("evaluating an exported file needs --data DIR")
-    d = recipe["data"]
-    _, val = vdata.scan_folder(d["path"], d["val_fraction"], recipe["train"]["seed"])
-    if val.classes != classes:
-        raise ValueError(f"the classes under {d['path']} differ from the run's: {val.classes} vs {classes}")
+        raise ValueError("this exported file is not inside a run's export/ folder and its export.json names no run, "
+                         "so there is no val split to score: pass --data DIR")
+    recorded = Path(run_dir) / runpaths.SPLIT if run_dir else None
+    if recorded is not None and recorded.is_file():
+        split = read_json(recorded, "run's split")
+        if split["classes"] != classes:
+            raise ValueError(f"{recorded} names other classes than the model: {split['classes']} vs {classes}")
+        val = vdata.Split([(Path(p), y) for p, y in split["val"]], classes)
+        what = f"the run's val split ({len(val.items)} images of {split['layout']}; {recorded})"
+    else:
+        d = recipe["data"]
+        _, val = vdata.scan_folder(d["path"], d["val_fraction"], recipe["train"]["seed"])
+        if val.classes != classes:
+            raise ValueError(f"the classes under {d['path']} differ from the run's: {val.classes} vs {classes}")
+        what = f"the run's val split ({len(val.items)} images of {d['path']}, recomputed from the recipe)"
     if not val.items:
-        raise ValueError(f"the run has no val split (data.val_fraction={d['val_fraction']}): pass --data DIR")
-    return val
+        raise ValueError(f"the run has no val split (data.val_fraction={recipe['data']['val_fraction']}): pass "
+                         "--data DIR")
+    return val, what
+
+
+def data_split(path: Path, classes: list[str]) -> tuple[vdata.Split, str]:
+    """--data's images, and what they are: a flat ROOT/<class> folder is all of it, train images included."""
+    split = vdata.scan_eval_folder(path, classes)
+    if vdata.val_dir(path) is not None or path.name.lower() in vdata.SPLIT_DIRS:
+        return split, f"{len(split.items)} images of {vdata.val_dir(path) or path}"
+    return split, (f"all {len(split.items)} images of {path}: a ROOT/<class> folder is scored whole, so if the run "
+                   "trained on it its train images count too (without --data, the run's own val split is scored)")
 
 
 def evaluate(predictor: Callable[[np.ndarray], np.ndarray], preprocess: dict, recipe: dict | None,
-             data: str | Path | None, out: Path, batch_size: int, workers: int = 2) -> dict:
-    """Top-1/top-k, per-class metrics and the confusion matrix of `predictor` on --data or the run's val split;
-    the confusion matrix also goes beside OUT as CSV and PNG."""
+             data: str | Path | None, out: Path, batch_size: int, workers: int = 2, run_dir: Path | None = None
+             ) -> dict:
+    """Top-1/top-k, per-class metrics and the confusion matrix of `predictor` on --data or the run's val split
+    (run_dir/split.json); the confusion matrix also goes beside OUT as CSV and PNG."""
     classes = preprocess["class_names"]
     topk = recipe["eval"]["topk"] if recipe else 5
-    dataset = vdata.ImageDataset(eval_split(data, recipe, classes), vdata.build_transform(preprocess, False))
+    split, scored = eval_split(data, recipe, classes, run_dir)
+    dataset = vdata.ImageDataset(split, vdata.build_transform(preprocess, False))
     loader = vdata.build_loader(dataset, batch_size, False, workers)
     logits, labels = [], []
     for images, y in tqdm(loader, desc="eval", leave=False):
@@ -274,7 +310,7 @@ def evaluate(predictor: Callable[[np.ndarray], np.ndarray], preprocess: dict, re
         labels.append(y.numpy())
     report = classification_report(np.concatenate(logits) if logits else np.zeros((0, len(classes))),
                                    np.concatenate(labels) if labels else np.zeros(0, dtype=int), classes, topk)
-    report["skipped"] = [str(p) for p in dataset.skipped]
+    report["skipped"], report["scored"] = [str(p) for p in dataset.skipped], scored
     write_confusion(report, out, classes)
     return report
 

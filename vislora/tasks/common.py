@@ -32,6 +32,7 @@ class Setup:
     class_names: list[str]
     preprocess: dict
     notes: list[str] = field(default_factory=list)  # what the user should know before training starts
+    split: dict | None = None  # the images of each split, written as the run's split.json (None: not recorded)
 
 
 def lora_config(recipe: dict) -> LoraConfig | None:

@@ -840,7 +840,7 @@ def _eval_data(recipe: dict, data: str | os.PathLike | None) -> dict:
 
 
 def evaluate(predictor: nn.Module, preprocess: dict, recipe: dict | None, data, out: Path, batch_size: int,
-             workers: int = 2) -> dict:
+             workers: int = 2, run_dir: Path | None = None) -> dict:
     """COCO mAP of the run's detector on its val split (or --data, a YOLO folder); draws OUT_boxes.png beside OUT."""
     _, val_set, names = build_detection_datasets(_eval_data(recipe, data), recipe["detector"]["min_size"])
     if names != preprocess["class_names"]:

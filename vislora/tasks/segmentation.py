@@ -620,7 +620,7 @@ def format_prediction(result: dict) -> str:
 
 
 def evaluate(predictor: Callable[[np.ndarray], np.ndarray], preprocess: dict, recipe: dict | None, data,
-             out: Path, batch_size: int, workers: int = 2) -> dict:
+             out: Path, batch_size: int, workers: int = 2, run_dir: Path | None = None) -> dict:
     """mIoU, pixel accuracy, per-class IoU and the confusion matrix of `predictor` on --data or the run's val split,
     accumulated over every pixel of every image; OUT_confusion.{csv,png} and OUT_masks.png go beside OUT."""
     classes = preprocess["class_names"]
