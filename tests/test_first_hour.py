@@ -1,6 +1,7 @@
 """A new user's first hour (issue #31): the run's own split for exported files, predict on folders and globs,
 the pictures and files eval and train write, progress lines, a quiet export."""
 
+import csv
 import json
 
 import pytest
@@ -47,3 +48,22 @@ def test_data_on_a_flat_folder_says_it_scores_every_image(run, capsys):
     assert main(["eval", str(run / "run" / "export" / "model.onnx"), "--data", str(run / "flat")]) == 0
     out = capsys.readouterr().out
     assert "all 40 images" in out and "train images count too" in out
+
+
+def test_predict_takes_folders_and_globs_and_writes_predictions_csv(run, capsys):
+    photos = run / "photos"
+    (photos / "sub").mkdir(parents=True)
+    images = sorted((run / "flat" / "class_1").glob("*.png"))[:3]
+    for i, source in enumerate(images):
+        ((photos / "sub") if i == 2 else photos).joinpath(f"p{i}.png").write_bytes(source.read_bytes())
+    (photos / "notes.txt").write_text("not an image")  # skipped: a folder gives its images
+    assert main(["predict", str(run / "run"), str(photos), "--topk", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "3 image(s) predicted" in out and "notes.txt" not in out
+    with open(run / "run" / "predictions" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"] for r in rows] == [str(photos / "p0.png"), str(photos / "p1.png"), str(photos / "sub/p2.png")]
+    assert all(r["predicted"] == r["top2"].split()[0] and 0 < float(r["p"]) <= 1 for r in rows)
+    assert main(["predict", str(run / "run" / "export" / "model.onnx"), str(photos / "**" / "*.png")]) == 0
+    with open(run / "run" / "export" / "predictions" / "predictions.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3

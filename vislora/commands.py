@@ -23,7 +23,7 @@ from vislora import rundir, runpaths, tasks
 from vislora.adapters import save_adapter
 from vislora.data import preprocess_config
 from vislora.errors import first_rank
-from vislora.evaluate import evaluate, predict
+from vislora.evaluate import evaluate, predict, predictions_dir
 from vislora.export import export_run
 from vislora.fewshot import TABLE, fewshot
 from vislora.files import listing
@@ -116,6 +116,10 @@ def cmd_predict(args) -> int:
     else:
         for r in results:
             print(f"{r['path']}: ERROR {r['error']}" if "error" in r else task.format_prediction(r))
+        failed = sum("error" in r for r in results)
+        out = Path(args.out) if args.out else predictions_dir(args.model)
+        print(f"vislora: {len(results) - failed} image(s) predicted" + (f", {failed} unreadable" if failed else "")
+              + (f"; files in {out}" if out.is_dir() else ""))
     if all("error" in r for r in results):
         print(f"vislora predict: error: none of the {len(results)} image(s) could be read: {results[0]['error']}",
               file=sys.stderr)

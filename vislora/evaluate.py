@@ -99,12 +99,17 @@ def evaluate(target: str | Path, data: str | Path | None = None, out: str | Path
     return report
 
 
+def predictions_dir(target: str | Path) -> Path:
+    """Where predict writes without --out: predictions/ in the run, or beside the exported file."""
+    target = Path(target)
+    return (target.parent if is_exported(target) else target) / "predictions"
+
+
 def predict(target: str | Path, images: Sequence[str | Path], topk: int = 5, out: str | Path | None = None
             ) -> tuple[ModuleType, list[dict]]:
     """The task's predictions for image files, from a run directory or an exported file; (task, results). Files a
-    task writes (segmentation masks) go to `out`, default predictions/ beside the model."""
+    task writes (predictions.csv, segmentation masks) go to `out`, default predictions/ beside the model."""
     opened = open_model(target)
-    if out is None:
-        out = (opened.source if opened.recipe is not None else opened.source.parent) / "predictions"
+    out = Path(out) if out is not None else predictions_dir(target)
     return opened.task, opened.task.predict(opened.predictor, opened.preprocess, list(images), topk=topk,
                                             out_dir=out)

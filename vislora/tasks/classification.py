@@ -6,6 +6,7 @@ predictor, evaluate, format_report, example_inputs, predict, format_prediction, 
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -36,6 +37,7 @@ from vislora.tasks.common import (
 )
 
 NAME = "classification"
+PREDICTIONS = "predictions.csv"  # predict's rows, in its out_dir
 SCORE = "val_top1"  # the validation metric that picks the best epoch (higher is better)
 EXPORT = {"torchscript": "trace", "onnx": None, "input": "batch", "served": None}  # None: supported
 
@@ -212,7 +214,7 @@ def predict(predictor: Callable[[np.ndarray], np.ndarray], preprocess: dict,
             image_paths: Sequence[str | os.PathLike], topk: int = 5, out_dir: str | os.PathLike | None = None,
             batch_size: int = 16) -> list[dict]:
     """Top-k (class_name, probability) per image, in input order; an unreadable image gets {"path", "error"}.
-    Nothing is written (out_dir is the interface's place for files, which classification does not make)."""
+    The same rows go to OUT_DIR/predictions.csv (out_dir None: nothing is written)."""
     results: list[dict] = [{"path": str(p)} for p in image_paths]
     ready: list[tuple[int, np.ndarray]] = []
     transform = image.eval_transform(preprocess)
@@ -231,7 +233,23 @@ def predict(predictor: Callable[[np.ndarray], np.ndarray], preprocess: dict,
         for (i, _), row in zip(chunk, probs, strict=True):
             order = np.argsort(-row, kind="stable")[:topk]
             results[i]["top"] = [(names[k] if names is not None else str(k), float(row[k])) for k in order]
+    if out_dir is not None:
+        write_predictions(results, Path(out_dir) / PREDICTIONS, topk)
     return results
+
+
+def write_predictions(results: list[dict], path: Path, topk: int) -> Path:
+    """predict's rows as CSV: path, predicted, p, the top-k as 'class p; ...', and the error of an unreadable file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    k = max((len(r["top"]) for r in results if "top" in r), default=topk)  # at most the number of classes
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "predicted", "p", f"top{k}", "error"])
+        for r in results:
+            top = r.get("top") or [("", math.nan)]
+            writer.writerow([r["path"], top[0][0], f"{top[0][1]:.4f}" if r.get("top") else "",
+                             "; ".join(f"{name} {p:.4f}" for name, p in r.get("top", [])), r.get("error", "")])
+    return path
 
 
 def format_prediction(result: dict) -> str:
