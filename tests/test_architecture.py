@@ -11,7 +11,8 @@ import vislora.cli
 from vislora import tasks
 
 PACKAGE = Path(__file__).resolve().parent.parent / "vislora"
-INTERFACE = ("NAME", "SCORE", "EXPORT", "build", "build_model", "adapt", "loss", "validate", "health", "predictor",
+INTERFACE = ("NAME", "SCORE", "EXPORT", "build", "build_model", "adapt", "loss", "validate", "health", "preview",
+             "predictor",
              "evaluate", "format_report", "example_inputs", "predict", "format_prediction")
 LAZY_OK = {"peft", "pycocotools", "onnx", "onnxruntime", "matplotlib"}  # optional or heavy: may be imported late
 

@@ -6,9 +6,11 @@ import json
 
 import pytest
 import yaml
+from PIL import Image
 
 from vislora.cli import main
 from vislora.data import make_synthetic_folder
+from vislora.rundir import shown_metrics
 
 TINY = {"model": {"name": "vit_tiny_patch16_224", "pretrained": False,
                   "kwargs": {"img_size": 32, "patch_size": 8, "depth": 1}},
@@ -67,3 +69,29 @@ def test_predict_takes_folders_and_globs_and_writes_predictions_csv(run, capsys)
     assert main(["predict", str(run / "run" / "export" / "model.onnx"), str(photos / "**" / "*.png")]) == 0
     with open(run / "run" / "export" / "predictions" / "predictions.csv") as f:
         assert len(list(csv.DictReader(f))) == 3
+
+
+def test_eval_writes_predictions_errors_recall_and_row_fractions(run, capsys):
+    assert main(["eval", str(run / "run")]) == 0
+    assert "report_errors.png" in capsys.readouterr().out
+    folder = run / "run" / "eval"
+    report = json.loads((folder / "report.json").read_text())
+    with open(folder / "report_predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == report["num_images"] == 8
+    split = json.loads((run / "run" / "split.json").read_text())
+    assert [r["path"] for r in rows] == [p for p, _ in split["val"]]
+    assert sum(r["true"] == r["predicted"] for r in rows) == round(report["top1"] * 8)
+    assert all(r["top4"].split()[0] == r["predicted"] for r in rows)
+    wrong = sum(r["true"] != r["predicted"] for r in rows)
+    assert report["errors_shown"] == min(wrong, 16)
+    for name in ("report_errors.png", "report_recall.png", "report_confusion_norm.png", "report_confusion.png"):
+        assert (folder / name).stat().st_size > 1000, name
+
+
+def test_training_draws_its_inputs_and_curves_without_a_meaningless_top5(run):
+    with Image.open(run / "run" / "train_batch.png") as im:
+        assert im.size[0] > 500
+    row = {"train_acc": 0.5, "val_loss": 1.0, "val_top1": 0.5, "val_top5": 1.0, "val_predicted_classes": 3}
+    assert shown_metrics(row, 4) == ["train_acc", "val_top1"]
+    assert shown_metrics(row, 10) == ["train_acc", "val_top1", "val_top5"]

@@ -160,8 +160,8 @@ def test_ctrl_c_at_an_epochs_files_then_resume_logs_every_epoch_once(tmp_path, i
     recipe = resolve(yaml.safe_load(recipe_file(tmp_path, images, epochs=3).read_text()))
     real_log, real_save, calls = rundir.log_epoch, rundir.atomic_save, {"log": 0, "last": 0}
 
-    def log_then_stop(run_dir, history):
-        real_log(run_dir, history)
+    def log_then_stop(run_dir, history, *args):
+        real_log(run_dir, history, *args)
         calls["log"] += 1
         if calls["log"] == 2 and where == "after-log":
             raise KeyboardInterrupt

@@ -57,14 +57,14 @@ def atomic_save(obj, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def save_epoch(run_dir: Path, model: nn.Module, state: dict, improved: bool) -> None:
+def save_epoch(run_dir: Path, model: nn.Module, state: dict, improved: bool, curves: dict | None = None) -> None:
     """An epoch's files, last.pt last: the kept model (and best.pt) when it improved, metrics.jsonl and curves.png,
     then checkpoints/last.pt. Whenever training stops, last.pt's epoch has its model and log row written, and
     --resume continues from it with the history the checkpoint holds (each epoch logged once)."""
     if improved:
         save_trained(model, run_dir)
         atomic_save(state, run_dir / CHECKPOINTS / "best.pt")
-    log_epoch(run_dir, state["history"])
+    log_epoch(run_dir, state["history"], curves)
     atomic_save(state, run_dir / CHECKPOINTS / "last.pt")
 
 
@@ -94,36 +94,61 @@ def read_metrics(run_dir: Path) -> list[dict]:
         raise ValueError(f"{path} is not JSON lines: {e}") from None
 
 
-def plot_curves(history: list[dict], path: Path) -> None:
-    """Loss and every validation metric per epoch as a PNG."""
+def shown_metrics(row: dict, num_classes: int | None) -> list[str]:
+    """The validation curves worth drawing: train_acc and val_* but the loss and the class count, and no top-k
+    with k >= the number of classes (always 1.0 there)."""
+    keys = [k for k in row if k == "train_acc" or (k.startswith("val_") and k not in ("val_loss",
+                                                                                      "val_predicted_classes"))]
+    topk = [k for k in keys if k.startswith("val_top") and k[7:].isdigit() and k != "val_top1"]
+    return [k for k in keys if not (k in topk and num_classes is not None and int(k[7:]) >= num_classes)]
+
+
+def plot_curves(history: list[dict], path: Path, score: str | None = None, num_classes: int | None = None) -> None:
+    """Loss and the validation metrics per epoch as a PNG: whole epochs on the x axis, the kept (best `score`)
+    epoch marked."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [m["epoch"] for m in history]
     fig = Figure(figsize=(10, 4))
     FigureCanvasAgg(fig)
     ax1, ax2 = fig.subplots(1, 2)
-    ax1.plot(epochs, [m["train_loss"] for m in history], label="train")
+    ax1.plot(epochs, [m["train_loss"] for m in history], marker=".", label="train")
     if "val_loss" in history[0]:
-        ax1.plot(epochs, [m["val_loss"] for m in history], label="val")
+        ax1.plot(epochs, [m["val_loss"] for m in history], marker=".", label="val")
     ax1.set(xlabel="epoch", ylabel="loss", title="loss")
     ax1.legend()
-    keys = [k for k in history[0] if k == "train_acc" or (k.startswith("val_") and k not in
-                                                          ("val_loss", "val_predicted_classes"))]
+    keys = shown_metrics(history[0], num_classes)
     for key in keys:
-        ax2.plot(epochs, [m.get(key) for m in history], label=key)
+        ax2.plot(epochs, [m.get(key) for m in history], marker=".", label=key)
+    mark_best(ax2, history, score)
     ax2.set(xlabel="epoch", title="validation")
     if keys:
         ax2.legend()
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100, format="png")
 
 
-def log_epoch(run_dir: Path, history: list[dict]) -> None:
-    """metrics.jsonl (standard JSON lines, written then renamed) and curves.png after every epoch."""
+def mark_best(ax, history: list[dict], score: str | None) -> None:
+    """A dotted line and a star at the epoch with the best `score` (the kept model), labelled with its value."""
+    rows = [m for m in history if isinstance(m.get(score), (int, float))] if score else []
+    if not rows:
+        return
+    best = max(rows, key=lambda m: m[score])  # the first of equal scores: the one training kept
+    ax.axvline(best["epoch"], color="grey", ls=":", lw=1)
+    ax.plot([best["epoch"]], [best[score]], marker="*", ms=12, color="tab:red", ls="none",
+            label=f"kept: epoch {best['epoch']}, {score} {best[score]:.3f}")
+
+
+def log_epoch(run_dir: Path, history: list[dict], curves: dict | None = None) -> None:
+    """metrics.jsonl (standard JSON lines, written then renamed) and curves.png after every epoch; curves: the
+    plot's {"score", "num_classes"}."""
     text = "".join(to_json(row, indent=None) + "\n" for row in history)
     atomic_write(run_dir / METRICS, lambda tmp: tmp.write_text(text))
-    atomic_write(run_dir / CURVES, lambda tmp: plot_curves(history, tmp))
+    atomic_write(run_dir / CURVES, lambda tmp: plot_curves(history, tmp, **(curves or {})))
 
 
 # ---- the trained model ----------------------------------------------------------------------------

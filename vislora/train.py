@@ -31,7 +31,7 @@ from vislora.errors import TrainingDiverged, first_rank
 from vislora.files import listing, write_json
 from vislora.inject import classifier_names, lora_layers, trainable_summary
 from vislora.svd import factor_l2, frobenius_penalty
-from vislora.tasks.common import Setup
+from vislora.tasks.common import Setup, plot_image_grid
 
 
 # ---- set-up helpers -------------------------------------------------------------------------------
@@ -374,7 +374,8 @@ def end_epoch(loop: Loop, row: dict) -> None:
     state = {"epoch": loop.epoch, "step": loop.step, "best": loop.best, "model": rundir.trained_state(loop.model),
              "optimizer": loop.optimizer.state_dict(), "scheduler": loop.scheduler.state_dict(),
              "scaler": loop.scaler.state_dict(), "history": loop.history}
-    rundir.save_epoch(loop.run_dir, loop.model, state, improved)
+    rundir.save_epoch(loop.run_dir, loop.model, state, improved,
+                      {"score": loop.task.SCORE, "num_classes": len(loop.setup.class_names)})
     shown = {k: round(v, 4) for k, v in row.items() if k.startswith(("val_", "train_")) and isinstance(v, float)}
     tqdm.write(f"epoch {loop.epoch}: {shown} ({row['epoch_s']:.1f}s, {row['images_per_s']:.0f} img/s)")
     if warning:
@@ -408,6 +409,18 @@ def announce(loop: Loop, summary: dict) -> None:
               "one; evaluate it with `vislora eval RUN --data DIR`")
 
 
+def write_preview(loop: Loop, n: int = 16) -> None:
+    """train_batch.png: n training images (a seeded pick) as the model gets them, augmented and resized, with their
+    labels: what to look at when accuracy is poor (a crop that cuts the object out, a flip that changes a digit).
+    The epochs do not notice: every epoch reseeds the augmentation (reseed)."""
+    data = loop.setup.train_set
+    picks = random.Random(loop.recipe["train"]["seed"]).sample(range(len(data)), min(n, len(data)))
+    items = [item for item in (data[i] for i in picks) if item is not None]
+    tiles = loop.task.preview(loop.setup.collate(items), loop.setup.preprocess, loop.setup.class_names) if items else []
+    plot_image_grid(tiles, loop.run_dir / runpaths.TRAIN_BATCH, f"{len(tiles)} training inputs as the model sees "
+                    "them (augmented, resized)")
+
+
 # ---- the loop -------------------------------------------------------------------------------------
 def train(recipe: dict, run_dir: str | Path, resume: bool = False, adapt: Callable | None = None) -> Path:
     """Run the recipe; returns the run directory. `resume` continues from checkpoints/last.pt (which must exist,
@@ -419,6 +432,8 @@ def train(recipe: dict, run_dir: str | Path, resume: bool = False, adapt: Callab
         summary = trainable_summary(loop.model)
         if loop.main:
             announce(loop, summary)
+            if not resume:
+                write_preview(loop)
         t = recipe["train"]
         for epoch in range(loop.epoch, t["epochs"]):
             if t["max_steps"] and loop.step >= t["max_steps"]:

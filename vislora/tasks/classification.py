@@ -6,6 +6,7 @@ predictor, evaluate, format_report, example_inputs, predict, format_prediction, 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -30,9 +31,13 @@ from vislora.tasks.common import (
     card_classes,
     card_pretrained_cfg,
     create_timm,
+    denormalize,
     load_weights,
     lora_config,
+    plot_confusion,
+    plot_image_grid,
     seeded,
+    thumbnail,
     write_confusion,
 )
 
@@ -187,6 +192,13 @@ def health(row: dict, num_classes: int) -> str | None:
             "augmentation too strong for the images (data.augment.scale closer to [0.5, 1], hflip 0 for text)")
 
 
+def preview(batch, preprocess: dict, classes: list[str]) -> list[tuple[np.ndarray, str]]:
+    """A training batch as the model sees it (augmented, resized; normalisation undone), each image captioned with
+    its class: train_batch.png."""
+    images, labels = batch
+    return [(denormalize(x, preprocess), classes[y]) for x, y in zip(images.numpy(), labels.tolist(), strict=True)]
+
+
 # ---- running a trained model ----------------------------------------------------------------------
 def predictor(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
     """NCHW float32 batch -> logits (vislora.tasks.common.batch_predictor)."""
@@ -312,25 +324,117 @@ def data_split(path: Path, classes: list[str]) -> tuple[vdata.Split, str]:
                    "trained on it its train images count too (without --data, the run's own val split is scored)")
 
 
+class Indexed(torch.utils.data.Dataset):
+    """A dataset whose items carry their index (None stays None): eval rows map back to their files even when a
+    file fails to load and its sample is dropped."""
+
+    def __init__(self, dataset: vdata.ImageDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        item = self.dataset[index]
+        return None if item is None else (*item, index)
+
+
+def collate_indexed(batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return torch.zeros(0, 3, 0, 0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    return torch.utils.data.default_collate(batch)
+
+
+def run_eval(predictor: Callable[[np.ndarray], np.ndarray], dataset: vdata.ImageDataset, batch_size: int,
+             workers: int, num_classes: int) -> tuple[np.ndarray, np.ndarray, list[Path]]:
+    """(logits, labels, paths) of every image that loaded, in the dataset's order."""
+    loader = vdata.build_loader(Indexed(dataset), batch_size, False, workers, collate_fn=collate_indexed)
+    logits, labels, indices = [], [], []
+    for images, y, i in tqdm(loader, desc="eval", leave=False):
+        if len(y):
+            logits.append(predictor(images.numpy().astype(np.float32)))
+            labels.append(y.numpy())
+            indices += i.tolist()
+    if not logits:
+        return np.zeros((0, num_classes)), np.zeros(0, dtype=int), []
+    return np.concatenate(logits), np.concatenate(labels), [dataset.items[i][0] for i in indices]
+
+
 def evaluate(predictor: Callable[[np.ndarray], np.ndarray], preprocess: dict, recipe: dict | None,
              data: str | Path | None, out: Path, batch_size: int, workers: int = 2, run_dir: Path | None = None
              ) -> dict:
     """Top-1/top-k, per-class metrics and the confusion matrix of `predictor` on --data or the run's val split
-    (run_dir/split.json); the confusion matrix also goes beside OUT as CSV and PNG."""
+    (run_dir/split.json). Beside OUT: the confusion matrix (CSV, PNG of counts and of row fractions), per-class
+    recall (PNG), every image's prediction (OUT_predictions.csv) and the worst mistakes (OUT_errors.png)."""
     classes = preprocess["class_names"]
     topk = recipe["eval"]["topk"] if recipe else 5
     split, scored = eval_split(data, recipe, classes, run_dir)
     dataset = vdata.ImageDataset(split, vdata.build_transform(preprocess, False))
-    loader = vdata.build_loader(dataset, batch_size, False, workers)
-    logits, labels = [], []
-    for images, y in tqdm(loader, desc="eval", leave=False):
-        logits.append(predictor(images.numpy().astype(np.float32)))
-        labels.append(y.numpy())
-    report = classification_report(np.concatenate(logits) if logits else np.zeros((0, len(classes))),
-                                   np.concatenate(labels) if labels else np.zeros(0, dtype=int), classes, topk)
+    logits, labels, paths = run_eval(predictor, dataset, batch_size, workers, len(classes))
+    report = classification_report(logits, labels, classes, topk)
     report["skipped"], report["scored"] = [str(p) for p in dataset.skipped], scored
     write_confusion(report, out, classes)
+    plot_confusion(report["confusion_matrix"], classes, beside(out, "_confusion_norm.png"), normalize=True)
+    plot_recall(report, beside(out, "_recall.png"))
+    probs = _softmax(logits) if len(logits) else logits
+    write_eval_predictions(paths, labels, probs, classes, min(topk, len(classes)), beside(out, "_predictions.csv"))
+    report["errors_shown"] = plot_errors(paths, labels, probs, classes, beside(out, "_errors.png"))
     return report
+
+
+def beside(out: Path, suffix: str) -> Path:
+    """OUT_<suffix>: a file that goes with the report OUT (report.json -> report_errors.png)."""
+    return out.with_name(out.stem + suffix)
+
+
+def write_eval_predictions(paths: list[Path], labels: np.ndarray, probs: np.ndarray, classes: list[str], k: int,
+                           path: Path) -> Path:
+    """One row per evaluated image: path, true, predicted, p (of the predicted class), the top-k 'class p; ...'."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "true", "predicted", "p", f"top{k}"])
+        for file, y, row in zip(paths, labels, probs, strict=True):
+            order = np.argsort(-row, kind="stable")[:k]
+            writer.writerow([str(file), classes[y], classes[order[0]], f"{row[order[0]]:.4f}",
+                             "; ".join(f"{classes[j]} {row[j]:.4f}" for j in order)])
+    return path
+
+
+def plot_errors(paths: list[Path], labels: np.ndarray, probs: np.ndarray, classes: list[str], path: Path,
+                shown: int = 16) -> int:
+    """A grid of the most confident mistakes (true -> predicted, p), as the images are on disk; returns how many."""
+    pred = probs.argmax(1) if len(probs) else np.zeros(0, dtype=int)
+    wrong = [i for i in np.argsort(-probs.max(1), kind="stable") if pred[i] != labels[i]] if len(probs) else []
+    tiles = []
+    for i in wrong[:shown]:
+        with contextlib.suppress(ValueError):  # a file that changed since it was scored: left out
+            tiles.append((thumbnail(image.read_image(paths[i])),
+                          f"{classes[labels[i]]} → {classes[pred[i]]} {probs[i, pred[i]]:.2f}"))
+    plot_image_grid(tiles, path, f"worst mistakes: {len(tiles)} of {len(wrong)} misclassified, of {len(labels)} "
+                    "images (true → predicted, p)", empty=f"no misclassified image among {len(labels)}")
+    return len(tiles)
+
+
+def plot_recall(report: dict, path: Path, most: int = 60) -> Path:
+    """Per-class recall as horizontal bars, worst first (at most `most` classes), each with its image count."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = sorted(report["per_class"].items(), key=lambda kv: (kv[1]["recall"], kv[0]))[:most]
+    fig = Figure(figsize=(7, 1 + 0.28 * len(rows)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    names = [name for name, _ in rows][::-1]
+    ax.barh(names, [m["recall"] for _, m in rows][::-1], color="tab:blue")
+    for y, (_, m) in enumerate(rows[::-1]):
+        ax.text(min(m["recall"], 0.98), y, f" {m['recall']:.2f} (n={m['support']})", va="center",
+                ha="right" if m["recall"] > 0.8 else "left", fontsize=7, color="white" if m["recall"] > 0.8 else "k")
+    ax.set(xlim=(0, 1), xlabel="recall (share of the class's images predicted as it)",
+           title=f"per-class recall, worst first (top-1 {report['top1']:.3f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
 
 
 def format_report(report: dict) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import difflib
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from vislora import hub
+from vislora import hub, image
 from vislora.inject import LoraConfig
 
 
@@ -172,6 +173,42 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], path: Path, norm
                         color="white" if m[i, j] > m.max() / 2 else "black")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def denormalize(x: np.ndarray, preprocess: dict) -> np.ndarray:
+    """A normalised 3xHxW model input back to HxWx3 uint8 for display."""
+    mean, std = np.asarray(preprocess["mean"])[:, None, None], np.asarray(preprocess["std"])[:, None, None]
+    return np.clip((x * std + mean) * 255, 0, 255).round().astype(np.uint8).transpose(1, 2, 0)
+
+
+def thumbnail(rgb: np.ndarray, side: int = 192) -> np.ndarray:
+    """An image shrunk (aspect kept) so its longer side is at most `side`: a grid of photos stays small."""
+    h, w = rgb.shape[:2]
+    scale = min(1.0, side / max(h, w))
+    return image.resize(rgb, max(1, round(h * scale)), max(1, round(w * scale))) if scale < 1 else rgb
+
+
+def plot_image_grid(tiles: Sequence[tuple[np.ndarray, str]], path: Path, title: str, empty: str = "no images",
+                    columns: int = 4) -> Path:
+    """A PNG grid of (HxWx3 uint8 image, caption) tiles under a title; `empty` is written when there is none."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = max(1, math.ceil(len(tiles) / columns))
+    fig = Figure(figsize=(2.6 * columns, 2.7 * rows + 0.5))
+    FigureCanvasAgg(fig)
+    fig.suptitle(title, fontsize=10)
+    if not tiles:
+        fig.text(0.5, 0.5, empty, ha="center", va="center")
+    for i, (rgb, caption) in enumerate(tiles):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        ax.imshow(rgb)
+        ax.set_axis_off()
+        ax.set_title(caption, fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
 
 
 def write_confusion(report: dict, out: Path, classes: list[str], normalize: bool = False) -> None:

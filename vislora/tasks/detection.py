@@ -795,6 +795,27 @@ def health(row: dict, num_classes: int) -> str | None:
     return None
 
 
+def preview(batch, preprocess: dict, classes: list[str]) -> list[tuple[np.ndarray, str]]:
+    """A training batch as the detector gets it (augmented), its boxes drawn, captioned with their classes."""
+    images, targets = batch
+    tiles = []
+    for x, target in zip(images, targets, strict=True):
+        rgb = (x.permute(1, 2, 0).numpy() * 255).clip(0, 255).astype(np.uint8)
+        for box in target["boxes"].round().int().tolist():
+            draw_box(rgb, box)
+        names = sorted({classes[int(k) - 1] for k in target["labels"]})
+        tiles.append((rgb, f"{len(target['boxes'])} boxes: {', '.join(names)[:40]}"))
+    return tiles
+
+
+def draw_box(rgb: np.ndarray, box: Sequence[int], colour=(255, 0, 0)) -> None:
+    """Draw a 1-pixel xyxy rectangle into an HxWx3 image, in place (clipped to the image)."""
+    h, w = rgb.shape[:2]
+    x0, y0, x1, y1 = (max(0, min(v, limit - 1)) for v, limit in zip(box, (w, h, w, h), strict=True))
+    rgb[y0, x0:x1 + 1] = rgb[y1, x0:x1 + 1] = colour
+    rgb[y0:y1 + 1, x0] = rgb[y0:y1 + 1, x1] = colour
+
+
 def predictor(model: nn.Module) -> nn.Module:
     """A detector is run as itself: a list of CHW float images in [0, 1] -> boxes, scores, labels per image."""
     return model.eval()

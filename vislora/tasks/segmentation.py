@@ -40,7 +40,14 @@ from tqdm import tqdm
 from vislora import data as vdata
 from vislora import image
 from vislora.inject import LoraConfig, freeze_bn_stats, inject, set_trainable
-from vislora.tasks.common import Setup, batch_predictor, lora_config, seeded, write_confusion
+from vislora.tasks.common import (
+    Setup,
+    batch_predictor,
+    denormalize,
+    lora_config,
+    seeded,
+    write_confusion,
+)
 from vislora.tasks.detection import TINY_BACKBONE, SimplePyramid, create_body, is_plain_vit, token_map
 
 log = logging.getLogger(__name__)
@@ -416,12 +423,6 @@ def overlay(rgb: np.ndarray, mask: np.ndarray, strength: float = 0.55) -> np.nda
     return (rgb.astype(np.float32) * (1 - shown) + colours * shown).round().astype(np.uint8)
 
 
-def denormalize(x: np.ndarray, preprocess: dict) -> np.ndarray:
-    """A normalised 3xHxW model input back to HxWx3 uint8 for display."""
-    mean, std = np.asarray(preprocess["mean"])[:, None, None], np.asarray(preprocess["std"])[:, None, None]
-    return np.clip((x * std + mean) * 255, 0, 255).round().astype(np.uint8).transpose(1, 2, 0)
-
-
 def plot_masks(samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]], classes: list[str], path: Path) -> Path:
     """A PNG grid, one row per (image, true mask, predicted mask): the image, then each mask over it."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -549,6 +550,18 @@ def health(row: dict, num_classes: int) -> str | None:
     return (f"training looks collapsed at epoch {row['epoch']}: every val pixel gets the same class (val mIoU "
             f"{row.get('val_miou', math.nan):.3f}). Likely causes: too few epochs for a rare foreground, a learning "
             "rate too high (lower train.lr), or masks whose indices do not match classes.txt")
+
+
+def preview(batch, preprocess: dict, classes: list[str]) -> list[tuple[np.ndarray, str]]:
+    """A training batch as the model sees it (augmented crops; normalisation undone), its masks blended over,
+    captioned with the classes present."""
+    images, masks = batch
+    tiles = []
+    for x, mask in zip(images.numpy(), masks.numpy(), strict=True):
+        shown = np.where(mask == IGNORE, 0, mask).astype(np.uint8)
+        present = [classes[k] for k in np.unique(shown) if 0 < k < len(classes)]
+        tiles.append((overlay(denormalize(x, preprocess), shown), ", ".join(present)[:40] or "background only"))
+    return tiles
 
 
 def predictor(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
