@@ -3,6 +3,7 @@ the pictures and files eval and train write, progress lines, a quiet export."""
 
 import csv
 import json
+import warnings
 
 import pytest
 import yaml
@@ -95,3 +96,22 @@ def test_training_draws_its_inputs_and_curves_without_a_meaningless_top5(run):
     row = {"train_acc": 0.5, "val_loss": 1.0, "val_top1": 0.5, "val_top5": 1.0, "val_predicted_classes": 3}
     assert shown_metrics(row, 4) == ["train_acc", "val_top1"]
     assert shown_metrics(row, 10) == ["train_acc", "val_top1", "val_top5"]
+
+
+def test_export_prints_a_short_table_without_tracer_warnings(run, capsys):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["export", str(run / "run"), "--format", "torchscript", "--out", str(run / "ts")]) == 0
+    out = capsys.readouterr().out
+    assert not [w for w in caught if "Tracer" in w.category.__name__], [str(w.message) for w in caught]
+    assert out.splitlines()[0].split()[:4] == ["runtime", "file", "size", "max"] and "{" not in out
+    assert "alternating rounds" in out and f"exported to {run / 'ts'}" in out
+    cost = json.loads((run / "ts" / "export.json").read_text())["cost"]
+    low, high = cost["latency_ratio_range"]
+    assert low <= cost["latency_ratio"] <= high and cost["latency_rounds"] == 5
+
+
+def test_training_ends_with_what_it_kept(run, capsys):
+    assert main(["train", str(run / "r.yaml"), "--out", str(run / "again"), "--set", "train.epochs=1"]) == 0
+    closing = [line for line in capsys.readouterr().out.splitlines() if line.startswith("vislora: best val_top1")]
+    assert len(closing) == 1 and "at epoch 1 (kept), last" in closing[0] and closing[0].endswith(" s")

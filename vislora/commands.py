@@ -24,7 +24,7 @@ from vislora.adapters import save_adapter
 from vislora.data import preprocess_config
 from vislora.errors import first_rank
 from vislora.evaluate import evaluate, predict, predictions_dir
-from vislora.export import export_run
+from vislora.export import export_run, format_export
 from vislora.fewshot import TABLE, fewshot
 from vislora.files import listing
 from vislora.footprint import footprint, format_footprint
@@ -104,7 +104,8 @@ def beside_the_run(report: dict) -> str:
 def cmd_export(args) -> int:
     report = export_run(args.run_dir, formats=args.format, out=args.out, opset=args.opset,
                         dynamic_batch=args.dynamic_batch)
-    print(json.dumps(report, indent=2))
+    out_dir = Path(args.out) if args.out else Path(args.run_dir) / "export"
+    print(json.dumps(report, indent=2) if args.json else format_export(report, out_dir))
     return 0
 
 

@@ -33,13 +33,11 @@ import math
 import os
 import shutil
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from vislora import data as vdata
 from vislora import runpaths
@@ -265,8 +263,7 @@ def fewshot(recipe: dict, out: str | Path, shots: Sequence[int] = (1, 2, 4, 8, 1
                                            for s, by_k in subsets.items()}, indent=1))
     val_dir = write_folder(val_split.items, val_split.classes, out / "data" / "val")
     grid = [(k, s, c) for s in range(seeds) for k in sorted(set(shots)) for c in contenders]
-    bar = tqdm(total=len(grid), initial=sum(cell in done for cell in grid), desc="fewshot", unit="run",
-               file=sys.stderr)
+    progress = Progress(len(grid), sum(cell in done for cell in grid))
     for s in range(seeds):
         for k in sorted(set(shots)):
             todo = [c for c in contenders if (k, s, c) not in done]
@@ -275,15 +272,29 @@ def fewshot(recipe: dict, out: str | Path, shots: Sequence[int] = (1, 2, 4, 8, 1
             train_dir = write_folder(subsets[s][k], train_split.classes, out / "data" / f"seed{s}_shots{k}",
                                      count=steps * t["batch_size"] * t["grad_accum"], seed=s)
             for c in todo:
-                bar.set_postfix_str(f"{k}-shot seed {s} {c}")
                 cell = cell_recipe(recipe, c, s, train_dir, steps, settings["lr"][c])
                 run_dir = out / "runs" / f"shots{k}_seed{s}_{c}"
+                tic = time.perf_counter()
                 rows.append({"shots": k, "seed": s, "contender": c, **run_cell(cell, run_dir, val_dir),
                              "lr": settings["lr"][c], "steps": steps, "train_images": len(subsets[s][k]),
                              "run_dir": str(run_dir)})
                 write_outputs(out, settings, rows)
-                bar.update()
+                progress.done(f"{c} {k}-shot seed {s}: val top-1 {rows[-1]['top1']:.3f}", time.perf_counter() - tic)
             shutil.rmtree(train_dir)
-    bar.close()
     write_outputs(out, settings, rows)
     return rows
+
+
+class Progress:
+    """One line per finished run of the grid: what it scored, its time and the time left (from this call's runs;
+    the runs a resumed grid reads back count as done)."""
+
+    def __init__(self, total: int, done: int):
+        self.total, self.count, self.seconds, self.timed = total, done, 0.0, 0
+
+    def done(self, what: str, seconds: float) -> None:
+        self.count, self.seconds, self.timed = self.count + 1, self.seconds + seconds, self.timed + 1
+        left = (self.total - self.count) * self.seconds / self.timed
+        eta = f"ETA {left / 60:.1f} min" if left >= 60 else f"ETA {left:.0f} s"
+        print(f"fewshot {self.count}/{self.total}: {what} ({seconds:.0f} s); {eta if left else 'grid done'}",
+              flush=True)

@@ -382,8 +382,20 @@ def end_epoch(loop: Loop, row: dict) -> None:
         tqdm.write(f"vislora: warning: {warning}")
 
 
-def finish(loop: Loop, summary: dict) -> None:
-    """train_summary.json, the skipped files, and a check that every rank holds the same model."""
+def closing_line(loop: Loop, seconds: float) -> str:
+    """What the run kept and where it ended: 'best val_top1 0.951 at epoch 7 (kept), last 0.940, 312 s'."""
+    score = loop.task.SCORE
+    rows = [r for r in loop.history if isinstance(r.get(score), (int, float)) and math.isfinite(r[score])]
+    if loop.val_loader is None or not rows:
+        return f"vislora: kept the last epoch ({loop.epoch}; no val score to pick one by), {seconds:.0f} s"
+    best = max(rows, key=lambda r: r[score])  # the first of equal scores: the epoch training kept
+    return (f"vislora: best {score} {best[score]:.4f} at epoch {best['epoch']} (kept), last {rows[-1][score]:.4f}, "
+            f"{seconds:.0f} s")
+
+
+def finish(loop: Loop, summary: dict, seconds: float = 0.0) -> None:
+    """train_summary.json, the skipped files, the closing line, and a check that every rank holds the same model.
+    seconds: this call's training time."""
     difference = rank_divergence(loop.model) if loop.world > 1 else 0.0
     if loop.main:
         skipped = getattr(loop.setup.train_set, "skipped", []) + getattr(loop.setup.val_set, "skipped", [])
@@ -393,6 +405,7 @@ def finish(loop: Loop, summary: dict) -> None:
                   "world_size": loop.world, "max_rank_difference": difference,
                   "kept": "best" if loop.val_loader is not None else "last"}
         write_json(loop.run_dir / runpaths.SUMMARY, result)  # standard JSON: no val split gives best null
+        print(closing_line(loop, seconds))
     if loop.world > 1:
         dist.barrier()
 
@@ -426,7 +439,7 @@ def train(recipe: dict, run_dir: str | Path, resume: bool = False, adapt: Callab
     """Run the recipe; returns the run directory. `resume` continues from checkpoints/last.pt (which must exist,
     with the run's own recipe). adapt(model, recipe) replaces the task's adapter step; benchmarks pass another
     (e.g. PEFT's) to run it through this same loop."""
-    run_dir = Path(run_dir)
+    run_dir, started = Path(run_dir), time.perf_counter()
     with runpaths.locked(run_dir) if first_rank() else contextlib.nullcontext():
         loop = setup(recipe, run_dir, resume, adapt)
         summary = trainable_summary(loop.model)
@@ -439,5 +452,5 @@ def train(recipe: dict, run_dir: str | Path, resume: bool = False, adapt: Callab
             if t["max_steps"] and loop.step >= t["max_steps"]:
                 break
             end_epoch(loop, train_epoch(loop, epoch))
-        finish(loop, summary)
+        finish(loop, summary, time.perf_counter() - started)
     return run_dir
