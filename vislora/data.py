@@ -28,6 +28,7 @@ from timm.data import resolve_data_config, resolve_model_data_config
 from tqdm import tqdm
 
 from vislora import image
+from vislora.files import listing
 from vislora.recipe import TASK_DEFAULTS
 
 logger = logging.getLogger(__name__)
@@ -294,9 +295,8 @@ class ImageDataset(torch.utils.data.Dataset):
         self.targets = [y for _, y in self.items]
         self._failures = multiprocessing.RawValue("i", 0)  # shared memory: workers' failures reach the parent
         if self.skipped:
-            shown = ", ".join(self.skipped[:10]) + (f" ... and {len(self.skipped) - 10} more" if
-                                                    len(self.skipped) > 10 else "")
-            logger.warning("skipping %d unreadable image(s) of %d: %s", len(self.skipped), len(split.items), shown)
+            logger.warning("skipping %d unreadable image(s) of %d: %s", len(self.skipped), len(split.items),
+                           listing(self.skipped, 10))
         if split.items and not self.items:
             raise ValueError(f"none of the {len(split.items)} images could be read (first: {self.skipped[0]})")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import logging
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -11,9 +12,10 @@ import torch
 import torch.nn as nn
 from timm.layers import BatchNormAct2d, use_reentrant_ckpt
 
-from vislora.layers import LoraLayer, dora_refusal, max_rank, warn_if_oversized
+from vislora.layers import LoraLayer, adapter_exceeds_layer, dora_refusal, max_rank
 
 QKV_CHUNKS = {"q": 0, "k": 1, "v": 2}
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -349,7 +351,9 @@ def inject(model: nn.Module, config: LoraConfig, verify: bool | None = None, wit
         alpha = pattern_value(name, config.alpha_pattern, config.alpha)
         layer = LoraLayer(module, r, alpha, config.dropout, config.rslora, qkv_parts=parts,
                           use_dora=config.use_dora)
-        warn_if_oversized(name, layer)
+        if adapter_exceeds_layer(layer):  # a logged note, not a UserWarning: `vislora train` lists them once
+            log.info("adapter on '%s' has %d parameters, more than the layer itself (%d): lower r for it", name,
+                     layer.adapter_numel(), layer.raw_weight().numel())
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     model.vislora_config = config

@@ -30,6 +30,7 @@ from vislora import rundir, runpaths, tasks
 from vislora.errors import TrainingDiverged, first_rank
 from vislora.files import listing, write_json
 from vislora.inject import classifier_names, lora_layers, trainable_summary
+from vislora.layers import adapter_exceeds_layer
 from vislora.svd import factor_l2, frobenius_penalty
 from vislora.tasks.common import Setup, plot_image_grid
 
@@ -417,6 +418,10 @@ def announce(loop: Loop, summary: dict) -> None:
     print(f"vislora: {summary['trainable']:,} of {summary['total']:,} parameters trainable "
           f"({100 * summary['trainable_share']:.2f}%), {summary['adapted_layers']} adapted layers, "
           f"{len(setup.train_set)} train / {len(setup.val_set)} val images, device {loop.device}, world {loop.world}")
+    oversized = [name for name, layer in lora_layers(loop.model) if adapter_exceeds_layer(layer)]
+    if oversized:
+        print(f"vislora: note: {len(oversized)} adapter(s) hold more parameters than the layer they adapt (small "
+              f"depthwise convs at this r): {listing(oversized, 3)}; adapter.rank_pattern can lower r for them")
     if loop.val_loader is None:
         print("vislora: no val split (data.val_fraction: 0): every epoch is kept as the run's model, not the best "
               "one; evaluate it with `vislora eval RUN --data DIR`")

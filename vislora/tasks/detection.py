@@ -39,6 +39,7 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from vislora import image
+from vislora.files import listing
 from vislora.inject import LoraConfig, classifier_names, freeze_bn_stats, inject, set_trainable
 from vislora.recipe import TASK_DEFAULTS
 from vislora.tasks.common import Setup, card_pretrained_cfg, lora_config, seeded
@@ -372,8 +373,7 @@ def usable_records(records: list[dict], source: str) -> tuple[list[dict], list[s
     """The records whose image Pillow can read, and the paths of the others (reported once, by name)."""
     skipped = [str(r["path"]) for r in records if r.get("size") is None or not image.verifies(r["path"])]
     if skipped:
-        shown = ", ".join(skipped[:5]) + (f" ... and {len(skipped) - 5} more" if len(skipped) > 5 else "")
-        log.warning("%s: skipping %d unreadable image(s): %s", source, len(skipped), shown)
+        log.warning("%s: skipping %d unreadable image(s): %s", source, len(skipped), listing(skipped))
     bad = set(skipped)
     return [r for r in records if str(r["path"]) not in bad], skipped
 

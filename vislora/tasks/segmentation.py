@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from vislora import data as vdata
 from vislora import image
+from vislora.files import listing
 from vislora.inject import LoraConfig, freeze_bn_stats, inject, set_trainable
 from vislora.tasks.common import (
     Setup,
@@ -248,9 +249,7 @@ def scan_pairs(folder: str | os.PathLike, num_classes: int) -> tuple[list[tuple[
     pairs = [pair for pair, fault in zip(candidates, reasons, strict=True) if fault is None]
     skipped += [(str(fault[0]), fault[1]) for fault in reasons if fault is not None]
     if skipped:
-        shown = "; ".join(why for _, why in skipped[:10]) + (f" ... and {len(skipped) - 10} more"
-                                                             if len(skipped) > 10 else "")
-        log.warning("%s: skipping %d file(s): %s", folder, len(skipped), shown)
+        log.warning("%s: skipping %d file(s): %s", folder, len(skipped), listing([why for _, why in skipped], 10))
     if images and not pairs:
         raise ValueError(f"{folder}: none of the {len(images)} images has a usable mask ({skipped[0][1]})")
     return pairs, skipped
