@@ -115,3 +115,13 @@ def test_training_ends_with_what_it_kept(run, capsys):
     assert main(["train", str(run / "r.yaml"), "--out", str(run / "again"), "--set", "train.epochs=1"]) == 0
     closing = [line for line in capsys.readouterr().out.splitlines() if line.startswith("vislora: best val_top1")]
     assert len(closing) == 1 and "at epoch 1 (kept), last" in closing[0] and closing[0].endswith(" s")
+
+
+def test_the_adapter_has_a_card_and_keeps_vislora_fields_out_of_peft_config(run):
+    adapter = run / "run" / "adapter"
+    card = (adapter / "README.md").read_text()
+    assert card.startswith("---\nbase_model: vit_tiny_patch16_224\nlibrary_name: peft")
+    assert "4 classes: class_0, class_1, class_2, class_3" in card and "Licence of the base weights" in card
+    assert "val_top1" in card and "val_top5" not in card and str(run / "run" / "recipe.yaml") in card
+    assert "vislora" not in json.loads((adapter / "adapter_config.json").read_text())
+    assert (adapter / "vislora.json").is_file()

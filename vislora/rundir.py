@@ -36,6 +36,7 @@ from vislora.runpaths import (
     mark,
     read_recipe,
 )
+from vislora.tasks.common import read_card
 
 
 # ---- starting ------------------------------------------------------------------------------------
@@ -63,6 +64,8 @@ def save_epoch(run_dir: Path, model: nn.Module, state: dict, improved: bool, cur
     --resume continues from it with the history the checkpoint holds (each epoch logged once)."""
     if improved:
         save_trained(model, run_dir)
+        if (run_dir / ADAPTER).is_dir():
+            write_card(run_dir, model, state["history"][-1])
         atomic_save(state, run_dir / CHECKPOINTS / "best.pt")
     log_epoch(run_dir, state["history"], curves)
     atomic_save(state, run_dir / CHECKPOINTS / "last.pt")
@@ -149,6 +152,62 @@ def log_epoch(run_dir: Path, history: list[dict], curves: dict | None = None) ->
     text = "".join(to_json(row, indent=None) + "\n" for row in history)
     atomic_write(run_dir / METRICS, lambda tmp: tmp.write_text(text))
     atomic_write(run_dir / CURVES, lambda tmp: plot_curves(history, tmp, **(curves or {})))
+
+
+# ---- the adapter's card (README.md, as PEFT's save_pretrained writes one) ---------------------------
+def base_licence(model_cfg: dict, model: nn.Module) -> str:
+    """The licence of the base weights: the card beside model.checkpoint, timm's pretrained_cfg for hub weights."""
+    if model_cfg["checkpoint"]:
+        card = read_card(model_cfg["checkpoint"])
+        found = card.get("licence") or card.get("license")
+        where = Path(model_cfg["checkpoint"]).with_suffix(".json").name
+        return f"{found} (from {where})" if found else f"not stated: see {where} and the weights' source"
+    if model_cfg["pretrained"]:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        found = cfg.get("license")
+        return f"{found} (timm's pretrained_cfg of {cfg.get('hf_hub_id') or model_cfg['name']})" if found else \
+            f"not stated by timm: see the model page of {model_cfg['name']}"
+    return "none: the base starts from random weights (model.pretrained false, no model.checkpoint)"
+
+
+def adapter_card(run_dir: Path, model: nn.Module, row: dict) -> str:
+    """README.md of adapter/: base model, classes, recipe, val metrics of the kept epoch, licence, how to load."""
+    recipe, classes = read_recipe(run_dir), read_json(run_dir / CLASSES, "run's classes")
+    m, adapter = recipe["model"], recipe["adapter"]
+    metrics = ", ".join(f"{k} {row[k]:.4f}" for k in ["val_loss", *shown_metrics(row, len(classes))]
+                        if k.startswith("val_") and isinstance(row.get(k), float))
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    base = cfg.get("hf_hub_id") if m["pretrained"] and cfg.get("hf_hub_id") else m["name"]
+    weights = (f"model.checkpoint {m['checkpoint']}" if m["checkpoint"] else
+               "timm's hub weights" if m["pretrained"] else "none (random init)")
+    shown = ", ".join(classes[:20]) + (f" ... and {len(classes) - 20} more" if len(classes) > 20 else "")
+    return "\n".join([
+        "---", f"base_model: {base}", "library_name: peft", f"tags: [vislora, lora, {recipe['task']}]", "---", "",
+        f"# LoRA adapter: {run_dir.resolve().name}", "",
+        f"A LoRA adapter in PEFT's layout (adapter_config.json, adapter_model.safetensors; vislora's exact layers in "
+        f"vislora.json) for the timm model `{m['name']}`, trained by vislora.", "",
+        f"- **Base model**: `{m['name']}` (timm), kwargs {m['kwargs'] or '{}'}; weights: {weights}",
+        f"- **Licence of the base weights**: {base_licence(m, model)}",
+        f"- **Task**: {recipe['task']}, {len(classes)} classes: {shown}",
+        f"- **Adapter**: r={adapter['r']}, alpha={adapter['alpha']}, targets {adapter['targets']}, trained fully: "
+        f"{adapter['train']}",
+        f"- **Recipe**: {run_dir.resolve() / RECIPE}",
+        f"- **Val metrics** (epoch {row['epoch']}, the kept one): {metrics or 'no val split'}", "",
+        "Load it:", "", "```python", "import timm, vislora",
+        f"model = timm.create_model({m['name']!r}, num_classes={len(classes)}{_kwargs_text(m['kwargs'])})",
+        'vislora.load_adapter(model, "adapter/")   # or peft.PeftModel.from_pretrained(model, "adapter/")',
+        "```", "", *([f"The base has no pretrained weights: call torch.manual_seed({recipe['train']['seed']}) before "
+                      "create_model to rebuild it (as `vislora eval RUN` does)."] if weights.startswith("none") else
+                     [])])
+
+
+def _kwargs_text(kwargs: dict) -> str:
+    return "".join(f", {k}={v!r}" for k, v in kwargs.items())
+
+
+def write_card(run_dir: Path, model: nn.Module, row: dict) -> None:
+    text = adapter_card(run_dir, model, row)
+    atomic_write(run_dir / ADAPTER / "README.md", lambda tmp: tmp.write_text(text))
 
 
 # ---- the trained model ----------------------------------------------------------------------------
