@@ -2,7 +2,7 @@
 
 Start-up is fast: this module parses the arguments and checks what can be checked without torch (the recipe, the
 paths, `--out`, `--resume`, predict's images, the hub for `pretrained: true`), then imports the command itself
-from COMMANDS. torch, timm, onnxruntime and matplotlib take 5-20 s to import, so `--help` and a mistyped key or
+from COMMANDS. torch, timm, onnxruntime and matplotlib take 4-20 s to import, so `--help` and a mistyped key or
 path answer at once; the command's work and its other refusals follow in vislora.commands.
 """
 

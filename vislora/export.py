@@ -154,7 +154,7 @@ def median_latency(fn: Callable, inputs, warmup: int = 3, repeats: int = 20) -> 
     return statistics.median(times)
 
 
-def paired_latency(base: Callable, merged: Callable, inputs, rounds: int = 5, repeats: int = 10) -> dict:
+def paired_latency(base: Callable, merged: Callable, inputs, rounds: int = 5, repeats: int = 5) -> dict:
     """Batch-1 latency of the base and the merged model, measured in alternating rounds (load on a shared machine
     moves both alike), with the ratio merged / base per round: its median and range. One pair of medians swung
     7.9x -> 0.84x between two runs (issue #31); the range says how far to trust the figure."""

@@ -37,7 +37,6 @@ from vislora.tasks.common import (
     plot_confusion,
     plot_image_grid,
     seeded,
-    thumbnail,
     write_confusion,
 )
 
@@ -409,7 +408,7 @@ def plot_errors(paths: list[Path], labels: np.ndarray, probs: np.ndarray, classe
     tiles = []
     for i in wrong[:shown]:
         with contextlib.suppress(ValueError):  # a file that changed since it was scored: left out
-            tiles.append((thumbnail(image.read_image(paths[i])),
+            tiles.append((image.read_image(paths[i]),
                           f"{classes[labels[i]]} → {classes[pred[i]]} {probs[i, pred[i]]:.2f}"))
     plot_image_grid(tiles, path, f"worst mistakes: {len(tiles)} of {len(wrong)} misclassified, of {len(labels)} "
                     "images (true → predicted, p)", empty=f"no misclassified image among {len(labels)}")

@@ -181,31 +181,42 @@ def denormalize(x: np.ndarray, preprocess: dict) -> np.ndarray:
     return np.clip((x * std + mean) * 255, 0, 255).round().astype(np.uint8).transpose(1, 2, 0)
 
 
-def thumbnail(rgb: np.ndarray, side: int = 192) -> np.ndarray:
-    """An image shrunk (aspect kept) so its longer side is at most `side`: a grid of photos stays small."""
+def fit(rgb: np.ndarray, side: int) -> np.ndarray:
+    """An image scaled (aspect kept) into a white side x side square, centred: one cell of a grid."""
     h, w = rgb.shape[:2]
-    scale = min(1.0, side / max(h, w))
-    return image.resize(rgb, max(1, round(h * scale)), max(1, round(w * scale))) if scale < 1 else rgb
+    scale = side / max(h, w)
+    small = image.resize(rgb, max(1, round(h * scale)), max(1, round(w * scale)))
+    cell = np.full((side, side, 3), 255, dtype=np.uint8)
+    top, left = (side - small.shape[0]) // 2, (side - small.shape[1]) // 2
+    cell[top:top + small.shape[0], left:left + small.shape[1]] = small
+    return cell
 
 
 def plot_image_grid(tiles: Sequence[tuple[np.ndarray, str]], path: Path, title: str, empty: str = "no images",
-                    columns: int = 4) -> Path:
-    """A PNG grid of (HxWx3 uint8 image, caption) tiles under a title; `empty` is written when there is none."""
+                    columns: int = 4, side: int = 160) -> Path:
+    """A PNG grid of (HxWx3 uint8 image, caption) tiles under a title; `empty` is written when there is none. The
+    tiles are one mosaic drawn at one pixel per pixel (a subplot per tile took a second for 16)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rows = max(1, math.ceil(len(tiles) / columns))
-    fig = Figure(figsize=(2.6 * columns, 2.7 * rows + 0.5))
+    rows, top, gap = max(1, math.ceil(len(tiles) / columns)), 16, 6  # top: room for a caption above each cell
+    cell_w, cell_h = side + gap, side + top
+    mosaic = np.full((rows * cell_h, columns * cell_w, 3), 255, dtype=np.uint8)
+    for i, (rgb, _) in enumerate(tiles):
+        r, c = divmod(i, columns)
+        mosaic[r * cell_h + top:(r + 1) * cell_h, c * cell_w:c * cell_w + side] = fit(rgb, side)
+    title_px = 30
+    fig = Figure(figsize=(mosaic.shape[1] / 100, (mosaic.shape[0] + title_px) / 100), dpi=100)
     FigureCanvasAgg(fig)
-    fig.suptitle(title, fontsize=10)
+    ax = fig.add_axes((0, 0, 1, mosaic.shape[0] / (mosaic.shape[0] + title_px)))
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_axis_off()
+    for i, (_, caption) in enumerate(tiles):
+        r, c = divmod(i, columns)
+        ax.text(c * cell_w + side / 2, r * cell_h + top - 3, caption, ha="center", va="bottom", fontsize=6.5)
     if not tiles:
-        fig.text(0.5, 0.5, empty, ha="center", va="center")
-    for i, (rgb, caption) in enumerate(tiles):
-        ax = fig.add_subplot(rows, columns, i + 1)
-        ax.imshow(rgb)
-        ax.set_axis_off()
-        ax.set_title(caption, fontsize=7)
-    fig.tight_layout()
+        ax.text(mosaic.shape[1] / 2, cell_h / 2, empty, ha="center", va="center")
+    fig.suptitle(title, fontsize=9, y=1 - 8 / (mosaic.shape[0] + title_px), va="top")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
