@@ -2,12 +2,13 @@
 
 import copy
 import json
+import warnings
 
 import pytest
 import timm
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel, get_peft_model
 
 import vislora
 from vislora import LoraConfig, inject, load_adapter, lora_layers, save_adapter
@@ -153,3 +154,21 @@ def test_a_stem_trained_by_glob_reloads_exactly(tmp_path):
     with torch.no_grad():
         assert torch.equal(fresh(x), model.eval()(x))
     assert fresh.vislora_train == ["fc", "conv1"]
+
+
+def test_peft_reads_a_vislora_adapter_without_warnings(tmp_path):
+    """vislora's own fields live in vislora.json beside adapter_config.json: PEFT warned about an unknown key
+    'vislora' in its config (issue #31); files written before still load."""
+    model = inject(build(VIT), LoraConfig(r=2, targets="vit"))
+    save_adapter(model, tmp_path)
+    assert "vislora" not in json.loads((tmp_path / "adapter_config.json").read_text())
+    assert json.loads((tmp_path / "vislora.json").read_text())["ranks"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PeftConfig.from_pretrained(str(tmp_path))
+    old = {**json.loads((tmp_path / "adapter_config.json").read_text()),
+           "vislora": json.loads((tmp_path / "vislora.json").read_text())}
+    (tmp_path / "vislora.json").unlink()
+    (tmp_path / "adapter_config.json").write_text(json.dumps(old))  # the layout of earlier vislora versions
+    assert {n: ly.r for n, ly in lora_layers(load_adapter(build(VIT), tmp_path))} == \
+        {n: ly.r for n, ly in lora_layers(model)}

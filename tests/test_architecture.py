@@ -1,14 +1,18 @@
 """The package's shape, read from its source: imports run one way, the loop asks the task, one image reader."""
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
 
+import vislora
+import vislora.cli
 from vislora import tasks
 
 PACKAGE = Path(__file__).resolve().parent.parent / "vislora"
-INTERFACE = ("NAME", "SCORE", "EXPORT", "build", "build_model", "adapt", "loss", "validate", "health", "predictor",
+INTERFACE = ("NAME", "SCORE", "EXPORT", "build", "build_model", "adapt", "loss", "validate", "health", "preview",
+             "predictor",
              "evaluate", "format_report", "example_inputs", "predict", "format_prediction")
 LAZY_OK = {"peft", "pycocotools", "onnx", "onnxruntime", "matplotlib"}  # optional or heavy: may be imported late
 
@@ -76,6 +80,53 @@ def test_lazy_imports_are_only_optional_dependencies():
                 roots = {a.name.split(".")[0] for a in node.names} if isinstance(node, ast.Import) else \
                     {(node.module or "").split(".")[0]}
                 assert roots <= LAZY_OK, f"{name}:{node.lineno} imports {roots} inside a function"
+
+
+# Start-up time, not a cycle: the CLI and the package's __init__ (which `python -m vislora` and the console script
+# run first) import the heavy modules by name when a command or an API name is used, through importlib and a table
+# (vislora.cli.COMMANDS, vislora.API), so that `--help` and refused arguments do not wait 5-20 s for torch, timm,
+# onnxruntime and matplotlib. Exactly these two places; everywhere else imports stay at the top.
+LATE_BY_TABLE = {"vislora": "API", "vislora.cli": "COMMANDS"}
+LIGHT = {"vislora.errors", "vislora.files", "vislora.hub", "vislora.image", "vislora.recipe", "vislora.runpaths"}
+HEAVY = {"torch", "timm", "torchvision", "onnxruntime", "onnx", "matplotlib", "albumentations", "sklearn", "cv2",
+         "safetensors", "peft", "pycocotools"}
+
+
+def _import_roots(path: Path, name: str, modules: dict) -> set[str]:
+    """Top-level imports of a module: vislora modules by name, third-party ones by package."""
+    found = {d for d, at_top in _imports(path, name, modules) if at_top and d in modules}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names if not a.name.startswith("vislora")}
+        elif isinstance(node, ast.ImportFrom) and not (node.module or "").startswith("vislora") and not node.level:
+            found.add((node.module or "").split(".")[0])
+    return found
+
+
+def test_importlib_only_in_the_two_start_up_tables():
+    for name, path in _modules().items():
+        uses = "import_module(" in path.read_text()
+        assert not uses or name in LATE_BY_TABLE, f"{name} imports by name: import at the top"
+    assert set(vislora.cli.COMMANDS) == set(vislora.cli.build_parser()._subparsers._group_actions[0].choices)
+    for target in vislora.cli.COMMANDS.values():
+        module, _, function = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), function)), target
+    for name in vislora.API:
+        assert getattr(vislora, name) is getattr(importlib.import_module(vislora.API[name]), name)
+
+
+def test_the_cli_imports_only_light_modules_before_a_command_runs():
+    """vislora.cli and the modules it imports at the top (and theirs) import nothing heavy."""
+    modules = _modules()
+    seen, todo = set(), ["vislora.cli", "vislora"]
+    while todo:
+        name = todo.pop()
+        seen.add(name)
+        roots = _import_roots(modules[name], name, modules)
+        heavy = roots & HEAVY
+        assert not heavy, f"{name} imports {heavy} at the top, so `vislora --help` would wait for them"
+        todo += [r for r in roots if r in modules and r not in seen]
+    assert seen - {"vislora", "vislora.cli"} <= LIGHT, seen
 
 
 @pytest.mark.parametrize("module", ["train.py", "evaluate.py", "export.py", "rundir.py", "serve.py"])

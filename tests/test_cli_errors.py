@@ -11,6 +11,7 @@ import torch
 import yaml
 from PIL import Image
 
+from vislora import hub
 from vislora.cli import main
 from vislora.data import make_synthetic_folder
 
@@ -44,6 +45,8 @@ def env(tmp_path_factory):
         shutil.copytree(tmp / "run", tmp / name)
         spoil(tmp / name / "checkpoints" / "last.pt")
     (tmp / "a_file").write_text("not a folder")
+    (tmp / "no_pictures").mkdir()
+    (tmp / "no_pictures" / "notes.txt").write_text("not an image")
     (tmp / "foreign").mkdir()
     onnx.save(onnx.helper.make_model(onnx.helper.make_graph(
         [onnx.helper.make_node("Identity", ["x"], ["y"])], "identity",
@@ -161,6 +164,27 @@ CASES = [
                                       "train.lora_plus_ratio=-2"], "train.lora_plus_ratio"),
     ("eval-foreign-onnx", lambda e: ["eval", str(e / "foreign" / "model.onnx"), "--data", str(e / "images")],
      "preprocess.json"),
+    # issue #31: messages that say what to do, checked before torch is imported where they can be
+    ("unknown-top-level-key", lambda e: ["train", recipe_with(e, adaptor={"r": 4}), "--out", str(e / "o16")],
+     "did you mean 'adapter'?"),
+    ("unknown-key-elsewhere", lambda e: ["train", recipe_with(e, epochs=3), "--out", str(e / "o17")],
+     "did you mean 'train.epochs'?"),
+    ("unknown-key-alias", lambda e: ["train", str(e / "good.yaml"), "--out", str(e / "o18"), "--set",
+                                     "train.learning_rate=0.1"], "did you mean 'train.lr'?"),
+    ("unknown-model-close", lambda e: ["train", recipe_with(e, model__name="vit_tiny_patch16_22"), "--out",
+                                       str(e / "o19")], "did you mean 'vit_tiny_patch16_224'"),
+    ("train-key-value", lambda e: ["train", "epochs=3"], "--set train.epochs=3"),
+    ("checkpoint-missing", lambda e: ["train", recipe_with(e, model__checkpoint=str(e / "w.safetensors")), "--out",
+                                      str(e / "o20")], "model.checkpoint"),
+    ("resume-not-a-run", lambda e: ["train", "--resume", "--out", str(e / "no_such_run")], "is not a vislora run"),
+    ("resume-finished", lambda e: ["train", "--resume", "--out", str(e / "run")], "already finished"),
+    ("eval-a-recipe", lambda e: ["eval", str(e / "good.yaml")], "train it first"),
+    ("predict-a-recipe", lambda e: ["predict", str(e / "good.yaml"), str(e / "a_file")], "train it first"),
+    ("export-a-recipe", lambda e: ["export", str(e / "good.yaml")], "train it first"),
+    ("predict-folder-without-images", lambda e: ["predict", str(e / "run"), str(e / "no_pictures")],
+     "no image files"),
+    ("predict-glob-without-images", lambda e: ["predict", str(e / "run"), str(e / "no_pictures" / "*.jpg")],
+     "no image files"),
 ]
 
 
@@ -172,6 +196,20 @@ def test_bad_input_is_one_clear_line(env, build, expected, capsys):
     assert code != 0, captured.out[-500:]
     assert message and expected in message[-1], captured.err[-1000:]
     assert "Traceback" not in captured.err + captured.out
+
+
+def test_pretrained_without_network_is_one_line_naming_the_offline_options(env, monkeypatch, capsys):
+    """A closed local port stands for a hub that cannot be reached: refused at once, no download retries."""
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    for name in ("HF_HUB_OFFLINE", *hub.PROXY_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+    hub.unreachable.cache_clear()
+    try:
+        assert main(["train", recipe_with(env, model__pretrained=True), "--out", str(env / "o21")]) == 2
+    finally:
+        hub.unreachable.cache_clear()
+    message = capsys.readouterr().err.strip().splitlines()
+    assert len(message) == 1 and "model.checkpoint" in message[0] and "tools/import_weights.py" in message[0]
 
 
 def test_bad_arguments_are_checked_before_anything_is_written(env):

@@ -117,6 +117,9 @@ def test_cli_fewshot_on_a_cnn(folder, tmp_path, capsys):
                  "--lr", "full=1e-4", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| 1 |" in printed and "full 0.0001" in printed
+    progress = [line for line in printed.splitlines() if line.startswith("fewshot ")]  # one line per finished run
+    assert [line.split(":")[0] for line in progress] == ["fewshot 1/3", "fewshot 2/3", "fewshot 3/3"]
+    assert "val top-1" in progress[0] and "ETA" in progress[0] and "grid done" in progress[-1]
     assert {r["contender"] for r in json.loads((out / "fewshot.json").read_text())["rows"]} == set(fs.CONTENDERS)
     assert main(["fewshot", str(tmp_path / "cnn.yaml"), "--shots", "20", "--out", str(tmp_path / "bad")]) == 2
     assert "fewer than --shots 20" in capsys.readouterr().err

@@ -93,6 +93,8 @@ def test_latency_and_training(vit_report):
         row = report["latency_ms"][key]
         assert all(row[k] > 0 for k in ("base", "unmerged", "merged"))
         assert row["merged_over_base"] == pytest.approx(row["merged"] / row["base"])
+        low, high = row["merged_over_base_iqr"]  # the spread of the round-by-round ratios (issue #31)
+        assert 0 < low <= high and row["rounds"] >= 1
     t = report["train"]
     assert t["lora"]["step_ms"] > 0 and t["full"]["step_ms"] > 0
     assert "step_peak_mb" not in t["lora"]  # an in-memory module cannot be rebuilt in a subprocess

@@ -14,7 +14,7 @@ import torch
 import yaml
 from PIL import Image
 
-from vislora import rundir
+from vislora import rundir, runpaths
 from vislora.cli import main
 from vislora.data import make_synthetic_folder
 from vislora.evaluate import evaluate
@@ -66,7 +66,7 @@ def test_force_leaves_a_users_file_of_every_reserved_name_untouched(tmp_path, im
     assert main(["train", str(recipe_file(tmp_path, images)), "--out", str(run)]) == 0
     (run / "my_notes.txt").write_text("keep me")
     assert main(["train", str(recipe_file(tmp_path, images)), "--out", str(run), "--force"]) == 0
-    assert (run / "my_notes.txt").read_text() == "keep me" and (run / rundir.MARKER).is_file()
+    assert (run / "my_notes.txt").read_text() == "keep me" and (run / runpaths.MARKER).is_file()
 
 
 WRITES_INTO_DATA = [  # (id, argv from (tmp, data folder)): each would write inside --data
@@ -110,7 +110,7 @@ def test_segmentation_predict_never_overwrites_an_input(tmp_path):
 # ---- the lock -----------------------------------------------------------------------------------
 def _hold(run_dir: str, ready, release, result) -> None:
     try:
-        with rundir.locked(Path(run_dir)):
+        with runpaths.locked(Path(run_dir)):
             ready.set()
             release.wait(20)
             result.put("held")
@@ -127,11 +127,11 @@ def test_a_second_training_into_the_same_out_is_refused_naming_the_lock(tmp_path
     assert ready.wait(20)
     try:
         assert main(["train", str(recipe_file(tmp_path, images)), "--out", str(tmp_path / "run")]) == 2
-        assert rundir.LOCK in capsys.readouterr().err
+        assert runpaths.LOCK in capsys.readouterr().err
     finally:
         release.set()
         holder.join(20)
-    assert result.get(timeout=5) == "held" and not (tmp_path / "run" / rundir.LOCK).exists()
+    assert result.get(timeout=5) == "held" and not (tmp_path / "run" / runpaths.LOCK).exists()
 
 
 def test_two_lockers_at_once_one_wins_and_a_dead_processs_lock_is_taken_over(tmp_path):
@@ -145,13 +145,13 @@ def test_two_lockers_at_once_one_wins_and_a_dead_processs_lock_is_taken_over(tmp
     for p in procs:
         p.join(20)
     outcomes = [result.get(timeout=5) for _ in procs]
-    assert outcomes.count("held") == 1 and any(rundir.LOCK in o for o in outcomes), outcomes
+    assert outcomes.count("held") == 1 and any(runpaths.LOCK in o for o in outcomes), outcomes
     dead = ctx.Process(target=time.sleep, args=(0,))
     dead.start()
     dead.join()
-    (tmp_path / "run" / rundir.LOCK).write_text(f"{dead.pid}@{os.uname().nodename}")
-    with rundir.locked(tmp_path / "run"):
-        assert (tmp_path / "run" / rundir.LOCK).read_text() == f"{os.getpid()}@{os.uname().nodename}"
+    (tmp_path / "run" / runpaths.LOCK).write_text(f"{dead.pid}@{os.uname().nodename}")
+    with runpaths.locked(tmp_path / "run"):
+        assert (tmp_path / "run" / runpaths.LOCK).read_text() == f"{os.getpid()}@{os.uname().nodename}"
 
 
 # ---- epochs, interruptions, resume --------------------------------------------------------------
@@ -160,8 +160,8 @@ def test_ctrl_c_at_an_epochs_files_then_resume_logs_every_epoch_once(tmp_path, i
     recipe = resolve(yaml.safe_load(recipe_file(tmp_path, images, epochs=3).read_text()))
     real_log, real_save, calls = rundir.log_epoch, rundir.atomic_save, {"log": 0, "last": 0}
 
-    def log_then_stop(run_dir, history):
-        real_log(run_dir, history)
+    def log_then_stop(run_dir, history, *args):
+        real_log(run_dir, history, *args)
         calls["log"] += 1
         if calls["log"] == 2 and where == "after-log":
             raise KeyboardInterrupt
@@ -180,7 +180,7 @@ def test_ctrl_c_at_an_epochs_files_then_resume_logs_every_epoch_once(tmp_path, i
     train(recipe, tmp_path / "run", resume=True)
     rows = rundir.read_metrics(tmp_path / "run")
     assert [r["epoch"] for r in rows] == [1, 2, 3]
-    summary = json.loads((tmp_path / "run" / rundir.SUMMARY).read_text())
+    summary = json.loads((tmp_path / "run" / runpaths.SUMMARY).read_text())
     assert evaluate(tmp_path / "run", out=tmp_path / "e.json")["top1"] == summary["best"] == max(
         r["val_top1"] for r in rows)
 
@@ -193,8 +193,8 @@ def test_a_run_without_val_writes_standard_json(tmp_path, images):
     def strict(text: str):
         return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
 
-    assert strict((tmp_path / "run" / rundir.SUMMARY).read_text())["best"] is None
-    for line in (tmp_path / "run" / rundir.METRICS).read_text().splitlines():
+    assert strict((tmp_path / "run" / runpaths.SUMMARY).read_text())["best"] is None
+    for line in (tmp_path / "run" / runpaths.METRICS).read_text().splitlines():
         strict(line)
 
 
@@ -207,8 +207,8 @@ def test_resume_with_other_loader_workers_is_refused_by_name(tmp_path, images, c
 
 def test_a_checkpoint_that_is_not_one_is_one_line(tmp_path, images):
     """Unreadable, truncated or code-carrying last.pt files: rundir.load_checkpoint names the file."""
-    (tmp_path / "run" / rundir.CHECKPOINTS).mkdir(parents=True)
-    last = tmp_path / "run" / rundir.CHECKPOINTS / "last.pt"
+    (tmp_path / "run" / runpaths.CHECKPOINTS).mkdir(parents=True)
+    last = tmp_path / "run" / runpaths.CHECKPOINTS / "last.pt"
     torch.save({"epoch": 1, "model": {}, "optimizer": {}, "f": classification.loss}, last)  # a pickled function
     with pytest.raises(ValueError, match="last.pt is not a training checkpoint"):
         rundir.load_checkpoint(tmp_path / "run")

@@ -47,8 +47,9 @@ sys.path.insert(0, str(ROOT / "tools"))
 from make_detection_data import FASHION_DIR, FASHION_NAMES, read_idx  # noqa: E402
 
 from vislora.inject import classifier_names, find_targets, freeze_bn_stats  # noqa: E402
-from vislora.recipe import lora_config, resolve  # noqa: E402
+from vislora.recipe import resolve  # noqa: E402
 from vislora.tasks.classification import adapt as apply_adapter  # noqa: E402
+from vislora.tasks.common import lora_config  # noqa: E402
 from vislora.train import train  # noqa: E402
 
 RANK = 4  # r=4 keeps the conv-target adapters under 5% of the parameters (r=8: 7.4% on Lite0, 9.0% on MobileNetV2)

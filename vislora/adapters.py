@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+VISLORA_NAME = "vislora.json"  # vislora's exact layers, ranks and config, which PEFT's LoraConfig has no field for
 MAGNITUDE = "lora_magnitude_vector"  # PEFT's file key of a DoRA layer's magnitude
 __version__ = "0.1.0"
 _WARNED: set[str] = set()  # modules_to_save names already reported as ambiguous for PEFT
@@ -180,7 +181,9 @@ def _save_active(model: nn.Module, directory: Path) -> Path:
     """The active adapter's files: adapter_model.safetensors and adapter_config.json."""
     directory.mkdir(parents=True, exist_ok=True)
     config = adapter_config(model)
+    ours = config.pop("vislora")  # beside PEFT's file: PEFT warns about keys of adapter_config.json it does not know
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(adapter_state(model), str(p), {"format": "pt"}))
+    atomic_write(directory / VISLORA_NAME, lambda p: p.write_text(json.dumps(ours, indent=2)))
     atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2)))
     return directory
 
@@ -200,6 +203,12 @@ def read_config(directory: str | os.PathLike) -> dict:
             raise ValueError(f"{path}: {key}={data[key]!r} is not supported by vislora")
     if data.get("bias", "none") not in ("none", "all", None):  # "all": every bias trained, saved in the file
         raise ValueError(f"{path}: bias={data['bias']!r} is not supported by vislora (none or all)")
+    ours = Path(directory) / VISLORA_NAME  # vislora's own fields (files before it: inside adapter_config.json)
+    if ours.is_file():
+        try:
+            data["vislora"] = json.loads(ours.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{ours} is not valid JSON: {e}") from e
     return data
 
 

@@ -1,89 +1,69 @@
-"""The `vislora` command: train, eval, export, predict, footprint, extract, spectrum, fewshot, shrink."""
+"""The `vislora` command: train, eval, export, predict, footprint, extract, spectrum, fewshot, shrink.
+
+Start-up is fast: this module parses the arguments and checks what can be checked without torch (the recipe, the
+paths, `--out`, `--resume`, predict's images, the hub for `pretrained: true`), then imports the command itself
+from COMMANDS. torch, timm, onnxruntime and matplotlib take 4-20 s to import, so `--help` and a mistyped key or
+path answer at once; the command's work and its other refusals follow in vislora.commands.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime
+import glob
+import importlib
 import json
-import logging
-import os
 import sys
-import uuid
+from collections.abc import Callable
 from pathlib import Path
 
-import timm
-import torch
-import torch.distributed as dist
-from safetensors.torch import load_file
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+from vislora import hub, image, runpaths
+from vislora.errors import USER_ERRORS, first_rank
+from vislora.recipe import apply_overrides, check_paths, find_key, load_recipe, read_yaml, resolve
 
-from vislora import rundir, tasks
-from vislora.adapters import save_adapter
-from vislora.data import preprocess_config
-from vislora.evaluate import evaluate, predict
-from vislora.export import export_run
-from vislora.fewshot import CONTENDERS, LR_SCALE, TABLE, fewshot
-from vislora.files import listing
-from vislora.footprint import footprint, format_footprint
-from vislora.inject import LoraConfig, classifier_names, unload
-from vislora.recipe import apply_overrides, load_recipe, read_yaml, resolve
-from vislora.shrink import format_shrink, shrink_run
-from vislora.svd import extract_adapter, format_spectrum, plot_spectrum, spectrum
-from vislora.tasks.common import load_weights
-from vislora.train import TrainingDiverged, first_rank, train
+# command -> "module:function", imported when the command runs (not at start-up: see the module docstring)
+COMMANDS = {name: f"vislora.commands:cmd_{name}" for name in
+            ("train", "eval", "export", "predict", "footprint", "extract", "spectrum", "fewshot", "shrink")}
+CONTENDERS = ("lora", "probe", "full")  # vislora.fewshot.CONTENDERS (tests/test_cli_start.py keeps them equal)
+RECIPE_SUFFIXES = (".yaml", ".yml")
 
 
-def _without_nproc(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--nproc":
-            skip = True
-        elif not a.startswith("--nproc="):
-            out.append(a)
-    return out
+def command(name: str) -> Callable[[argparse.Namespace], int]:
+    """The function behind a command, imported now (COMMANDS)."""
+    module, _, function = COMMANDS[name].partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
-def launch(nproc: int, argv: list[str]) -> int:
-    """`vislora ARGV` in nproc processes on this machine, as `torchrun --standalone` starts them (torch's elastic
-    launcher, in process): the ranks print their own one-line errors, so a failed rank is an exit code here,
-    not torchrun's traceback."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several processes on one machine
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, rdzv_backend="c10d",
-                          rdzv_endpoint="localhost:0", run_id=str(uuid.uuid4()), max_restarts=0)
-    try:
-        elastic_launch(config, entrypoint=sys.executable)("-m", "vislora", *argv)
-    except ChildFailedError as e:
-        return max(f.exitcode for f in e.failures.values()) or 1
-    return 0
+# ---- arguments other tools take: a hint instead of argparse's bare usage ---------------------------
+def argument_hint(message: str, argv: list[str]) -> str | None:
+    """For `key=value` arguments (Ultralytics) and unknown `--model NAME` / `--epochs N` (timm's train.py): the
+    --set options that do it in vislora, or None."""
+    unknown = message.split("unrecognized arguments: ", 1)[-1].split() if "unrecognized arguments: " in message else []
+    sets = []
+    for i, word in enumerate(argv):
+        before = argv[i - 1] if i else ""
+        if "=" in word and not word.startswith("-") and before not in ("--set", "--lr", "--kwargs"):
+            key, _, value = word.partition("=")
+        elif word.startswith("--") and word in unknown and i + 1 < len(argv):
+            key, value = word, argv[i + 1]
+        else:
+            continue
+        dotted = find_key(key)
+        if dotted:
+            sets.append(f"--set {dotted}={value}")
+    return f"recipe fields are set with --set KEY=VALUE, here: {' '.join(sets)}" if sets else None
 
 
-def cmd_train(args) -> int:
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # re-run this command in N processes
-        return launch(args.nproc, _without_nproc(sys.argv[1:]))
-    overrides = list(args.set or [])
-    if args.data:
-        overrides.append(f"data.path={args.data}")
-    if args.recipe is None and not (args.resume and args.out):
-        raise ValueError("train needs a RECIPE (or --resume --out RUN, which continues with the run's own recipe)")
-    run_dir = Path(args.out) if args.out else Path("runs") / Path(args.recipe).stem
-    if args.recipe is None:  # --resume with the run's own recipe (and data), plus any --set / --data
-        recipe = resolve(apply_overrides(read_yaml(run_dir / rundir.RECIPE), overrides), str(run_dir / rundir.RECIPE))
-    else:
-        recipe = load_recipe(args.recipe, overrides)
-    data = (recipe["data"]["path"], recipe["data"]["images"])
-    rundir.check_out(run_dir, data, args.resume, args.force)  # before anything is created
-    with rundir.locked(run_dir) if first_rank() else contextlib.nullcontext():
-        if first_rank():
-            rundir.check_out(run_dir, data, args.resume, args.force)  # again: no other training can start now
-        train(recipe, run_dir, resume=args.resume)
-    print(f"vislora: run written to {run_dir}")
-    return 0
+class Parser(argparse.ArgumentParser):
+    """argparse, with a hint line when the arguments look like another tool's (argument_hint). `argv`: the
+    arguments being parsed, set by main()."""
+
+    argv: list[str] = []
+
+    def error(self, message: str):
+        hint = argument_hint(message, Parser.argv)
+        super().error(f"{message}\n  hint: {hint}" if hint else message)
 
 
 def folder_arg(path: str | None, flag: str = "--out") -> Path | None:
@@ -93,51 +73,114 @@ def folder_arg(path: str | None, flag: str = "--out") -> Path | None:
     return Path(path) if path is not None else None
 
 
-def cmd_eval(args) -> int:
+def not_a_recipe(target: str, what: str) -> None:
+    """eval / export / predict take what training wrote, not the recipe that defines it."""
+    if Path(target).suffix.lower() in RECIPE_SUFFIXES:
+        raise ValueError(f"{target} is a recipe: train it first (vislora train {target} --out RUN), then "
+                         f"{what} RUN or its exported RUN/export/model.onnx")
+
+
+def not_a_setting(recipe: str | None) -> None:
+    """`vislora train epochs=3` takes epochs=3 as the recipe file: say how a field is set."""
+    if recipe and "=" in recipe and not Path(recipe).exists():
+        key, _, value = recipe.partition("=")
+        dotted = find_key(key) or key
+        raise ValueError(f"'{recipe}' is not a recipe file: train takes a RECIPE (e.g. recipes/demo_vit_lora.yaml) "
+                         f"and recipe fields are set with --set, e.g. --set {dotted}={value}")
+
+
+# ---- checks before the command's module is imported ---------------------------------------------
+def train_recipe(args: argparse.Namespace, run_dir: Path) -> dict:
+    """The recipe a training runs: RECIPE with --set and --data, or with --resume alone the run's own."""
+    overrides = list(args.set or []) + ([f"data.path={args.data}"] if args.data else [])
+    if args.recipe is not None:
+        return load_recipe(args.recipe, overrides)
+    if not (run_dir / runpaths.RECIPE).is_file():
+        raise FileNotFoundError(f"--resume: {run_dir} is not a vislora run (no {runpaths.RECIPE}): there is nothing "
+                                f"to resume; start it with vislora train RECIPE --out {run_dir}")
+    return resolve(apply_overrides(read_yaml(run_dir / runpaths.RECIPE), overrides), str(run_dir / runpaths.RECIPE))
+
+
+def prepare_train(args: argparse.Namespace) -> None:
+    """The recipe read and validated, --out and --resume checked (args.recipe_dict, args.run_dir)."""
+    not_a_setting(args.recipe)
+    if args.recipe is None and not (args.resume and args.out):
+        raise ValueError("train needs a RECIPE (or --resume --out RUN, which continues with the run's own recipe)")
+    args.run_dir = Path(args.out) if args.out else Path("runs") / Path(args.recipe).stem
+    args.recipe_dict = train_recipe(args, args.run_dir)
+    source = args.recipe or str(args.run_dir / runpaths.RECIPE)
+    check_paths(args.recipe_dict, source)
+    hub.check_pretrained(args.recipe_dict["model"], source)
+    data = (args.recipe_dict["data"]["path"], args.recipe_dict["data"]["images"])
+    runpaths.check_out(args.run_dir, data, args.resume, args.force)  # before anything is created
+    if args.resume:
+        runpaths.check_resumable(args.run_dir, args.recipe_dict)
+
+
+def existing(target: str, what: str) -> None:
+    if not Path(target).exists():
+        raise FileNotFoundError(f"{target} does not exist (expected {what})")
+
+
+def prepare_eval(args: argparse.Namespace) -> None:
+    not_a_recipe(args.target, "eval")
+    existing(args.target, "a run directory, model.pt or model.onnx")
     if args.out and args.data:
-        rundir.keep_apart(Path(args.out).parent, [args.data])
+        runpaths.keep_apart(Path(args.out).parent, [args.data])
     if args.out and Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a folder: name the report file, e.g. {Path(args.out) / 'report.json'}")
-    report = evaluate(args.target, data=args.data, out=args.out, batch_size=args.batch_size)
-    print(json.dumps(report, indent=2) if args.json else tasks.get(report["task"]).format_report(report))
-    if report.get("skipped"):
-        print(f"vislora: skipped {len(report['skipped'])} unreadable or unusable file(s): "
-              f"{listing(report['skipped'])}")
-    return 0
 
 
-def cmd_export(args) -> int:
+def prepare_export(args: argparse.Namespace) -> None:
+    not_a_recipe(args.run_dir, "export")
+    existing(args.run_dir, "a run directory")
     folder_arg(args.out)
-    report = export_run(args.run_dir, formats=args.format, out=args.out, opset=args.opset,
-                        dynamic_batch=args.dynamic_batch)
-    print(json.dumps(report, indent=2))
-    return 0
 
 
-def cmd_predict(args) -> int:
+def prepare_predict(args: argparse.Namespace) -> None:
+    """--topk, --out and the model checked; args.images: every image file of the given files, folders and globs."""
     if args.topk < 1:
         raise ValueError(f"--topk must be >= 1, got {args.topk}")
+    not_a_recipe(args.model, "predict with")
+    existing(args.model, "a run directory, model.pt or model.onnx")
     folder_arg(args.out)
-    task, results = predict(args.model, args.images, topk=args.topk, out=args.out)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        for r in results:
-            print(f"{r['path']}: ERROR {r['error']}" if "error" in r else task.format_prediction(r))
-    if all("error" in r for r in results):
-        print(f"vislora predict: error: none of the {len(results)} image(s) could be read: {results[0]['error']}",
-              file=sys.stderr)
-        return 2
-    return 0
+    args.images = image_files(args.images)
 
 
-def cmd_footprint(args) -> int:
-    report = footprint(args.target, img_size=args.img_size, batch=args.batch)
-    print(json.dumps(report, indent=2) if args.json else format_footprint(report))
-    return 0
+def prepare_fewshot(args: argparse.Namespace) -> None:
+    """The recipe, --out (kept out of the data), --lr and the hub checked (args.recipe_dict, args.out_dir, args.lrs)."""
+    args.recipe_dict = load_recipe(args.recipe, [f"data.path={args.data}"] if args.data else [])
+    check_paths(args.recipe_dict, args.recipe)
+    hub.check_pretrained(args.recipe_dict["model"], args.recipe)
+    args.out_dir = folder_arg(args.out) or Path("runs") / f"fewshot_{Path(args.recipe).stem}"
+    runpaths.keep_apart(args.out_dir, [args.recipe_dict["data"]["path"]],
+                        [args.out_dir / "data", args.out_dir / "runs"])  # before the lock makes the folder
+    args.lrs = lr_overrides(args.lr)
 
 
-def _kwargs(text: str) -> dict:
+def prepare_footprint(args: argparse.Namespace) -> None:
+    if Path(args.target).suffix.lower() in RECIPE_SUFFIXES:
+        hub.check_pretrained(load_recipe(args.target)["model"], args.target)
+
+
+def prepare_extract(args: argparse.Namespace) -> None:
+    folder_arg(args.out)
+    args.kwargs = parse_kwargs(args.kwargs)
+
+
+def prepare_run_dir(args: argparse.Namespace) -> None:
+    """spectrum and shrink read a run directory."""
+    not_a_recipe(args.run_dir, args.command)
+    existing(args.run_dir, "a run directory")
+
+
+PREPARE: dict[str, Callable[[argparse.Namespace], None]] = {
+    "train": prepare_train, "eval": prepare_eval, "export": prepare_export, "predict": prepare_predict,
+    "fewshot": prepare_fewshot, "footprint": prepare_footprint, "extract": prepare_extract,
+    "spectrum": prepare_run_dir, "shrink": prepare_run_dir}
+
+
+def parse_kwargs(text: str) -> dict:
     try:
         kwargs = json.loads(text)
     except json.JSONDecodeError as e:
@@ -147,93 +190,7 @@ def _kwargs(text: str) -> dict:
     return kwargs
 
 
-def _head_size(model_name: str, kwargs: dict, path: Path) -> int | None:
-    """The classifier size stored in a timm weights file (None if it holds no classifier)."""
-    heads = classifier_names(timm.create_model(model_name, pretrained=False, **kwargs))
-    state = load_file(str(path))
-    sizes = [state[f"{h}.weight"].shape[0] for h in heads if f"{h}.weight" in state]
-    return sizes[0] if sizes else None
-
-
-def _weights_model(path: Path, model_name: str | None, kwargs: dict, num_classes: int | None):
-    """A timm model from a weights file; num_classes (the tuned model's) replaces a classifier of another size."""
-    if not model_name:
-        raise ValueError(f"{path} is a weights file: name its timm architecture with --model")
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if not timm.is_model(model_name):
-        raise ValueError(f"--model '{model_name}' is not a timm model")
-    stored = _head_size(model_name, {k: v for k, v in kwargs.items() if k != "num_classes"}, path)
-    given = kwargs.pop("num_classes", None)
-    if given is not None and stored is not None and given != stored and num_classes is None:
-        raise ValueError(f"--kwargs num_classes={given} disagrees with {path}, whose classifier has {stored} outputs")
-    size = num_classes or stored or given
-    model = timm.create_model(model_name, pretrained=False, **kwargs, **({"num_classes": size} if size else {}))
-    load_weights(model, path, skip=classifier_names(model) if size != stored else [])
-    return model.eval()
-
-
-def cmd_extract(args) -> int:
-    out_dir = folder_arg(args.out)
-    tuned_path = Path(args.tuned)
-    if tuned_path.is_dir():
-        tuned, recipe, pre = rundir.load_run(tuned_path)
-        tuned = unload(tuned)
-    else:
-        tuned, recipe, pre = _weights_model(tuned_path, args.model, _kwargs(args.kwargs), None), None, None
-    classes = classifier_names(tuned)
-    n_classes = tuned.get_submodule(classes[0]).weight.shape[0] if classes else None
-    if args.base:
-        base_path = Path(args.base)
-        base = unload(rundir.load_run(base_path)[0]) if base_path.is_dir() else \
-            _weights_model(base_path, args.model, _kwargs(args.kwargs), n_classes)
-    elif recipe is not None:  # the run's starting point: its recipe's base model
-        base = tasks.get(recipe["task"]).build_model(recipe, pre["class_names"]).eval()
-    else:
-        raise ValueError("--base is needed when --tuned is a weights file")
-    targets = args.targets[0] if len(args.targets) == 1 else args.targets
-    rank = args.rank if args.rank in ("auto", "full") else int(args.rank)
-    model, report = extract_adapter(base, tuned, LoraConfig(targets=targets), rank=rank, energy=args.energy,
-                                    budget=args.budget)
-    out = save_adapter(model, out_dir)
-    (out / "extract_report.json").write_text(json.dumps(report, indent=2))
-    fidelity = output_fidelity(model, tuned, pre)
-    (out / "extract_fidelity.json").write_text(json.dumps(fidelity, indent=2))
-    print(f"{'layer':<40} {'rank':>4} {'energy':>7} {'rel.err':>8}")
-    for row in report:
-        print(f"{row['name']:<40} {row['rank']:>4} {row['energy']:7.4f} {row['rel_error']:8.4f}")
-    print(f"vislora: whole model: max |output difference| {fidelity['max_abs_diff']:.3g} at output scale "
-          f"{fidelity['output_scale']:.3g} on {fidelity['inputs']} random inputs; carried as modules_to_save: "
-          f"{len(fidelity['carried'])} module(s) {fidelity['carried'][:4]}")
-    print(f"vislora: adapter written to {out} ({sum(r['params'] for r in report):,} adapter parameters)")
-    return 0
-
-
-@torch.no_grad()
-def output_fidelity(adapted, tuned, preprocess: dict | None, n: int = 4) -> dict:
-    """How far the extracted model's outputs are from the tuned model's on a probe batch: per-layer errors say
-    nothing of what the adapter does not carry."""
-    size = (preprocess or preprocess_config(tuned))["input_size"]
-    x = torch.randn(n, 3, int(size[-2]), int(size[-1]), generator=torch.Generator().manual_seed(0))
-    merged = unload(copy.deepcopy(adapted)).eval()
-    ref, got = tuned.eval()(x), merged(x)
-    heads = set(classifier_names(merged))
-    return {"max_abs_diff": float((got - ref).abs().max()), "output_scale": float(ref.abs().max()), "inputs": n,
-            "carried": [t for t in adapted.vislora_train if t not in heads]}
-
-
-def cmd_spectrum(args) -> int:
-    run_dir = Path(args.run_dir)
-    report = spectrum(rundir.load_run(run_dir)[0])
-    out = Path(args.out) if args.out else run_dir / "spectrum.png"
-    plot_spectrum(report, out)
-    (out.with_suffix(".json")).write_text(json.dumps(report))
-    print(json.dumps(report, indent=2) if args.json else format_spectrum(report))
-    print(f"vislora: plot written to {out}")
-    return 0
-
-
-def _lr_overrides(items: list[str] | None) -> dict[str, float]:
+def lr_overrides(items: list[str] | None) -> dict[str, float]:
     """--lr probe=0.01 full=5e-4 -> {"probe": 0.01, "full": 0.0005}."""
     lrs = {}
     for item in items or []:
@@ -245,28 +202,68 @@ def _lr_overrides(items: list[str] | None) -> dict[str, float]:
     return lrs
 
 
-def cmd_fewshot(args) -> int:
-    recipe = load_recipe(args.recipe, [f"data.path={args.data}"] if args.data else [])
-    out = folder_arg(args.out) or Path("runs") / f"fewshot_{Path(args.recipe).stem}"
-    rundir.keep_apart(out, [recipe["data"]["path"]], [out / "data", out / "runs"])  # before the lock makes out
-    with rundir.locked(out):
-        rows = fewshot(recipe, out, shots=args.shots, seeds=args.seeds, contenders=args.contenders,
-                       steps=args.steps, lrs=_lr_overrides(args.lr))
-    print((out / TABLE).read_text(), end="")
-    print(f"vislora: {len(rows)} runs in {out} (fewshot.json, fewshot.md, fewshot.png)")
-    return 0
+# ---- predict's images ---------------------------------------------------------------------------
+def is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in image.EXTENSIONS
 
 
-def cmd_shrink(args) -> int:
-    report = shrink_run(args.run_dir, rank=args.rank, energy=args.energy, budget=args.budget, out=args.out,
-                        force=args.force)
-    print(format_shrink(report))
-    print(f"vislora: shrunk run written to {report['out']} (report: shrink_report.json)")
-    return 0
+def folder_images(folder: Path) -> list[Path]:
+    """Image files under a folder, at any depth, sorted; hidden files and folders skipped."""
+    return sorted(p for p in folder.rglob("*") if is_image(p)
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def image_files(items: list[str]) -> list[str]:
+    """predict's arguments as image files: a folder gives its images (recursively), a glob (quote it: 'photos/*.jpg',
+    '**' for any depth) its matching images; other files are kept as given, so a missing or unreadable one is
+    reported beside the others. A folder or glob without images is a ValueError naming it."""
+    files: list[str] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = folder_images(path)
+        elif not path.exists() and glob.has_magic(item):
+            found = sorted(p for p in map(Path, glob.glob(item, recursive=True)) if is_image(p))
+        else:
+            files.append(item)
+            continue
+        if not found:
+            raise ValueError(f"{item}: no image files ({', '.join(image.EXTENSIONS)}) found there")
+        files += [str(p) for p in found]
+    return files
+
+
+# ---- running a command --------------------------------------------------------------------------
+def leave_process_group(timeout_s: float = 10.0) -> None:
+    """Under DDP, after an error every rank met together (e.g. a diverged loss): wait, at most timeout_s, until
+    all ranks are here, so rank 0 has printed the error before the launcher stops the others."""
+    dist = sys.modules.get("torch.distributed")  # not imported: this process never joined a group
+    if dist is None or not (dist.is_available() and dist.is_initialized()):
+        return
+    with contextlib.suppress(Exception):
+        dist.barrier(async_op=True).wait(datetime.timedelta(seconds=timeout_s))
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    Parser.argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(Parser.argv)
+    try:
+        PREPARE.get(args.command, lambda _: None)(args)  # before torch & co. are imported
+        return command(args.command)(args)
+    except USER_ERRORS as e:
+        if first_rank():  # under torchrun every rank stops with the same error: say it once
+            print(f"vislora {args.command}: error: {e}", file=sys.stderr)
+        leave_process_group()
+        return 2
+    except KeyboardInterrupt:
+        print(f"vislora {args.command}: interrupted; the last checkpoint stays loadable", file=sys.stderr)
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vislora", description="LoRA fine-tuning for timm vision models")
+    parser = Parser(prog="vislora", description="LoRA fine-tuning for timm vision models")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune from a recipe")
@@ -279,7 +276,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace the run in --out (removes the files vislora wrote there, nothing else)")
     p.add_argument("--nproc", type=int, default=0, help="processes on this machine (runs torchrun)")
-    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run directory or an exported .pt/.onnx file")
     p.add_argument("target", help="run directory, model.pt or model.onnx")
@@ -287,7 +283,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report JSON path (default RUN_DIR/eval/report.json)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's eval.batch_size, else 64")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON")
-    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="merge the adapter and export TorchScript / ONNX, verified")
     p.add_argument("run_dir")
@@ -297,23 +292,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=None, help="default: the recipe's export.opset")
     p.add_argument("--dynamic-batch", dest="dynamic_batch", action="store_true", default=None)
     p.add_argument("--static-batch", dest="dynamic_batch", action="store_false")
-    p.set_defaults(func=cmd_export)
+    p.add_argument("--json", action="store_true", help="print the whole report (export.json) as JSON")
 
     p = sub.add_parser("predict", help="top-k classes (or boxes) for images, from a run, a .pt or an .onnx file")
     p.add_argument("model", help="run directory, model.pt or model.onnx")
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="+", help="image files, folders (searched recursively) or quoted globs "
+                   "('photos/**/*.jpg')")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--out", help="folder for the files predict writes (segmentation masks); default predictions/ "
                    "beside the model")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("footprint", help="parameters, bytes, FLOPs, latency and memory of a model or run")
     p.add_argument("target", help="run directory, recipe YAML or timm model name")
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_footprint)
 
     p = sub.add_parser("extract", help="turn a fully fine-tuned model into a LoRA adapter by truncated SVD")
     p.add_argument("--base", help="base weights (.safetensors) or a run directory (default: --tuned run's base)")
@@ -325,13 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=int, default=None, help="total adapter parameter budget for --rank auto")
     p.add_argument("--targets", nargs="+", default=["all"], help="a preset or patterns")
     p.add_argument("--out", required=True, help="adapter directory")
-    p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("spectrum", help="singular values and effective rank of each learned update")
     p.add_argument("run_dir", help="a LoRA run directory")
     p.add_argument("--out", help="PNG path (default RUN_DIR/spectrum.png)")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_spectrum)
 
     p = sub.add_parser("fewshot", help="LoRA vs linear probe vs full fine-tuning with k images per class, over seeds")
     p.add_argument("recipe", help="recipe YAML file (classification)")
@@ -344,9 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the largest k))")
     p.add_argument("--lr", nargs="+", metavar="CONTENDER=LR",
                    help="learning rate per contender (default: the recipe's, scaled as the measured mode defaults: "
-                        + " : ".join(f"{c} {s:g}" for c, s in LR_SCALE.items()) + ")")
+                        "lora 1 : probe 5 : full 0.5)")
     p.add_argument("--out", help="output folder (default runs/fewshot_<recipe name>); a rerun resumes its grid")
-    p.set_defaults(func=cmd_fewshot)
 
     p = sub.add_parser("shrink", help="a smaller LoRA run: the truncated SVD of each learned update")
     p.add_argument("run_dir", help="a LoRA run directory")
@@ -357,33 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--budget", type=int, help="total adapter parameters, spent across layers as extract --budget")
     p.add_argument("--out", help="new run directory (default RUN_shrink_<rank|energy|budget><value>)")
     p.add_argument("--force", action="store_true", help="replace the run in --out")
-    p.set_defaults(func=cmd_shrink)
     return parser
-
-
-def leave_process_group(timeout_s: float = 10.0) -> None:
-    """Under DDP, after an error every rank met together (e.g. a diverged loss): wait, at most timeout_s, until
-    all ranks are here, so rank 0 has printed the error before the launcher stops the others."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    with contextlib.suppress(Exception):
-        dist.barrier(async_op=True).wait(datetime.timedelta(seconds=timeout_s))
-    with contextlib.suppress(Exception):
-        dist.destroy_process_group()
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (FileNotFoundError, ValueError, NotImplementedError, TrainingDiverged) as e:
-        if first_rank():  # under torchrun every rank stops with the same error: say it once
-            print(f"vislora {args.command}: error: {e}", file=sys.stderr)
-        leave_process_group()
-        return 2
-    except KeyboardInterrupt:
-        print(f"vislora {args.command}: interrupted; the last checkpoint stays loadable", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

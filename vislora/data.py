@@ -28,6 +28,7 @@ from timm.data import resolve_data_config, resolve_model_data_config
 from tqdm import tqdm
 
 from vislora import image
+from vislora.files import listing
 from vislora.recipe import TASK_DEFAULTS
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def _split_names_only(root: Path) -> bool:
     return all(d.name in SPLIT_DIRS for d in _class_dirs(root))
 
 
-def _val_dir(root: Path) -> Path | None:
+def val_dir(root: Path) -> Path | None:
     """ROOT's val split folder, when ROOT is a split layout."""
     if not _split_names_only(root):
         return None
@@ -142,9 +143,9 @@ def scan_folder(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> t
         raise FileNotFoundError(f"image folder not found: {root}")
     if is_split_layout(root):
         train = _scan_classes(root / "train")
-        val_dir = _val_dir(root)
-        if val_dir is not None:
-            return train, _scan_classes(val_dir, train.classes)
+        val = val_dir(root)
+        if val is not None:
+            return train, _scan_classes(val, train.classes)
         return _stratified_split(train, root / "train", val_fraction, seed)
     return _stratified_split(_scan_classes(root), root, val_fraction, seed)
 
@@ -155,7 +156,7 @@ def scan_eval_folder(path: str | Path, classes: list[str]) -> Split:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"image folder not found: {path}")
-    return _scan_classes(_val_dir(path) or path, list(classes))
+    return _scan_classes(val_dir(path) or path, list(classes))
 
 
 # ---- checking images ------------------------------------------------------------------------------------------
@@ -294,9 +295,8 @@ class ImageDataset(torch.utils.data.Dataset):
         self.targets = [y for _, y in self.items]
         self._failures = multiprocessing.RawValue("i", 0)  # shared memory: workers' failures reach the parent
         if self.skipped:
-            shown = ", ".join(self.skipped[:10]) + (f" ... and {len(self.skipped) - 10} more" if
-                                                    len(self.skipped) > 10 else "")
-            logger.warning("skipping %d unreadable image(s) of %d: %s", len(self.skipped), len(split.items), shown)
+            logger.warning("skipping %d unreadable image(s) of %d: %s", len(self.skipped), len(split.items),
+                           listing(self.skipped, 10))
         if split.items and not self.items:
             raise ValueError(f"none of the {len(split.items)} images could be read (first: {self.skipped[0]})")
 

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from vislora import rundir, serve, tasks
+from vislora import rundir, runpaths, serve, tasks
+from vislora.files import read_json, write_json
 from vislora.inject import unload
 
 EXPORTED_SUFFIXES = (".pt", ".pth", ".jit", ".onnx")
@@ -22,13 +22,14 @@ class Opened:
     task: ModuleType
     predictor: Callable
     preprocess: dict
-    recipe: dict | None
+    recipe: dict | None  # a run directory's (None for an exported file)
     source: Path
+    run: Path | None = None  # the run directory it is, or that exported it (None: unknown)
 
 
 def is_exported(target: str | Path) -> bool:
     target = Path(target)
-    return target.suffix in EXPORTED_SUFFIXES or (target.is_dir() and not (target / rundir.RECIPE).is_file())
+    return target.suffix in EXPORTED_SUFFIXES or (target.is_dir() and not (target / runpaths.RECIPE).is_file())
 
 
 def open_model(target: str | Path) -> Opened:
@@ -41,10 +42,30 @@ def open_model(target: str | Path) -> Opened:
         task = tasks.get(preprocess.get("task"))
         if task.EXPORT["served"]:
             raise ValueError(f"{target}: {task.EXPORT['served']}")
-        return Opened(task, predictor, preprocess, None, target)
+        return Opened(task, predictor, preprocess, None, target, exporting_run(target))
     model, recipe, preprocess = rundir.load_run(target)
     task = tasks.get(recipe["task"])
-    return Opened(task, task.predictor(unload(model)), preprocess, recipe, target)
+    return Opened(task, task.predictor(unload(model)), preprocess, recipe, target, target)
+
+
+def exporting_run(path: Path) -> Path | None:
+    """The run an exported file came from: the one its export.json names, else the run above RUN/export/."""
+    folder = path if path.is_dir() else path.parent
+    report = folder / serve.REPORT_NAME
+    named = read_json(report, "export report").get("run") if report.is_file() else None
+    for candidate in (named, folder.parent):
+        if candidate and runpaths.is_run(Path(candidate)):
+            return Path(candidate)
+    return None
+
+
+def run_score(task: ModuleType, run: Path | None) -> dict | None:
+    """The run's own figure: its kept epoch's task.SCORE, from train_summary.json (None without one)."""
+    summary = run / runpaths.SUMMARY if run else None
+    if summary is None or not summary.is_file():
+        return None
+    best = read_json(summary, "training summary").get("best")
+    return {"metric": task.SCORE, "value": best, "run": str(run)} if isinstance(best, (int, float)) else None
 
 
 def default_report_path(opened: Opened) -> Path:
@@ -64,19 +85,31 @@ def evaluate(target: str | Path, data: str | Path | None = None, out: str | Path
         batch_size = opened.recipe["eval"]["batch_size"] or opened.recipe["train"]["batch_size"]
     out = Path(out) if out else default_report_path(opened)
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = opened.task.evaluate(opened.predictor, opened.preprocess, opened.recipe, data, out, batch_size or 64,
-                                  workers)
+    recipe = opened.recipe
+    if recipe is None and data is None and opened.run is not None:  # an exported file: its run's val split
+        recipe = runpaths.read_recipe(opened.run)
+    report = opened.task.evaluate(opened.predictor, opened.preprocess, recipe, data, out, batch_size or 64, workers,
+                                  run_dir=opened.run)
     report["source"], report["task"] = str(target), opened.task.NAME
-    out.write_text(json.dumps(report, indent=2))
+    if data is None:
+        report["run_score"] = run_score(opened.task, opened.run)
+    write_json(out, report)
+    report["written"] = {"folder": str(out.parent),  # what the CLI lists; not in the JSON file
+                         "files": sorted(p.name for p in out.parent.glob(out.stem + "*") if p.is_file())}
     return report
+
+
+def predictions_dir(target: str | Path) -> Path:
+    """Where predict writes without --out: predictions/ in the run, or beside the exported file."""
+    target = Path(target)
+    return (target.parent if is_exported(target) else target) / "predictions"
 
 
 def predict(target: str | Path, images: Sequence[str | Path], topk: int = 5, out: str | Path | None = None
             ) -> tuple[ModuleType, list[dict]]:
     """The task's predictions for image files, from a run directory or an exported file; (task, results). Files a
-    task writes (segmentation masks) go to `out`, default predictions/ beside the model."""
+    task writes (predictions.csv, segmentation masks) go to `out`, default predictions/ beside the model."""
     opened = open_model(target)
-    if out is None:
-        out = (opened.source if opened.recipe is not None else opened.source.parent) / "predictions"
+    out = Path(out) if out is not None else predictions_dir(target)
     return opened.task, opened.task.predict(opened.predictor, opened.preprocess, list(images), topk=topk,
                                             out_dir=out)

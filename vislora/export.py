@@ -28,9 +28,8 @@ from vislora import rundir, tasks
 from vislora.image import PREPROCESS_KEYS, check_preprocess, input_hw
 from vislora.inject import FROZEN_BN, unload
 from vislora.layers import LoraLayer
-from vislora.serve import FILE_NAMES, PREPROCESS_NAME, onnx_predictor, quiet_jit
+from vislora.serve import FILE_NAMES, PREPROCESS_NAME, REPORT_NAME, onnx_predictor, quiet_jit
 
-REPORT_NAME = "export.json"
 LATENCY_BATCHES = (1, 8)
 # the EXPORT of a model that takes an NCHW batch and returns a tensor (timm classifiers): tasks.classification's
 BATCH_MODEL = {"torchscript": "trace", "onnx": None, "input": "batch", "served": None}
@@ -77,7 +76,8 @@ def export_torchscript(model: nn.Module, example: torch.Tensor | None, path: str
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model.eval()
-    with torch.no_grad(), quiet_jit():
+    with torch.no_grad(), quiet_jit(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # timm's shape checks: constants once traced
         if method == "trace":
             if example is None:
                 raise ValueError("method='trace' needs an example input")
@@ -152,6 +152,22 @@ def median_latency(fn: Callable, inputs, warmup: int = 3, repeats: int = 20) -> 
         fn(inputs)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def paired_latency(base: Callable, merged: Callable, inputs, rounds: int = 5, repeats: int = 5) -> dict:
+    """Batch-1 latency of the base and the merged model, measured in alternating rounds (load on a shared machine
+    moves both alike), with the ratio merged / base per round: its median and range. One pair of medians swung
+    7.9x -> 0.84x between two runs (issue #31); the range says how far to trust the figure."""
+    times, ratios = {"base": [], "merged": []}, []
+    for _ in range(rounds):
+        b, m = (median_latency(fn, inputs, warmup=1, repeats=repeats) for fn in (base, merged))
+        times["base"].append(b)
+        times["merged"].append(m)
+        ratios.append(m / b)
+    return {"base_latency_b1_s": statistics.median(times["base"]),
+            "merged_latency_b1_s": statistics.median(times["merged"]),
+            "latency_ratio": statistics.median(ratios), "latency_ratio_range": [min(ratios), max(ratios)],
+            "latency_rounds": rounds}
 
 
 def _flatten(out) -> list[np.ndarray]:
@@ -328,17 +344,50 @@ def export_run(run_dir: str | os.PathLike, formats: str | Sequence[str] | None =
     x = torch.randn(1, 3, h, w)
     call = (lambda m, t: m(list(t))) if task.EXPORT["input"] == "list" else (lambda m, t: m(t))
     with torch.inference_mode():
-        report["cost"] = {
-            "base_parameters": sum(p.numel() for p in base.parameters()),
-            "merged_parameters": sum(p.numel() for p in model.parameters()),
-            "base_latency_b1_s": median_latency(lambda t: call(base, t), x),
-            "merged_latency_b1_s": median_latency(lambda t: call(model, t), x),
-        }
+        report["cost"] = {"base_parameters": sum(p.numel() for p in base.parameters()),
+                          "merged_parameters": sum(p.numel() for p in model.parameters()),
+                          **paired_latency(lambda t: call(base, t), lambda t: call(model, t), x)}
     if "onnx" not in formats and task.EXPORT["onnx"]:
         report["not_exported"] = {"onnx": task.EXPORT["onnx"]}
-    report["cost"]["latency_ratio"] = report["cost"]["merged_latency_b1_s"] / report["cost"]["base_latency_b1_s"]
+    report["run"] = str(Path(run_dir).resolve())  # `vislora eval` of these files scores this run's val split
     if report["cost"]["base_parameters"] != report["cost"]["merged_parameters"]:
         raise ValueError(f"merged model has {report['cost']['merged_parameters']} parameters, the base model "
                          f"{report['cost']['base_parameters']}: something was left unmerged")
     (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
     return report
+
+
+# ---- what `vislora export` prints -----------------------------------------------------------------
+def _ms(seconds: float | None) -> str:
+    return f"{1000 * seconds:.2f} ms" if isinstance(seconds, (int, float)) else "-"
+
+
+def _mb(n: int | None) -> str:
+    return f"{n / 1e6:.1f} MB" if n else "-"
+
+
+def format_export(report: dict, out_dir: Path) -> str:
+    """A short table: each runtime's file, size, difference to PyTorch and latencies, then the cost line."""
+    batches = sorted({b for fmt in ("pytorch", *FILE_NAMES) for b in report.get(fmt, {}).get("latency_s", {})},
+                     key=lambda b: int(b.removeprefix("batch")))
+    head = f"{'runtime':<12} {'file':<11} {'size':>8} {'max |diff|':>10}" + "".join(f" {b:>10}" for b in batches)
+    lines = [head]
+    for fmt in ("pytorch", *FILE_NAMES):
+        entry = report.get(fmt)
+        if entry is None:
+            continue
+        diff = f"{entry['max_abs_diff']:.1e}" if "max_abs_diff" in entry else "-"
+        lines.append(f"{fmt:<12} {entry.get('path', '-'):<11} {_mb(entry.get('bytes')):>8} {diff:>10}"
+                     + "".join(f" {_ms(entry['latency_s'].get(b)):>10}" for b in batches))
+    cost = report.get("cost", {})
+    if "latency_ratio" in cost:
+        low, high = cost["latency_ratio_range"]
+        lines.append(f"merged / base latency at batch 1 (PyTorch): {cost['latency_ratio']:.2f}x ({low:.2f}-"
+                     f"{high:.2f}x over {cost['latency_rounds']} alternating rounds); {cost['merged_parameters']:,} "
+                     "parameters, as the base")
+    for fmt, why in report.get("not_exported", {}).items():
+        lines.append(f"not exported: {fmt} ({why})")
+    files = [report[f]["path"] for f in FILE_NAMES if f in report] + [PREPROCESS_NAME, REPORT_NAME]
+    lines.append(f"vislora: exported to {out_dir}: {', '.join(files)} (each verified within {report['tol']:g} of "
+                 "PyTorch)")
+    return "\n".join(lines)

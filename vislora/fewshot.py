@@ -33,16 +33,14 @@ import math
 import os
 import shutil
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from vislora import data as vdata
-from vislora import rundir
+from vislora import runpaths
 from vislora.evaluate import evaluate
 from vislora.files import write_json
 from vislora.recipe import DEFAULTS, differences, mode, resolve
@@ -158,8 +156,8 @@ def run_cell(recipe: dict, run_dir: Path, val_dir: Path) -> dict:
         wall = time.perf_counter() - start
         report = evaluate(run_dir, data=val_dir, out=run_dir / "eval" / "report.json",
                           workers=recipe["data"]["workers"])
-    shutil.rmtree(run_dir / rundir.CHECKPOINTS, ignore_errors=True)
-    summary = json.loads((run_dir / rundir.SUMMARY).read_text())["summary"]
+    shutil.rmtree(run_dir / runpaths.CHECKPOINTS, ignore_errors=True)
+    summary = json.loads((run_dir / runpaths.SUMMARY).read_text())["summary"]
     return {"top1": report["top1"], "macro_f1": report["macro_f1"], "trainable": summary["trainable"],
             "total": summary["total"], "wall_s": round(wall, 2), "val_images": report["num_images"]}
 
@@ -246,7 +244,7 @@ def fewshot(recipe: dict, out: str | Path, shots: Sequence[int] = (1, 2, 4, 8, 1
         raise ValueError(f"fewshot needs a classification recipe (task: {recipe['task']})")
     out = Path(out)
     d = recipe["data"]
-    rundir.keep_apart(out, [d["path"]], [out / "data", out / "runs"])
+    runpaths.keep_apart(out, [d["path"]], [out / "data", out / "runs"])
     train_split, val_split = vdata.scan_folder(d["path"], d["val_fraction"], recipe["train"]["seed"])
     if not val_split.items:
         raise ValueError(f"data.path {d['path']} has no val split to evaluate on: add ROOT/val or set "
@@ -265,8 +263,7 @@ def fewshot(recipe: dict, out: str | Path, shots: Sequence[int] = (1, 2, 4, 8, 1
                                            for s, by_k in subsets.items()}, indent=1))
     val_dir = write_folder(val_split.items, val_split.classes, out / "data" / "val")
     grid = [(k, s, c) for s in range(seeds) for k in sorted(set(shots)) for c in contenders]
-    bar = tqdm(total=len(grid), initial=sum(cell in done for cell in grid), desc="fewshot", unit="run",
-               file=sys.stderr)
+    progress = Progress(len(grid), sum(cell in done for cell in grid))
     for s in range(seeds):
         for k in sorted(set(shots)):
             todo = [c for c in contenders if (k, s, c) not in done]
@@ -275,15 +272,29 @@ def fewshot(recipe: dict, out: str | Path, shots: Sequence[int] = (1, 2, 4, 8, 1
             train_dir = write_folder(subsets[s][k], train_split.classes, out / "data" / f"seed{s}_shots{k}",
                                      count=steps * t["batch_size"] * t["grad_accum"], seed=s)
             for c in todo:
-                bar.set_postfix_str(f"{k}-shot seed {s} {c}")
                 cell = cell_recipe(recipe, c, s, train_dir, steps, settings["lr"][c])
                 run_dir = out / "runs" / f"shots{k}_seed{s}_{c}"
+                tic = time.perf_counter()
                 rows.append({"shots": k, "seed": s, "contender": c, **run_cell(cell, run_dir, val_dir),
                              "lr": settings["lr"][c], "steps": steps, "train_images": len(subsets[s][k]),
                              "run_dir": str(run_dir)})
                 write_outputs(out, settings, rows)
-                bar.update()
+                progress.done(f"{c} {k}-shot seed {s}: val top-1 {rows[-1]['top1']:.3f}", time.perf_counter() - tic)
             shutil.rmtree(train_dir)
-    bar.close()
     write_outputs(out, settings, rows)
     return rows
+
+
+class Progress:
+    """One line per finished run of the grid: what it scored, its time and the time left (from this call's runs;
+    the runs a resumed grid reads back count as done)."""
+
+    def __init__(self, total: int, done: int):
+        self.total, self.count, self.seconds, self.timed = total, done, 0.0, 0
+
+    def done(self, what: str, seconds: float) -> None:
+        self.count, self.seconds, self.timed = self.count + 1, self.seconds + seconds, self.timed + 1
+        left = (self.total - self.count) * self.seconds / self.timed
+        eta = f"ETA {left / 60:.1f} min" if left >= 60 else f"ETA {left:.0f} s"
+        print(f"fewshot {self.count}/{self.total}: {what} ({seconds:.0f} s); {eta if left else 'grid done'}",
+              flush=True)

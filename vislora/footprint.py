@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_model
 from torch.utils.flop_counter import FlopCounterMode
 
-from vislora import rundir
+from vislora import runpaths
 from vislora.adapters import WEIGHTS_NAME, save_adapter
 from vislora.inject import LoraConfig, eject, find_targets, inject, lora_layers, trainable_summary, unload
 from vislora.layers import LoraLayer
@@ -94,10 +94,10 @@ def _with_lora(model: nn.Module, lora: LoraConfig | None) -> nn.Module:
 
 def _run_subject(path: Path, img_size: int | None) -> Subject:
     """A run as training built it: the recipe's model and adapter (trainable set, PiSSA rank, linear probe)."""
-    recipe = rundir.read_recipe(path)
+    recipe = runpaths.read_recipe(path)
     if recipe["task"] != "classification":
         raise ValueError(f"{path}: footprint measures classifiers, and this run's task is {recipe['task']}")
-    preprocess = json.loads((path / rundir.PREPROCESS).read_text())
+    preprocess = json.loads((path / runpaths.PREPROCESS).read_text())
     classes = preprocess["class_names"]
     return Subject(str(path), "run",
                    lambda: classification.adapt(classification.build_model(recipe, classes), recipe),
@@ -225,8 +225,9 @@ def count_flops(model: nn.Module, x: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def alternating_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function, calling them round-robin (rotating order) `repeats` times."""
+def alternating_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each call of each function, calling them round-robin (rotating order) `repeats` times: entry i of
+    every list is round i, so ratios can be taken round by round."""
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     for i in range(warmup + repeats):
@@ -236,7 +237,22 @@ def alternating_medians(fns: dict[str, Callable[[], object]], repeats: int, warm
             fns[n]()
             if i >= warmup:
                 times[n].append(time.perf_counter() - tic)
-    return {n: statistics.median(t) for n, t in times.items()}
+    return times
+
+
+def alternating_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, calling them round-robin (rotating order) `repeats` times."""
+    return {n: statistics.median(t) for n, t in alternating_times(fns, repeats, warmup).items()}
+
+
+def ratio_spread(times: list[float], base: list[float]) -> list[float]:
+    """The interquartile range [q1, q3] of the round-by-round ratios times / base: how far a ratio of medians can be
+    trusted on a loaded machine (one run's batch-1 ratio swung 7.9x -> 0.84x, issue #31)."""
+    ratios = [t / b for t, b in zip(times, base, strict=True)]
+    if len(ratios) < 2:
+        return ratios * 2
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return [q1, q3]
 
 
 def latency_report(models: dict[str, nn.Module], img_size: int, batch: int, repeats: int, device: str) -> dict:
@@ -253,9 +269,13 @@ def latency_report(models: dict[str, nn.Module], img_size: int, batch: int, repe
     out = {}
     for b in sorted({1, batch}):
         x = torch.randn(b, 3, img_size, img_size, device=device)
-        med = alternating_medians({n: call(m, x) for n, m in models.items()}, repeats, warmup=2)
+        times = alternating_times({n: call(m, x) for n, m in models.items()}, repeats, warmup=2)
+        med = {n: statistics.median(t) for n, t in times.items()}
         out[f"batch_{b}"] = {n: 1000 * t for n, t in med.items()}
         out[f"batch_{b}"].update({f"{n}_over_base": t / med["base"] for n, t in med.items() if n != "base"})
+        out[f"batch_{b}"].update({f"{n}_over_base_iqr": ratio_spread(t, times["base"]) for n, t in times.items()
+                                  if n != "base"})
+        out[f"batch_{b}"]["rounds"] = repeats
     return out
 
 
@@ -450,8 +470,10 @@ def format_footprint(report: dict) -> str:
         ("", ""), ("INFERENCE LATENCY (median)", "base / unmerged / merged, merged/base"),
     ]
     for key, v in lat.items():
+        low, high = v["merged_over_base_iqr"]
         rows.append((key.replace("_", " "), f"{v['base']:.2f} / {v['unmerged']:.2f} / {v['merged']:.2f} ms, "
-                                            f"{v['merged_over_base']:.3f}x"))
+                                            f"{v['merged_over_base']:.2f}x (round by round {low:.2f}-{high:.2f}x, "
+                                            f"middle half of {v['rounds']})"))
     rows += [("", ""), (f"TRAINING STEP (batch {report['batch']})", "LoRA / full fine-tuning")]
     rows.append(("step time", f"{tr['lora']['step_ms']:.1f} / {tr['full']['step_ms']:.1f} ms, full is "
                               f"{tr['full_over_lora_time']:.2f}x"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import logging
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -11,9 +12,10 @@ import torch
 import torch.nn as nn
 from timm.layers import BatchNormAct2d, use_reentrant_ckpt
 
-from vislora.layers import DEFAULT, LoraLayer, dora_refusal, max_rank, warn_if_oversized
+from vislora.layers import DEFAULT, LoraLayer, adapter_exceeds_layer, dora_refusal, max_rank
 
 QKV_CHUNKS = {"q": 0, "k": 1, "v": 2}
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -384,8 +386,9 @@ def inject_layers(model: nn.Module, config: LoraConfig, name: str = DEFAULT, wit
                           use_dora=config.use_dora, name=name)
         layer.train(module.training)
         layer.active = active
-        if layer.carries_active:
-            warn_if_oversized(target, layer)
+        if layer.carries_active and adapter_exceeds_layer(layer):  # a logged note: `vislora train` lists them
+            log.info("adapter on '%s' has %d parameters, more than the layer itself (%d): lower r for it", target,
+                     layer.adapter_numel(), layer.raw_weight().numel())
         parent, _, child = target.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
 

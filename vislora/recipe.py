@@ -9,14 +9,13 @@ trains, evaluates and exports the same from any working directory.
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 import os
 from pathlib import Path
 from typing import Any
 
 import yaml
-
-from vislora.inject import LoraConfig
 
 # Every field a recipe may set, with its default. A key absent here is an error (except inside FREE_FORM).
 DEFAULTS: dict[str, Any] = {
@@ -134,13 +133,53 @@ def mode(recipe: dict) -> str:
     return "lora" if isinstance(adapter, dict) else "full" if adapter is None else "linear_probe"
 
 
+# the names other tools give recipe fields (Ultralytics, timm's train.py, Keras), for did-you-mean
+ALIASES = {"learning_rate": "train.lr", "lr0": "train.lr", "imgsz": "data.img_size", "image_size": "data.img_size",
+           "batch": "train.batch_size", "epoch": "train.epochs", "weights": "model.checkpoint",
+           "model_name": "model.name", "arch": "model.name", "num_workers": "data.workers", "rank": "adapter.r",
+           "lora_alpha": "adapter.alpha", "lora_dropout": "adapter.dropout", "target_modules": "adapter.targets",
+           "modules_to_save": "adapter.train", "val_split": "data.val_fraction", "dataset": "data.path"}
+SECTION_KEYS = {"model": "model.name", "data": "data.path", "adapter": "adapter.targets"}  # `model=...` means these
+
+
+def dotted_keys(tree: dict = DEFAULTS, prefix: str = "") -> list[str]:
+    """Every field of the recipe as a dotted key ('train.lr'), sections included."""
+    keys = []
+    for key, value in tree.items():
+        keys.append(prefix + key)
+        if isinstance(value, dict) and prefix + key not in FREE_FORM:
+            keys += dotted_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def find_key(word: str) -> str | None:
+    """The recipe field a bare name most likely means: 'epochs' -> 'train.epochs', 'lr0' -> 'train.lr',
+    'model' -> 'model.name'; None when nothing is close."""
+    word = word.strip().lstrip("-").replace("-", "_")
+    if word in ALIASES or word in SECTION_KEYS:
+        return ALIASES.get(word) or SECTION_KEYS[word]
+    leaves: dict[str, str] = {}
+    for dotted in dotted_keys():  # the first section holding a name wins: data.img_size, train.batch_size
+        if "." in dotted:
+            leaves.setdefault(dotted.rsplit(".", 1)[-1], dotted)
+    close = difflib.get_close_matches(word, list(leaves), n=1, cutoff=0.8)
+    return leaves[close[0]] if close else None
+
+
+def unknown_key(source: str, prefix: str, key: str, known: list[str]) -> ValueError:
+    """The error for an unknown recipe key: a close name at this level, else the field it names elsewhere."""
+    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+    guess = f"{prefix}{close[0]}" if close else find_key(str(key))
+    hint = f"did you mean '{guess}'? " if guess and guess != f"{prefix}{key}" else ""
+    return ValueError(f"{source}: unknown recipe key '{prefix}{key}' ({hint}known here: {', '.join(sorted(known))})")
+
+
 def _merge(base: dict, override: dict, prefix: str, source: str) -> dict:
     out = copy.deepcopy(base)
     for key, value in override.items():
         dotted = f"{prefix}{key}"
         if key not in base:
-            known = ", ".join(sorted(base))
-            raise ValueError(f"{source}: unknown recipe key '{dotted}' (known here: {known})")
+            raise unknown_key(source, prefix, key, list(base))
         if isinstance(base[key], dict) and dotted not in FREE_FORM:
             if not isinstance(value, dict):
                 raise ValueError(f"{source}: recipe key '{dotted}' must be a mapping, got {value!r}")
@@ -263,6 +302,9 @@ def resolve(raw: dict, source: str = "recipe") -> dict:
     task's defaults filled in, field types and ranges checked (ValueError naming the key)."""
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: a recipe must be a YAML mapping")
+    unknown = [key for key in raw if key not in DEFAULTS]  # before `adapter` is taken out: it is known here
+    if unknown:
+        raise unknown_key(source, "", unknown[0], list(DEFAULTS))
     raw = dict(raw)
     adapter = raw.pop("adapter", DEFAULTS["adapter"])
     recipe = _merge({k: v for k, v in DEFAULTS.items() if k != "adapter"}, raw, "", source)
@@ -352,6 +394,20 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict:
     return resolve(apply_overrides(raw, overrides or []), str(path))
 
 
+def check_paths(recipe: dict, source: str) -> None:
+    """The files and folders a resolved recipe uses exist (FileNotFoundError naming the key): data.path (not read by
+    COCO detection data), data.images / train_ann / val_ann and model.checkpoint when set."""
+    d = recipe["data"]
+    used = {"data.path": d["path"] if d["format"] != "coco" else None, "data.images": d["images"],
+            "data.train_ann": d["train_ann"], "data.val_ann": d["val_ann"],
+            "model.checkpoint": recipe["model"]["checkpoint"]}
+    for key, path in used.items():
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"{source}: {key} {path} does not exist"
+                                    + (" (for the shipped weights: tools/import_weights.py)" if key ==
+                                       "model.checkpoint" else ""))
+
+
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     """'key: old -> new' for every leaf that differs between two resolved recipes."""
     out = []
@@ -362,12 +418,6 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return out
-
-
-def lora_config(recipe: dict) -> LoraConfig | None:
-    """The recipe's LoraConfig, or None for full fine-tuning and linear probing."""
-    adapter = recipe["adapter"]
-    return LoraConfig(**adapter) if isinstance(adapter, dict) else None
 
 
 def save_recipe(recipe: dict, path: str | Path) -> None:

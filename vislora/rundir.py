@@ -1,5 +1,6 @@
-"""Run directories: what training writes, checkpoints and the per-epoch log, rebuilding a trained run, and the
-rules of `--out`: what `train --force` may remove, the lock, and data folders that outputs must stay out of.
+"""Run directories: what training writes, checkpoints and the per-epoch log, and rebuilding a trained run. The
+folder's names and the rules of `--out` (what `train --force` may remove, the lock, data folders that outputs must
+stay out of) are vislora.runpaths', which the CLI checks before torch is imported.
 
 A run directory holds recipe.yaml (resolved, absolute paths), classes.json, preprocess.json, adapter/ (LoRA, PEFT
 layout) or weights.safetensors (full fine-tuning / linear probe: the trained tensors), checkpoints/{last,best}.pt
@@ -9,12 +10,7 @@ layout) or weights.safetensors (full fine-tuning / linear probe: the trained ten
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import socket
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -26,161 +22,34 @@ from vislora.adapters import load_adapter, save_adapter
 from vislora.files import atomic_write, read_json, to_json, write_json
 from vislora.inject import lora_layers
 from vislora.layers import upgrade_state_dict
-from vislora.recipe import differences, read_yaml, resolve, save_recipe
-
-RECIPE, CLASSES, PREPROCESS, SUMMARY = "recipe.yaml", "classes.json", "preprocess.json", "train_summary.json"
-ADAPTER, WEIGHTS, CHECKPOINTS = "adapter", "weights.safetensors", "checkpoints"
-METRICS, CURVES = "metrics.jsonl", "curves.png"
-MARKER, LOCK = ".vislora_run", ".vislora.lock"  # "vislora wrote this run"; "a training is writing it now"
-# everything vislora writes into a run directory: `train --force` removes these, in a run (MARKER) and nowhere else
-ARTIFACTS = (RECIPE, CLASSES, PREPROCESS, SUMMARY, ADAPTER, WEIGHTS, CHECKPOINTS, METRICS, CURVES, "eval", "export",
-             "spectrum.png", "spectrum.json", "predictions", "shrink_report.json", METRICS + ".tmp", WEIGHTS + ".tmp",
-             MARKER)
-# recipe fields a resumed run may change: they do not change what is trained (data.workers does: each worker
-# count gives other augmentation streams)
-RESUMABLE_CHANGES = ("train.device", "eval.", "export.")
-
-
-# ---- the rules of --out ---------------------------------------------------------------------------
-def is_run(path: Path) -> bool:
-    """A folder vislora wrote a run into: its marker, or (runs before the marker) recipe.yaml + preprocess.json."""
-    return (path / MARKER).is_file() or ((path / RECIPE).is_file() and (path / PREPROCESS).is_file())
+from vislora.recipe import save_recipe
+from vislora.runpaths import (
+    ADAPTER,
+    CHECKPOINTS,
+    CLASSES,
+    CURVES,
+    METRICS,
+    PREPROCESS,
+    RECIPE,
+    SPLIT,
+    WEIGHTS,
+    mark,
+    read_recipe,
+)
+from vislora.tasks.common import read_card
 
 
-def holds_files(path: Path) -> bool:
-    """Anything in the folder besides a training's lock."""
-    return path.is_dir() and any(p.name != LOCK for p in path.iterdir())
-
-
-def within(path: Path, folder: Path) -> bool:
-    """`path` is `folder` or lies inside it (both resolved, so `.` and links count)."""
-    path, folder = Path(path).resolve(), Path(folder).resolve()
-    return path == folder or folder in path.parents
-
-
-def keep_apart(out: Path, data: Sequence[str | Path | None], replaced: Sequence[Path] = (),
-               flag: str = "--out") -> None:
-    """No command writes into its data: `out` must not be a data folder or lie inside one, and no folder the
-    command replaces (`replaced`, e.g. fewshot's OUT/data) may hold the data."""
-    for folder in (Path(d) for d in data if d):
-        if not folder.is_dir():
-            continue
-        if within(out, folder) or any(within(folder, r) for r in replaced):
-            raise ValueError(f"{flag} {out} would write into the data folder {folder}: vislora never writes into "
-                             "its data (nor trains on its own outputs); choose an --out outside it")
-
-
-def check_out(run_dir: Path, data: Sequence[str | Path | None], resume: bool, force: bool) -> None:
-    """train's --out: a folder (not a file), apart from the data; a folder with files is refused unless --resume
-    continues it or --force replaces it, and --force replaces only a run (it never deletes a user's files)."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"--out {run_dir} is a file, not a folder: choose a folder for the run")
-    keep_apart(run_dir, data, [run_dir / name for name in ARTIFACTS])
-    if resume or not holds_files(run_dir):
-        return
-    if not is_run(run_dir):
-        raise ValueError(f"--out {run_dir} holds files and is not a vislora run: choose an empty or new folder "
-                         "(--force replaces only a run vislora wrote, never other files)")
-    if not force:
-        raise ValueError(f"{run_dir} already holds a run: pass --resume to continue it, --force to replace it "
-                         "(vislora's files there are removed first), or --out DIR")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _stale(holder: str) -> bool:
-    """A lock left by a process of this machine that no longer runs (killed before it could remove it)."""
-    pid, _, host = holder.partition("@")
-    return host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
-
-
-@contextlib.contextmanager
-def locked(run_dir: Path) -> Iterator[None]:
-    """Hold RUN/.vislora.lock (created atomically, O_EXCL) while training writes the run: a second training into
-    the same folder is refused naming the lock. Re-entrant in one process; a dead process's lock is taken over."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path, mine = run_dir / LOCK, f"{os.getpid()}@{socket.gethostname()}"
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            holder = path.read_text().strip() if path.is_file() else ""
-            if holder == mine:
-                yield
-                return
-            if not _stale(holder):
-                raise ValueError(f"{path} is held by process {holder or '?'}: another training is writing "
-                                 f"{run_dir}; wait for it, or remove {path} if no such process runs") from None
-            path.unlink(missing_ok=True)
-    else:
-        raise ValueError(f"{path}: could not take the lock")
-    with os.fdopen(fd, "w") as f:
-        f.write(mine)
-    try:
-        yield
-    finally:
-        if path.is_file() and path.read_text().strip() == mine:
-            path.unlink()
-
-
-# ---- starting, clearing, resuming -----------------------------------------------------------------
-def clear(run_dir: Path) -> list[str]:
-    """Remove a previous run's artifacts (only the names vislora writes, and only in a run); returns them."""
-    if not is_run(run_dir):
-        return []
-    removed = []
-    for name in ARTIFACTS:
-        path = run_dir / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-        else:
-            continue
-        removed.append(name)
-    return removed
-
-
-def start(run_dir: Path, recipe: dict, class_names: list[str], preprocess: dict) -> None:
-    """Write what defines the run before the first epoch: recipe.yaml, classes.json, preprocess.json."""
+# ---- starting ------------------------------------------------------------------------------------
+def start(run_dir: Path, recipe: dict, class_names: list[str], preprocess: dict, split: dict | None = None) -> None:
+    """Write what defines the run before the first epoch: recipe.yaml, classes.json, preprocess.json and, when the
+    task records it, split.json (which images were train and which val)."""
     (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     mark(run_dir)
     save_recipe(recipe, run_dir / RECIPE)
     write_json(run_dir / CLASSES, class_names, indent=None)
     write_json(run_dir / PREPROCESS, preprocess)
-
-
-def mark(run_dir: Path) -> None:
-    """The marker that says vislora wrote this run (what lets --force replace it)."""
-    write_json(run_dir / MARKER, {"written_by": "vislora", "artifacts": list(ARTIFACTS)})
-
-
-def read_recipe(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / RECIPE
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a vislora run directory: no {RECIPE}")
-    return resolve(read_yaml(path), str(path))
-
-
-def check_resumable(run_dir: Path, recipe: dict) -> None:
-    """--resume needs the run's checkpoint and the run's own recipe: a field that changes what is trained
-    (the adapter's rank, the data, the model ...) is an error naming every such field."""
-    if not (run_dir / CHECKPOINTS / "last.pt").is_file():
-        raise FileNotFoundError(f"--resume: {run_dir / CHECKPOINTS / 'last.pt'} does not exist, so there is "
-                                "nothing to resume (train without --resume to start the run)")
-    changed = [d for d in differences(read_recipe(run_dir), recipe) if not d.startswith(RESUMABLE_CHANGES)]
-    if changed:
-        raise ValueError(f"--resume: the recipe differs from {run_dir / RECIPE} in {'; '.join(changed)}. Resume with "
-                         "the run's own recipe (vislora train --resume --out RUN), or train into a new --out")
+    if split is not None:
+        write_json(run_dir / SPLIT, split, indent=None)
 
 
 # ---- checkpoints and the per-epoch log ------------------------------------------------------------
@@ -189,14 +58,16 @@ def atomic_save(obj, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def save_epoch(run_dir: Path, model: nn.Module, state: dict, improved: bool) -> None:
+def save_epoch(run_dir: Path, model: nn.Module, state: dict, improved: bool, curves: dict | None = None) -> None:
     """An epoch's files, last.pt last: the kept model (and best.pt) when it improved, metrics.jsonl and curves.png,
     then checkpoints/last.pt. Whenever training stops, last.pt's epoch has its model and log row written, and
     --resume continues from it with the history the checkpoint holds (each epoch logged once)."""
     if improved:
         save_trained(model, run_dir)
+        if (run_dir / ADAPTER).is_dir():
+            write_card(run_dir, model, state["history"][-1])
         atomic_save(state, run_dir / CHECKPOINTS / "best.pt")
-    log_epoch(run_dir, state["history"])
+    log_epoch(run_dir, state["history"], curves)
     atomic_save(state, run_dir / CHECKPOINTS / "last.pt")
 
 
@@ -226,36 +97,117 @@ def read_metrics(run_dir: Path) -> list[dict]:
         raise ValueError(f"{path} is not JSON lines: {e}") from None
 
 
-def plot_curves(history: list[dict], path: Path) -> None:
-    """Loss and every validation metric per epoch as a PNG."""
+def shown_metrics(row: dict, num_classes: int | None) -> list[str]:
+    """The validation curves worth drawing: train_acc and val_* but the loss and the class count, and no top-k
+    with k >= the number of classes (always 1.0 there)."""
+    keys = [k for k in row if k == "train_acc" or (k.startswith("val_") and k not in ("val_loss",
+                                                                                      "val_predicted_classes"))]
+    topk = [k for k in keys if k.startswith("val_top") and k[7:].isdigit() and k != "val_top1"]
+    return [k for k in keys if not (k in topk and num_classes is not None and int(k[7:]) >= num_classes)]
+
+
+def plot_curves(history: list[dict], path: Path, score: str | None = None, num_classes: int | None = None) -> None:
+    """Loss and the validation metrics per epoch as a PNG: whole epochs on the x axis, the kept (best `score`)
+    epoch marked."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [m["epoch"] for m in history]
     fig = Figure(figsize=(10, 4))
     FigureCanvasAgg(fig)
     ax1, ax2 = fig.subplots(1, 2)
-    ax1.plot(epochs, [m["train_loss"] for m in history], label="train")
+    ax1.plot(epochs, [m["train_loss"] for m in history], marker=".", label="train")
     if "val_loss" in history[0]:
-        ax1.plot(epochs, [m["val_loss"] for m in history], label="val")
+        ax1.plot(epochs, [m["val_loss"] for m in history], marker=".", label="val")
     ax1.set(xlabel="epoch", ylabel="loss", title="loss")
     ax1.legend()
-    keys = [k for k in history[0] if k == "train_acc" or (k.startswith("val_") and k not in
-                                                          ("val_loss", "val_predicted_classes"))]
+    keys = shown_metrics(history[0], num_classes)
     for key in keys:
-        ax2.plot(epochs, [m.get(key) for m in history], label=key)
+        ax2.plot(epochs, [m.get(key) for m in history], marker=".", label=key)
+    mark_best(ax2, history, score)
     ax2.set(xlabel="epoch", title="validation")
     if keys:
         ax2.legend()
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100, format="png")
 
 
-def log_epoch(run_dir: Path, history: list[dict]) -> None:
-    """metrics.jsonl (standard JSON lines, written then renamed) and curves.png after every epoch."""
+def mark_best(ax, history: list[dict], score: str | None) -> None:
+    """A dotted line and a star at the epoch with the best `score` (the kept model), labelled with its value."""
+    rows = [m for m in history if isinstance(m.get(score), (int, float))] if score else []
+    if not rows:
+        return
+    best = max(rows, key=lambda m: m[score])  # the first of equal scores: the one training kept
+    ax.axvline(best["epoch"], color="grey", ls=":", lw=1)
+    ax.plot([best["epoch"]], [best[score]], marker="*", ms=12, color="tab:red", ls="none",
+            label=f"kept: epoch {best['epoch']}, {score} {best[score]:.3f}")
+
+
+def log_epoch(run_dir: Path, history: list[dict], curves: dict | None = None) -> None:
+    """metrics.jsonl (standard JSON lines, written then renamed) and curves.png after every epoch; curves: the
+    plot's {"score", "num_classes"}."""
     text = "".join(to_json(row, indent=None) + "\n" for row in history)
     atomic_write(run_dir / METRICS, lambda tmp: tmp.write_text(text))
-    atomic_write(run_dir / CURVES, lambda tmp: plot_curves(history, tmp))
+    atomic_write(run_dir / CURVES, lambda tmp: plot_curves(history, tmp, **(curves or {})))
+
+
+# ---- the adapter's card (README.md, as PEFT's save_pretrained writes one) ---------------------------
+def base_licence(model_cfg: dict, model: nn.Module) -> str:
+    """The licence of the base weights: the card beside model.checkpoint, timm's pretrained_cfg for hub weights."""
+    if model_cfg["checkpoint"]:
+        card = read_card(model_cfg["checkpoint"])
+        found = card.get("licence") or card.get("license")
+        where = Path(model_cfg["checkpoint"]).with_suffix(".json").name
+        return f"{found} (from {where})" if found else f"not stated: see {where} and the weights' source"
+    if model_cfg["pretrained"]:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        found = cfg.get("license")
+        return f"{found} (timm's pretrained_cfg of {cfg.get('hf_hub_id') or model_cfg['name']})" if found else \
+            f"not stated by timm: see the model page of {model_cfg['name']}"
+    return "none: the base starts from random weights (model.pretrained false, no model.checkpoint)"
+
+
+def adapter_card(run_dir: Path, model: nn.Module, row: dict) -> str:
+    """README.md of adapter/: base model, classes, recipe, val metrics of the kept epoch, licence, how to load."""
+    recipe, classes = read_recipe(run_dir), read_json(run_dir / CLASSES, "run's classes")
+    m, adapter = recipe["model"], recipe["adapter"]
+    metrics = ", ".join(f"{k} {row[k]:.4f}" for k in ["val_loss", *shown_metrics(row, len(classes))]
+                        if k.startswith("val_") and isinstance(row.get(k), float))
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    base = cfg.get("hf_hub_id") if m["pretrained"] and cfg.get("hf_hub_id") else m["name"]
+    weights = (f"model.checkpoint {m['checkpoint']}" if m["checkpoint"] else
+               "timm's hub weights" if m["pretrained"] else "none (random init)")
+    shown = ", ".join(classes[:20]) + (f" ... and {len(classes) - 20} more" if len(classes) > 20 else "")
+    return "\n".join([
+        "---", f"base_model: {base}", "library_name: peft", f"tags: [vislora, lora, {recipe['task']}]", "---", "",
+        f"# LoRA adapter: {run_dir.resolve().name}", "",
+        f"A LoRA adapter in PEFT's layout (adapter_config.json, adapter_model.safetensors; vislora's exact layers in "
+        f"vislora.json) for the timm model `{m['name']}`, trained by vislora.", "",
+        f"- **Base model**: `{m['name']}` (timm), kwargs {m['kwargs'] or '{}'}; weights: {weights}",
+        f"- **Licence of the base weights**: {base_licence(m, model)}",
+        f"- **Task**: {recipe['task']}, {len(classes)} classes: {shown}",
+        f"- **Adapter**: r={adapter['r']}, alpha={adapter['alpha']}, targets {adapter['targets']}, trained fully: "
+        f"{adapter['train']}",
+        f"- **Recipe**: {run_dir.resolve() / RECIPE}",
+        f"- **Val metrics** (epoch {row['epoch']}, the kept one): {metrics or 'no val split'}", "",
+        "Load it:", "", "```python", "import timm, vislora",
+        f"model = timm.create_model({m['name']!r}, num_classes={len(classes)}{_kwargs_text(m['kwargs'])})",
+        'vislora.load_adapter(model, "adapter/")   # or peft.PeftModel.from_pretrained(model, "adapter/")',
+        "```", "", *([f"The base has no pretrained weights: call torch.manual_seed({recipe['train']['seed']}) before "
+                      "create_model to rebuild it (as `vislora eval RUN` does)."] if weights.startswith("none") else
+                     [])])
+
+
+def _kwargs_text(kwargs: dict) -> str:
+    return "".join(f", {k}={v!r}" for k, v in kwargs.items())
+
+
+def write_card(run_dir: Path, model: nn.Module, row: dict) -> None:
+    text = adapter_card(run_dir, model, row)
+    atomic_write(run_dir / ADAPTER / "README.md", lambda tmp: tmp.write_text(text))
 
 
 # ---- the trained model ----------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from vislora.files import read_json
 from vislora.image import PREPROCESS_KEYS
 
 PREPROCESS_NAME = "preprocess.json"
+REPORT_NAME = "export.json"  # what `vislora export` measured, and the run it exported
 FILE_NAMES = {"torchscript": "model.pt", "onnx": "model.onnx"}
 METADATA_KEYS = (*PREPROCESS_KEYS, "class_names", "task")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from vislora import rundir
+from vislora import rundir, runpaths
 from vislora.adapters import save_adapter
 from vislora.evaluate import evaluate
 from vislora.files import write_json
@@ -34,10 +34,10 @@ def _check_out(out: Path, run_dir: Path, force: bool) -> None:
     """The new run goes to an empty folder other than the run; --force replaces a run there (train's rules)."""
     if out.resolve() == run_dir.resolve():
         raise ValueError(f"--out {out} is the run being shrunk: write the smaller run elsewhere")
-    rundir.check_out(out, [], resume=False, force=force)
-    rundir.clear(out)
+    runpaths.check_out(out, [], resume=False, force=force)
+    runpaths.clear(out)
     out.mkdir(parents=True, exist_ok=True)
-    rundir.mark(out)
+    runpaths.mark(out)
 
 
 def shrunk_recipe(recipe: dict, config: LoraConfig) -> dict:
@@ -59,10 +59,10 @@ def shrink_run(run_dir: str | Path, rank: int | None = None, energy: float | Non
     and after."""
     run_dir = Path(run_dir).resolve()  # `shrink .` names its run by the folder's real name
     check_shrink_args(rank, energy, budget)  # before anything is created
-    if not (run_dir / rundir.ADAPTER).is_dir():
-        raise FileNotFoundError(f"{run_dir / rundir.ADAPTER} does not exist: shrink needs a LoRA run (a linear "
+    if not (run_dir / runpaths.ADAPTER).is_dir():
+        raise FileNotFoundError(f"{run_dir / runpaths.ADAPTER} does not exist: shrink needs a LoRA run (a linear "
                                 "probe or full fine-tuning run has no adapter to shrink)")
-    if (rundir.read_recipe(run_dir)["adapter"] or {}).get("use_dora"):
+    if (runpaths.read_recipe(run_dir)["adapter"] or {}).get("use_dora"):
         raise ValueError(f"shrink: {run_dir} is a DoRA run (adapter.use_dora): its update is not the low-rank "
                          "s B A that a truncated SVD shrinks; shrink works on LoRA runs")
     out = Path(out) if out else default_out(run_dir, rank, energy, budget)
@@ -70,10 +70,10 @@ def shrink_run(run_dir: str | Path, rank: int | None = None, energy: float | Non
     before = _metrics(run_dir, out / "eval" / "before.json")
     model, recipe, preprocess = rundir.load_run(run_dir)
     layers = shrink_adapter(model, rank=rank, energy=energy, budget=budget)
-    save_recipe(shrunk_recipe(recipe, model.vislora_config), out / rundir.RECIPE)
-    for name in (rundir.CLASSES, rundir.PREPROCESS):
+    save_recipe(shrunk_recipe(recipe, model.vislora_config), out / runpaths.RECIPE)
+    for name in (runpaths.CLASSES, runpaths.PREPROCESS):
         shutil.copyfile(run_dir / name, out / name)
-    save_adapter(model, out / rundir.ADAPTER)
+    save_adapter(model, out / runpaths.ADAPTER)
     after = _metrics(out, out / "eval" / "report.json")
     report = {"source": str(run_dir), "out": str(out),
               "selection": {k: v for k, v in (("rank", rank), ("energy", energy), ("budget", budget)) if v is not None},

@@ -396,28 +396,35 @@ def format_spectrum(report: list[dict]) -> str:
 
 
 def plot_spectrum(report: list[dict], path: str | Path) -> Path:
-    """PNG: normalised singular values (s / s1, log scale) and energy curves, one line per layer."""
+    """PNG read per layer: a heat map of the normalised singular values s_k / s_1 (one row per layer, log colour
+    scale), and bars of each layer's effective rank and the components holding 90% of its energy."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
 
     if not report:
         raise ValueError("plot_spectrum: empty report")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig = Figure(figsize=(11, 4.5))
-    FigureCanvasAgg(fig)
-    ax_s, ax_e = fig.subplots(1, 2)
-    for r in report:
-        s = torch.tensor(r["singular_values"])
-        k = torch.arange(1, s.numel() + 1)
+    width = max(max(r["rank"] for r in report), 1)
+    heat = torch.full((len(report), width), math.nan)
+    for i, r in enumerate(report):
+        s = torch.tensor(r["singular_values"], dtype=torch.float64)
         if s.numel() and s[0] > 0:
-            ax_s.semilogy(k, (s / s[0]).clamp_min(1e-12), lw=1, alpha=0.8, label=r["name"])
-        ax_e.plot(k, r["energy"], lw=1, alpha=0.8, label=r["name"])
-    ax_s.set(xlabel="component", ylabel="s_k / s_1", title="normalised singular values of the update")
-    ax_e.set(xlabel="components kept", ylabel="energy", title="cumulative energy", ylim=(0, 1.02))
-    ax_e.axhline(0.9, color="grey", ls=":", lw=1)
-    if len(report) <= 12:
-        ax_e.legend(fontsize=7, loc="lower right")
+            heat[i, :s.numel()] = (s / s[0]).clamp(1e-6, 1)
+    fig = Figure(figsize=(12, 1.5 + 0.22 * len(report)))
+    FigureCanvasAgg(fig)
+    ax_h, ax_r = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [3, 1.2]})
+    shown = ax_h.imshow(heat.numpy(), aspect="auto", cmap="viridis", norm=LogNorm(vmin=1e-3, vmax=1),
+                        interpolation="nearest", extent=(0.5, width + 0.5, len(report) - 0.5, -0.5))
+    fig.colorbar(shown, ax=ax_h, label="s_k / s_1", pad=0.01)
+    ax_h.set(yticks=range(len(report)), xlabel="component k", title="singular values of each layer's update")
+    ax_h.set_yticklabels([r["name"] for r in report], fontsize=max(4, min(8, 400 // max(len(report), 1))))
+    rows = torch.arange(len(report)).numpy()
+    ax_r.barh(rows - 0.2, [r["effective_rank"] for r in report], height=0.4, label="effective rank")
+    ax_r.barh(rows + 0.2, [_components_for(r["energy"], 0.9) for r in report], height=0.4, label="k for 90% energy")
+    ax_r.set(xlabel="components", title="rank used", xlim=(0, width))
+    ax_r.legend(fontsize=7, loc="best", framealpha=0.9)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)
     return path

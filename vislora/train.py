@@ -26,15 +26,13 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from vislora import data as vdata
-from vislora import rundir, tasks
+from vislora import rundir, runpaths, tasks
+from vislora.errors import TrainingDiverged, first_rank
 from vislora.files import listing, write_json
 from vislora.inject import classifier_names, lora_layers, trainable_summary
+from vislora.layers import adapter_exceeds_layer
 from vislora.svd import factor_l2, frobenius_penalty
-from vislora.tasks.common import Setup
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+from vislora.tasks.common import Setup, plot_image_grid
 
 
 # ---- set-up helpers -------------------------------------------------------------------------------
@@ -70,11 +68,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def first_rank() -> bool:
-    """This process is rank 0 of a torchrun launch, or runs alone (readable before the process group exists)."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def init_distributed(device: torch.device) -> tuple[torch.device, int, int]:
@@ -230,7 +223,7 @@ def setup(recipe: dict, run_dir: Path, resume: bool, adapt: Callable | None) -> 
     task = tasks.get(recipe["task"])
     device, rank, world = init_distributed(resolve_device(t["device"]))
     if resume:
-        rundir.check_resumable(run_dir, recipe)
+        runpaths.check_resumable(run_dir, recipe)
     seed_everything(t["seed"])
     built = task.build(recipe)
     model = (adapt or task.adapt)(built.model, recipe).to(device)
@@ -238,8 +231,8 @@ def setup(recipe: dict, run_dir: Path, resume: bool, adapt: Callable | None) -> 
     optimizer, scheduler = build_optimizer(model, t, math.ceil(len(train_loader) / t["grad_accum"]))
     if rank == 0:
         if not resume:
-            rundir.clear(run_dir)
-        rundir.start(run_dir, recipe, built.class_names, built.preprocess)
+            runpaths.clear(run_dir)
+        rundir.start(run_dir, recipe, built.class_names, built.preprocess, built.split)
     amp_dtype = autocast_dtype(t["amp"], device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -247,6 +240,7 @@ def setup(recipe: dict, run_dir: Path, resume: bool, adapt: Callable | None) -> 
                 amp_dtype, train_loader, val_loader, sampler, penalty_of(t))
     if resume:
         restore(loop)
+        refuse_finished(loop)
     return loop
 
 
@@ -255,18 +249,29 @@ def restore(loop: Loop) -> None:
     state = rundir.load_checkpoint(loop.run_dir)
     missing = set(state["model"]) - set(loop.model.state_dict())
     if missing:
-        raise ValueError(f"{loop.run_dir / rundir.CHECKPOINTS / 'last.pt'} does not fit the recipe's model: "
+        raise ValueError(f"{loop.run_dir / runpaths.CHECKPOINTS / 'last.pt'} does not fit the recipe's model: "
                          f"{sorted(missing)[:5]}")
     loop.model.load_state_dict(state["model"], strict=False)  # keys upgraded in load_checkpoint
     try:
         loop.optimizer.load_state_dict(state["optimizer"])
     except ValueError as e:  # e.g. a checkpoint of a vislora before the head had parameter groups of its own
-        raise ValueError(f"{loop.run_dir / rundir.CHECKPOINTS / 'last.pt'}: its optimizer state does not fit this "
+        raise ValueError(f"{loop.run_dir / runpaths.CHECKPOINTS / 'last.pt'}: its optimizer state does not fit this "
                          f"run's parameter groups ({e}); start the run again with --force") from None
     loop.scheduler.load_state_dict(state["scheduler"])
     loop.scaler.load_state_dict(state["scaler"])
     loop.epoch, loop.step, loop.best = state["epoch"], state["step"], state["best"]
     loop.history = state.get("history") or rundir.read_metrics(loop.run_dir)[:loop.epoch]  # older checkpoints
+
+
+def refuse_finished(loop: Loop) -> None:
+    """--resume on a run that trained all its epochs (or train.max_steps) and wrote its summary: nothing to do,
+    which is an error that says so (it did nothing, silently, before)."""
+    t = loop.recipe["train"]
+    done = loop.epoch >= t["epochs"] or bool(t["max_steps"] and loop.step >= t["max_steps"])
+    if done and (loop.run_dir / runpaths.SUMMARY).is_file():
+        raise ValueError(f"--resume: {loop.run_dir} already finished (epoch {loop.epoch} of train.epochs="
+                         f"{t['epochs']}), so there is nothing to resume: evaluate it (vislora eval "
+                         f"{loop.run_dir}), or train a longer run into a new --out (--set train.epochs=N)")
 
 
 # ---- one epoch ------------------------------------------------------------------------------------
@@ -305,7 +310,7 @@ def finite_on_every_rank(loop: Loop, loss: torch.Tensor) -> bool:
 
 
 def diverged(loop: Loop, value: float, epoch: int, batch: int) -> TrainingDiverged:
-    last = loop.run_dir / rundir.CHECKPOINTS / "last.pt"
+    last = loop.run_dir / runpaths.CHECKPOINTS / "last.pt"
     kept = f"the last good checkpoint is {last}" if last.is_file() else "no epoch finished, so no checkpoint exists"
     return TrainingDiverged(f"loss is {value} at epoch {epoch + 1}, batch {batch + 1}: stopped; {kept}. Lower "
                             "train.lr or set train.clip_grad")
@@ -370,15 +375,28 @@ def end_epoch(loop: Loop, row: dict) -> None:
     state = {"epoch": loop.epoch, "step": loop.step, "best": loop.best, "model": rundir.trained_state(loop.model),
              "optimizer": loop.optimizer.state_dict(), "scheduler": loop.scheduler.state_dict(),
              "scaler": loop.scaler.state_dict(), "history": loop.history}
-    rundir.save_epoch(loop.run_dir, loop.model, state, improved)
+    rundir.save_epoch(loop.run_dir, loop.model, state, improved,
+                      {"score": loop.task.SCORE, "num_classes": len(loop.setup.class_names)})
     shown = {k: round(v, 4) for k, v in row.items() if k.startswith(("val_", "train_")) and isinstance(v, float)}
     tqdm.write(f"epoch {loop.epoch}: {shown} ({row['epoch_s']:.1f}s, {row['images_per_s']:.0f} img/s)")
     if warning:
         tqdm.write(f"vislora: warning: {warning}")
 
 
-def finish(loop: Loop, summary: dict) -> None:
-    """train_summary.json, the skipped files, and a check that every rank holds the same model."""
+def closing_line(loop: Loop, seconds: float) -> str:
+    """What the run kept and where it ended: 'best val_top1 0.951 at epoch 7 (kept), last 0.940, 312 s'."""
+    score = loop.task.SCORE
+    rows = [r for r in loop.history if isinstance(r.get(score), (int, float)) and math.isfinite(r[score])]
+    if loop.val_loader is None or not rows:
+        return f"vislora: kept the last epoch ({loop.epoch}; no val score to pick one by), {seconds:.0f} s"
+    best = max(rows, key=lambda r: r[score])  # the first of equal scores: the epoch training kept
+    return (f"vislora: best {score} {best[score]:.4f} at epoch {best['epoch']} (kept), last {rows[-1][score]:.4f}, "
+            f"{seconds:.0f} s")
+
+
+def finish(loop: Loop, summary: dict, seconds: float = 0.0) -> None:
+    """train_summary.json, the skipped files, the closing line, and a check that every rank holds the same model.
+    seconds: this call's training time."""
     difference = rank_divergence(loop.model) if loop.world > 1 else 0.0
     if loop.main:
         skipped = getattr(loop.setup.train_set, "skipped", []) + getattr(loop.setup.val_set, "skipped", [])
@@ -387,7 +405,8 @@ def finish(loop: Loop, summary: dict) -> None:
         result = {"summary": summary, "best": loop.best, "epochs": len(loop.history), "run_dir": str(loop.run_dir),
                   "world_size": loop.world, "max_rank_difference": difference,
                   "kept": "best" if loop.val_loader is not None else "last"}
-        write_json(loop.run_dir / rundir.SUMMARY, result)  # standard JSON: no val split gives best null
+        write_json(loop.run_dir / runpaths.SUMMARY, result)  # standard JSON: no val split gives best null
+        print(closing_line(loop, seconds))
     if loop.world > 1:
         dist.barrier()
 
@@ -399,9 +418,25 @@ def announce(loop: Loop, summary: dict) -> None:
     print(f"vislora: {summary['trainable']:,} of {summary['total']:,} parameters trainable "
           f"({100 * summary['trainable_share']:.2f}%), {summary['adapted_layers']} adapted layers, "
           f"{len(setup.train_set)} train / {len(setup.val_set)} val images, device {loop.device}, world {loop.world}")
+    oversized = [name for name, layer in lora_layers(loop.model) if adapter_exceeds_layer(layer)]
+    if oversized:
+        print(f"vislora: note: {len(oversized)} adapter(s) hold more parameters than the layer they adapt (small "
+              f"depthwise convs at this r): {listing(oversized, 3)}; adapter.rank_pattern can lower r for them")
     if loop.val_loader is None:
         print("vislora: no val split (data.val_fraction: 0): every epoch is kept as the run's model, not the best "
               "one; evaluate it with `vislora eval RUN --data DIR`")
+
+
+def write_preview(loop: Loop, n: int = 16) -> None:
+    """train_batch.png: n training images (a seeded pick) as the model gets them, augmented and resized, with their
+    labels: what to look at when accuracy is poor (a crop that cuts the object out, a flip that changes a digit).
+    The epochs do not notice: every epoch reseeds the augmentation (reseed)."""
+    data = loop.setup.train_set
+    picks = random.Random(loop.recipe["train"]["seed"]).sample(range(len(data)), min(n, len(data)))
+    items = [item for item in (data[i] for i in picks) if item is not None]
+    tiles = loop.task.preview(loop.setup.collate(items), loop.setup.preprocess, loop.setup.class_names) if items else []
+    plot_image_grid(tiles, loop.run_dir / runpaths.TRAIN_BATCH, f"{len(tiles)} training inputs as the model sees "
+                    "them (augmented, resized)")
 
 
 # ---- the loop -------------------------------------------------------------------------------------
@@ -409,16 +444,18 @@ def train(recipe: dict, run_dir: str | Path, resume: bool = False, adapt: Callab
     """Run the recipe; returns the run directory. `resume` continues from checkpoints/last.pt (which must exist,
     with the run's own recipe). adapt(model, recipe) replaces the task's adapter step; benchmarks pass another
     (e.g. PEFT's) to run it through this same loop."""
-    run_dir = Path(run_dir)
-    with rundir.locked(run_dir) if first_rank() else contextlib.nullcontext():
+    run_dir, started = Path(run_dir), time.perf_counter()
+    with runpaths.locked(run_dir) if first_rank() else contextlib.nullcontext():
         loop = setup(recipe, run_dir, resume, adapt)
         summary = trainable_summary(loop.model)
         if loop.main:
             announce(loop, summary)
+            if not resume:
+                write_preview(loop)
         t = recipe["train"]
         for epoch in range(loop.epoch, t["epochs"]):
             if t["max_steps"] and loop.step >= t["max_steps"]:
                 break
             end_epoch(loop, train_epoch(loop, epoch))
-        finish(loop, summary)
+        finish(loop, summary, time.perf_counter() - started)
     return run_dir

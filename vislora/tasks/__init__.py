@@ -12,8 +12,10 @@ A task is a module with the same few names (see docs/adding-a-task.md):
   loss(model, batch, device, recipe)      -> (loss, {name: float}, batch size) for one training step
   validate(model, loader, device, amp_dtype, world) -> {"val_...": float}, SCORE included
   health(row, num_classes) -> str | None  a warning when an epoch's numbers show a collapsed run
+  preview(batch, preprocess, classes)     a training batch as [(HxWx3 uint8, caption)]: the run's train_batch.png
   predictor(model)                        the trained model as the callable evaluate() and predict() take
-  evaluate(predictor, preprocess, recipe, data, out, batch_size, workers) -> report (written to out, with plots)
+  evaluate(predictor, preprocess, recipe, data, out, batch_size, workers, run_dir) -> report (written to out,
+                                          with plots); without data, the run's (run_dir's) val split
   format_report(report) -> str
   example_inputs(recipe, preprocess)      real inputs to verify an export with, or None (random)
   predict(predictor, preprocess, paths, topk, out_dir) -> [{"path", ...} or {"path", "error"}]; files go to out_dir

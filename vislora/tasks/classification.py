@@ -6,6 +6,8 @@ predictor, evaluate, format_report, example_inputs, predict, format_prediction, 
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -20,21 +22,26 @@ from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_
 from tqdm import tqdm
 
 from vislora import data as vdata
-from vislora import image
+from vislora import image, runpaths
+from vislora.files import read_json
 from vislora.inject import classifier_names, inject, set_trainable
-from vislora.recipe import lora_config
 from vislora.tasks.common import (
     Setup,
     batch_predictor,
     card_classes,
     card_pretrained_cfg,
     create_timm,
+    denormalize,
     load_weights,
+    lora_config,
+    plot_confusion,
+    plot_image_grid,
     seeded,
     write_confusion,
 )
 
 NAME = "classification"
+PREDICTIONS = "predictions.csv"  # predict's rows, in its out_dir
 SCORE = "val_top1"  # the validation metric that picks the best epoch (higher is better)
 EXPORT = {"torchscript": "trace", "onnx": None, "input": "batch", "served": None}  # None: supported
 
@@ -106,7 +113,18 @@ def build(recipe: dict) -> Setup:
     train_set = vdata.ImageDataset(train_split, vdata.build_transform(pre, True, d["augment"]))
     val_set = vdata.ImageDataset(val_split, vdata.build_transform(pre, False))
     return Setup(model, train_set, val_set, vdata.collate_skip, train_split.classes, pre,
-                 head_notes(recipe["model"], train_split.classes))
+                 head_notes(recipe["model"], train_split.classes), split_record(recipe, train_split, val_split))
+
+
+def split_record(recipe: dict, train: vdata.Split, val: vdata.Split) -> dict:
+    """The run's split.json: which images were train and which val (by path, label index into `classes`), so an
+    exported file of the run is scored on the run's own val split, whatever the folder holds later."""
+    d = recipe["data"]
+    root = Path(d["path"])
+    layout = (f"{root}/train and its val folder" if vdata.is_split_layout(root) and vdata.val_dir(root) else
+              f"{root} split by data.val_fraction={d['val_fraction']} (stratified, seed {recipe['train']['seed']})")
+    return {"layout": layout, "classes": list(train.classes), "train": [[str(p), y] for p, y in train.items],
+            "val": [[str(p), y] for p, y in val.items]}
 
 
 def head_notes(model_cfg: dict, classes: Sequence[str]) -> list[str]:
@@ -173,6 +191,13 @@ def health(row: dict, num_classes: int) -> str | None:
             "augmentation too strong for the images (data.augment.scale closer to [0.5, 1], hflip 0 for text)")
 
 
+def preview(batch, preprocess: dict, classes: list[str]) -> list[tuple[np.ndarray, str]]:
+    """A training batch as the model sees it (augmented, resized; normalisation undone), each image captioned with
+    its class: train_batch.png."""
+    images, labels = batch
+    return [(denormalize(x, preprocess), classes[y]) for x, y in zip(images.numpy(), labels.tolist(), strict=True)]
+
+
 # ---- running a trained model ----------------------------------------------------------------------
 def predictor(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
     """NCHW float32 batch -> logits (vislora.tasks.common.batch_predictor)."""
@@ -182,7 +207,7 @@ def predictor(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
 def example_inputs(recipe: dict, preprocess: dict, n: int = 8) -> torch.Tensor | None:
     """Up to n real images of the run's val split through the eval transform (None if none can be read)."""
     try:
-        val = eval_split(None, recipe, preprocess["class_names"])
+        val, _ = eval_split(None, recipe, preprocess["class_names"])
     except (FileNotFoundError, ValueError):
         return None
     dataset = vdata.ImageDataset(vdata.Split(val.items[:n], val.classes), vdata.build_transform(preprocess, False))
@@ -200,7 +225,7 @@ def predict(predictor: Callable[[np.ndarray], np.ndarray], preprocess: dict,
             image_paths: Sequence[str | os.PathLike], topk: int = 5, out_dir: str | os.PathLike | None = None,
             batch_size: int = 16) -> list[dict]:
     """Top-k (class_name, probability) per image, in input order; an unreadable image gets {"path", "error"}.
-    Nothing is written (out_dir is the interface's place for files, which classification does not make)."""
+    The same rows go to OUT_DIR/predictions.csv (out_dir None: nothing is written)."""
     results: list[dict] = [{"path": str(p)} for p in image_paths]
     ready: list[tuple[int, np.ndarray]] = []
     transform = image.eval_transform(preprocess)
@@ -219,7 +244,23 @@ def predict(predictor: Callable[[np.ndarray], np.ndarray], preprocess: dict,
         for (i, _), row in zip(chunk, probs, strict=True):
             order = np.argsort(-row, kind="stable")[:topk]
             results[i]["top"] = [(names[k] if names is not None else str(k), float(row[k])) for k in order]
+    if out_dir is not None:
+        write_predictions(results, Path(out_dir) / PREDICTIONS, topk)
     return results
+
+
+def write_predictions(results: list[dict], path: Path, topk: int) -> Path:
+    """predict's rows as CSV: path, predicted, p, the top-k as 'class p; ...', and the error of an unreadable file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    k = max((len(r["top"]) for r in results if "top" in r), default=topk)  # at most the number of classes
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "predicted", "p", f"top{k}", "error"])
+        for r in results:
+            top = r.get("top") or [("", math.nan)]
+            writer.writerow([r["path"], top[0][0], f"{top[0][1]:.4f}" if r.get("top") else "",
+                             "; ".join(f"{name} {p:.4f}" for name, p in r.get("top", [])), r.get("error", "")])
+    return path
 
 
 def format_prediction(result: dict) -> str:
@@ -245,38 +286,154 @@ def classification_report(logits: np.ndarray, labels: np.ndarray, classes: list[
     }
 
 
-def eval_split(data: str | Path | None, recipe: dict | None, classes: list[str]) -> vdata.Split:
-    """The images to evaluate: `--data` (ROOT/val, a ROOT holding val/, or ROOT/<class>), else the run's val split."""
+def eval_split(data: str | Path | None, recipe: dict | None, classes: list[str], run_dir: Path | None = None
+               ) -> tuple[vdata.Split, str]:
+    """The images to evaluate and what they are: `--data` (ROOT/val, a ROOT holding val/, or ROOT/<class>), else the
+    run's val split (from its split.json, else recomputed from the recipe as training split it)."""
     if data is not None:
-        return vdata.scan_eval_folder(data, classes)
+        return data_split(Path(data), classes)
     if recipe is None:
-        raise ValueError("evaluating an exported file needs --data DIR")
-    d = recipe["data"]
-    _, val = vdata.scan_folder(d["path"], d["val_fraction"], recipe["train"]["seed"])
-    if val.classes != classes:
-        raise ValueError(f"the classes under {d['path']} differ from the run's: {val.classes} vs {classes}")
+        raise ValueError("this exported file is not inside a run's export/ folder and its export.json names no run, "
+                         "so there is no val split to score: pass --data DIR")
+    recorded = Path(run_dir) / runpaths.SPLIT if run_dir else None
+    if recorded is not None and recorded.is_file():
+        split = read_json(recorded, "run's split")
+        if split["classes"] != classes:
+            raise ValueError(f"{recorded} names other classes than the model: {split['classes']} vs {classes}")
+        val = vdata.Split([(Path(p), y) for p, y in split["val"]], classes)
+        what = f"the run's val split ({len(val.items)} images of {split['layout']}; {recorded})"
+    else:
+        d = recipe["data"]
+        _, val = vdata.scan_folder(d["path"], d["val_fraction"], recipe["train"]["seed"])
+        if val.classes != classes:
+            raise ValueError(f"the classes under {d['path']} differ from the run's: {val.classes} vs {classes}")
+        what = f"the run's val split ({len(val.items)} images of {d['path']}, recomputed from the recipe)"
     if not val.items:
-        raise ValueError(f"the run has no val split (data.val_fraction={d['val_fraction']}): pass --data DIR")
-    return val
+        raise ValueError(f"the run has no val split (data.val_fraction={recipe['data']['val_fraction']}): pass "
+                         "--data DIR")
+    return val, what
+
+
+def data_split(path: Path, classes: list[str]) -> tuple[vdata.Split, str]:
+    """--data's images, and what they are: a flat ROOT/<class> folder is all of it, train images included."""
+    split = vdata.scan_eval_folder(path, classes)
+    if vdata.val_dir(path) is not None or path.name.lower() in vdata.SPLIT_DIRS:
+        return split, f"{len(split.items)} images of {vdata.val_dir(path) or path}"
+    return split, (f"all {len(split.items)} images of {path}: a ROOT/<class> folder is scored whole, so if the run "
+                   "trained on it its train images count too (without --data, the run's own val split is scored)")
+
+
+class Indexed(torch.utils.data.Dataset):
+    """A dataset whose items carry their index (None stays None): eval rows map back to their files even when a
+    file fails to load and its sample is dropped."""
+
+    def __init__(self, dataset: vdata.ImageDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        item = self.dataset[index]
+        return None if item is None else (*item, index)
+
+
+def collate_indexed(batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return torch.zeros(0, 3, 0, 0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    return torch.utils.data.default_collate(batch)
+
+
+def run_eval(predictor: Callable[[np.ndarray], np.ndarray], dataset: vdata.ImageDataset, batch_size: int,
+             workers: int, num_classes: int) -> tuple[np.ndarray, np.ndarray, list[Path]]:
+    """(logits, labels, paths) of every image that loaded, in the dataset's order."""
+    loader = vdata.build_loader(Indexed(dataset), batch_size, False, workers, collate_fn=collate_indexed)
+    logits, labels, indices = [], [], []
+    for images, y, i in tqdm(loader, desc="eval", leave=False):
+        if len(y):
+            logits.append(predictor(images.numpy().astype(np.float32)))
+            labels.append(y.numpy())
+            indices += i.tolist()
+    if not logits:
+        return np.zeros((0, num_classes)), np.zeros(0, dtype=int), []
+    return np.concatenate(logits), np.concatenate(labels), [dataset.items[i][0] for i in indices]
 
 
 def evaluate(predictor: Callable[[np.ndarray], np.ndarray], preprocess: dict, recipe: dict | None,
-             data: str | Path | None, out: Path, batch_size: int, workers: int = 2) -> dict:
-    """Top-1/top-k, per-class metrics and the confusion matrix of `predictor` on --data or the run's val split;
-    the confusion matrix also goes beside OUT as CSV and PNG."""
+             data: str | Path | None, out: Path, batch_size: int, workers: int = 2, run_dir: Path | None = None
+             ) -> dict:
+    """Top-1/top-k, per-class metrics and the confusion matrix of `predictor` on --data or the run's val split
+    (run_dir/split.json). Beside OUT: the confusion matrix (CSV, PNG of counts and of row fractions), per-class
+    recall (PNG), every image's prediction (OUT_predictions.csv) and the worst mistakes (OUT_errors.png)."""
     classes = preprocess["class_names"]
     topk = recipe["eval"]["topk"] if recipe else 5
-    dataset = vdata.ImageDataset(eval_split(data, recipe, classes), vdata.build_transform(preprocess, False))
-    loader = vdata.build_loader(dataset, batch_size, False, workers)
-    logits, labels = [], []
-    for images, y in tqdm(loader, desc="eval", leave=False):
-        logits.append(predictor(images.numpy().astype(np.float32)))
-        labels.append(y.numpy())
-    report = classification_report(np.concatenate(logits) if logits else np.zeros((0, len(classes))),
-                                   np.concatenate(labels) if labels else np.zeros(0, dtype=int), classes, topk)
-    report["skipped"] = [str(p) for p in dataset.skipped]
+    split, scored = eval_split(data, recipe, classes, run_dir)
+    dataset = vdata.ImageDataset(split, vdata.build_transform(preprocess, False))
+    logits, labels, paths = run_eval(predictor, dataset, batch_size, workers, len(classes))
+    report = classification_report(logits, labels, classes, topk)
+    report["skipped"], report["scored"] = [str(p) for p in dataset.skipped], scored
     write_confusion(report, out, classes)
+    plot_confusion(report["confusion_matrix"], classes, beside(out, "_confusion_norm.png"), normalize=True)
+    plot_recall(report, beside(out, "_recall.png"))
+    probs = _softmax(logits) if len(logits) else logits
+    write_eval_predictions(paths, labels, probs, classes, min(topk, len(classes)), beside(out, "_predictions.csv"))
+    report["errors_shown"] = plot_errors(paths, labels, probs, classes, beside(out, "_errors.png"))
     return report
+
+
+def beside(out: Path, suffix: str) -> Path:
+    """OUT_<suffix>: a file that goes with the report OUT (report.json -> report_errors.png)."""
+    return out.with_name(out.stem + suffix)
+
+
+def write_eval_predictions(paths: list[Path], labels: np.ndarray, probs: np.ndarray, classes: list[str], k: int,
+                           path: Path) -> Path:
+    """One row per evaluated image: path, true, predicted, p (of the predicted class), the top-k 'class p; ...'."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "true", "predicted", "p", f"top{k}"])
+        for file, y, row in zip(paths, labels, probs, strict=True):
+            order = np.argsort(-row, kind="stable")[:k]
+            writer.writerow([str(file), classes[y], classes[order[0]], f"{row[order[0]]:.4f}",
+                             "; ".join(f"{classes[j]} {row[j]:.4f}" for j in order)])
+    return path
+
+
+def plot_errors(paths: list[Path], labels: np.ndarray, probs: np.ndarray, classes: list[str], path: Path,
+                shown: int = 16) -> int:
+    """A grid of the most confident mistakes (true -> predicted, p), as the images are on disk; returns how many."""
+    pred = probs.argmax(1) if len(probs) else np.zeros(0, dtype=int)
+    wrong = [i for i in np.argsort(-probs.max(1), kind="stable") if pred[i] != labels[i]] if len(probs) else []
+    tiles = []
+    for i in wrong[:shown]:
+        with contextlib.suppress(ValueError):  # a file that changed since it was scored: left out
+            tiles.append((image.read_image(paths[i]),
+                          f"{classes[labels[i]]} → {classes[pred[i]]} {probs[i, pred[i]]:.2f}"))
+    plot_image_grid(tiles, path, f"worst mistakes: {len(tiles)} of {len(wrong)} misclassified, of {len(labels)} "
+                    "images (true → predicted, p)", empty=f"no misclassified image among {len(labels)}")
+    return len(tiles)
+
+
+def plot_recall(report: dict, path: Path, most: int = 60) -> Path:
+    """Per-class recall as horizontal bars, worst first (at most `most` classes), each with its image count."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = sorted(report["per_class"].items(), key=lambda kv: (kv[1]["recall"], kv[0]))[:most]
+    fig = Figure(figsize=(7, 1 + 0.28 * len(rows)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    names = [name for name, _ in rows][::-1]
+    ax.barh(names, [m["recall"] for _, m in rows][::-1], color="tab:blue")
+    for y, (_, m) in enumerate(rows[::-1]):
+        ax.text(min(m["recall"], 0.98), y, f" {m['recall']:.2f} (n={m['support']})", va="center",
+                ha="right" if m["recall"] > 0.8 else "left", fontsize=7, color="white" if m["recall"] > 0.8 else "k")
+    ax.set(xlim=(0, 1), xlabel="recall (share of the class's images predicted as it)",
+           title=f"per-class recall, worst first (top-1 {report['top1']:.3f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
 
 
 def format_report(report: dict) -> str:

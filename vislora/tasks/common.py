@@ -4,7 +4,9 @@ predictor convention and the confusion-matrix files."""
 from __future__ import annotations
 
 import csv
+import difflib
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +16,9 @@ import timm
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file
+
+from vislora import hub, image
+from vislora.inject import LoraConfig
 
 
 @dataclass
@@ -28,6 +33,14 @@ class Setup:
     class_names: list[str]
     preprocess: dict
     notes: list[str] = field(default_factory=list)  # what the user should know before training starts
+    split: dict | None = None  # the images of each split, written as the run's split.json (None: not recorded)
+
+
+def lora_config(recipe: dict) -> LoraConfig | None:
+    """The recipe's LoraConfig (its adapter section holds exactly LoraConfig's fields, as plain data: recipes are
+    read and checked without torch), or None for full fine-tuning and linear probing."""
+    adapter = recipe["adapter"]
+    return LoraConfig(**adapter) if isinstance(adapter, dict) else None
 
 
 def batch_predictor(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
@@ -52,19 +65,34 @@ def seeded(recipe: dict, build: Callable[[], nn.Module]) -> nn.Module:
 
 def create_timm(model_cfg: dict, **kwargs) -> nn.Module:
     """timm.create_model(model.name, pretrained=model.pretrained, **model.kwargs, **kwargs), with the errors a
-    user can fix named by recipe key."""
+    user can fix named by recipe key: an unknown name (with the closest timm names), kwargs that do not fit, hub
+    weights without network (the offline options, vislora.hub)."""
     name = model_cfg["name"]
     if not timm.is_model(name):
-        raise ValueError(f"model.name '{name}' is not a timm model (timm.list_models('*{name[:6]}*') lists "
-                         "similar names)")
+        raise ValueError(f"model.name '{name}' is not a timm model{similar_models(name)}")
     clash = sorted(set(model_cfg["kwargs"]) & set(kwargs))
     if clash:
         raise ValueError(f"model.kwargs must not set {clash}: vislora sets {'them' if len(clash) > 1 else 'it'} "
                          "(num_classes comes from the class folders)")
+    hub.check_pretrained(model_cfg)
     try:
         return timm.create_model(name, pretrained=model_cfg["pretrained"], **model_cfg["kwargs"], **kwargs)
     except TypeError as e:
         raise ValueError(f"model.kwargs {model_cfg['kwargs']} do not fit timm model '{name}': {e}") from e
+    except OSError as e:  # huggingface_hub's download, offline and cache errors are OSErrors
+        if not model_cfg["pretrained"]:
+            raise
+        raise ValueError(f"model.pretrained: true: timm could not get the weights of '{name}' ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}). Offline, "
+                         f"{hub.OFFLINE_OPTIONS}") from None
+
+
+def similar_models(name: str) -> str:
+    """'; did you mean ...?' with the timm architectures closest to a mistyped name (difflib), or a hint."""
+    close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=3, cutoff=0.6)
+    if close:
+        return f"; did you mean {' or '.join(repr(c) for c in close)}?"
+    return f" (timm.list_models('*{name[:6]}*') lists similar names)"
 
 
 CARD_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation")
@@ -145,6 +173,53 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], path: Path, norm
                         color="white" if m[i, j] > m.max() / 2 else "black")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def denormalize(x: np.ndarray, preprocess: dict) -> np.ndarray:
+    """A normalised 3xHxW model input back to HxWx3 uint8 for display."""
+    mean, std = np.asarray(preprocess["mean"])[:, None, None], np.asarray(preprocess["std"])[:, None, None]
+    return np.clip((x * std + mean) * 255, 0, 255).round().astype(np.uint8).transpose(1, 2, 0)
+
+
+def fit(rgb: np.ndarray, side: int) -> np.ndarray:
+    """An image scaled (aspect kept) into a white side x side square, centred: one cell of a grid."""
+    h, w = rgb.shape[:2]
+    scale = side / max(h, w)
+    small = image.resize(rgb, max(1, round(h * scale)), max(1, round(w * scale)))
+    cell = np.full((side, side, 3), 255, dtype=np.uint8)
+    top, left = (side - small.shape[0]) // 2, (side - small.shape[1]) // 2
+    cell[top:top + small.shape[0], left:left + small.shape[1]] = small
+    return cell
+
+
+def plot_image_grid(tiles: Sequence[tuple[np.ndarray, str]], path: Path, title: str, empty: str = "no images",
+                    columns: int = 4, side: int = 160) -> Path:
+    """A PNG grid of (HxWx3 uint8 image, caption) tiles under a title; `empty` is written when there is none. The
+    tiles are one mosaic drawn at one pixel per pixel (a subplot per tile took a second for 16)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows, top, gap = max(1, math.ceil(len(tiles) / columns)), 16, 6  # top: room for a caption above each cell
+    cell_w, cell_h = side + gap, side + top
+    mosaic = np.full((rows * cell_h, columns * cell_w, 3), 255, dtype=np.uint8)
+    for i, (rgb, _) in enumerate(tiles):
+        r, c = divmod(i, columns)
+        mosaic[r * cell_h + top:(r + 1) * cell_h, c * cell_w:c * cell_w + side] = fit(rgb, side)
+    title_px = 30
+    fig = Figure(figsize=(mosaic.shape[1] / 100, (mosaic.shape[0] + title_px) / 100), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0, 0, 1, mosaic.shape[0] / (mosaic.shape[0] + title_px)))
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_axis_off()
+    for i, (_, caption) in enumerate(tiles):
+        r, c = divmod(i, columns)
+        ax.text(c * cell_w + side / 2, r * cell_h + top - 3, caption, ha="center", va="bottom", fontsize=6.5)
+    if not tiles:
+        ax.text(mosaic.shape[1] / 2, cell_h / 2, empty, ha="center", va="center")
+    fig.suptitle(title, fontsize=9, y=1 - 8 / (mosaic.shape[0] + title_px), va="top")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
 
 
 def write_confusion(report: dict, out: Path, classes: list[str], normalize: bool = False) -> None:

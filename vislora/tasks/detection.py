@@ -39,9 +39,10 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from vislora import image
+from vislora.files import listing
 from vislora.inject import LoraConfig, classifier_names, freeze_bn_stats, inject, set_trainable
-from vislora.recipe import TASK_DEFAULTS, lora_config
-from vislora.tasks.common import Setup, card_pretrained_cfg, seeded
+from vislora.recipe import TASK_DEFAULTS
+from vislora.tasks.common import Setup, card_pretrained_cfg, lora_config, seeded
 
 log = logging.getLogger(__name__)
 
@@ -372,8 +373,7 @@ def usable_records(records: list[dict], source: str) -> tuple[list[dict], list[s
     """The records whose image Pillow can read, and the paths of the others (reported once, by name)."""
     skipped = [str(r["path"]) for r in records if r.get("size") is None or not image.verifies(r["path"])]
     if skipped:
-        shown = ", ".join(skipped[:5]) + (f" ... and {len(skipped) - 5} more" if len(skipped) > 5 else "")
-        log.warning("%s: skipping %d unreadable image(s): %s", source, len(skipped), shown)
+        log.warning("%s: skipping %d unreadable image(s): %s", source, len(skipped), listing(skipped))
     bad = set(skipped)
     return [r for r in records if str(r["path"]) not in bad], skipped
 
@@ -795,6 +795,27 @@ def health(row: dict, num_classes: int) -> str | None:
     return None
 
 
+def preview(batch, preprocess: dict, classes: list[str]) -> list[tuple[np.ndarray, str]]:
+    """A training batch as the detector gets it (augmented), its boxes drawn, captioned with their classes."""
+    images, targets = batch
+    tiles = []
+    for x, target in zip(images, targets, strict=True):
+        rgb = (x.permute(1, 2, 0).numpy() * 255).clip(0, 255).astype(np.uint8)
+        for box in target["boxes"].round().int().tolist():
+            draw_box(rgb, box)
+        names = sorted({classes[int(k) - 1] for k in target["labels"]})
+        tiles.append((rgb, f"{len(target['boxes'])} boxes: {', '.join(names)[:40]}"))
+    return tiles
+
+
+def draw_box(rgb: np.ndarray, box: Sequence[int], colour=(255, 0, 0)) -> None:
+    """Draw a 1-pixel xyxy rectangle into an HxWx3 image, in place (clipped to the image)."""
+    h, w = rgb.shape[:2]
+    x0, y0, x1, y1 = (max(0, min(v, limit - 1)) for v, limit in zip(box, (w, h, w, h), strict=True))
+    rgb[y0, x0:x1 + 1] = rgb[y1, x0:x1 + 1] = colour
+    rgb[y0:y1 + 1, x0] = rgb[y0:y1 + 1, x1] = colour
+
+
 def predictor(model: nn.Module) -> nn.Module:
     """A detector is run as itself: a list of CHW float images in [0, 1] -> boxes, scores, labels per image."""
     return model.eval()
@@ -840,7 +861,7 @@ def _eval_data(recipe: dict, data: str | os.PathLike | None) -> dict:
 
 
 def evaluate(predictor: nn.Module, preprocess: dict, recipe: dict | None, data, out: Path, batch_size: int,
-             workers: int = 2) -> dict:
+             workers: int = 2, run_dir: Path | None = None) -> dict:
     """COCO mAP of the run's detector on its val split (or --data, a YOLO folder); draws OUT_boxes.png beside OUT."""
     _, val_set, names = build_detection_datasets(_eval_data(recipe, data), recipe["detector"]["min_size"])
     if names != preprocess["class_names"]:

@@ -39,9 +39,16 @@ from tqdm import tqdm
 
 from vislora import data as vdata
 from vislora import image
+from vislora.files import listing
 from vislora.inject import LoraConfig, freeze_bn_stats, inject, set_trainable
-from vislora.recipe import lora_config
-from vislora.tasks.common import Setup, batch_predictor, seeded, write_confusion
+from vislora.tasks.common import (
+    Setup,
+    batch_predictor,
+    denormalize,
+    lora_config,
+    seeded,
+    write_confusion,
+)
 from vislora.tasks.detection import TINY_BACKBONE, SimplePyramid, create_body, is_plain_vit, token_map
 
 log = logging.getLogger(__name__)
@@ -242,9 +249,7 @@ def scan_pairs(folder: str | os.PathLike, num_classes: int) -> tuple[list[tuple[
     pairs = [pair for pair, fault in zip(candidates, reasons, strict=True) if fault is None]
     skipped += [(str(fault[0]), fault[1]) for fault in reasons if fault is not None]
     if skipped:
-        shown = "; ".join(why for _, why in skipped[:10]) + (f" ... and {len(skipped) - 10} more"
-                                                             if len(skipped) > 10 else "")
-        log.warning("%s: skipping %d file(s): %s", folder, len(skipped), shown)
+        log.warning("%s: skipping %d file(s): %s", folder, len(skipped), listing([why for _, why in skipped], 10))
     if images and not pairs:
         raise ValueError(f"{folder}: none of the {len(images)} images has a usable mask ({skipped[0][1]})")
     return pairs, skipped
@@ -417,12 +422,6 @@ def overlay(rgb: np.ndarray, mask: np.ndarray, strength: float = 0.55) -> np.nda
     return (rgb.astype(np.float32) * (1 - shown) + colours * shown).round().astype(np.uint8)
 
 
-def denormalize(x: np.ndarray, preprocess: dict) -> np.ndarray:
-    """A normalised 3xHxW model input back to HxWx3 uint8 for display."""
-    mean, std = np.asarray(preprocess["mean"])[:, None, None], np.asarray(preprocess["std"])[:, None, None]
-    return np.clip((x * std + mean) * 255, 0, 255).round().astype(np.uint8).transpose(1, 2, 0)
-
-
 def plot_masks(samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]], classes: list[str], path: Path) -> Path:
     """A PNG grid, one row per (image, true mask, predicted mask): the image, then each mask over it."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -552,6 +551,18 @@ def health(row: dict, num_classes: int) -> str | None:
             "rate too high (lower train.lr), or masks whose indices do not match classes.txt")
 
 
+def preview(batch, preprocess: dict, classes: list[str]) -> list[tuple[np.ndarray, str]]:
+    """A training batch as the model sees it (augmented crops; normalisation undone), its masks blended over,
+    captioned with the classes present."""
+    images, masks = batch
+    tiles = []
+    for x, mask in zip(images.numpy(), masks.numpy(), strict=True):
+        shown = np.where(mask == IGNORE, 0, mask).astype(np.uint8)
+        present = [classes[k] for k in np.unique(shown) if 0 < k < len(classes)]
+        tiles.append((overlay(denormalize(x, preprocess), shown), ", ".join(present)[:40] or "background only"))
+    return tiles
+
+
 def predictor(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
     """NCHW float32 batch -> N x C x H x W logits, with the PyTorch model (the convention of exported files)."""
     return batch_predictor(model)
@@ -621,7 +632,7 @@ def format_prediction(result: dict) -> str:
 
 
 def evaluate(predictor: Callable[[np.ndarray], np.ndarray], preprocess: dict, recipe: dict | None, data,
-             out: Path, batch_size: int, workers: int = 2) -> dict:
+             out: Path, batch_size: int, workers: int = 2, run_dir: Path | None = None) -> dict:
     """mIoU, pixel accuracy, per-class IoU and the confusion matrix of `predictor` on --data or the run's val split,
     accumulated over every pixel of every image; OUT_confusion.{csv,png} and OUT_masks.png go beside OUT."""
     classes = preprocess["class_names"]

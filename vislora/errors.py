@@ -1,0 +1,20 @@
+"""The errors a user can fix, and which process reports them. Standard library only: the CLI catches these
+before torch is imported (argument, recipe and path checks) as well as after (training, export).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+# what `vislora` prints as one line `vislora CMD: error: ...` with exit code 2, never as a traceback
+USER_ERRORS = (FileNotFoundError, ValueError, NotImplementedError, TrainingDiverged)
+
+
+def first_rank() -> bool:
+    """This process is rank 0 of a torchrun launch, or runs alone (readable before the process group exists)."""
+    return os.environ.get("RANK", "0") == "0"
