@@ -90,6 +90,11 @@ DEFAULTS: dict[str, Any] = {
         "lowrank_penalty": 0.0,  # lambda of the Frobenius penalty sum ||B A||_F^2 (vislora.svd)
         "factor_l2": 0.0,  # plain L2 on the factors A and B, added to the loss
         "max_steps": None,  # stop after this many optimizer steps (smoke tests)
+        # what a detected collapse (the task's health check, silent during warm-up) does: recover = the best
+        # epoch's model and optimizer state come back from checkpoints/best.pt and the rest of the schedule runs at
+        # COLLAPSE_LR_FACTOR x the lr (vislora.train), at most MAX_RECOVERIES times, each recorded in metrics.jsonl;
+        # warn = only the warning. Issue #30: MobileNetV2 LoRA on a 160-image folder collapsed to chance for good
+        "on_collapse": "recover",  # recover | warn
     },
     "eval": {"batch_size": None, "topk": 5},  # None = train.batch_size
     "export": {"formats": ["torchscript", "onnx"], "opset": 17, "dynamic_batch": True},
@@ -216,6 +221,8 @@ def _check_fields(recipe: dict, source: str) -> None:
     if recipe["eval"]["batch_size"] is not None:
         recipe["eval"]["batch_size"] = _number(source, "eval.batch_size", recipe["eval"]["batch_size"], 1, whole=True)
     recipe["eval"]["topk"] = _number(source, "eval.topk", recipe["eval"]["topk"], 1, whole=True)
+    if t["on_collapse"] not in ("recover", "warn"):
+        raise ValueError(f"{source}: train.on_collapse must be recover or warn, got {t['on_collapse']!r}")
     if not isinstance(t["device"], str):
         raise ValueError(f"{source}: train.device must be auto, cpu, cuda, cuda:N or mps, got {t['device']!r}")
     if not isinstance(recipe["model"]["kwargs"], dict):

@@ -1,0 +1,128 @@
+"""The defaults' safety rules (issues #30, #31): the collapse warning (silent during
+warm-up, naming the lr and a ready command) and the recovery from a collapse (restore the best epoch, go on at a
+lower lr), including --resume inside a recovery. Tiny generated data and models without pretrained weights."""
+
+import json
+
+import pytest
+import torch
+
+import vislora.train as vtrain
+from vislora.data import make_synthetic_folder
+from vislora.recipe import resolve
+from vislora.tasks import classification
+
+VIT = {"name": "vit_tiny_patch16_224", "pretrained": False, "kwargs": {"img_size": 32, "patch_size": 8, "depth": 1}}
+LR = 3e-3
+
+
+def recipe_for(folder, **train):
+    return resolve({
+        "model": VIT, "adapter": {"r": 4, "targets": "vit"},
+        "data": {"path": str(folder), "img_size": 32, "workers": 0, "augment": {"scale": [0.8, 1.0]}},
+        "train": {"epochs": 3, "batch_size": 8, "lr": LR, "warmup_epochs": 0, "seed": 0, **train},
+    })
+
+
+def rows_of(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_synthetic_folder(tmp_path_factory.mktemp("images"), classes=3, per_class=12, size=32, split=True)
+
+
+@pytest.fixture
+def sabotage(monkeypatch):
+    """Epoch 2 ends with a head that gives every image class 0: a real collapse for the health check to find."""
+    real = vtrain.train_epoch
+
+    def train_epoch(loop, epoch):
+        row = real(loop, epoch)
+        if epoch == 1:
+            with torch.no_grad():
+                head = loop.model.get_classifier()
+                head.weight.zero_()
+                head.bias.copy_(torch.tensor([1e3, 0.0, 0.0]))
+        return row
+
+    monkeypatch.setattr(vtrain, "train_epoch", train_epoch)
+
+
+def test_on_collapse_is_checked():
+    assert resolve({})["train"]["on_collapse"] == "recover"
+    with pytest.raises(ValueError, match="train.on_collapse"):
+        resolve({"train": {"on_collapse": "restart"}})
+
+
+def test_warning_is_silent_during_warmup_then_names_the_lr_and_a_command(tmp_path, folder, monkeypatch):
+    monkeypatch.setattr(classification, "health", lambda row, n: f"training looks collapsed at epoch {row['epoch']}")
+    run = vtrain.train(recipe_for(folder, epochs=3, warmup_epochs=2, on_collapse="warn"), tmp_path / "run")
+    rows = rows_of(run)
+    assert ["warning" in r for r in rows] == [False, False, True]  # epochs 1-2 are the warm-up
+    warning = rows[2]["warning"]
+    assert f"lr in use is {LR:.2g}" in warning and "recovery" not in rows[2]
+    assert f"vislora train {run / 'recipe.yaml'} --set train.lr={LR / 5:g} --out {run}-lr{LR / 5:g}" in warning
+
+
+def test_a_forced_collapse_recovers(tmp_path, folder, sabotage):
+    run = vtrain.train(recipe_for(folder, epochs=3), tmp_path / "run")
+    rows = rows_of(run)
+    assert "warning" not in rows[0] and "every val image gets the same class" in rows[1]["warning"]
+    assert rows[1]["recovery"] == {"restored_epoch": 1, "lr_before": LR, "lr_after": pytest.approx(LR / 5)}
+    assert "Recovered" in rows[1]["warning"] and "epoch 1 restored" in rows[1]["warning"]
+    assert "warning" not in rows[2] and rows[2]["val_predicted_classes"] > 1  # training went on from epoch 1
+    assert rows[2]["lr"] < LR / 5
+
+
+def test_the_recovered_state_is_the_best_epochs_at_the_lower_lr(tmp_path, folder, sabotage, monkeypatch):
+    seen = {}
+    real = vtrain.recover
+
+    def recover(loop, row):
+        seen["best"] = torch.load(loop.run_dir / "checkpoints/best.pt", weights_only=True)
+        real(loop, row)
+        seen["model"] = {k: v.clone() for k, v in vtrain.rundir.trained_state(loop.model).items()}
+        seen["lrs"] = [g["lr"] for g in loop.optimizer.param_groups]
+        seen["expected"] = [base * f(loop.step) for base, f in zip(loop.scheduler.base_lrs,
+                                                                    loop.scheduler.lr_lambdas, strict=True)]
+
+    monkeypatch.setattr(vtrain, "recover", recover)
+    vtrain.train(recipe_for(folder, epochs=3), tmp_path / "run")
+    assert seen["best"]["epoch"] == 1
+    for key, value in seen["best"]["model"].items():
+        assert torch.equal(seen["model"][key], value), key
+    assert seen["lrs"] == pytest.approx(seen["expected"]) and max(seen["lrs"]) < LR / 5
+
+
+def test_warn_only_changes_nothing(tmp_path, folder, sabotage):
+    rows = rows_of(vtrain.train(recipe_for(folder, epochs=3, on_collapse="warn"), tmp_path / "run"))
+    assert "warning" in rows[1] and not any("recovery" in r for r in rows)
+
+
+def test_resume_inside_a_recovery_is_exact(tmp_path, folder, sabotage, monkeypatch):
+    recipe = recipe_for(folder, epochs=4)
+    vtrain.train(recipe, tmp_path / "straight")
+    real_validate, calls = classification.validate, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C in epoch 3, after epoch 2's recovery was checkpointed
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(classification, "validate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        vtrain.train(recipe, tmp_path / "resumed")
+    monkeypatch.setattr(classification, "validate", real_validate)
+    assert "recovery" in rows_of(tmp_path / "resumed")[1]
+    vtrain.train(recipe, tmp_path / "resumed", resume=True)
+    a = torch.load(tmp_path / "straight/checkpoints/last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed/checkpoints/last.pt", weights_only=True)
+    lrs = a["scheduler"]["base_lrs"]
+    assert lrs == b["scheduler"]["base_lrs"] == pytest.approx([LR / 5] * len(lrs))  # the recovery's lr, resumed
+    for key in a["model"]:
+        assert torch.allclose(a["model"][key], b["model"][key], atol=1e-6), key
+    assert [r["val_top1"] for r in rows_of(tmp_path / "straight")] == [r["val_top1"] for r in
+                                                                        rows_of(tmp_path / "resumed")]
