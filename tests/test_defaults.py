@@ -1,4 +1,4 @@
-"""The defaults' safety rules (issues #30, #31): the collapse warning (silent during
+"""The defaults' safety rules (issues #30, #31): the lr by adapter preset, the collapse warning (silent during
 warm-up, naming the lr and a ready command) and the recovery from a collapse (restore the best epoch, go on at a
 lower lr), including --resume inside a recovery. Tiny generated data and models without pretrained weights."""
 
@@ -9,7 +9,7 @@ import torch
 
 import vislora.train as vtrain
 from vislora.data import make_synthetic_folder
-from vislora.recipe import resolve
+from vislora.recipe import LORA_CONV_LR, MODE_DEFAULTS, resolve
 from vislora.tasks import classification
 
 VIT = {"name": "vit_tiny_patch16_224", "pretrained": False, "kwargs": {"img_size": 32, "patch_size": 8, "depth": 1}}
@@ -48,6 +48,17 @@ def sabotage(monkeypatch):
         return row
 
     monkeypatch.setattr(vtrain, "train_epoch", train_epoch)
+
+
+def test_default_lr_depends_on_mode_and_on_where_lora_sits():
+    def lr(adapter, **train):
+        return resolve({"adapter": adapter, "train": train})["train"]["lr"]
+
+    assert lr({"targets": "vit"}) == lr({"targets": "all-linear"}) == MODE_DEFAULTS["lora"]
+    assert lr({"targets": "conv"}) == lr({"targets": "conv1x1"}) == lr({"targets": ["attn.qkv"]}) == LORA_CONV_LR
+    assert LORA_CONV_LR < MODE_DEFAULTS["lora"]
+    assert lr(None) == MODE_DEFAULTS["full"] and lr("linear_probe") == MODE_DEFAULTS["linear_probe"]
+    assert lr({"targets": "conv"}, lr=0.1) == 0.1  # a recipe's own lr is kept
 
 
 def test_on_collapse_is_checked():
