@@ -348,6 +348,10 @@ def end_epoch(loop: Loop, row: dict) -> None:
 # ---- a collapsed run: the warning after warm-up, and the recovery (issues #30, #31) ----------------------
 COLLAPSE_LR_FACTOR = 0.2  # a recovery goes on at 1/5 of the lr in use
 MAX_RECOVERIES = 2  # then only the warning
+# epochs in a row the health check must fail before it counts: with 1-2 steps an epoch, one epoch of a single
+# predicted class right after warm-up is a transient (issue #30's proof set: 2 of 15 LoRA runs, both recovered by
+# the next epochs in the seeds that were left alone); issue #30's real collapses lasted 7-9 epochs
+COLLAPSE_EPOCHS = 2
 
 
 def in_warmup(loop: Loop) -> bool:
@@ -357,15 +361,28 @@ def in_warmup(loop: Loop) -> bool:
     return loop.step <= schedule["head_steps"] + schedule["warmup"]
 
 
+def unhealthy_streak(history: list[dict]) -> int:
+    """Epochs in a row, at the end of `history`, whose health check failed since the last recovery."""
+    streak = 0
+    for row in reversed(history):
+        if not row.get("unhealthy") or "recovery" in row:
+            break
+        streak += 1
+    return streak
+
+
 def collapse_check(loop: Loop, row: dict) -> str | None:
-    """The task's health warning for this epoch (never during warm-up; rank 0 decides for every rank), with the lr
-    in use and a ready command; with train.on_collapse: recover, the recovery it triggers. Written into the row."""
+    """The task's health warning once its check has failed COLLAPSE_EPOCHS epochs in a row after warm-up (rank 0
+    decides for every rank; each failed epoch is marked "unhealthy" in its row), with the lr in use and a ready
+    command; with train.on_collapse: recover, the recovery it triggers. Written into the row."""
     warning = None if in_warmup(loop) else loop.task.health(row, len(loop.setup.class_names))
     if loop.world > 1:
         shared = [warning]
         dist.broadcast_object_list(shared, src=0)
         warning = shared[0]
-    if not warning:
+    if warning:
+        row["unhealthy"] = True
+    if not warning or unhealthy_streak(loop.history) + 1 < COLLAPSE_EPOCHS:
         return None
     lr = max(loop.scheduler.base_lrs)
     lower = float(f"{lr * COLLAPSE_LR_FACTOR:.2g}")
