@@ -334,7 +334,7 @@ def proof_verdict(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-PROOF_FITS_VIT = ("gray16", "emoji", "tissue_sky")  # proof folders of at most 32 px: the shipped 28 px ViT runs there
+PROOF_FITS_VIT = ("gray16", "emoji", "tissue_sky", "mpl_pair")  # at most 32 px: the shipped 28 px ViT runs there
 
 
 def main_proof(args: argparse.Namespace) -> int:
@@ -370,8 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=["tuned", "defaults", "proof"], default="tuned")
     p.add_argument("--models", nargs="+", default=None, help="default: Lite0 and MobileNetV2 (+ vit_fmnist: defaults)")
     p.add_argument("--targets", nargs="+", default=None,
-                   choices=["fmnist", "mnist", "digits", "scenes", "gray16", "emoji", "tissue_sky", "pair"],
-                   help="default: fmnist mnist (+ digits: defaults; proof: the five proof folders)")
+                   choices=["fmnist", "mnist", "digits", "scenes", "gray16", "emoji", "tissue_sky", "pair", "mpl_pair"],
+                   help="default: fmnist mnist (+ digits: defaults; proof: the six proof folders)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="defaults mode")
     p.add_argument("--hybrid", action="store_true", help="defaults mode: LoRA + norms/biases, LoRA + last block")
     p.add_argument("--only", nargs="+", default=None, help="defaults mode: run only these contenders")
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.mode == "proof":
         args.models = args.models or ["mobilenetv2_100", "vit_fmnist"]
-        args.targets = args.targets or ["scenes", "gray16", "emoji", "tissue_sky", "pair"]
+        args.targets = args.targets or ["scenes", "gray16", "emoji", "tissue_sky", "pair", "mpl_pair"]
         args.epochs = 10 if args.epochs is None else args.epochs
         return main_proof(args)
     if args.mode == "defaults":
