@@ -28,6 +28,12 @@ def rows_of(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(autouse=True)
+def no_plots(monkeypatch, one_thread):
+    """curves.png after every epoch is most of a tiny run's time; nothing here looks at it."""
+    monkeypatch.setattr(vtrain.rundir, "plot_curves", lambda history, path: None)
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return make_synthetic_folder(tmp_path_factory.mktemp("images"), classes=3, per_class=12, size=32, split=True)
@@ -78,15 +84,30 @@ def test_warning_is_silent_during_warmup_then_names_the_lr_and_a_command(tmp_pat
     assert f"vislora train {run / 'recipe.yaml'} --set train.lr={LR / 5:g} --out {run}-lr{LR / 5:g}" in warning
 
 
-def test_a_forced_collapse_recovers(tmp_path, folder, sabotage):
-    run = vtrain.train(recipe_for(folder, epochs=4), tmp_path / "run")
-    rows = rows_of(run)
+def test_a_forced_collapse_recovers_to_the_best_epoch_at_a_lower_lr(tmp_path, folder, sabotage, monkeypatch):
+    seen = {}
+    real = vtrain.recover
+
+    def recover(loop, row):
+        seen["best"] = torch.load(loop.run_dir / "checkpoints/best.pt", weights_only=True)
+        real(loop, row)
+        seen["model"] = {k: v.clone() for k, v in vtrain.rundir.trained_state(loop.model).items()}
+        seen["lrs"] = [g["lr"] for g in loop.optimizer.param_groups]
+        seen["expected"] = [base * f(loop.step) for base, f in zip(loop.scheduler.base_lrs,
+                                                                    loop.scheduler.lr_lambdas, strict=True)]
+
+    monkeypatch.setattr(vtrain, "recover", recover)
+    rows = rows_of(vtrain.train(recipe_for(folder, epochs=4), tmp_path / "run"))
     assert rows[1]["unhealthy"] and "warning" not in rows[1]  # one epoch is not yet a collapse
     assert "every val image gets the same class" in rows[2]["warning"]
     assert rows[2]["recovery"] == {"restored_epoch": 1, "lr_before": LR, "lr_after": pytest.approx(LR / 5)}
     assert "Recovered" in rows[2]["warning"] and "epoch 1 restored" in rows[2]["warning"]
     assert "warning" not in rows[3] and rows[3]["val_predicted_classes"] > 1  # training went on from epoch 1
     assert rows[3]["lr"] < LR / 5
+    assert seen["best"]["epoch"] == 1  # the recovered state is epoch 1's, at 1/5 of the scheduled lr
+    for key, value in seen["best"]["model"].items():
+        assert torch.equal(seen["model"][key], value), key
+    assert seen["lrs"] == pytest.approx(seen["expected"]) and max(seen["lrs"]) < LR / 5
 
 
 def test_one_unhealthy_epoch_is_a_transient(tmp_path, folder, monkeypatch):
@@ -108,33 +129,13 @@ def test_one_unhealthy_epoch_is_a_transient(tmp_path, folder, monkeypatch):
     assert rows[1].get("unhealthy") and not any("warning" in r or "recovery" in r for r in rows)
 
 
-def test_the_recovered_state_is_the_best_epochs_at_the_lower_lr(tmp_path, folder, sabotage, monkeypatch):
-    seen = {}
-    real = vtrain.recover
-
-    def recover(loop, row):
-        seen["best"] = torch.load(loop.run_dir / "checkpoints/best.pt", weights_only=True)
-        real(loop, row)
-        seen["model"] = {k: v.clone() for k, v in vtrain.rundir.trained_state(loop.model).items()}
-        seen["lrs"] = [g["lr"] for g in loop.optimizer.param_groups]
-        seen["expected"] = [base * f(loop.step) for base, f in zip(loop.scheduler.base_lrs,
-                                                                    loop.scheduler.lr_lambdas, strict=True)]
-
-    monkeypatch.setattr(vtrain, "recover", recover)
-    vtrain.train(recipe_for(folder, epochs=3), tmp_path / "run")
-    assert seen["best"]["epoch"] == 1
-    for key, value in seen["best"]["model"].items():
-        assert torch.equal(seen["model"][key], value), key
-    assert seen["lrs"] == pytest.approx(seen["expected"]) and max(seen["lrs"]) < LR / 5
-
-
 def test_warn_only_changes_nothing(tmp_path, folder, sabotage):
     rows = rows_of(vtrain.train(recipe_for(folder, epochs=3, on_collapse="warn"), tmp_path / "run"))
     assert "warning" in rows[2] and not any("recovery" in r for r in rows)
 
 
 def test_resume_inside_a_recovery_is_exact(tmp_path, folder, sabotage, monkeypatch):
-    recipe = recipe_for(folder, epochs=5)
+    recipe = recipe_for(folder, epochs=4)
     vtrain.train(recipe, tmp_path / "straight")
     real_validate, calls = classification.validate, []
 
