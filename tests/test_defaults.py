@@ -61,7 +61,8 @@ def test_default_lr_depends_on_mode_and_on_where_lora_sits():
         return resolve({"adapter": adapter, "train": train})["train"]["lr"]
 
     assert lr({"targets": "vit"}) == lr({"targets": "all-linear"}) == MODE_DEFAULTS["lora"]
-    assert lr({"targets": "conv"}) == lr({"targets": "conv1x1"}) == lr({"targets": ["attn.qkv"]}) == LORA_CONV_LR
+    assert lr({"targets": "conv1x1"}) == MODE_DEFAULTS["lora"]  # 2e-3 cost it up to 1.9 points
+    assert lr({"targets": "conv"}) == lr({"targets": "all"}) == lr({"targets": ["attn.qkv"]}) == LORA_CONV_LR
     assert LORA_CONV_LR < MODE_DEFAULTS["lora"]
     assert lr(None) == MODE_DEFAULTS["full"] and lr("linear_probe") == MODE_DEFAULTS["linear_probe"]
     assert lr({"targets": "conv"}, lr=0.1) == 0.1  # a recipe's own lr is kept
