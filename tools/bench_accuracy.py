@@ -34,6 +34,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 from make_detection_data import FASHION_DIR, FASHION_NAMES, read_idx  # noqa: E402
+from make_proof_folders import folders  # noqa: E402
 
 from vislora.inject import classifier_names, find_targets, freeze_bn_stats  # noqa: E402
 from vislora.recipe import resolve  # noqa: E402
@@ -242,13 +244,17 @@ def defaults_recipe(model: str, data: Path, adapter, epochs: int, seed: int, tra
                     "train": {"epochs": epochs, "seed": seed, **(train or {})}}, f"bench_accuracy defaults {model}")
 
 
-def run_defaults(args: argparse.Namespace, data: dict[str, Path], out: Path) -> list[dict]:
-    """Every (model, target, contender, seed) once; finished cells are read back from results_defaults.json."""
-    path = out / "results_defaults.json"
+def run_defaults(args: argparse.Namespace, data: dict[str, Path], out: Path, name: str = "results_defaults",
+                 skip: set[tuple[str, str]] = frozenset()) -> list[dict]:
+    """Every (model, target, contender, seed) once, but the (model, target) pairs in `skip`; finished cells are
+    read back from NAME.json."""
+    path = out / f"{name}.json"
     rows = json.loads(path.read_text())["rows"] if path.is_file() else []
     done = {(r["model"], r["target"], r["contender"], r["seed"]) for r in rows}
     for model in args.models:
         for target in args.targets:
+            if (model, target) in skip:
+                continue
             for contender, (adapter, adapt, *extra) in defaults_contenders(model, args.hybrid,
                                                                            args.head_epochs).items():
                 if args.only and contender not in args.only:
@@ -266,6 +272,7 @@ def run_defaults(args: argparse.Namespace, data: dict[str, Path], out: Path) -> 
                                  "epochs": args.epochs, "lr": recipe["train"]["lr"],
                                  "val_top1": metrics[-1]["val_top1"], "curve": [m["val_top1"] for m in metrics],
                                  "warnings": [m["warning"] for m in metrics if "warning" in m],
+                                 "recoveries": [m["recovery"] for m in metrics if "recovery" in m],
                                  "trainable_share": summary["trainable_share"],
                                  "wall_s": round(time.perf_counter() - start, 1)})
                     print(json.dumps(rows[-1]), flush=True)
@@ -289,6 +296,63 @@ def markdown_defaults(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def points(rows: list[dict], at: Callable[[list[float]], float]) -> str:
+    """Mean ± std over the rows' seeds of one point of each val curve (in points)."""
+    acc = [100 * at(r["curve"]) for r in rows]
+    return f"{np.mean(acc):.1f} ± {np.std(acc):.1f}"
+
+
+def markdown_curves(rows: list[dict]) -> str:
+    """Per (model, data, contender): val top-1 after epoch 1, at the last epoch and of the kept (best-val) epoch,
+    mean ± std over seeds, the runs that warned of a collapse and those that recovered from one."""
+    lines = ["| model | data | contender | lr | epoch 1 | last | kept | warned / recovered runs |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for key in dict.fromkeys((r["model"], r["target"], r["contender"]) for r in rows):
+        got = [r for r in rows if (r["model"], r["target"], r["contender"]) == key]
+        warned = sum(bool(r["warnings"]) for r in got)
+        recovered = sum(bool(r.get("recoveries")) for r in got)
+        lines.append(f"| {' | '.join(key)} | {got[0]['lr']:g} | {points(got, lambda c: c[0])} | "
+                     f"{points(got, lambda c: c[-1])} | {points(got, max)} | {warned} / {recovered} of {len(got)} |")
+    return "\n".join(lines)
+
+
+def proof_verdict(rows: list[dict]) -> str:
+    """Issue #30's bar per (model, folder): LoRA's last-epoch mean >= probe - 1 point and >= full FT - 2 points;
+    no run ends more than 5 points below its own epoch 1; the runs that warned (every warning there is false
+    unless a run really collapsed: read its curve)."""
+    lines = []
+    for model, target in dict.fromkeys((r["model"], r["target"]) for r in rows):
+        cell = {c: [r for r in rows if (r["model"], r["target"], r["contender"]) == (model, target, c)]
+                for c in dict.fromkeys(r["contender"] for r in rows if (r["model"], r["target"]) == (model, target))}
+        last = {c: 100 * np.mean([r["curve"][-1] for r in got]) for c, got in cell.items() if got}
+        lora = next(c for c in last if c.startswith("lora"))
+        drops = [f"{r['contender']}/{r['seed']} {100 * (r['curve'][-1] - r['curve'][0]):+.1f}" for got in cell.values()
+                 for r in got if r["curve"][-1] < r["curve"][0] - 0.05]
+        warned = [f"{r['contender']}/{r['seed']}" for got in cell.values() for r in got if r["warnings"]]
+        lines.append(f"- {model} / {target}: LoRA - probe {last[lora] - last['probe']:+.1f}, LoRA - full "
+                     f"{last[lora] - last['full']:+.1f}; ends > 5 points below epoch 1: {', '.join(drops) or 'none'}; "
+                     f"warned: {', '.join(warned) or 'none'}")
+    return "\n".join(lines)
+
+
+PROOF_FITS_VIT = ("gray16", "emoji", "tissue_sky", "mpl_pair")  # at most 32 px: the shipped 28 px ViT runs there
+
+
+def main_proof(args: argparse.Namespace) -> int:
+    """The proof set (tools/make_proof_folders.py): LoRA (the model's first preset), full fine-tuning and the probe
+    with defaults only, every seed; the ViT only on the folders of at most 32 px."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = folders(ROOT / ".cache" / "proof", args.targets)
+    args.only = args.only or [f"lora_{DEFAULT_MODELS[m][2][0]}" for m in args.models] + ["full", "probe"]
+    skip = {("vit_fmnist", t) for t in data if t not in PROOF_FITS_VIT}
+    rows = run_defaults(args, data, out, "results_proof", skip)
+    text = markdown_curves(rows) + "\n\n" + proof_verdict(rows)
+    (out / "results_proof.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def main_defaults(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -296,7 +360,7 @@ def main_defaults(args: argparse.Namespace) -> int:
     if "fmnist" in args.targets:
         data["fmnist"] = fashion_folder(ROOT / ".cache" / "bench", args.per_class, val_per_class=50)
     rows = run_defaults(args, data, out)
-    table = markdown_defaults(rows)
+    table = markdown_defaults(rows) + "\n\n" + markdown_curves(rows)
     (out / "results_defaults.md").write_text(table + "\n")
     print(table)
     return 0
@@ -304,10 +368,11 @@ def main_defaults(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["tuned", "defaults"], default="tuned")
+    p.add_argument("--mode", choices=["tuned", "defaults", "proof"], default="tuned")
     p.add_argument("--models", nargs="+", default=None, help="default: Lite0 and MobileNetV2 (+ vit_fmnist: defaults)")
-    p.add_argument("--targets", nargs="+", default=None, choices=["fmnist", "mnist", "digits"],
-                   help="default: fmnist mnist (+ digits: defaults)")
+    p.add_argument("--targets", nargs="+", default=None,
+                   choices=["fmnist", "mnist", "digits", "scenes", "gray16", "emoji", "tissue_sky", "pair", "mpl_pair"],
+                   help="default: fmnist mnist (+ digits: defaults; proof: the six proof folders)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="defaults mode")
     p.add_argument("--hybrid", action="store_true", help="defaults mode: LoRA + norms/biases, LoRA + last block")
     p.add_argument("--only", nargs="+", default=None, help="defaults mode: run only these contenders")
@@ -324,6 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_accuracy"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.mode == "proof":
+        args.models = args.models or ["mobilenetv2_100", "vit_fmnist"]
+        args.targets = args.targets or ["scenes", "gray16", "emoji", "tissue_sky", "pair", "mpl_pair"]
+        args.epochs = 10 if args.epochs is None else args.epochs
+        return main_proof(args)
     if args.mode == "defaults":
         args.models = args.models or list(DEFAULT_MODELS)
         args.targets = args.targets or ["mnist", "fmnist", "digits"]
