@@ -271,3 +271,16 @@ def test_trainable_summary_and_optimizer_params():
     assert s["adapted_layers"] == 8
     assert s["trainable"] == s["adapter"] + sum(p.numel() for p in model.head.parameters())
     assert 0 < s["trainable_share"] < 0.1
+
+
+def test_inject_keeps_the_eval_mode_of_the_layers_it_wraps():
+    """An adapter injected into an eval-mode model is in eval mode too (no adapter dropout at eval, and unload
+    gives back layers in the mode they had): verify must not leave them in train mode."""
+    model = build("resnet18", {})
+    inject(model, LoraConfig(targets="all", dropout=0.5), verify=True)
+    assert not any(m.training for m in model.modules())
+    x = torch.randn(1, 3, 32, 32)
+    randomize(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x)), "adapter dropout must be off in eval mode"
+    assert not any(m.training for m in unload(model).modules())

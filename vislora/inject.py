@@ -332,6 +332,7 @@ def inject(model: nn.Module, config: LoraConfig, verify: bool | None = None, wit
     for name, module, parts, r in plan:
         alpha = pattern_value(name, config.alpha_pattern, config.alpha)
         layer = LoraLayer(module, r, alpha, config.dropout, config.rslora, qkv_parts=parts)
+        layer.train(module.training)  # a new module starts in train mode: keep the replaced layer's mode
         warn_if_oversized(name, layer)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
