@@ -1,6 +1,7 @@
 """Table-driven tests of the foundation: every model family, every conv geometry, merge exactness, selection."""
 
 import copy
+import warnings
 
 import pytest
 import timm
@@ -12,7 +13,7 @@ from torch.nn.utils import parametrizations
 
 import vislora
 from vislora import LoraConfig, inject, lora_layers, merge, trainable_summary, unload, unmerge
-from vislora.inject import freeze_bn_stats
+from vislora.inject import freeze_bn_stats, unadaptable_layers
 from vislora.layers import LoraLayer, _depthwise_on_cpu
 
 
@@ -284,3 +285,38 @@ def test_inject_keeps_the_eval_mode_of_the_layers_it_wraps():
     with torch.no_grad():
         assert torch.equal(model(x), model(x)), "adapter dropout must be off in eval mode"
     assert not any(m.training for m in unload(model).modules())
+
+
+class AttentionAndConv1d(nn.Module):
+    """nn.MultiheadAttention (OpenCLIP) and an ECA-style Conv1d: weights no preset can adapt."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 4, stride=4)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.eca = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+        self.fc = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+        self.pretrained_cfg = {"first_conv": "stem", "classifier": "head"}
+
+    def forward(self, x):
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        x = x * self.eca(x.mean(1, keepdim=True)).sigmoid()
+        return self.head(self.fc(x).mean(1))
+
+
+def test_presets_name_the_layers_they_cannot_adapt():
+    """A preset skips nn.MultiheadAttention's in_proj_weight and a Conv1d: one warning names them (never a silent
+    skip); out_proj, a Linear, is adapted; explicit patterns say nothing extra."""
+    model = AttentionAndConv1d()
+    skipped = unadaptable_layers(model)
+    assert list(skipped) == ["attn", "eca"]
+    assert skipped["attn"].startswith("MultiheadAttention: its in_proj_weight")
+    assert skipped["eca"].startswith("Conv1d: only nn.Conv2d")
+    with pytest.warns(UserWarning, match=r"preset 'all' leaves 2 layer\(s\) that vislora cannot adapt, e.g. 'attn'"):
+        inject(model, LoraConfig(targets="all"))
+    assert {n for n, _ in lora_layers(model)} == {"attn.out_proj", "fc"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inject(AttentionAndConv1d(), LoraConfig(targets=["fc"]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -110,6 +111,41 @@ PRESETS = {
     "all": lambda n, m: isinstance(m, (nn.Linear, nn.Conv2d)),
     "all-linear": lambda n, m: isinstance(m, nn.Linear),
 }
+
+
+# layers with weights that no preset adapts, because LoraLayer wraps nn.Linear and nn.Conv2d only: type -> why
+UNADAPTABLE = {
+    nn.MultiheadAttention: "its in_proj_weight is a bare Parameter read by F.multi_head_attention_forward "
+                           "(its out_proj, a Linear, is adapted)",
+    nn.modules.conv._ConvNd: "only nn.Conv2d is adapted, not 1-d, 3-d or transposed convolutions",
+    nn.Embedding: "embeddings are not adapted",
+}
+
+
+def unadaptable_layers(model: nn.Module, within: str | None = None) -> dict[str, str]:
+    """Layers with weights (outside the stem and classifier) that no preset can adapt: name -> "Type: why"."""
+    scope = model.get_submodule(within) if within else model
+    prefix = within + "." if within else ""
+    edges = stem_names(scope) + classifier_names(scope)
+    found = {}
+    for name, m in scope.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, LoraLayer)) or _within(name, edges):
+            continue
+        why = next((w for t, w in UNADAPTABLE.items() if isinstance(m, t)), None)
+        if why:
+            found[prefix + name] = f"{type(m).__name__}: {why}"
+    return found
+
+
+def warn_unadaptable(model: nn.Module, config: LoraConfig, within: str | None = None) -> None:
+    """One warning naming the layers a preset leaves because vislora cannot adapt them (never a silent skip)."""
+    if not (isinstance(config.targets, str) and config.targets in PRESETS):
+        return
+    skipped = unadaptable_layers(model, within)
+    if skipped:
+        first, why = next(iter(skipped.items()))
+        warnings.warn(f"preset '{config.targets}' leaves {len(skipped)} layer(s) that vislora cannot adapt, e.g. "
+                      f"'{first}' ({why})", stacklevel=3)
 
 
 # ---- finding targets ------------------------------------------------------------------------------
@@ -322,6 +358,7 @@ def inject(model: nn.Module, config: LoraConfig, verify: bool | None = None, wit
     if any(True for _ in lora_layers(model)):
         raise ValueError("model already carries vislora adapters: unload() it first, or load_adapter() into it")
     names = find_targets(model, config, within)  # everything is checked before the model changes
+    warn_unadaptable(model, config, within)
     train_names = resolve_train(model, config.train)
     resolve_train_params(model, config.train, train_names)
     plan = []
