@@ -13,7 +13,7 @@ from torch.nn.utils import parametrizations
 
 import vislora
 from vislora import LoraConfig, inject, lora_layers, merge, trainable_summary, unload, unmerge
-from vislora.inject import freeze_bn_stats, unadaptable_layers
+from vislora.inject import find_targets, freeze_bn_stats, unadaptable_layers
 from vislora.layers import LoraLayer, _depthwise_on_cpu
 
 
@@ -320,3 +320,19 @@ def test_presets_name_the_layers_they_cannot_adapt():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         inject(AttentionAndConv1d(), LoraConfig(targets=["fc"]))
+
+
+@pytest.mark.parametrize("name,kwargs,wanted", [
+    ("convit_tiny", dict(depth=2), {"blocks.0.attn.qk", "blocks.0.attn.v", "blocks.0.attn.proj"}),
+    ("crossvit_tiny_240", {}, {"blocks.0.fusion.0.attn.wq", "blocks.0.fusion.0.attn.wk", "blocks.0.fusion.0.attn.wv"}),
+    ("tnt_s_legacy_patch16_224", dict(depth=2), {"blocks.0.attn_in.qk", "blocks.0.attn_in.v", "blocks.0.attn_out.qk",
+                                                  "blocks.0.attn_out.proj", "blocks.0.mlp_in.fc1", "blocks.0.mlp.fc2"}),
+])
+def test_vit_preset_adapts_every_attention_of_convit_crossvit_and_tnt(name, kwargs, wanted):
+    """ConViT's GPSA (qk, v), CrossViT's cross-attention (wq, wk, wv) and TNT's inner and outer attention are
+    attention projections: the vit preset takes them (the conformance suite found them skipped)."""
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, num_classes=5, **kwargs)
+    names = set(find_targets(model, LoraConfig(targets="vit")))
+    assert wanted <= names
+    assert not any(n.endswith(("pos_proj", "proj_l", "proj_w")) for n in names)

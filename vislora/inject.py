@@ -101,7 +101,10 @@ def _is_factorized(m: nn.Module) -> bool:
     return _is_conv(m) and (m.groups > 1 or 1 in tuple(m.kernel_size))
 
 
-_VIT = re.compile(r"(^|.*\.)(attn\.(qkv|proj|q_proj|k_proj|v_proj|q|k|v|kv)|mlp\.(fc1|fc2|fc1_g|fc1_x))$")
+# attention and MLP projections of transformer blocks: ViT/DeiT/Swin/EVA/BEiT, ConViT's GPSA (qk, v), CrossViT's
+# cross-attention (wq, wk, wv), TNT's inner and outer blocks (attn_in, attn_out, mlp_in)
+_VIT = re.compile(r"(^|.*\.)(attn(_in|_out)?\.(qkv|qk|proj|q_proj|k_proj|v_proj|q|k|v|kv|wq|wk|wv)"
+                  r"|mlp(_in|_out)?\.(fc1|fc2|fc1_g|fc1_x))$")
 
 # preset name -> predicate(name, module); stem and classifier are excluded for every preset
 PRESETS = {
