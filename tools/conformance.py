@@ -906,13 +906,17 @@ def summary_line(results: list[dict]) -> str:
     totals = Counter(key for o in oks for key, value in o.items() if value)
     inert = sum(1 for r in results if any(run.get("live", {}).get("inert") for run in r.get("runs", {}).values()))
     reparam = [r for r in results if "reparam" in r]
+    fused = Counter(r["reparam"]["fuse_adapted"].split()[0] for r in reparam)
     peft = Counter(r.get("peft", {}).get("result", "crash") for r, o in zip(results, oks, strict=True) if o["covered"])
     count = totals.__getitem__
-    return (f"{len(results)} families ({count('covered')} adapted by vislora): {count('live')} live "
+    synthetic = sum(r["family"] in SYNTHETIC for r in results)
+    return (f"{len(results)} families ({len(results) - synthetic} timm modules + {synthetic} nn.MultiheadAttention "
+            f"stack), {count('covered')} adapted by vislora: {count('live')} live "
             f"({inert} with layers inert at the tested input), {count('exact')} exact, {count('trains')} train, "
             f"{count('exports')} export to TorchScript and ONNX (+{count('timm_limit')} where the base model does "
-            f"not: timm's limit), {sum(r['reparam']['ok'] for r in reparam)} of {len(reparam)} reparameterisable "
-            f"ones fuse with their adapters; PEFT on the same layers: {peft['ok']} ok, {peft['refused']} refused "
+            f"not: timm's limit); {sum(r['reparam']['ok'] for r in reparam)} of {len(reparam)} reparameterisable ones "
+            f"fuse after unload (fused with adapters on: {fused['keeps']} keep the update, {fused['fails']} fail "
+            f"loudly, {fused['drops']} drop it); PEFT on the same layers: {peft['ok']} ok, {peft['refused']} refused "
             f"(some or all layers), {peft['crash']} crash, {peft['bypass']} silent bypass, {peft['inexact']} inexact "
             "merge")
 
@@ -972,6 +976,37 @@ def reparam_row(r: dict) -> str:
             f"{cells['live']}, {cells['exact']} |")
 
 
+FINDINGS = """
+## What the suite found, and why
+
+Written from the measurements above (the tool reruns them; this text it only copies).
+
+- **PEFT silent bypass** (EVA, BEiT, Swin V2 `attn.qkv`; `nn.MultiheadAttention`'s `out_proj`): timm calls
+  `F.linear(x, self.qkv.weight, qkv_bias)` and torch's attention reads `out_proj.weight`, so PEFT's wrapper is
+  never called: its adapter trains nothing, and merging then applies an update the unmerged model never had.
+  vislora's `weight` property carries the update on that path.
+- **PEFT refusals**: depthwise and grouped convs where r=8 is not a multiple of `groups` ("Currently, support is
+  limited to conv layers where the rank is divisible by groups"); the family's other layers are checked alone.
+- **PEFT crashes**: grouped convs whose `groups` divides r wrap, but merging them fails in `get_delta_weight`
+  (a conv of A and B without `groups`: "Given groups=1, weight of size ..."); DLA names its stem `base_layer`,
+  PEFT's own attribute, and `merge_adapter` then calls `DLA.merge`; DaViT's forward through PEFT fails
+  ("'Conv2d' object has no attribute 'kernel_size'").
+- **Inert at the smallest input, live at a larger one** (LeViT, EfficientFormer V2, EfficientViT (MSRA), iFormer,
+  MViT V2, GC ViT, Swin V2, Swin V2 CR; none dead): attention over a single token ignores its queries and keys
+  (the softmax of one score is 1), 1x1 windows make relative-position MLPs irrelevant, GC ViT's global queries feed
+  such an attention; at 64 or 96 px every adapter is live.
+- **Inert at every input tried** (test_nfnet `stages.0.0.attn_last.fc1/fc2`): at random init the squeeze-excite
+  ReLU is dead for every channel; the layers are called, and nothing they output reaches the logits.
+- **Skipped, named**: `nn.MultiheadAttention`'s `in_proj_weight` (a bare Parameter), `nn.Conv1d` (EfficientViM's
+  SSM projections, 18% of its parameters; CoaT's 4-weight aggregate), `nn.ConvTranspose2d` (LowFormer's upsampling,
+  13%): vislora wraps `nn.Linear` and `nn.Conv2d` only; `inject` warns once, naming them.
+- **Fusing a model that still carries adapters** fails loudly in EfficientViM, NextViT and RepGhost (timm's fuse
+  code assigns or asserts on the wrapped layer); fusing after `unload` is exact everywhere.
+- **ONNX export of Gemma 4's ViT** fails for the untouched timm model too (the exported graph is not
+  topologically sorted): timm's (or torch's exporter's) limit.
+"""
+
+
 def render(results: list[dict], meta: dict) -> str:
     """docs/compatibility.md from the results."""
     ordered = sorted(results, key=lambda r: r["family"])
@@ -980,7 +1015,7 @@ def render(results: list[dict], meta: dict) -> str:
     reparam = [r for r in ordered if "reparam" in r]
     if reparam:
         text += REPARAM_HEADER.format(exact=EXACT_TOL) + "\n".join(reparam_row(r) for r in reparam) + "\n"
-    return text
+    return text + (FINDINGS if len(results) > len(SYNTHETIC) + 50 else "")  # the notes describe a full run
 
 
 # ---- command line ---------------------------------------------------------------------------------
