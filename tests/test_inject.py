@@ -14,7 +14,7 @@ from torch.nn.utils import parametrizations
 
 import vislora
 from vislora import LoraConfig, inject, lora_layers, merge, trainable_summary, unload, unmerge
-from vislora.inject import freeze_bn_stats
+from vislora.inject import find_targets, freeze_bn_stats, unadaptable_layers
 from vislora.layers import LoraLayer, _depthwise_on_cpu
 
 
@@ -286,3 +286,68 @@ def test_one_exclude_or_train_pattern_given_as_a_string_is_one_pattern():
     names = [n for n, _ in lora_layers(model)]
     assert "blocks.0.attn.qkv" not in names and "blocks.1.attn.qkv" in names
     assert model.head.weight.requires_grad
+
+
+def test_inject_keeps_the_eval_mode_of_the_layers_it_wraps():
+    """An adapter injected into an eval-mode model is in eval mode too (no adapter dropout at eval, and unload
+    gives back layers in the mode they had): verify must not leave them in train mode."""
+    model = build("resnet18", {})
+    inject(model, LoraConfig(targets="all", dropout=0.5), verify=True)
+    assert not any(m.training for m in model.modules())
+    x = torch.randn(1, 3, 32, 32)
+    randomize(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x)), "adapter dropout must be off in eval mode"
+    assert not any(m.training for m in unload(model).modules())
+
+
+class AttentionAndConv1d(nn.Module):
+    """nn.MultiheadAttention (OpenCLIP) and an ECA-style Conv1d: weights no preset can adapt."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 4, stride=4)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.eca = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+        self.fc = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+        self.pretrained_cfg = {"first_conv": "stem", "classifier": "head"}
+
+    def forward(self, x):
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        x = x * self.eca(x.mean(1, keepdim=True)).sigmoid()
+        return self.head(self.fc(x).mean(1))
+
+
+def test_presets_name_the_layers_they_cannot_adapt(caplog):
+    """A preset skips nn.MultiheadAttention's in_proj_weight and a Conv1d: one logged warning names them (never
+    a silent skip); out_proj, a Linear, is adapted; explicit patterns say nothing extra."""
+    model = AttentionAndConv1d()
+    skipped = unadaptable_layers(model)
+    assert list(skipped) == ["attn", "eca"]
+    assert skipped["attn"].startswith("MultiheadAttention: its in_proj_weight")
+    assert skipped["eca"].startswith("Conv1d: only nn.Conv2d")
+    with caplog.at_level(logging.WARNING, "vislora.inject"):
+        inject(model, LoraConfig(targets="all"))
+    assert "preset 'all' leaves 2 layer(s) that vislora cannot adapt, e.g. 'attn'" in caplog.text
+    assert {n for n, _ in lora_layers(model)} == {"attn.out_proj", "fc"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inject(AttentionAndConv1d(), LoraConfig(targets=["fc"]))
+
+
+@pytest.mark.parametrize("name,kwargs,wanted", [
+    ("convit_tiny", dict(depth=2), {"blocks.0.attn.qk", "blocks.0.attn.v", "blocks.0.attn.proj"}),
+    ("crossvit_tiny_240", {}, {"blocks.0.fusion.0.attn.wq", "blocks.0.fusion.0.attn.wk", "blocks.0.fusion.0.attn.wv"}),
+    ("tnt_s_legacy_patch16_224", dict(depth=2), {"blocks.0.attn_in.qk", "blocks.0.attn_in.v", "blocks.0.attn_out.qk",
+                                                  "blocks.0.attn_out.proj", "blocks.0.mlp_in.fc1", "blocks.0.mlp.fc2"}),
+])
+def test_vit_preset_adapts_every_attention_of_convit_crossvit_and_tnt(name, kwargs, wanted):
+    """ConViT's GPSA (qk, v), CrossViT's cross-attention (wq, wk, wv) and TNT's inner and outer attention are
+    attention projections: the vit preset takes them (the conformance suite found them skipped)."""
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, num_classes=5, **kwargs)
+    names = set(find_targets(model, LoraConfig(targets="vit")))
+    assert wanted <= names
+    assert not any(n.endswith(("pos_proj", "proj_l", "proj_w")) for n in names)

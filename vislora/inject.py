@@ -122,7 +122,10 @@ def _is_factorized(m: nn.Module) -> bool:
     return _is_conv(m) and (m.groups > 1 or 1 in tuple(m.kernel_size))
 
 
-_VIT = re.compile(r"(^|.*\.)(attn\.(qkv|proj|q_proj|k_proj|v_proj|q|k|v|kv)|mlp\.(fc1|fc2|fc1_g|fc1_x))$")
+# attention and MLP projections of transformer blocks: ViT/DeiT/Swin/EVA/BEiT, ConViT's GPSA (qk, v), CrossViT's
+# cross-attention (wq, wk, wv), TNT's inner and outer blocks (attn_in, attn_out, mlp_in)
+_VIT = re.compile(r"(^|.*\.)(attn(_in|_out)?\.(qkv|qk|proj|q_proj|k_proj|v_proj|q|k|v|kv|wq|wk|wv)"
+                  r"|mlp(_in|_out)?\.(fc1|fc2|fc1_g|fc1_x))$")
 
 # preset name -> predicate(name, module); stem and classifier are excluded for every preset
 PRESETS = {
@@ -132,6 +135,41 @@ PRESETS = {
     "all": lambda n, m: isinstance(m, (nn.Linear, nn.Conv2d)),
     "all-linear": lambda n, m: isinstance(m, nn.Linear),
 }
+
+
+# layers with weights that no preset adapts, because LoraLayer wraps nn.Linear and nn.Conv2d only: type -> why
+UNADAPTABLE = {
+    nn.MultiheadAttention: "its in_proj_weight is a bare Parameter read by F.multi_head_attention_forward "
+                           "(its out_proj, a Linear, is adapted)",
+    nn.modules.conv._ConvNd: "only nn.Conv2d is adapted, not 1-d, 3-d or transposed convolutions",
+    nn.Embedding: "embeddings are not adapted",
+}
+
+
+def unadaptable_layers(model: nn.Module, within: str | None = None) -> dict[str, str]:
+    """Layers with weights (outside the stem and classifier) that no preset can adapt: name -> "Type: why"."""
+    scope = model.get_submodule(within) if within else model
+    prefix = within + "." if within else ""
+    edges = stem_names(scope) + classifier_names(scope)
+    found = {}
+    for name, m in scope.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, LoraLayer)) or _within(name, edges):
+            continue
+        why = next((w for t, w in UNADAPTABLE.items() if isinstance(m, t)), None)
+        if why:
+            found[prefix + name] = f"{type(m).__name__}: {why}"
+    return found
+
+
+def warn_unadaptable(model: nn.Module, config: LoraConfig, within: str | None = None) -> None:
+    """One warning naming the layers a preset leaves because vislora cannot adapt them (never a silent skip)."""
+    if not (isinstance(config.targets, str) and config.targets in PRESETS):
+        return
+    skipped = unadaptable_layers(model, within)
+    if skipped:
+        first, why = next(iter(skipped.items()))
+        log.warning("preset '%s' leaves %d layer(s) that vislora cannot adapt, e.g. '%s' (%s)", config.targets,
+                    len(skipped), first, why)
 
 
 # ---- finding targets ------------------------------------------------------------------------------
@@ -408,6 +446,7 @@ def inject(model: nn.Module, config: LoraConfig, verify: bool | None = None, wit
     train_names = resolve_train(model, config.train)
     resolve_train_params(model, config.train, train_names)
     inject_layers(model, config, name, within)
+    warn_unadaptable(model, config, within)
     model.vislora_config = config
     model.vislora_train = list(train_names)
     model.vislora_train_params = resolve_train_params(model, config.train, train_names)  # names after wrapping
