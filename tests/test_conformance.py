@@ -54,8 +54,6 @@ def test_every_adapter_is_live_trains_and_merges_exactly(trap, name, kwargs, sid
     assert plain is not None and not any(type(m).__module__.startswith("vislora") for m in plain.modules())
 
 
-@pytest.mark.xfail(strict=True, reason="layers.py gap: LoraLayer wraps nn.Linear / nn.Conv2d only, so "
-                   "nn.MultiheadAttention's in_proj_weight (a bare Parameter) gets no adapter")
 def test_multihead_attention_in_projection_is_adapted():
     report, _, _, _ = run("torch_multihead_attention", {}, 32, "all")
     assert not any(k.startswith("MultiheadAttention") for k in report["skipped"])

@@ -36,6 +36,17 @@ class Wrap(nn.Module):
         return self.layer(x)
 
 
+class SelfAttention(nn.Module):
+    """An OpenCLIP-style block: nn.MultiheadAttention (in_proj and out_proj adapted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(12, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
 def vit():
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, **VIT)
 
@@ -53,6 +64,9 @@ CASES = [
     ("depthwise-5x5", lambda: nn.Sequential(nn.Conv2d(6, 6, 5, padding=2, groups=6)), (2, 6, 9, 9),
      {"targets": ["0"]}),
     ("conv2dsame", lambda: nn.Sequential(Conv2dSame(4, 6, 3, stride=2)), (2, 4, 9, 9), {"targets": ["0"]}),
+    ("conv1d", lambda: nn.Sequential(nn.Conv1d(4, 6, 3, padding=1)), (2, 4, 9), {"targets": ["0"]}),
+    ("multihead-attention", SelfAttention, (2, 5, 12), {"targets": "all"}),
+    ("mha-qv", SelfAttention, (2, 5, 12), {"targets": "vit", "qkv": "qv"}),
     ("mixedconv", lambda: nn.Sequential(MixedConv2d(8, 8, [3, 5], depthwise=True)), (2, 8, 9, 9), {"targets": "all"}),
     ("vit-qv", vit, (2, 3, 32, 32), {"targets": "vit", "qkv": "qv"}),
     ("eva-flinear", lambda: timm.create_model("eva02_tiny_patch14_224", pretrained=False, num_classes=5,

@@ -302,7 +302,8 @@ def test_inject_keeps_the_eval_mode_of_the_layers_it_wraps():
 
 
 class AttentionAndConv1d(nn.Module):
-    """nn.MultiheadAttention (OpenCLIP) and an ECA-style Conv1d: weights no preset can adapt."""
+    """nn.MultiheadAttention (OpenCLIP) and an ECA-style Conv1d, adapted; a Conv3d and an Embedding, which no
+    preset can adapt."""
 
     def __init__(self):
         super().__init__()
@@ -311,6 +312,8 @@ class AttentionAndConv1d(nn.Module):
         self.eca = nn.Conv1d(1, 1, 3, padding=1, bias=False)
         self.fc = nn.Linear(16, 16)
         self.head = nn.Linear(16, 3)
+        self.volume = nn.Conv3d(1, 1, 1)  # unused: weights vislora cannot adapt
+        self.tokens = nn.Embedding(4, 16)
         self.pretrained_cfg = {"first_conv": "stem", "classifier": "head"}
 
     def forward(self, x):
@@ -320,18 +323,27 @@ class AttentionAndConv1d(nn.Module):
         return self.head(self.fc(x).mean(1))
 
 
-def test_presets_name_the_layers_they_cannot_adapt(caplog):
-    """A preset skips nn.MultiheadAttention's in_proj_weight and a Conv1d: one logged warning names them (never
-    a silent skip); out_proj, a Linear, is adapted; explicit patterns say nothing extra."""
+def test_presets_adapt_attention_and_conv1d_and_name_what_they_cannot(caplog):
+    """nn.MultiheadAttention's in_proj (and its out_proj) and a Conv1d are adapted, live and exact; a Conv3d and an
+    Embedding are named in one logged warning (never a silent skip); explicit patterns say nothing extra."""
     model = AttentionAndConv1d()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        y0 = model(x)
     skipped = unadaptable_layers(model)
-    assert list(skipped) == ["attn", "eca"]
-    assert skipped["attn"].startswith("MultiheadAttention: its in_proj_weight")
-    assert skipped["eca"].startswith("Conv1d: only nn.Conv2d")
+    assert list(skipped) == ["volume", "tokens"]
+    assert skipped["volume"].startswith("Conv3d: only nn.Conv1d and nn.Conv2d")
     with caplog.at_level(logging.WARNING, "vislora.inject"):
-        inject(model, LoraConfig(targets="all"))
-    assert "preset 'all' leaves 2 layer(s) that vislora cannot adapt, e.g. 'attn'" in caplog.text
-    assert {n for n, _ in lora_layers(model)} == {"attn.out_proj", "fc"}
+        inject(model, LoraConfig(targets="all", r=2), verify=True)
+    assert "preset 'all' leaves 2 layer(s) that vislora cannot adapt, e.g. 'volume'" in caplog.text
+    assert {n for n, _ in lora_layers(model)} == {"attn", "attn.out_proj", "eca", "fc"}
+    with torch.no_grad():
+        assert torch.equal(model(x), y0)
+        for name, layer in lora_layers(model):
+            saved = layer.lora_B.clone()
+            layer.update.perturb_()
+            assert not torch.allclose(model(x), y0), name  # each adapter, alone, moves the output
+            layer.lora_B.copy_(saved)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         inject(AttentionAndConv1d(), LoraConfig(targets=["fc"]))

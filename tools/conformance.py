@@ -235,13 +235,17 @@ def layer_kind(m: nn.Module) -> str:
     """A short name for an adaptable layer's geometry: Linear, 1x1, kxk, dw, grouped, kx1 (+ subclass)."""
     if isinstance(m, nn.Linear):
         kind = "Linear"
+    elif isinstance(m, nn.MultiheadAttention):
+        return "MHA in_proj"
+    elif isinstance(m, nn.Conv1d):
+        kind = "conv1d"
     elif m.groups > 1:
         kind = "dw" if m.groups == m.in_channels == m.out_channels else "grouped"
     elif tuple(m.kernel_size) == (1, 1):
         kind = "1x1"
     else:
         kind = "kx1" if 1 in tuple(m.kernel_size) else "kxk"
-    if type(m) not in (nn.Linear, nn.Conv2d):
+    if type(m) not in (nn.Linear, nn.Conv1d, nn.Conv2d):
         kind += f"({type(m).__name__})"
     return kind
 
@@ -271,7 +275,8 @@ def layer_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors that carry an adapter's update, by kind: each, moved alone, must move the model output.
     vislora: lora_B (DoRA's magnitude m joins here); PEFT: its default lora_B weight."""
     if isinstance(layer, LoraLayer):
-        return {"lora_B": layer.lora_B}
+        roles = layer.update.factor_roles()
+        return {"lora_B": layer.lora_B, **({"magnitude": roles["magnitude"][0]} if "magnitude" in roles else {})}
     return {"lora_B": layer.lora_B["default"].weight}
 
 

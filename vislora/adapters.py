@@ -30,6 +30,7 @@ from vislora.inject import (
     is_parameter_pattern,
     lora_layers,
     pattern_value,
+    replace_module,
     wrapped_layers,
 )
 from vislora.layers import DEFAULT, LoraLayer
@@ -48,17 +49,17 @@ _WARNED: set[str] = set()  # modules_to_save names already reported as ambiguous
 
 def _peft_shapes(layer: LoraLayer, rank: int) -> tuple[torch.Size, torch.Size]:
     """Shapes of A and B as PEFT stores them for a fused adapter of the given rank."""
-    base = layer.base_layer
-    if isinstance(base, nn.Conv2d):
-        w = base.get_parameter(layer.weight_name)
-        return torch.Size((rank, *w.shape[1:])), torch.Size((w.shape[0], rank, 1, 1))
-    return torch.Size((rank, base.in_features)), torch.Size((base.out_features, rank))
+    w = layer.raw_weight()
+    if isinstance(layer.base_layer, (nn.Conv1d, nn.Conv2d)):
+        return torch.Size((rank, *w.shape[1:])), torch.Size((w.shape[0], rank, *[1] * (w.dim() - 2)))
+    return torch.Size((rank, w.shape[1])), torch.Size((w.shape[0], rank))  # Linear, MultiheadAttention in_proj
 
 
 def _magnitude_shape(layer: LoraLayer) -> torch.Size:
-    """PEFT's shape of a DoRA magnitude: [out] for Linear, [1, out, 1, 1] for Conv2d."""
-    out = layer.raw_weight().shape[0]
-    return torch.Size((1, out, 1, 1) if isinstance(layer.base_layer, nn.Conv2d) else (out,))
+    """PEFT's shape of a DoRA magnitude: [out] for Linear, [1, out, 1, 1] for Conv2d ([1, out, 1] for Conv1d)."""
+    w = layer.raw_weight()
+    conv = isinstance(layer.base_layer, (nn.Conv1d, nn.Conv2d))
+    return torch.Size((1, w.shape[0], *[1] * (w.dim() - 2)) if conv else (w.shape[0],))
 
 
 def file_factors(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -394,8 +395,7 @@ def _fit_classifiers(model: nn.Module, tensors: dict) -> None:
         if type(module) is nn.Linear and weight is not None and weight.shape[0] != module.out_features:
             head = nn.Linear(module.in_features, weight.shape[0], bias=module.bias is not None,
                              device=module.weight.device, dtype=module.weight.dtype)
-            parent, _, child = module_name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, head)
+            replace_module(model, module_name, head)
 
 
 def _copy_tensors(model: nn.Module, data: dict, tensors: dict, directory: Path, injected_here: bool) -> None:

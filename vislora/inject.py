@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from timm.layers import BatchNormAct2d, use_reentrant_ckpt
 
-from vislora.layers import DEFAULT, LoraLayer, adapter_exceeds_layer, dora_refusal, max_rank
+from vislora.layers import ADAPTABLE, DEFAULT, LoraLayer, adapter_exceeds_layer, dora_refusal, max_rank
 
 QKV_CHUNKS = {"q": 0, "k": 1, "v": 2}
 log = logging.getLogger(__name__)
@@ -110,38 +110,37 @@ def _within(name: str, roots: Sequence[str]) -> bool:
 
 
 def _is_conv(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d)
+    return isinstance(m, (nn.Conv1d, nn.Conv2d))
 
 
 def _is_pointwise(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or (_is_conv(m) and tuple(m.kernel_size) == (1, 1))
+    return isinstance(m, nn.Linear) or (_is_conv(m) and set(m.kernel_size) == {1})
 
 
 def _is_factorized(m: nn.Module) -> bool:
-    """Depthwise or grouped convs, and kx1 / 1xk convs."""
-    return _is_conv(m) and (m.groups > 1 or 1 in tuple(m.kernel_size))
+    """Depthwise or grouped convs, kx1 / 1xk convs, and 1-d convs (ECA, EfficientViM)."""
+    return _is_conv(m) and (m.groups > 1 or 1 in tuple(m.kernel_size) or isinstance(m, nn.Conv1d))
 
 
 # attention and MLP projections of transformer blocks: ViT/DeiT/Swin/EVA/BEiT, ConViT's GPSA (qk, v), CrossViT's
 # cross-attention (wq, wk, wv), TNT's inner and outer blocks (attn_in, attn_out, mlp_in)
-_VIT = re.compile(r"(^|.*\.)(attn(_in|_out)?\.(qkv|qk|proj|q_proj|k_proj|v_proj|q|k|v|kv|wq|wk|wv)"
+_VIT = re.compile(r"(^|.*\.)(attn(_in|_out)?\.(qkv|qk|proj|out_proj|q_proj|k_proj|v_proj|q|k|v|kv|wq|wk|wv)"
                   r"|mlp(_in|_out)?\.(fc1|fc2|fc1_g|fc1_x))$")
 
 # preset name -> predicate(name, module); stem and classifier are excluded for every preset
 PRESETS = {
-    "vit": lambda n, m: isinstance(m, nn.Linear) and _VIT.match(n) is not None,
+    "vit": lambda n, m: (isinstance(m, nn.Linear) and _VIT.match(n) is not None)
+    or isinstance(m, nn.MultiheadAttention),  # OpenCLIP-style blocks: in_proj (q, k, v) and out_proj
     "conv1x1": lambda n, m: _is_pointwise(m),
     "conv": lambda n, m: _is_pointwise(m) or _is_factorized(m),
-    "all": lambda n, m: isinstance(m, (nn.Linear, nn.Conv2d)),
+    "all": lambda n, m: isinstance(m, ADAPTABLE),
     "all-linear": lambda n, m: isinstance(m, nn.Linear),
 }
 
 
-# layers with weights that no preset adapts, because LoraLayer wraps nn.Linear and nn.Conv2d only: type -> why
+# layers with weights that no preset adapts, because LoraLayer wraps ADAPTABLE only: type -> why
 UNADAPTABLE = {
-    nn.MultiheadAttention: "its in_proj_weight is a bare Parameter read by F.multi_head_attention_forward "
-                           "(its out_proj, a Linear, is adapted)",
-    nn.modules.conv._ConvNd: "only nn.Conv2d is adapted, not 1-d, 3-d or transposed convolutions",
+    nn.modules.conv._ConvNd: "only nn.Conv1d and nn.Conv2d are adapted, not 3-d or transposed convolutions",
     nn.Embedding: "embeddings are not adapted",
 }
 
@@ -153,7 +152,7 @@ def unadaptable_layers(model: nn.Module, within: str | None = None) -> dict[str,
     edges = stem_names(scope) + classifier_names(scope)
     found = {}
     for name, m in scope.named_modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d, LoraLayer)) or _within(name, edges):
+        if isinstance(m, (*ADAPTABLE, LoraLayer)) or _within(name, edges):
             continue
         why = next((w for t, w in UNADAPTABLE.items() if isinstance(m, t)), None)
         if why:
@@ -173,9 +172,20 @@ def warn_unadaptable(model: nn.Module, config: LoraConfig, within: str | None = 
 
 
 # ---- finding targets ------------------------------------------------------------------------------
+def _walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) with the names of the model without adapters: below a LoraLayer the walk goes on into its
+    base layer's children (an adapted nn.MultiheadAttention's out_proj is `attn.out_proj`, not
+    `attn.base_layer.out_proj`); the modules other named adapters keep (vislora_modules) are left out."""
+    yield prefix, module
+    children = module.base_layer._modules if isinstance(module, LoraLayer) else module._modules
+    for name, child in children.items():
+        if child is not None and not (not prefix and name == "vislora_modules"):
+            yield from _walk(child, f"{prefix}.{name}" if prefix else name)
+
+
 def wrapped_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
     """Every (name, LoraLayer) in the model, whichever adapters it carries."""
-    for name, module in model.named_modules():
+    for name, module in _walk(model):
         if isinstance(module, LoraLayer):
             yield name, module
 
@@ -188,19 +198,20 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
 
 
 def plain_modules(scope: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """named_modules() as if no adapter were there: a LoraLayer shows as its base layer under its own name, and
-    nothing inside it (nor the modules other named adapters keep, vislora_modules) is listed."""
-    hidden: list[str] = []
-    for name, module in scope.named_modules():
-        if any(name.startswith(h + ".") for h in hidden):
-            continue
-        if isinstance(module, LoraLayer):
-            hidden.append(name)
-            yield name, module.base_layer
-        elif name.split(".")[0] == "vislora_modules":
-            hidden.append(name)
-        else:
-            yield name, module
+    """named_modules() as if no adapter were there: a LoraLayer shows as its base layer under its own name."""
+    for name, module in _walk(scope):
+        yield name, module.base_layer if isinstance(module, LoraLayer) else module
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put `module` at the dotted `name` (names as plain_modules gives them: through adapter wrappers); returns
+    the module that was there."""
+    parent, _, child = name.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    owner = owner.base_layer if isinstance(owner, LoraLayer) else owner
+    old = owner._modules[child]
+    setattr(owner, child, module)
+    return old
 
 
 def is_parameter_pattern(entry: str) -> bool:
@@ -276,9 +287,10 @@ def find_targets(model: nn.Module, config: LoraConfig, within: str | None = None
         for n, m in hits:
             if n in excluded or n in names:
                 continue
-            if not isinstance(m, (nn.Linear, nn.Conv2d)):
+            if not isinstance(m, ADAPTABLE):
                 raise ValueError(f"module '{n}' ({type(m).__name__}), selected by '{pattern}', cannot carry "
-                                 "a LoRA adapter: only nn.Linear and nn.Conv2d (any kernel, groups) can")
+                                 "a LoRA adapter: only nn.Linear, nn.Conv1d, nn.Conv2d (any kernel, groups) and "
+                                 "nn.MultiheadAttention can")
             names.append(n)
     if not names:
         raise ValueError(f"targets {patterns} select no layer once 'exclude' is applied")
@@ -286,12 +298,15 @@ def find_targets(model: nn.Module, config: LoraConfig, within: str | None = None
 
 
 def resolve_qkv_parts(name: str, module: nn.Module, qkv: str | None) -> tuple[int, ...] | None:
-    """The qkv chunks a fused `attn.qkv` Linear adapts (e.g. "qv" -> (0, 2)); None for any other layer."""
-    if not qkv or not isinstance(module, nn.Linear) or not name.endswith("qkv"):
+    """The qkv chunks a fused `attn.qkv` Linear or an nn.MultiheadAttention's in_proj adapts (e.g. "qv" -> (0, 2));
+    None for any other layer."""
+    mha = isinstance(module, nn.MultiheadAttention)
+    if not qkv or not (mha or (isinstance(module, nn.Linear) and name.endswith("qkv"))):
         return None
     unknown = set(qkv) - set(QKV_CHUNKS)
-    if unknown or module.out_features % 3:
-        raise ValueError(f"qkv='{qkv}' cannot split '{name}' ({module.out_features} outputs) into q, k, v")
+    outputs = 3 * module.embed_dim if mha else module.out_features
+    if unknown or outputs % 3:
+        raise ValueError(f"qkv='{qkv}' cannot split '{name}' ({outputs} outputs) into q, k, v")
     return tuple(sorted(QKV_CHUNKS[c] for c in set(qkv)))
 
 
@@ -427,8 +442,7 @@ def inject_layers(model: nn.Module, config: LoraConfig, name: str = DEFAULT, wit
         if layer.carries_active and adapter_exceeds_layer(layer):  # a logged note: `vislora train` lists them
             log.info("adapter on '%s' has %d parameters, more than the layer itself (%d): lower r for it", target,
                      layer.adapter_numel(), layer.raw_weight().numel())
-        parent, _, child = target.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        replace_module(model, target, layer)
 
 
 def inject(model: nn.Module, config: LoraConfig, verify: bool | None = None, within: str | None = None,
@@ -468,13 +482,22 @@ def inject(model: nn.Module, config: LoraConfig, verify: bool | None = None, wit
 
 
 def _probe_input(layer: LoraLayer) -> torch.Tensor:
-    base = layer.base_layer
-    w = base.get_parameter(layer.weight_name)
+    """A random input of the layer's kind (nn.MultiheadAttention: 2 sequences of 4 tokens)."""
+    base, w = layer.base_layer, layer.raw_weight()
+    if isinstance(base, nn.MultiheadAttention):
+        return torch.randn(2, 4, base.embed_dim, device=w.device, dtype=w.dtype)
     if isinstance(base, nn.Linear):
         return torch.randn(2, base.in_features, device=w.device, dtype=w.dtype)
     reach = [d * (k - 1) + 1 + s for k, d, s in zip(base.kernel_size, base.dilation, base.stride, strict=True)]
     side = max(8, *reach)
-    return torch.randn(1, base.in_channels, side, side, device=w.device, dtype=w.dtype)
+    return torch.randn(1, base.in_channels, *[side] * len(reach), device=w.device, dtype=w.dtype)
+
+
+def _probe(layer: LoraLayer, x: torch.Tensor) -> torch.Tensor:
+    """The layer's output on x (self-attention for nn.MultiheadAttention), in fp32."""
+    if isinstance(layer.base_layer, nn.MultiheadAttention):
+        return layer(x, x, x, need_weights=False)[0].float()
+    return layer(x).float()
 
 
 @torch.no_grad()
@@ -490,15 +513,15 @@ def verify_layers(model: nn.Module, tol: float | None = None) -> None:
         try:
             layer.update.perturb_()  # a random B (and, for DoRA, magnitude): a non-zero update to merge
             x = _probe_input(layer)
-            unmerged = layer(x).float()
+            unmerged = _probe(layer, x)
             layer.merge()
-            merged = layer(x).float()
+            merged = _probe(layer, x)
             layer.unmerge()
         finally:
             for p, value in zip(layer.adapter_parameters(), saved, strict=True):
                 p.copy_(value)
             layer.train(was_training)
-        limit = tol or (1e-4 if x.dtype in (torch.float32, torch.float64) else 2e-2)
+        limit = tol or (1e-4 if layer.raw_weight().dtype in (torch.float32, torch.float64) else 2e-2)
         err = ((merged - unmerged).abs().max() / unmerged.abs().max().clamp_min(1e-12)).item()
         if not err <= limit:
             raise ValueError(f"LoRA on '{name}' ({type(layer.base_layer).__name__}) is not exact: merged and "
@@ -525,8 +548,7 @@ def _strip(model: nn.Module, merge_first: bool) -> nn.Module:
             layer.merge(keep_original=False)
         else:
             layer.unmerge()
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
+        replace_module(model, name, layer.base_layer)
     plain_bn = {frozen: bn for bn, frozen in FROZEN_BN.items()}
     for m in model.modules():
         for key in ("_vislora_bn_hook", "_vislora_input_hook"):

@@ -41,6 +41,9 @@ from vislora.kernels import (  # noqa: F401  (depthwise_weight_grad: re-exported
 )
 
 DEFAULT = "default"  # the name of the update every run has today (state_dict: <layer>.updates.default.*)
+# what a LoraLayer can wrap: each has one weight matrix (out x fan_in) its forward uses; nn.MultiheadAttention's is
+# in_proj_weight (q, k and v stacked: qkv parts apply), its out_proj is a Linear of its own
+ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)
 STANDARDISED = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)  # forward normalises each filter
 
 
@@ -58,6 +61,8 @@ def raw_weight_name(base: nn.Module) -> str:
         return "parametrizations.weight.original1"
     if hasattr(base, "weight_v") and hasattr(base, "weight_g"):  # legacy torch.nn.utils.weight_norm
         return "weight_v"
+    if isinstance(base, nn.MultiheadAttention):
+        return "in_proj_weight"
     return "weight"
 
 
@@ -87,7 +92,7 @@ def dora_refusal(base: nn.Module) -> str | None:
     (StdConv2d, ScaledStdConv2d) or transforms the weight (weight norm, parametrizations) cancels a magnitude."""
     if isinstance(base, STANDARDISED):
         return f"{type(base).__name__} standardises each output filter in its forward, which cancels DoRA's magnitude"
-    if raw_weight_name(base) != "weight":
+    if raw_weight_name(base) not in ("weight", "in_proj_weight"):
         return "its weight is re-parametrised (weight norm / torch parametrization), which rescales each row"
     return None
 
@@ -342,8 +347,12 @@ class LoraLayer(nn.Module):
                  rslora: bool = False, qkv_parts: tuple[int, ...] | None = None, num_chunks: int = 3,
                  use_dora: bool = False, name: str = DEFAULT):
         super().__init__()
-        if not isinstance(base_layer, (nn.Linear, nn.Conv2d)):
-            raise TypeError(f"LoRA supports nn.Linear and nn.Conv2d, not {type(base_layer).__name__}")
+        if not isinstance(base_layer, ADAPTABLE):
+            raise TypeError(f"LoRA supports {', '.join(t.__name__ for t in ADAPTABLE)}, not "
+                            f"{type(base_layer).__name__}")
+        if isinstance(base_layer, nn.MultiheadAttention) and not base_layer._qkv_same_embed_dim:
+            raise ValueError("this nn.MultiheadAttention keeps q, k and v projections apart (kdim/vdim != "
+                             "embed_dim): only its stacked in_proj_weight can carry an adapter")
         self.base_layer = base_layer
         self.weight_name = raw_weight_name(base_layer)
         self.updates = nn.ModuleDict()
@@ -501,8 +510,11 @@ class LoraLayer(nn.Module):
         self.merged = False
 
     # ---- forward ----------------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args, **kwargs):
         base = self.base_layer
+        if isinstance(base, nn.MultiheadAttention):  # (query, key, value, ...): in_proj_weight on the weight path
+            return self._attention_forward(*args, **kwargs)
+        (x,) = args
         if self._mixed is not None:
             return self._mixed_forward(x)
         if self.merged or not self.carries_active:
@@ -513,6 +525,16 @@ class LoraLayer(nn.Module):
         if isinstance(base, nn.Linear) and not hooked and isinstance(self.dropout, nn.Identity):
             return self._linear_fused(x)
         return self._activation_forward(x, hooked)
+
+    def _attention_forward(self, *args, **kwargs):
+        """nn.MultiheadAttention with in_proj_weight = W' (its out_proj, a Linear, may carry an adapter of its own)."""
+        base = self.base_layer
+        if self._mixed is not None:
+            raise ValueError("mixed_forward: nn.MultiheadAttention layers are not supported: run the adapters apart")
+        if self.merged or not self.carries_active:
+            return base(*args, **kwargs)
+        w_eff = self.update.weight(base.in_proj_weight)
+        return functional_call(base, {"in_proj_weight": w_eff}, args, kwargs)
 
     def _weight_forward(self, x: torch.Tensor, update: LowRank | None = None) -> torch.Tensor:
         """y = base(x; W'): one conv / linear with the effective weight (depthwise convs, transformed weights)."""
@@ -525,7 +547,7 @@ class LoraLayer(nn.Module):
             if type(base) is Conv2dSame:  # timm's TF "same" padding: pad as its forward does, then conv
                 x, padding = pad_same(x, base.kernel_size, base.stride, base.dilation), (0, 0)
             return _DepthwiseConv2d.apply(x, w_eff, base.bias, base.stride, padding, base.dilation)
-        if type(base) is nn.Conv2d:
+        if type(base) in (nn.Conv1d, nn.Conv2d):
             return base._conv_forward(x, w_eff, base.bias)
         return functional_call(base, {self.weight_name: w_eff}, (x,))
 

@@ -18,6 +18,7 @@ from vislora.inject import (
     Adapter,
     LoraConfig,
     inject_layers,
+    replace_module,
     resolve_train,
     resolve_train_params,
     set_trainable,
@@ -48,15 +49,6 @@ def _store(model: nn.Module) -> nn.ModuleDict:
     if STORE not in model._modules:
         model.add_module(STORE, nn.ModuleDict())
     return model._modules[STORE]
-
-
-def _place(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
-    """Put `module` at the dotted `name`; returns the module that was there."""
-    parent, _, child = name.rpartition(".")
-    owner = model.get_submodule(parent) if parent else model
-    old = owner._modules[child]
-    setattr(owner, child, module)
-    return old
 
 
 def add_adapter(model: nn.Module, config: LoraConfig, name: str, within: str | None = None) -> nn.Module:
@@ -97,7 +89,7 @@ def set_adapter(model: nn.Module, name: str) -> nn.Module:
     if any(layer.merged for _, layer in wrapped_layers(model)):
         raise ValueError(f"adapter '{current}' is merged: unmerge(model) before switching to '{name}'")
     store, train = _store(model), adapters[current].train
-    kept = nn.ModuleDict({str(i): _place(model, m, store[name][str(i)]) for i, m in enumerate(train)})
+    kept = nn.ModuleDict({str(i): replace_module(model, m, store[name][str(i)]) for i, m in enumerate(train)})
     del store[name]
     store[current] = kept
     for _, layer in wrapped_layers(model):
@@ -120,7 +112,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
         if name in layer.updates:
             del layer.updates[name]
         if not len(layer.updates):
-            _place(model, layer_name, layer.base_layer)
+            replace_module(model, layer_name, layer.base_layer)
     del _store(model)[name]
     del adapters[name]
     if not len(_store(model)):
@@ -175,7 +167,7 @@ def mixed_forward(model: nn.Module, x: torch.Tensor, names: Sequence[str]):
     train = adapters[current].train
     copies = [{n: (model.get_submodule(m) if n == current else store[n][str(i)]) for n in adapters}
               for i, m in enumerate(train)]
-    originals = [_place(model, m, _Dispatch(copies[i], groups)) for i, m in enumerate(train)]
+    originals = [replace_module(model, m, _Dispatch(copies[i], groups)) for i, m in enumerate(train)]
     for _, layer in wrapped_layers(model):
         layer._mixed = groups
     try:
@@ -184,7 +176,7 @@ def mixed_forward(model: nn.Module, x: torch.Tensor, names: Sequence[str]):
         for _, layer in wrapped_layers(model):
             layer._mixed = None
         for m, original in zip(train, originals, strict=True):
-            _place(model, m, original)
+            replace_module(model, m, original)
 
 
 def verify_adapter(model: nn.Module, name: str = DEFAULT) -> None:

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from vislora.inject import LoraConfig, eject, find_targets, inject, lora_layers, pattern_value, resolve_qkv_parts
-from vislora.layers import LoraLayer, chunk_rows, raw_weight_name
+from vislora.layers import ADAPTABLE, LoraLayer, chunk_rows, raw_weight_name
 
 NUM_CHUNKS = 3  # inject() splits a fused qkv projection into 3 chunks
 
@@ -106,8 +106,9 @@ def _effective_weight(module: nn.Module, where: str) -> torch.Tensor:
         w = _raw(module.base_layer).detach()
         with torch.no_grad():
             return module.effective_weight(_acc_dtype(w))  # LoRA's W + s B A, DoRA's scaled direction
-    if not isinstance(module, (nn.Linear, nn.Conv2d)):
-        raise ValueError(f"{where}: '{type(module).__name__}' is not an nn.Linear / nn.Conv2d")
+    if not isinstance(module, ADAPTABLE):
+        raise ValueError(f"{where}: '{type(module).__name__}' is not a layer vislora adapts "
+                         f"({', '.join(t.__name__ for t in ADAPTABLE)})")
     return _raw(module).detach()
 
 
