@@ -123,35 +123,46 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
 class _Dispatch(nn.Module):
     """A trained module of several adapters at once: each group of samples through its own adapter's copy."""
 
-    def __init__(self, modules: dict[str, nn.Module], groups: list[tuple[str, torch.Tensor]]):
+    def __init__(self, modules: dict[str, nn.Module], groups: list[tuple[str, slice]]):
         super().__init__()
         self.copies, self.groups = modules, groups
 
     def forward(self, x: torch.Tensor):
         if not torch.is_tensor(x):
             raise ValueError("mixed_forward: a trained module takes a non-tensor input: run the adapters apart")
-        parts = [(idx, self.copies[name](x[idx])) for name, idx in self.groups]
-        if len({tuple(p.shape[1:]) for _, p in parts}) > 1:  # heads of other widths: one output per sample
-            out: list = [None] * x.shape[0]
-            for idx, part in parts:
-                for i, row in zip(idx.tolist(), part, strict=True):
-                    out[i] = row
-            return out
-        out = parts[0][1].new_empty((x.shape[0], *parts[0][1].shape[1:]))
-        for idx, part in parts:
-            out[idx] = part
-        return out
+        parts = [self.copies[name](x[part]) for name, part in self.groups]
+        if len({tuple(p.shape[1:]) for p in parts}) > 1:  # heads of other widths: one output per sample
+            return [row for part in parts for row in part]
+        return torch.cat(parts)
 
 
-def _groups(model: nn.Module, names: Sequence[str], batch: int) -> list[tuple[str, torch.Tensor]]:
+def _groups(model: nn.Module, names: Sequence[str], batch: int
+            ) -> tuple[torch.Tensor, list[tuple[str, slice]]]:
+    """The order that sorts the batch by adapter (first-seen order, stable) and each adapter's slice of it."""
     known = adapter_names(model)
     if len(names) != batch:
         raise ValueError(f"mixed_forward: {len(names)} adapter names for a batch of {batch} images")
     unknown = sorted(set(names) - set(known))
     if unknown:
         raise ValueError(f"mixed_forward: no adapter named {unknown} (the model carries {', '.join(known)})")
-    order = list(dict.fromkeys(names))
-    return [(n, torch.tensor([i for i, m in enumerate(names) if m == n])) for n in order]
+    order, groups = [], []
+    for name in dict.fromkeys(names):
+        members = [i for i, m in enumerate(names) if m == name]
+        groups.append((name, slice(len(order), len(order) + len(members))))
+        order += members
+    return torch.tensor(order), groups
+
+
+def _unsort(y, order: torch.Tensor):
+    """Undo the sort by adapter: a tensor (or a list of per-image outputs) back in the caller's order."""
+    if isinstance(y, list):
+        out: list = [None] * len(y)
+        for i, row in zip(order.tolist(), y, strict=True):
+            out[i] = row
+        return out
+    out = torch.empty_like(y)
+    out[order] = y
+    return out
 
 
 @torch.no_grad()
@@ -160,7 +171,7 @@ def mixed_forward(model: nn.Module, x: torch.Tensor, names: Sequence[str]):
     adapter's updates and its own trained modules (head ...). A tensor, or a list of per-image outputs where the
     adapters' heads differ in width. Each image's output equals its adapter's merged model on it."""
     adapters = _registry(model)
-    groups = _groups(model, names, x.shape[0])
+    order, groups = _groups(model, names, x.shape[0])
     if any(layer.merged for _, layer in wrapped_layers(model)):
         raise ValueError("mixed_forward: an adapter is merged: unmerge(model) first")
     current, store = active_adapter(model), model._modules.get(STORE, {})
@@ -171,7 +182,7 @@ def mixed_forward(model: nn.Module, x: torch.Tensor, names: Sequence[str]):
     for _, layer in wrapped_layers(model):
         layer._mixed = groups
     try:
-        return model(x)
+        return _unsort(model(x[order]), order)
     finally:
         for _, layer in wrapped_layers(model):
             layer._mixed = None
