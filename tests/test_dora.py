@@ -163,6 +163,35 @@ def test_activation_path_equals_weight_path_in_value_and_gradients(case):
         assert relative(a, b) <= 1e-5
 
 
+class InPlaceAfter(nn.Module):
+    """An SE block's shape: a conv and a Linear each followed by an in-place ReLU that overwrites their output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(4, 6, 1), nn.Linear(6, 5)
+
+    def forward(self, x):
+        y = torch.relu_(self.conv(x)).mean((2, 3))
+        return torch.relu_(self.fc(y)) * 2
+
+
+def test_an_in_place_op_after_a_dora_layer_keeps_its_gradients_exact():
+    """DoRA keeps its output for the magnitude's gradient; an in-place ReLU after it (timm's SE blocks) must not
+    break backward or change the gradients: they equal the weight path's."""
+    x = torch.randn(3, 4, 5, 5)
+    model = inject(InPlaceAfter(), LoraConfig(r=2, targets=["conv", "fc"], use_dora=True), verify=False)
+    perturbed(model)
+    other = copy.deepcopy(model)
+    for _, layer in lora_layers(other):
+        layer.weight_path = True
+    grads = []
+    for m in (model, other):
+        m(x).sum().backward()
+        grads.append([p.grad.clone() for _, layer in lora_layers(m) for p in layer.adapter_parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert relative(a, b) <= 1e-5
+
+
 def test_the_norm_formula_equals_the_materialised_norm_in_fp64():
     torch.manual_seed(0)
     for qkv in (None, (0, 2)):

@@ -2,13 +2,17 @@
 adapter's merged model, PEFT's multi-adapter layout both ways, refusals, and single-adapter runs unchanged."""
 
 import copy
+import json
 
 import pytest
 import timm
 import torch
+import yaml
 from peft import PeftModel
 
 from vislora import LoraConfig, inject, load_adapter, lora_layers, merge, save_adapter, unload, unmerge
+from vislora.cli import main
+from vislora.data import make_synthetic_folder
 from vislora.named import adapter_names, add_adapter, delete_adapter, mixed_forward, set_adapter
 
 VIT = ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2))
@@ -152,3 +156,61 @@ def test_a_single_adapter_keeps_todays_keys(tmp_path):
     keys = set(model.state_dict())
     assert "head.weight" in keys and not any(k.startswith("vislora_modules") for k in keys)
     assert "blocks.0.attn.qkv.updates.default.lora_A" in keys
+
+
+# ---- the CLI: several runs of one base, one base in memory ---------------------------------------------------
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three tiny runs of test_efficientnet (random init): a and b (DoRA, r=2) share their base (same seed,
+    and a random base also depends on the class count: timm draws the head before it initialises the body), c was
+    built with another seed. Heads of other widths on one base: the API tests above."""
+    tmp = tmp_path_factory.mktemp("named_cli")
+    for name, classes, seed, adapter in [("a", 3, 0, {}), ("b", 3, 0, {"use_dora": True, "r": 2}), ("c", 3, 1, {})]:
+        folder = make_synthetic_folder(tmp / f"images_{name}", classes=classes, per_class=6, size=32, split=True)
+        recipe = {"model": {"name": "test_efficientnet", "pretrained": False},
+                  "adapter": {"r": 4, "targets": "conv", **adapter},
+                  "data": {"path": str(folder), "img_size": 32, "workers": 0},
+                  "train": {"epochs": 1, "batch_size": 8, "warmup_epochs": 0, "seed": seed}}
+        (tmp / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
+        assert main(["train", str(tmp / f"{name}.yaml"), "--out", str(tmp / name)]) == 0
+    return tmp
+
+
+def test_cli_predicts_and_evaluates_several_runs_on_one_base(runs, capsys):
+    """predict / eval --adapter RUN1 --adapter RUN2 give each run's own answer (its head, its classes)."""
+    images = [str(next((runs / f"images_{n}/val/class_0").iterdir())) for n in "ab"]
+    alone = {}
+    for name in "ab":
+        assert main(["predict", str(runs / name), *images, "--json"]) == 0
+        alone[str(runs / name)] = json.loads(capsys.readouterr().out)
+    assert main(["predict", "--adapter", str(runs / "a"), "--adapter", str(runs / "b"), *images, "--json"]) == 0
+    together = json.loads(capsys.readouterr().out)
+    assert list(together) == list(alone)
+    for run, results in alone.items():
+        for mine, theirs in zip(together[run], results, strict=True):
+            assert [c for c, _ in mine["top"]] == [c for c, _ in theirs["top"]]
+            assert all(abs(p - q) < 1e-5 for (_, p), (_, q) in zip(mine["top"], theirs["top"], strict=True))
+    scores = {}
+    for name in "ab":
+        assert main(["eval", str(runs / name)]) == 0
+        scores[name] = json.loads((runs / name / "eval/report.json").read_text())["top1"]
+        (runs / name / "eval/report.json").unlink()
+    assert main(["eval", "--adapter", str(runs / "a"), "--adapter", str(runs / "b")]) == 0
+    for name in "ab":
+        assert json.loads((runs / name / "eval/report.json").read_text())["top1"] == scores[name]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["predict", "--adapter", "{a}", "--adapter", "{c}", "{img}"], "was trained on another base than"),
+    (["predict", "--adapter", "{a}", "--adapter", "{a}/adapter", "{img}"], "is not a run directory"),
+    (["predict", "--adapter", "{a}", "--adapter", "{runs}/missing", "{img}"], "does not exist"),
+    (["predict", "{a}"], "predict needs a MODEL"),
+    (["eval", "--adapter", "{a}", "--out", "{runs}/r.json"], "no TARGET and no --out"),
+    (["eval"], "eval needs a TARGET"),
+])
+def test_cli_several_runs_refusals(runs, argv, message, capsys):
+    image = str(next((runs / "images_a/val/class_0").iterdir()))
+    args = [a.format(a=runs / "a", c=runs / "c", runs=runs, img=image) for a in argv]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -122,7 +122,25 @@ def existing(target: str, what: str) -> None:
         raise FileNotFoundError(f"{target} does not exist (expected {what})")
 
 
+def adapter_runs(runs: list[str]) -> None:
+    """--adapter RUN: each an existing run directory, not a recipe or an exported file."""
+    for run in runs:
+        not_a_recipe(run, "--adapter")
+        existing(run, "a run directory")
+        if not (Path(run) / runpaths.RECIPE).is_file():
+            raise ValueError(f"--adapter {run} is not a run directory (no {runpaths.RECIPE}): exported files hold "
+                             "one merged model; give it as the model, alone")
+
+
 def prepare_eval(args: argparse.Namespace) -> None:
+    if args.adapter:
+        if args.target is not None or args.out:
+            raise ValueError("eval --adapter RUN ...: no TARGET and no --out (each run's report goes to "
+                             "RUN/eval/report.json); give the runs as --adapter RUN1 --adapter RUN2")
+        adapter_runs(args.adapter)
+        return
+    if args.target is None:
+        raise ValueError("eval needs a TARGET (run directory, model.pt or model.onnx) or --adapter RUN ...")
     not_a_recipe(args.target, "eval")
     existing(args.target, "a run directory, model.pt or model.onnx")
     if args.out and args.data:
@@ -141,8 +159,15 @@ def prepare_predict(args: argparse.Namespace) -> None:
     """--topk, --out and the model checked; args.images: every image file of the given files, folders and globs."""
     if args.topk < 1:
         raise ValueError(f"--topk must be >= 1, got {args.topk}")
-    not_a_recipe(args.model, "predict with")
-    existing(args.model, "a run directory, model.pt or model.onnx")
+    if args.adapter:
+        adapter_runs(args.adapter)
+        args.model, args.images = None, args.inputs
+    elif len(args.inputs) < 2:
+        raise ValueError("predict needs a MODEL (run directory, model.pt or model.onnx) and at least one IMAGE")
+    else:
+        args.model, args.images = args.inputs[0], args.inputs[1:]
+        not_a_recipe(args.model, "predict with")
+        existing(args.model, "a run directory, model.pt or model.onnx")
     folder_arg(args.out)
     args.images = image_files(args.images)
 
@@ -278,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=0, help="processes on this machine (runs torchrun)")
 
     p = sub.add_parser("eval", help="evaluate a run directory or an exported .pt/.onnx file")
-    p.add_argument("target", help="run directory, model.pt or model.onnx")
+    p.add_argument("target", nargs="?", help="run directory, model.pt or model.onnx (or --adapter RUN ...)")
+    p.add_argument("--adapter", action="append", metavar="RUN", help="runs of one base, evaluated in turn with "
+                   "one base in memory (each report in RUN/eval/report.json)")
     p.add_argument("--data", help="ROOT/val, a ROOT holding val/, or ROOT/<class> (default: the run's val split)")
     p.add_argument("--out", help="report JSON path (default RUN_DIR/eval/report.json)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's eval.batch_size, else 64")
@@ -295,9 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the whole report (export.json) as JSON")
 
     p = sub.add_parser("predict", help="top-k classes (or boxes) for images, from a run, a .pt or an .onnx file")
-    p.add_argument("model", help="run directory, model.pt or model.onnx")
-    p.add_argument("images", nargs="+", help="image files, folders (searched recursively) or quoted globs "
-                   "('photos/**/*.jpg')")
+    p.add_argument("inputs", nargs="+", metavar="MODEL IMAGE", help="run directory, model.pt or model.onnx, then "
+                   "image files, folders (searched recursively) or quoted globs ('photos/**/*.jpg'); "
+                   "with --adapter: the images only")
+    p.add_argument("--adapter", action="append", metavar="RUN", help="runs of one base, predicted in turn with "
+                   "one base in memory (repeat it: --adapter RUN1 --adapter RUN2)")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--out", help="folder for the files predict writes (segmentation masks); default predictions/ "
                    "beside the model")

@@ -23,7 +23,7 @@ from vislora import rundir, runpaths, tasks
 from vislora.adapters import save_adapter
 from vislora.data import preprocess_config
 from vislora.errors import first_rank
-from vislora.evaluate import evaluate, predict, predictions_dir
+from vislora.evaluate import evaluate, evaluate_opened, open_adapters, predict, predict_each, predictions_dir
 from vislora.export import export_run, format_export
 from vislora.fewshot import TABLE, fewshot
 from vislora.files import listing
@@ -77,9 +77,19 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    report = evaluate(args.target, data=args.data, out=args.out, batch_size=args.batch_size)
+    """One target, or with --adapter each run in turn on one base in memory."""
+    if args.adapter:
+        for opened in open_adapters(args.adapter):
+            print(f"== {opened.source}")
+            show_report(evaluate_opened(opened, data=args.data, batch_size=args.batch_size), args.json)
+        return 0
+    show_report(evaluate(args.target, data=args.data, out=args.out, batch_size=args.batch_size), args.json)
+    return 0
+
+
+def show_report(report: dict, as_json: bool) -> None:
     written = report.pop("written")
-    print(json.dumps(report, indent=2) if args.json else tasks.get(report["task"]).format_report(report))
+    print(json.dumps(report, indent=2) if as_json else tasks.get(report["task"]).format_report(report))
     if report.get("scored"):
         print(f"vislora: scored {report['scored']}")
     if report.get("run_score"):
@@ -88,7 +98,6 @@ def cmd_eval(args) -> int:
         print(f"vislora: skipped {len(report['skipped'])} unreadable or unusable file(s): "
               f"{listing(report['skipped'])}")
     print(f"vislora: wrote {', '.join(written['files'])} in {written['folder']}")
-    return 0
 
 
 def beside_the_run(report: dict) -> str:
@@ -110,17 +119,36 @@ def cmd_export(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    """args.images: the files vislora.cli.prepare_predict listed (folders and globs expanded)."""
+    """args.images: the files vislora.cli.prepare_predict listed (folders and globs expanded); with --adapter,
+    each run in turn on one base in memory."""
+    if args.adapter:
+        each = list(predict_each(args.adapter, args.images, topk=args.topk, out=args.out))
+        if args.json:
+            print(json.dumps({str(o.source): results for o, results in each}, indent=2))
+        for opened, results in each:
+            if not args.json:
+                print(f"== {opened.source}")
+                show_predictions(opened.task, results, Path(args.out) / opened.source.name if args.out
+                                 else predictions_dir(opened.source))
+        return all_unreadable(each[0][1])
     task, results = predict(args.model, args.images, topk=args.topk, out=args.out)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        for r in results:
-            print(f"{r['path']}: ERROR {r['error']}" if "error" in r else task.format_prediction(r))
-        failed = sum("error" in r for r in results)
-        out = Path(args.out) if args.out else predictions_dir(args.model)
-        print(f"vislora: {len(results) - failed} image(s) predicted" + (f", {failed} unreadable" if failed else "")
-              + (f"; files in {out}" if out.is_dir() else ""))
+        show_predictions(task, results, Path(args.out) if args.out else predictions_dir(args.model))
+    return all_unreadable(results)
+
+
+def show_predictions(task, results: list[dict], out: Path) -> None:
+    for r in results:
+        print(f"{r['path']}: ERROR {r['error']}" if "error" in r else task.format_prediction(r))
+    failed = sum("error" in r for r in results)
+    print(f"vislora: {len(results) - failed} image(s) predicted" + (f", {failed} unreadable" if failed else "")
+          + (f"; files in {out}" if out.is_dir() else ""))
+
+
+def all_unreadable(results: list[dict]) -> int:
+    """Exit 2 when no image could be read, else 0."""
     if all("error" in r for r in results):
         print(f"vislora predict: error: none of the {len(results)} image(s) could be read: {results[0]['error']}",
               file=sys.stderr)

@@ -3,14 +3,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import torch
+import torch.nn as nn
+
 from vislora import rundir, runpaths, serve, tasks
+from vislora.adapters import load_adapter
 from vislora.files import read_json, write_json
 from vislora.inject import unload
+from vislora.layers import DEFAULT
+from vislora.named import set_adapter
 
 EXPORTED_SUFFIXES = (".pt", ".pth", ".jit", ".onnx")
 
@@ -80,7 +86,13 @@ def evaluate(target: str | Path, data: str | Path | None = None, out: str | Path
     """Evaluate a run directory or an exported file on --data (default: the run's val split); writes the JSON
     report (OUT, default RUN/eval/report.json) and the task's plots beside it.
     batch_size: None = the recipe's eval.batch_size (else train.batch_size, else 64)."""
-    opened = open_model(target)
+    return evaluate_opened(open_model(target), data, out, batch_size, workers)
+
+
+def evaluate_opened(opened: Opened, data: str | Path | None = None, out: str | Path | None = None,
+                    batch_size: int | None = None, workers: int = 2) -> dict:
+    """evaluate() of a model already opened (open_model, or one of open_adapters)."""
+    target = opened.source
     if batch_size is None and opened.recipe is not None:
         batch_size = opened.recipe["eval"]["batch_size"] or opened.recipe["train"]["batch_size"]
     out = Path(out) if out else default_report_path(opened)
@@ -113,3 +125,60 @@ def predict(target: str | Path, images: Sequence[str | Path], topk: int = 5, out
     out = Path(out) if out is not None else predictions_dir(target)
     return opened.task, opened.task.predict(opened.predictor, opened.preprocess, list(images), topk=topk,
                                             out_dir=out)
+
+
+# ---- several runs of one base: one model in memory, each run's adapter in turn ----------------------------------
+def _run_parts(run: Path) -> tuple[dict, dict]:
+    """(recipe, preprocess) of a run that carries an adapter (named adapters need one)."""
+    if not (run / runpaths.ADAPTER).is_dir():
+        raise ValueError(f"--adapter {run}: not an adapter run (no {runpaths.ADAPTER}/ in it, e.g. full "
+                         "fine-tuning or an exported file): give it as the model, alone")
+    return runpaths.read_recipe(run), read_json(run / runpaths.PREPROCESS, "run's preprocessing")
+
+
+def _base(recipe: dict, preprocess: dict) -> nn.Module:
+    """The plain base a run was trained from, built as training built it."""
+    with torch.random.fork_rng(devices=[]):
+        return tasks.get(recipe["task"]).build_model(recipe, preprocess["class_names"])
+
+
+def _check_same_base(reference: dict, other: dict, trained: list[str], run: Path, first: Path) -> None:
+    """Every base tensor outside the runs' trained modules (heads ...) equal: one base can serve both runs."""
+    prefixes = tuple(f"{m}." for m in trained)
+    for key, tensor in reference.items():
+        if key.startswith(prefixes):
+            continue
+        theirs = other.get(key)
+        if theirs is None or theirs.shape != tensor.shape or not torch.equal(theirs, tensor):
+            raise ValueError(f"--adapter {run} was trained on another base than {first} (its '{key}' differs: "
+                             "model name, checkpoint or init seed): predict or evaluate them apart")
+
+
+def open_adapters(runs: Sequence[str | Path]) -> Iterator[Opened]:
+    """Runs that share a base, with one base in memory: each run's adapter (and trained head) loaded beside the
+    first's, then made active in turn. Each Opened holds until the next one is yielded."""
+    runs = [Path(r) for r in runs]
+    parts = [_run_parts(run) for run in runs]
+    model, _, _ = rundir.load_run(runs[0])
+    reference = _base(*parts[0]).state_dict()
+    names = [DEFAULT] + [f"run{i}" for i in range(1, len(runs))]
+    for run, (recipe, preprocess), name in zip(runs[1:], parts[1:], names[1:], strict=True):
+        if recipe["task"] != parts[0][0]["task"]:
+            raise ValueError(f"--adapter {run} is a {recipe['task']} run, {runs[0]} a {parts[0][0]['task']} run: "
+                             "one base serves runs of one task")
+        load_adapter(model, run / runpaths.ADAPTER, name=name)
+        trained = model.vislora_adapters[name].train + model.vislora_adapters[DEFAULT].train
+        _check_same_base(reference, _base(recipe, preprocess).state_dict(), trained, run, runs[0])
+    for run, (recipe, preprocess), name in zip(runs, parts, names, strict=True):
+        set_adapter(model, name)
+        task = tasks.get(recipe["task"])
+        yield Opened(task, task.predictor(model), preprocess, recipe, run, run)
+
+
+def predict_each(runs: Sequence[str | Path], images: Sequence[str | Path], topk: int = 5,
+                 out: str | Path | None = None) -> Iterator[tuple[Opened, list[dict]]]:
+    """predict() for several runs of one base (open_adapters): files in OUT/<run name>, default RUN/predictions."""
+    for opened in open_adapters(runs):
+        folder = Path(out) / opened.source.name if out is not None else predictions_dir(opened.source)
+        yield opened, opened.task.predict(opened.predictor, opened.preprocess, list(images), topk=topk,
+                                          out_dir=folder)

@@ -180,15 +180,29 @@ def _dg(grad: torch.Tensor, out: torch.Tensor, g: torch.Tensor, bias: torch.Tens
     return total.float() / g.float()
 
 
+def _keep_output(ctx, out: torch.Tensor) -> None:
+    """Keep the node's output for backward without autograd's in-place check: a detached alias shares its data and
+    version counter (no reference cycle), so backward can see whether a later op (an in-place ReLU after an SE
+    conv) overwrote it, and recompute instead of failing."""
+    keep = not out.is_inference()  # an inference tensor has no version counter (and no backward)
+    ctx.out, ctx.out_version = (out.detach(), out._version) if keep else (None, None)
+
+
+def _kept_output(ctx) -> torch.Tensor | None:
+    """The output _keep_output kept, or None where a later in-place op has changed it."""
+    return ctx.out if ctx.out._version == ctx.out_version else None
+
+
 class ScaleRows(torch.autograd.Function):
     """out = y0 * g + b, g and b broadcast along `dim` (one value per output channel), in place on y0: DoRA's
     magnitude over the detached row norm, applied to the unscaled output y0 of the direction W + s B A.
 
-    It saves `out` (the next op of a ViT's qkv or fc1 saves that tensor anyway) and gets dg = sum(grad * y0) from
-    it; where some g is exactly 0, y0 cannot be recovered from out, so a copy of y0 is saved instead (exact)."""
+    It keeps `out` (the next op of a ViT's qkv or fc1 saves that tensor anyway) and gets dg = sum(grad * y0) from
+    it; where some g is exactly 0, y0 cannot be recovered from out, so a copy of y0 is saved instead (exact). If a
+    later op overwrote out in place, y0 comes from `recompute()` (the layer's direction output, no grad)."""
 
     @staticmethod
-    def forward(ctx, y0, g, bias, dim):
+    def forward(ctx, y0, g, bias, dim, recompute=None):
         dim = dim % y0.dim()
         shape = [1] * y0.dim()
         shape[dim] = -1
@@ -198,25 +212,36 @@ class ScaleRows(torch.autograd.Function):
         if bias is not None:
             out.add_(bias.to(y0.dtype).view(shape))
         ctx.mark_dirty(y0)
-        ctx.save_for_backward(out if recover else kept, g, bias)
-        ctx.recover, ctx.shape, ctx.dim = recover, shape, dim
+        ctx.save_for_backward(kept, g, bias)
+        ctx.recover, ctx.shape, ctx.dim, ctx.recompute = recover, shape, dim, recompute
+        _keep_output(ctx, out)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        saved, g, bias = ctx.saved_tensors
+        kept, g, bias = ctx.saved_tensors
         shape, dim = ctx.shape, ctx.dim
         need_y, need_g, need_b = ctx.needs_input_grad[:3]
         dg = db = None
-        if need_g and ctx.recover:
-            dg = _dg(grad, saved, g, bias, dim).to(g.dtype)
+        out = _kept_output(ctx) if ctx.recover else None
+        if need_g and out is not None:
+            dg = _dg(grad, out, g, bias, dim).to(g.dtype)
         elif need_g:
-            dg = (grad.float() * saved.float()).sum(_reduce_dims(grad, dim)).to(g.dtype)
+            y0 = kept if kept is not None else _recomputed(ctx.recompute)
+            dg = (grad.float() * y0.float()).sum(_reduce_dims(grad, dim)).to(g.dtype)
         if need_b:
             db = grad.sum(_reduce_dims(grad, dim)).to(bias.dtype)
         dy = grad * g.to(grad.dtype).view(shape) if need_y else None
-        return dy, dg, db, None
+        return dy, dg, db, None, None
+
+
+def _recomputed(recompute) -> torch.Tensor:
+    if recompute is None:
+        raise RuntimeError("DoRA: a later in-place op overwrote this layer's output and adapter dropout is on, so "
+                           "it cannot be recomputed exactly: set adapter dropout 0 or make that op out of place")
+    with torch.no_grad():
+        return recompute()
 
 
 class _DoraLinear(torch.autograd.Function):
@@ -232,17 +257,20 @@ class _DoraLinear(torch.autograd.Function):
         gcol = g[:, None].to(weight.dtype)
         if x2.shape[0] > x2.shape[1]:  # many rows: one matmul with W' = g (W + s B A), formed once
             z = F.linear(x2, a_factor)
-            y = F.linear(x2, torch.addmm(weight, b_factor, a_factor, alpha=scaling).mul_(gcol), bias)
+            out = F.linear(x, torch.addmm(weight, b_factor, a_factor, alpha=scaling).mul_(gcol), bias)  # not a view
         else:
             y, z = _lora_linear(x2, weight * gcol, bias, a_factor, b_factor * gcol, scaling, True)
-        ctx.save_for_backward(x2, z, weight, a_factor, b_factor, g, bias, y)
+            out = y.view(*x.shape[:-1], y.shape[-1]) if x.dim() != 2 else y
+        ctx.save_for_backward(x2, z, weight, a_factor, b_factor, g, bias)
         ctx.scaling, ctx.recover = scaling, bool((g != 0).all())
-        return y.view(*x.shape[:-1], y.shape[-1])
+        _keep_output(ctx, out)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        x2, z, weight, a_factor, b_factor, g, bias, y = ctx.saved_tensors
+        x2, z, weight, a_factor, b_factor, g, bias = ctx.saved_tensors
+        y = _kept_output(ctx) if ctx.recover else None
         gr, s = grad.reshape(-1, grad.shape[-1]), ctx.scaling
         need_x, need_w, need_bias, need_a, need_b, _, need_g = ctx.needs_input_grad
         gcol = g[:, None].to(weight.dtype)
@@ -259,9 +287,9 @@ class _DoraLinear(torch.autograd.Function):
         dw = gr.t().mm(x2).mul_(gcol) if need_w else None  # W' = g W (the norm is detached)
         dbias = gr.sum(0) if need_bias else None
         dg = None
-        if need_g and ctx.recover:
-            dg = _dg(gr, y, g, bias, 1).to(g.dtype)
-        elif need_g:  # some g is 0: y0 = x W^T + s z B^T, recomputed
+        if need_g and y is not None:
+            dg = _dg(gr, y.reshape(-1, y.shape[-1]), g, bias, 1).to(g.dtype)
+        elif need_g:  # some g is 0, or y was overwritten in place: y0 = x W^T + s z B^T, recomputed
             y0 = torch.addmm(F.linear(x2, weight), z, b_factor.t(), alpha=s)
             dg = (gr.float() * y0.float()).sum(0).to(g.dtype)
         return dx, dw, dbias, da, db, None, dg

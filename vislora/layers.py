@@ -19,6 +19,7 @@ The forward pass picks the cheaper of two exact paths:
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn as nn
@@ -311,6 +312,18 @@ class LoraLayer(nn.Module):
         """y = base(x) + s B(A x), for DoRA scaled per output channel (ScaleRows) after the bias is taken out.
         `y`: base(x) when the caller already has it (mixed batches)."""
         base, update = self.base_layer, update or self.update
+        y0 = self._direction_output(x, hooked, update, y)
+        if update.additive:
+            return y0
+        dropout_on = isinstance(self.dropout, nn.Dropout) and self.dropout.training and self.dropout.p > 0
+        recompute = None if dropout_on else functools.partial(self._direction_output, x, True, update)
+        channel = -1 if isinstance(base, nn.Linear) else 1
+        return ScaleRows.apply(y0, update.scale(update.row_norms(base.weight)), base.bias, channel, recompute)
+
+    def _direction_output(self, x: torch.Tensor, hooked: bool, update: LowRank, y: torch.Tensor | None = None
+                          ) -> torch.Tensor:
+        """base(x) + s B(A x), without the bias for DoRA (which scales the rest)."""
+        base = self.base_layer
         y = base(x) if y is None else y
         A, B = update.lora_A.to(y.dtype), update.full_B().to(y.dtype)
         x = self.dropout(x)
@@ -319,17 +332,13 @@ class LoraLayer(nn.Module):
             y = y - base.bias.to(y.dtype).view([-1 if d == channel % y.dim() else 1 for d in range(y.dim())])
         if isinstance(base, nn.Linear):
             z = F.linear(x, A)
-            y = torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]), B.t(), alpha=update.scaling
-                            ).view(y.shape)
-        else:
-            g = base.groups  # A acts on each group's inputs; B maps each group's R codes to its outputs
-            a = A.view(A.shape[0], *base.weight.shape[1:])
-            z = base._conv_forward(x, a.repeat(g, 1, 1, 1) if g > 1 else a, None)
-            change = F.conv2d(z, (B * update.scaling)[:, :, None, None], groups=g)
-            y = y.add_(change) if not hooked and update.additive else y + change  # a conv never reads its output
-        if update.additive:
-            return y
-        return ScaleRows.apply(y, update.scale(update.row_norms(base.weight)), base.bias, channel)
+            return torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]), B.t(), alpha=update.scaling
+                               ).view(y.shape)
+        g = base.groups  # A acts on each group's inputs; B maps each group's R codes to its outputs
+        a = A.view(A.shape[0], *base.weight.shape[1:])
+        z = base._conv_forward(x, a.repeat(g, 1, 1, 1) if g > 1 else a, None)
+        change = F.conv2d(z, (B * update.scaling)[:, :, None, None], groups=g)
+        return y.add_(change) if not hooked and update.additive else y + change  # a conv never reads its output
 
     def _linear_fused(self, x: torch.Tensor) -> torch.Tensor:
         """Base linear + LoRA (kernels._LoraLinear) or + DoRA (kernels._DoraLinear) as one autograd node, in the
