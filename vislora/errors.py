@@ -7,6 +7,10 @@ from __future__ import annotations
 import os
 
 
+class VisloraError(ValueError):
+    """Bad input the user can fix (a recipe key, a file, a value): shown as one line, never a traceback."""
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
