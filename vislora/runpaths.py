@@ -97,21 +97,10 @@ def locked(run_dir: Path) -> Iterator[None]:
     the same folder is refused naming the lock. Re-entrant in one process; a dead process's lock is taken over."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path, mine = run_dir / LOCK, f"{os.getpid()}@{socket.gethostname()}"
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            holder = path.read_text().strip() if path.is_file() else ""
-            if holder == mine:
-                yield
-                return
-            if not _stale(holder):
-                raise ValueError(f"{path} is held by process {holder or '?'}: another training is writing "
-                                 f"{run_dir}; wait for it, or remove {path} if no such process runs") from None
-            path.unlink(missing_ok=True)
-    else:
-        raise ValueError(f"{path}: could not take the lock")
+    fd = _take(path, mine, run_dir)
+    if fd is None:  # this process holds it already (yielded outside any except: no chained tracebacks)
+        yield
+        return
     with os.fdopen(fd, "w") as f:
         f.write(mine)
     try:
@@ -119,6 +108,22 @@ def locked(run_dir: Path) -> Iterator[None]:
     finally:
         if path.is_file() and path.read_text().strip() == mine:
             path.unlink()
+
+
+def _take(path: Path, mine: str, run_dir: Path) -> int | None:
+    """Create the lock file and return its descriptor; None when this process holds it already."""
+    for _ in range(2):
+        try:
+            return os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = path.read_text().strip() if path.is_file() else ""
+        if holder == mine:
+            return None
+        if not _stale(holder):
+            raise ValueError(f"{path} is held by process {holder or '?'}: another training is writing "
+                             f"{run_dir}; wait for it, or remove {path} if no such process runs")
+        path.unlink(missing_ok=True)
+    raise ValueError(f"{path}: could not take the lock")
 
 
 # ---- starting, clearing, resuming -----------------------------------------------------------------
