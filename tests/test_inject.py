@@ -363,3 +363,32 @@ def test_vit_preset_adapts_every_attention_of_convit_crossvit_and_tnt(name, kwar
     names = set(find_targets(model, LoraConfig(targets="vit")))
     assert wanted <= names
     assert not any(n.endswith(("pos_proj", "proj_l", "proj_w")) for n in names)
+
+
+class SharedConv(nn.Module):
+    """Two blocks that hold one conv (CoaT's shared position encodings): the adapter must reach both paths."""
+
+    def __init__(self):
+        super().__init__()
+        conv = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.a, self.b = nn.Sequential(conv, nn.ReLU()), nn.Sequential(conv, nn.Tanh())
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_a_shared_layer_gets_one_adapter_on_every_path_and_unloads_shared():
+    torch.manual_seed(0)
+    model, x = SharedConv(), torch.randn(2, 4, 6, 6)
+    base = copy.deepcopy(model)
+    inject(model, LoraConfig(r=2, targets="conv"))
+    assert [n for n, _ in lora_layers(model)] == ["a.0"] and model.a[0] is model.b[0]
+    for p in model.a[0].adapter_parameters():
+        nn.init.normal_(p)  # a live update (B no longer zero)
+    assert not torch.allclose(model(x), base(x), atol=1e-3)
+    merged = copy.deepcopy(model)
+    merge(merged)
+    assert torch.allclose(model(x), merged(x), atol=1e-6)
+    plain = unload(model)
+    assert plain.a[0] is plain.b[0] and not isinstance(plain.a[0], LoraLayer)
+    assert torch.allclose(plain(x), merged(x), atol=1e-6)

@@ -217,11 +217,15 @@ HYBRID = {  # model: (norm modules and biases, the last block) trained at full r
 }
 
 
-def defaults_contenders(model: str, hybrid: bool = False, head_epochs: int = 0) -> dict:
+def defaults_contenders(model: str, hybrid: bool = False, head_epochs: int = 0, variants: bool = False) -> dict:
     """name: (adapter section with nothing but the preset (and `train` for the hybrids), adapt function, train
-    section). head_epochs > 0 adds LoRA with that LP-FT head stage (train.head_epochs) as one more contender."""
+    section). head_epochs > 0 adds LoRA with that LP-FT head stage (train.head_epochs) as one more contender;
+    variants adds DoRA (adapter.use_dora) and LoRA+ (train.lora_plus_ratio 16) on the first preset."""
     presets = DEFAULT_MODELS[model][2]
     out = {f"lora_{p}": ({"targets": p}, apply_adapter) for p in presets}
+    if variants:
+        out[f"dora_{presets[0]}"] = ({"targets": presets[0], "use_dora": True}, apply_adapter)
+        out[f"lora_{presets[0]}+plus16"] = ({"targets": presets[0]}, apply_adapter, {"lora_plus_ratio": 16})
     if head_epochs:
         out[f"lora_{presets[0]}+lpft{head_epochs}"] = ({"targets": presets[0]}, apply_adapter,
                                                       {"head_epochs": head_epochs})
@@ -255,8 +259,8 @@ def run_defaults(args: argparse.Namespace, data: dict[str, Path], out: Path, nam
         for target in args.targets:
             if (model, target) in skip:
                 continue
-            for contender, (adapter, adapt, *extra) in defaults_contenders(model, args.hybrid,
-                                                                           args.head_epochs).items():
+            contenders = defaults_contenders(model, args.hybrid, args.head_epochs, args.variants)
+            for contender, (adapter, adapt, *extra) in contenders.items():
                 if args.only and contender not in args.only:
                     continue
                 for seed in args.seeds:
@@ -375,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="default: fmnist mnist (+ digits: defaults; proof: the six proof folders)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="defaults mode")
     p.add_argument("--hybrid", action="store_true", help="defaults mode: LoRA + norms/biases, LoRA + last block")
+    p.add_argument("--variants", action="store_true", help="defaults mode: DoRA and LoRA+ contenders too")
     p.add_argument("--only", nargs="+", default=None, help="defaults mode: run only these contenders")
     p.add_argument("--head-epochs", type=int, default=0,
                    help="defaults mode: add LoRA with an LP-FT head stage of this many epochs as a contender")

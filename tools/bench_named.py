@@ -16,9 +16,9 @@ PEFT accepts too); random init, r=8, a 10-class head per adapter.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -86,14 +86,22 @@ def memory_child(key: str, k: int, kind: str, folder: str) -> dict:
     """In a fresh process: build one shared model with k adapters, or k merged models; RSS and tensor bytes."""
     torch.set_num_threads(1)
     dirs = sorted(Path(folder).glob("a*"), key=lambda p: int(p.name[1:]))[:k]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = resident_mb()
     models = [shared_model(key, dirs)] if kind == "shared" else merged_models(key, dirs)
     x = torch.randn(2, 3, MODELS[key][2], MODELS[key][2])
     with torch.no_grad():
         for m in models:
             m(x)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"bytes": tensor_bytes(models), "rss_mb": rss / 1024, "rss_added_mb": (rss - before) / 1024}
+    rss = resident_mb()
+    return {"bytes": tensor_bytes(models), "rss_mb": rss, "rss_added_mb": rss - before}
+
+
+def resident_mb() -> float:
+    """The process's resident set now (/proc/self/statm), not its peak: ru_maxrss is set by the imports
+    (1.1 GB here) and hid every configuration below it."""
+    gc.collect()
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def run_memory(key: str, ks: list[int], folder: Path, repeats: int) -> list[dict]:
@@ -110,7 +118,7 @@ def run_memory(key: str, ks: list[int], folder: Path, repeats: int) -> list[dict
             rows.append({"model": key, "k": k, "kind": kind,
                          **{f: statistics.median(r[f] for r in runs) for f in runs[0]}})
             print(f"[memory] {key} K={k:>2} {kind:<6} {rows[-1]['bytes'] / 1e6:8.1f} MB tensors, "
-                  f"RSS {rows[-1]['rss_mb']:7.0f} MB")
+                  f"RSS {rows[-1]['rss_mb']:7.0f} MB, +{rows[-1]['rss_added_mb']:6.0f} MB built")
     return rows
 
 

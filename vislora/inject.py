@@ -172,15 +172,21 @@ def warn_unadaptable(model: nn.Module, config: LoraConfig, within: str | None = 
 
 
 # ---- finding targets ------------------------------------------------------------------------------
-def _walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+def _walk(module: nn.Module, prefix: str = "", seen: set[int] | None = None) -> Iterator[tuple[str, nn.Module]]:
     """(name, module) with the names of the model without adapters: below a LoraLayer the walk goes on into its
     base layer's children (an adapted nn.MultiheadAttention's out_proj is `attn.out_proj`, not
-    `attn.base_layer.out_proj`); the modules other named adapters keep (vislora_modules) are left out."""
+    `attn.base_layer.out_proj`); the modules other named adapters keep (vislora_modules) are left out. A module
+    held by several parents (CoaT's shared conv position encodings) comes once, under its first name, as in
+    named_modules()."""
+    seen = set() if seen is None else seen
+    if id(module) in seen:
+        return
+    seen.add(id(module))
     yield prefix, module
     children = module.base_layer._modules if isinstance(module, LoraLayer) else module._modules
     for name, child in children.items():
         if child is not None and not (not prefix and name == "vislora_modules"):
-            yield from _walk(child, f"{prefix}.{name}" if prefix else name)
+            yield from _walk(child, f"{prefix}.{name}" if prefix else name, seen)
 
 
 def wrapped_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
@@ -204,13 +210,16 @@ def plain_modules(scope: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
-    """Put `module` at the dotted `name` (names as plain_modules gives them: through adapter wrappers); returns
-    the module that was there."""
+    """Put `module` at the dotted `name` (names as plain_modules gives them: through adapter wrappers) and
+    wherever else the model holds the same module (a shared one stays shared); returns the module that was there."""
     parent, _, child = name.rpartition(".")
     owner = model.get_submodule(parent) if parent else model
     owner = owner.base_layer if isinstance(owner, LoraLayer) else owner
     old = owner._modules[child]
-    setattr(owner, child, module)
+    for holder in [m.base_layer if isinstance(m, LoraLayer) else m for m in model.modules()]:
+        for key, held in list(holder._modules.items()):
+            if held is old and holder is not module:
+                setattr(holder, key, module)
     return old
 
 
