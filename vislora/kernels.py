@@ -10,6 +10,8 @@ does not need.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -234,6 +236,16 @@ class ScaleRows(torch.autograd.Function):
             db = grad.sum(_reduce_dims(grad, dim)).to(bias.dtype)
         dy = grad * g.to(grad.dtype).view(shape) if need_y else None
         return dy, dg, db, None, None
+
+
+def scale_rows(y0: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None, dim: int,
+               recompute: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """ScaleRows.apply, with the kept output's version read after autograd's own bump of an in-place output (it
+    comes after forward returns: read inside, every backward would see a change and recompute y0)."""
+    out = ScaleRows.apply(y0, g, bias, dim, recompute)
+    if getattr(out.grad_fn, "out", None) is not None:  # the node is ScaleRows's context
+        out.grad_fn.out_version = out._version
+    return out
 
 
 def _recomputed(recompute) -> torch.Tensor:

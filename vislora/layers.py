@@ -29,13 +29,13 @@ from torch.func import functional_call
 
 from vislora.kernels import (  # noqa: F401  (depthwise_weight_grad: re-exported for tools and tests)
     AUTOCAST_DEVICES,
-    ScaleRows,
     _depthwise_on_cpu,
     _DepthwiseConv2d,
     _DoraLinear,
     _lora_linear,
     _LoraLinear,
     depthwise_weight_grad,
+    scale_rows,
 )
 from vislora.variants import DoRA, LowRank, chunk_rows, full_precision  # noqa: F401  (re-exported)
 
@@ -318,7 +318,7 @@ class LoraLayer(nn.Module):
         dropout_on = isinstance(self.dropout, nn.Dropout) and self.dropout.training and self.dropout.p > 0
         recompute = None if dropout_on else functools.partial(self._direction_output, x, True, update)
         channel = -1 if isinstance(base, nn.Linear) else 1
-        return ScaleRows.apply(y0, update.scale(update.row_norms(base.weight)), base.bias, channel, recompute)
+        return scale_rows(y0, update.scale(update.row_norms(base.weight)), base.bias, channel, recompute)
 
     def _direction_output(self, x: torch.Tensor, hooked: bool, update: LowRank, y: torch.Tensor | None = None
                           ) -> torch.Tensor:
