@@ -31,7 +31,7 @@ from vislora.footprint import footprint, format_footprint
 from vislora.inject import LoraConfig, classifier_names, unload
 from vislora.shrink import format_shrink, shrink_run
 from vislora.svd import extract_adapter, format_spectrum, plot_spectrum, spectrum
-from vislora.tasks.common import load_weights
+from vislora.tasks.backbone import load_weights
 from vislora.train import train
 
 

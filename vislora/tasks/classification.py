@@ -25,14 +25,13 @@ from vislora import data as vdata
 from vislora import image, runpaths
 from vislora.files import read_json
 from vislora.inject import classifier_names, inject, set_trainable
+from vislora.tasks.backbone import create_timm, load_weights
 from vislora.tasks.common import (
     Setup,
     batch_predictor,
     card_classes,
     card_pretrained_cfg,
-    create_timm,
     denormalize,
-    load_weights,
     lora_config,
     plot_confusion,
     plot_image_grid,

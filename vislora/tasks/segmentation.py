@@ -40,7 +40,16 @@ from tqdm import tqdm
 from vislora import data as vdata
 from vislora import image
 from vislora.files import listing
-from vislora.inject import LoraConfig, freeze_bn_stats, inject, set_trainable
+from vislora.inject import LoraConfig
+from vislora.tasks.backbone import (
+    Features,
+    SimplePyramid,
+    adapt_backbone,
+    body_channels,
+    create_body,
+    fpn_width,
+    is_plain_vit,
+)
 from vislora.tasks.common import (
     Setup,
     batch_predictor,
@@ -49,7 +58,6 @@ from vislora.tasks.common import (
     seeded,
     write_confusion,
 )
-from vislora.tasks.detection import TINY_BACKBONE, SimplePyramid, create_body, is_plain_vit, token_map
 
 log = logging.getLogger(__name__)
 
@@ -100,26 +108,13 @@ class DeepLabDecoder(nn.Module):
         return self.head(feats[-1])
 
 
-class Segmenter(nn.Module):
+class Segmenter(Features):
     """A timm `body` (features_only CNN or plain ViT), a ViT's optional simple `pyramid`, a `decoder`;
     NCHW images -> N x num_classes x H x W logits."""
 
     def __init__(self, body: nn.Module, decoder: nn.Module, pyramid: SimplePyramid | None = None):
-        super().__init__()
-        self.body, self.decoder = body, decoder
-        if pyramid is not None:
-            self.pyramid = pyramid
-        self.vit = is_plain_vit(body)
-        self.channels_last = str(getattr(body, "output_fmt", "NCHW")).endswith("NHWC")  # Swin
-        if self.vit:
-            self.patch_h, self.patch_w = (int(p) for p in body.patch_embed.patch_size)
-            self.prefix_tokens = int(body.num_prefix_tokens)
-
-    def features(self, x: Tensor) -> list[Tensor]:
-        if not self.vit:
-            return [f.permute(0, 3, 1, 2) if self.channels_last else f for f in self.body(x)]
-        fmap = token_map(self.body.forward_features(x), x, self.patch_h, self.patch_w, self.prefix_tokens)
-        return list(self.pyramid(fmap)) if hasattr(self, "pyramid") else [fmap]
+        super().__init__(body, pyramid)
+        self.decoder = decoder
 
     def forward(self, x: Tensor) -> Tensor:
         logits = self.decoder(self.features(x))
@@ -142,16 +137,10 @@ def build_segmenter(model_cfg: dict, segmenter_cfg: dict, num_classes: int) -> S
         cfg["kwargs"] = {**(model_cfg.get("kwargs") or {}), "output_stride": int(segmenter_cfg["output_stride"])}
     indices = segmenter_cfg.get("out_indices") or ((-4, -3, -2, -1) if head == "fpn" else (-1,))
     body = create_body(cfg, indices)
-    pyramid = None
-    if is_plain_vit(body):
-        pyramid = SimplePyramid(body.embed_dim) if head == "fpn" else None
-        in_channels = [body.embed_dim] * (3 if head == "fpn" else 1)
-    else:
-        in_channels = list(body.feature_info.channels())
+    pyramid = SimplePyramid(body.embed_dim) if is_plain_vit(body) and head == "fpn" else None
+    in_channels = body_channels(body, pyramid is not None)
     if head == "fpn":
-        width = segmenter_cfg.get("channels") or (
-            64 if sum(p.numel() for p in body.parameters()) < TINY_BACKBONE else 256)
-        decoder: nn.Module = FpnDecoder(in_channels, int(width), num_classes)
+        decoder: nn.Module = FpnDecoder(in_channels, fpn_width(body, segmenter_cfg.get("channels")), num_classes)
     else:
         decoder = DeepLabDecoder(in_channels[-1], num_classes, segmenter_cfg.get("atrous_rates") or (12, 24, 36))
     return Segmenter(body, decoder, pyramid)
@@ -163,18 +152,8 @@ def segmenter_train_modules(model: Segmenter) -> list[str]:
 
 
 def adapt_segmenter(model: Segmenter, lora: LoraConfig | None, probe: bool = False) -> Segmenter:
-    """LoRA inside `body` with the decoder trained (entries of lora.train other than "head" train too); None:
-    full fine-tuning; probe: the decoder alone. Backbone BatchNorm keeps its pretrained statistics in every mode."""
-    train = segmenter_train_modules(model)
-    if probe:
-        set_trainable(model, train)
-        return model
-    if lora is None:
-        model.requires_grad_(True)
-        freeze_bn_stats(model.body)
-        return model
-    train += [t for t in lora.train if t != "head" and t not in train]
-    return inject(model, LoraConfig(**{**lora.to_dict(), "train": train}), within="body")
+    """LoRA inside `body` with the decoder trained; None: full fine-tuning; probe: the decoder alone."""
+    return adapt_backbone(model, lora, "body", segmenter_train_modules(model), probe)
 
 
 # ---- data -------------------------------------------------------------------------------------------
@@ -340,7 +319,9 @@ def eval_transform(preprocess: dict) -> EvalTransform:
 
 
 def _val_dir(root: Path) -> Path | None:
-    return next((root / n for n in vdata.VAL_DIRS if (root / n / "images").is_dir()), None)
+    """ROOT's val split folder (vislora.data.val_dir) when it holds images/."""
+    folder = vdata.val_dir(root)
+    return folder if folder is not None and (folder / "images").is_dir() else None
 
 
 def split_pairs(root: str | os.PathLike, classes: list[str], val_fraction: float, seed: int
