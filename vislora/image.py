@@ -180,16 +180,18 @@ def normalize(rgb: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> n
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def eval_transform(preprocess: dict) -> Callable[[np.ndarray], np.ndarray]:
+def eval_transform(preprocess: dict, whole: bool = False) -> Callable[[np.ndarray], np.ndarray]:
     """HxWx3 uint8 -> 3xHxW float32 model input: timm's eval transform for preprocess's input_size, crop_pct,
-    interpolation, mean and std (the same geometry training validates with and exported models are fed)."""
-    check_preprocess(preprocess)
+    interpolation, mean and std (the same geometry training validates with and exported models are fed).
+    whole: the whole image resized to the input size, aspect not kept (segmentation's geometry; no crop)."""
+    check_preprocess(preprocess, ("input_size", "mean", "std", "interpolation") if whole else PREPROCESS_KEYS)
     h, w = input_hw(preprocess)
-    crop_pct = float(preprocess["crop_pct"] or 1.0)
+    crop_pct = float(preprocess.get("crop_pct") or 1.0)
     mean, std, interpolation = tuple(preprocess["mean"]), tuple(preprocess["std"]), preprocess["interpolation"]
 
     def transform(rgb: np.ndarray) -> np.ndarray:
-        return normalize(resize_center_crop(rgb, h, w, crop_pct, interpolation), mean, std)
+        shaped = resize(rgb, h, w, interpolation) if whole else resize_center_crop(rgb, h, w, crop_pct, interpolation)
+        return normalize(shaped, mean, std)
 
     return transform
 
