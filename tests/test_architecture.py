@@ -162,7 +162,9 @@ def test_one_image_reader():
             roots |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             roots.add((node.module or "").split(".")[0])
-    assert roots <= {"__future__", "math", "os", "collections", "numpy", "PIL"}, roots  # no vislora, timm ...
+    assert roots <= {"__future__", "math", "os", "collections", "numpy", "PIL", "vislora"}, roots  # no timm ...
+    vislora_imports = {d for d, _ in _imports(PACKAGE / "image.py", "vislora.image", _modules())}
+    assert vislora_imports <= {"vislora.errors"}, vislora_imports  # the stdlib-only error type alone
 
 
 def _task_of(module: str) -> str | None:

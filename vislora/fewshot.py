@@ -41,6 +41,7 @@ import numpy as np
 
 from vislora import data as vdata
 from vislora import runpaths
+from vislora.errors import VisloraError
 from vislora.evaluate import evaluate
 from vislora.files import write_json
 from vislora.recipe import DEFAULTS, differences, mode, resolve
@@ -74,7 +75,7 @@ def contender_lrs(recipe: dict, overrides: dict[str, float] | None = None) -> di
     lrs = {c: base * LR_SCALE[c] for c in CONTENDERS}
     unknown = sorted(set(overrides or {}) - set(CONTENDERS))
     if unknown:
-        raise ValueError(f"--lr names unknown contender(s) {unknown}: use {', '.join(CONTENDERS)}")
+        raise VisloraError(f"--lr names unknown contender(s) {unknown}: use {', '.join(CONTENDERS)}")
     return {**lrs, **(overrides or {})}
 
 
@@ -87,12 +88,12 @@ def default_steps(recipe: dict, max_shots: int, num_classes: int) -> int:
 
 def _check_grid(shots: Sequence[int], seeds: int, contenders: Sequence[str]) -> None:
     if not shots or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in shots):
-        raise ValueError(f"--shots must be whole numbers >= 1, got {list(shots)}")
+        raise VisloraError(f"--shots must be whole numbers >= 1, got {list(shots)}")
     if seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+        raise VisloraError(f"--seeds must be >= 1, got {seeds}")
     unknown = [c for c in contenders if c not in CONTENDERS]
     if unknown or not contenders:
-        raise ValueError(f"--contenders {list(contenders)}: choose among {', '.join(CONTENDERS)}")
+        raise VisloraError(f"--contenders {list(contenders)}: choose among {', '.join(CONTENDERS)}")
 
 
 # ---- sampling and the data folders ------------------------------------------------------------------
@@ -106,7 +107,8 @@ def sample_shots(split: vdata.Split, shots: Sequence[int], seed: int) -> dict[in
     order = {}
     for y, paths in by_class.items():
         if len(paths) < most:
-            raise ValueError(f"class '{split.classes[y]}' has {len(paths)} training images, fewer than --shots {most}")
+            raise VisloraError(f"class '{split.classes[y]}' has {len(paths)} training images, "
+                               f"fewer than --shots {most}")
         order[y] = [paths[i] for i in np.random.default_rng([seed, y]).permutation(len(paths))]
     return {k: [(p, y) for y in by_class for p in order[y][:k]] for k in sorted(set(shots))}
 
@@ -170,12 +172,12 @@ def _read_results(path: Path, settings: dict) -> list[dict]:
     try:
         saved = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): remove it to start the grid again") from None
+        raise VisloraError(f"{path} is not valid JSON ({e}): remove it to start the grid again") from None
     old = saved.get("settings", {})
     changed = differences(old.get("recipe", {}), settings["recipe"], "recipe.")
     changed += [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if k != "recipe" and old.get(k) != v]
     if changed:
-        raise ValueError(f"{path} holds a grid made with other settings ({'; '.join(changed[:4])}): use another "
+        raise VisloraError(f"{path} holds a grid made with other settings ({'; '.join(changed[:4])}): use another "
                          "--out, or the same recipe, --steps and --lr")
     return list(saved.get("rows", []))
 
@@ -241,17 +243,17 @@ def fewshot(recipe: dict, out: str | Path, shots: Sequence[int] = (1, 2, 4, 8, 1
     _check_grid(shots, seeds, contenders)
     contenders = list(dict.fromkeys(contenders))  # `--contenders probe probe` is one contender
     if recipe["task"] != "classification":
-        raise ValueError(f"fewshot needs a classification recipe (task: {recipe['task']})")
+        raise VisloraError(f"fewshot needs a classification recipe (task: {recipe['task']})")
     out = Path(out)
     d = recipe["data"]
     runpaths.keep_apart(out, [d["path"]], [out / "data", out / "runs"])
     train_split, val_split = vdata.scan_folder(d["path"], d["val_fraction"], recipe["train"]["seed"])
     if not val_split.items:
-        raise ValueError(f"data.path {d['path']} has no val split to evaluate on: add ROOT/val or set "
+        raise VisloraError(f"data.path {d['path']} has no val split to evaluate on: add ROOT/val or set "
                          "data.val_fraction above 0")
     subsets = {s: sample_shots(train_split, shots, s) for s in range(seeds)}
     if steps is not None and steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {steps}")
+        raise VisloraError(f"--steps must be >= 1, got {steps}")
     steps = steps or default_steps(recipe, max(shots), len(train_split.classes))
     t = recipe["train"]
     settings = json.loads(json.dumps({"recipe": recipe, "steps": steps, "batch_size": t["batch_size"],

@@ -17,6 +17,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from vislora import image
+from vislora.errors import VisloraError
 from vislora.inject import LoraConfig
 from vislora.tasks.backbone import adapt_backbone
 from vislora.tasks.common import Setup, lora_config, seeded
@@ -141,7 +142,7 @@ def _eval_data(recipe: dict, data: str | os.PathLike | None) -> dict:
         return recipe["data"]
     root = Path(data)
     if not (root / "data.yaml").is_file():
-        raise ValueError(f"--data {root}: a detection run evaluates a YOLO folder (ROOT/data.yaml with the class "
+        raise VisloraError(f"--data {root}: a detection run evaluates a YOLO folder (ROOT/data.yaml with the class "
                          "names); for COCO data, set data.val_ann in a recipe")
     return {**recipe["data"], "format": "yolo", "path": str(root)}
 
@@ -151,7 +152,7 @@ def evaluate(predictor: nn.Module, preprocess: dict, recipe: dict | None, data, 
     """COCO mAP of the run's detector on its val split (or --data, a YOLO folder); draws OUT_boxes.png beside OUT."""
     _, val_set, names = build_detection_datasets(_eval_data(recipe, data), recipe["detector"]["min_size"])
     if names != preprocess["class_names"]:
-        raise ValueError(f"the classes of {data} differ from the run's: {names} vs {preprocess['class_names']}")
+        raise VisloraError(f"the classes of {data} differ from the run's: {names} vs {preprocess['class_names']}")
     loader = torch.utils.data.DataLoader(val_set, batch_size, num_workers=workers, collate_fn=detection_collate)
     report = evaluate_detection(predictor, loader, names)
     plot_detections(predictor, val_set, names, out.with_name(out.stem + "_boxes.png"))

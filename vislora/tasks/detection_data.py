@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from vislora import image
+from vislora.errors import VisloraError
 from vislora.files import listing, read_json
 from vislora.recipe import TASK_DEFAULTS
 
@@ -102,7 +103,7 @@ def coco_categories(data: dict, path: Path) -> tuple[dict[int, int], list[str]]:
         cats = sorted(data["categories"], key=lambda c: c["id"])
         return {c["id"]: i + 1 for i, c in enumerate(cats)}, [str(c["name"]) for c in cats]
     except (KeyError, TypeError) as e:
-        raise ValueError(f"{path}: 'categories' must be a list of {{id, name}} entries ({e!r})") from e
+        raise VisloraError(f"{path}: 'categories' must be a list of {{id, name}} entries ({e!r})") from e
 
 
 def coco_records(ann_path: str | os.PathLike, images_dir: str | os.PathLike, label_of: dict[int, int] | None = None
@@ -113,13 +114,13 @@ def coco_records(ann_path: str | os.PathLike, images_dir: str | os.PathLike, lab
     data = read_json(ann_path, "COCO annotation file")
     for key in ("images", "annotations", "categories"):
         if key not in data:
-            raise ValueError(f"{ann_path}: COCO key '{key}' is missing")
+            raise VisloraError(f"{ann_path}: COCO key '{key}' is missing")
     own_labels, names = coco_categories(data, ann_path)
     label_of = label_of or own_labels
     images = {}
     for img in data["images"]:
         if "id" not in img or "file_name" not in img:
-            raise ValueError(f"{ann_path}: image entry {img} needs 'id' and 'file_name'")
+            raise VisloraError(f"{ann_path}: image entry {img} needs 'id' and 'file_name'")
         images[img["id"]] = img
     missing = [img["file_name"] for img in images.values() if not (images_dir / img["file_name"]).is_file()]
     if missing:
@@ -130,17 +131,18 @@ def coco_records(ann_path: str | os.PathLike, images_dir: str | os.PathLike, lab
         if ann.get("iscrowd", 0):
             continue
         if ann.get("image_id") not in images:
-            raise ValueError(f"{ann_path}: annotation {ann.get('id')} refers to unknown image_id {ann.get('image_id')}")
+            raise VisloraError(f"{ann_path}: annotation {ann.get('id')} refers to unknown image_id "
+                               f"{ann.get('image_id')}")
         if ann.get("category_id") not in label_of:
-            raise ValueError(f"{ann_path}: annotation {ann.get('id')} has unknown category_id "
+            raise VisloraError(f"{ann_path}: annotation {ann.get('id')} has unknown category_id "
                              f"{ann.get('category_id')}")
         bbox = ann.get("bbox")
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-            raise ValueError(f"{ann_path}: annotation {ann.get('id')} needs a bbox [x, y, w, h], got {bbox!r}")
+            raise VisloraError(f"{ann_path}: annotation {ann.get('id')} needs a bbox [x, y, w, h], got {bbox!r}")
         try:
             x, y, w, h = (float(v) if v is not None else math.nan for v in bbox)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{ann_path}: annotation {ann.get('id')} has a non-numeric bbox {bbox!r}") from e
+            raise VisloraError(f"{ann_path}: annotation {ann.get('id')} has a non-numeric bbox {bbox!r}") from e
         boxes[ann["image_id"]].append(([x, y, x + w, y + h], label_of[ann["category_id"]]))
     records, clipped, dropped = [], 0, 0
     for position, (image_id, img) in enumerate(images.items()):
@@ -170,10 +172,10 @@ def yolo_names(root: Path) -> tuple[list[str], dict]:
     if isinstance(names, dict):
         keys = sorted(int(k) for k in names)
         if keys != list(range(len(keys))):
-            raise ValueError(f"{path}: 'names' keys must be 0..{len(keys) - 1}, got {keys}")
+            raise VisloraError(f"{path}: 'names' keys must be 0..{len(keys) - 1}, got {keys}")
         names = [str(names[k]) if k in names else str(names[str(k)]) for k in keys]
     if not isinstance(names, list) or not names:
-        raise ValueError(f"{path}: 'names' must be a non-empty list or a dict {{index: name}}")
+        raise VisloraError(f"{path}: 'names' must be a non-empty list or a dict {{index: name}}")
     return [str(n) for n in names], data
 
 
@@ -192,12 +194,12 @@ def _yolo_boxes(label_file: Path, width: int, height: int, n_classes: int) -> tu
         try:
             cls, values = float(parts[0]), [float(v) for v in parts[1:]]
         except ValueError as e:
-            raise ValueError(f"{label_file}:{lineno}: not numbers: {line!r}") from e
+            raise VisloraError(f"{label_file}:{lineno}: not numbers: {line!r}") from e
         if not (math.isfinite(cls) and cls == int(cls)):
-            raise ValueError(f"{label_file}:{lineno}: class {parts[0]!r} is not a whole number (0..{n_classes - 1})")
+            raise VisloraError(f"{label_file}:{lineno}: class {parts[0]!r} is not a whole number (0..{n_classes - 1})")
         cls = int(cls)
         if not 0 <= cls < n_classes:
-            raise ValueError(f"{label_file}:{lineno}: class {cls} is outside 0..{n_classes - 1} (data.yaml names)")
+            raise VisloraError(f"{label_file}:{lineno}: class {cls} is outside 0..{n_classes - 1} (data.yaml names)")
         if len(values) == 4:
             cx, cy, w, h = values
             box = [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
@@ -205,7 +207,7 @@ def _yolo_boxes(label_file: Path, width: int, height: int, n_classes: int) -> tu
             xs, ys = values[0::2], values[1::2]
             box = [min(xs), min(ys), max(xs), max(ys)]
         else:
-            raise ValueError(f"{label_file}:{lineno}: expected 'class cx cy w h' (or a polygon), got {line!r}")
+            raise VisloraError(f"{label_file}:{lineno}: expected 'class cx cy w h' (or a polygon), got {line!r}")
         boxes.append([box[0] * width, box[1] * height, box[2] * width, box[3] * height])
         labels.append(cls + 1)
     return np.array(boxes, dtype=np.float64).reshape(-1, 4), np.array(labels, dtype=np.int64)
@@ -217,7 +219,7 @@ def yolo_records(root: str | os.PathLike, split: str, names: list[str], data: di
     root = Path(root)
     folder = data.get(split) or f"images/{split}"
     if not isinstance(folder, str):
-        raise ValueError(f"{root / 'data.yaml'}: '{split}' must be one folder (relative to {root}), got {folder!r}")
+        raise VisloraError(f"{root / 'data.yaml'}: '{split}' must be one folder (relative to {root}), got {folder!r}")
     image_dir = root / folder
     if not image_dir.is_dir():
         raise FileNotFoundError(f"YOLO dataset {root}: image folder {image_dir} for split '{split}' not found")
@@ -251,7 +253,7 @@ def train_transform(img_size: int, augment: dict | None = None) -> A.Compose:
     augment overrides DEFAULT_AUGMENT ({"hflip": p, "scale": (min, max) area or None, "color": strength})."""
     unknown = sorted(set(augment or {}) - set(DEFAULT_AUGMENT))
     if unknown:
-        raise ValueError(f"unknown augment key(s) {unknown}; known: {sorted(DEFAULT_AUGMENT)}")
+        raise VisloraError(f"unknown augment key(s) {unknown}; known: {sorted(DEFAULT_AUGMENT)}")
     aug = {**DEFAULT_AUGMENT, **(augment or {})}
     ops: list = []
     if aug["hflip"]:
@@ -269,7 +271,7 @@ def train_transform(img_size: int, augment: dict | None = None) -> A.Compose:
 def _need(cfg: dict, *keys: str) -> None:
     missing = [k for k in keys if not cfg.get(k)]
     if missing:
-        raise ValueError(f"data config (format {cfg.get('format')!r}) needs key(s) {missing}")
+        raise VisloraError(f"data config (format {cfg.get('format')!r}) needs key(s) {missing}")
 
 
 def build_detection_datasets(data_cfg: dict, img_size: int, augment: dict | None = None
@@ -284,7 +286,7 @@ def build_detection_datasets(data_cfg: dict, img_size: int, augment: dict | None
         train, names, label_of = coco_records(data_cfg["train_ann"], data_cfg["images"])
         val, val_names, _ = coco_records(data_cfg["val_ann"], data_cfg["images"], label_of)
         if val_names != names:
-            raise ValueError(f"{data_cfg['val_ann']}: categories {val_names} differ from {data_cfg['train_ann']}: "
+            raise VisloraError(f"{data_cfg['val_ann']}: categories {val_names} differ from {data_cfg['train_ann']}: "
                              f"{names}")
     elif fmt == "yolo":
         _need(data_cfg, "path")
@@ -292,7 +294,7 @@ def build_detection_datasets(data_cfg: dict, img_size: int, augment: dict | None
         train = yolo_records(data_cfg["path"], "train", names, meta)
         val = yolo_records(data_cfg["path"], "val", names, meta)
     else:
-        raise ValueError(f"data format {fmt!r} is not supported: use 'coco' or 'yolo'")
+        raise VisloraError(f"data format {fmt!r} is not supported: use 'coco' or 'yolo'")
     (train, train_skipped), (val, val_skipped) = usable_records(train, "train"), usable_records(val, "val")
     return (DetectionDataset(train, names, train_transform(img_size, augment), train_skipped),
             DetectionDataset(val, names, None, val_skipped), names)

@@ -18,6 +18,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
+from vislora.errors import VisloraError
 from vislora.tasks.backbone import (
     Features,
     SimplePyramid,
@@ -73,17 +74,17 @@ def build_detector(model_cfg: dict, detector_cfg: dict, num_classes: int) -> nn.
     """
     unknown = sorted(set(detector_cfg) - DETECTOR_KEYS)
     if unknown:
-        raise ValueError(f"unknown detector key(s) {unknown}; known: {sorted(DETECTOR_KEYS)}")
+        raise VisloraError(f"unknown detector key(s) {unknown}; known: {sorted(DETECTOR_KEYS)}")
     head = detector_cfg.get("head", "fcos")
     if head not in HEADS:
-        raise ValueError(f"detector head '{head}' is not one of {HEADS}")
+        raise VisloraError(f"detector head '{head}' is not one of {HEADS}")
     if num_classes < 1:
-        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+        raise VisloraError(f"num_classes must be at least 1, got {num_classes}")
     backbone, strides = build_backbone(model_cfg, detector_cfg.get("out_indices"), detector_cfg.get("fpn_channels"),
                                        "pool" if head == "fasterrcnn" else "p6p7")
     base = detector_cfg.get("anchor_sizes") or [s if head == "fcos" else 4 * s for s in strides]
     if len(base) != len(strides):
-        raise ValueError(f"anchor_sizes has {len(base)} entries but the FPN has {len(strides)} levels")
+        raise VisloraError(f"anchor_sizes has {len(base)} entries but the FPN has {len(strides)} levels")
     cfg = getattr(backbone.body, "pretrained_cfg", {}) or {}
     common = {"min_size": detector_cfg.get("min_size", 800), "max_size": detector_cfg.get("max_size", 1333),
               "image_mean": list(cfg.get("mean", IMAGENET_DEFAULT_MEAN)),

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from vislora import data as vdata
 from vislora import image
+from vislora.errors import VisloraError
 from vislora.tasks.common import (
     Setup,
     batch_predictor,
@@ -79,7 +80,7 @@ def preprocess_of(model: Segmenter, recipe: dict, class_names: list[str]) -> dic
     unless the recipe sets them), crop_pct 1.0 (the whole image is resized), the class names and the task."""
     d = recipe["data"]
     if d["crop_pct"] not in (None, 1, 1.0):
-        raise ValueError(f"data.crop_pct={d['crop_pct']}: segmentation resizes the whole image (leave it unset)")
+        raise VisloraError(f"data.crop_pct={d['crop_pct']}: segmentation resizes the whole image (leave it unset)")
     overrides = {"img_size": image_size_of(recipe), "mean": d["mean"], "std": d["std"],
                  "interpolation": d["interpolation"], "crop_pct": 1.0}
     pre = vdata.preprocess_config(model.body.pretrained_cfg, overrides)
@@ -90,7 +91,7 @@ def check_batch(recipe: dict) -> None:
     """DeepLabV3's image-pooling branch normalises one value per channel and image: BatchNorm cannot train on a
     batch of one (torch: 'Expected more than 1 value per channel'), so that is refused before any work."""
     if recipe["segmenter"]["head"] == "deeplabv3" and recipe["train"]["batch_size"] < 2:
-        raise ValueError("train.batch_size=1 cannot train segmenter.head deeplabv3 (the BatchNorm of its image-"
+        raise VisloraError("train.batch_size=1 cannot train segmenter.head deeplabv3 (the BatchNorm of its image-"
                          "pooling branch needs 2 images a batch): set train.batch_size >= 2, or segmenter.head fpn")
 
 
@@ -219,7 +220,7 @@ def predict(predictor: Callable[[np.ndarray], np.ndarray], preprocess: dict, ima
             continue
         logits = np.asarray(predictor(transform(image=rgb)["image"][None].numpy()))
         if logits.ndim != 4 or logits.shape[1] != len(names):
-            raise ValueError(f"the model outputs {logits.shape}, not 1 x {len(names)} classes x H x W logits")
+            raise VisloraError(f"the model outputs {logits.shape}, not 1 x {len(names)} classes x H x W logits")
         mask = _mask_at(logits, *rgb.shape[:2])
         out_dir.mkdir(parents=True, exist_ok=True)
         mask_path = _mask_path(out_dir, Path(path), taken, inputs)

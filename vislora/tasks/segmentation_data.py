@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from vislora import data as vdata
 from vislora import image
+from vislora.errors import VisloraError
 from vislora.files import listing
 
 log = logging.getLogger(__name__)
@@ -41,13 +42,14 @@ def read_classes(root: str | os.PathLike) -> list[str]:
     while names and not names[-1]:
         names.pop()
     if "" in names:
-        raise ValueError(f"{path}: line {names.index('') + 1} is empty (every index 0..{len(names) - 1} needs a name)")
+        raise VisloraError(f"{path}: line {names.index('') + 1} is empty "
+                           f"(every index 0..{len(names) - 1} needs a name)")
     if len(names) < 2:
-        raise ValueError(f"{path} names {len(names)} class(es): segmentation needs background and at least one more")
+        raise VisloraError(f"{path} names {len(names)} class(es): segmentation needs background and at least one more")
     if len(set(names)) != len(names):
-        raise ValueError(f"{path}: duplicate class names {sorted({n for n in names if names.count(n) > 1})}")
+        raise VisloraError(f"{path}: duplicate class names {sorted({n for n in names if names.count(n) > 1})}")
     if len(names) > IGNORE:
-        raise ValueError(f"{path} names {len(names)} classes: masks are 8-bit and {IGNORE} means ignore")
+        raise VisloraError(f"{path} names {len(names)} classes: masks are 8-bit and {IGNORE} means ignore")
     return names
 
 
@@ -104,7 +106,7 @@ def scan_pairs(folder: str | os.PathLike, num_classes: int) -> tuple[list[tuple[
     if skipped:
         log.warning("%s: skipping %d file(s): %s", folder, len(skipped), listing([why for _, why in skipped], 10))
     if images and not pairs:
-        raise ValueError(f"{folder}: none of the {len(images)} images has a usable mask ({skipped[0][1]})")
+        raise VisloraError(f"{folder}: none of the {len(images)} images has a usable mask ({skipped[0][1]})")
     return pairs, skipped
 
 
@@ -145,7 +147,7 @@ def segmentation_collate(batch: list) -> tuple[Tensor, Tensor]:
 
 def _cv2_interpolation(preprocess: dict) -> int:
     if preprocess["interpolation"] not in vdata.INTERPOLATIONS:
-        raise ValueError(f"preprocess 'interpolation'={preprocess['interpolation']!r} is not one of "
+        raise VisloraError(f"preprocess 'interpolation'={preprocess['interpolation']!r} is not one of "
                          f"{sorted(vdata.INTERPOLATIONS)}")
     return vdata.INTERPOLATIONS[preprocess["interpolation"]]
 
@@ -213,7 +215,7 @@ def eval_pairs(data: str | os.PathLike | None, recipe: dict | None, classes: lis
     the run's val split. A classes.txt there must name the run's classes."""
     if data is None:
         if recipe is None:
-            raise ValueError("evaluating an exported file needs --data DIR (DIR/val/images + DIR/val/masks, or "
+            raise VisloraError("evaluating an exported file needs --data DIR (DIR/val/images + DIR/val/masks, or "
                              "DIR/images + DIR/masks)")
         d = recipe["data"]
         val_dir = _val_dir(Path(d["path"]))
@@ -222,13 +224,13 @@ def eval_pairs(data: str | os.PathLike | None, recipe: dict | None, classes: lis
             return val, [p for p, _ in skipped]
         _, val, _, skipped = split_pairs(d["path"], classes, d["val_fraction"], recipe["train"]["seed"])
         if not val:
-            raise ValueError(f"the run has no val split under {d['path']}: pass --data DIR")
+            raise VisloraError(f"the run has no val split under {d['path']}: pass --data DIR")
         return val, skipped
     root = Path(data)
     folder = _val_dir(root) or root
     for place in (root, folder):
         if (place / CLASSES_FILE).is_file() and read_classes(place) != classes:
-            raise ValueError(f"the classes of {place / CLASSES_FILE} differ from the run's: {read_classes(place)} "
+            raise VisloraError(f"the classes of {place / CLASSES_FILE} differ from the run's: {read_classes(place)} "
                              f"vs {classes}")
     pairs, skipped = scan_pairs(folder, len(classes))
     return pairs, [p for p, _ in skipped]

@@ -13,6 +13,7 @@ from torch import Tensor
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from torchvision.ops import FeaturePyramidNetwork
 
+from vislora.errors import VisloraError
 from vislora.inject import LoraConfig
 from vislora.tasks.backbone import (
     Features,
@@ -78,12 +79,12 @@ def build_segmenter(model_cfg: dict, segmenter_cfg: dict, num_classes: int) -> S
     segmenter_cfg: the recipe's `segmenter` section (see vislora/recipe.py for every key's meaning)."""
     unknown = sorted(set(segmenter_cfg) - SEGMENTER_KEYS)
     if unknown:
-        raise ValueError(f"unknown segmenter key(s) {unknown}; known: {sorted(SEGMENTER_KEYS)}")
+        raise VisloraError(f"unknown segmenter key(s) {unknown}; known: {sorted(SEGMENTER_KEYS)}")
     head = segmenter_cfg.get("head") or "fpn"
     if head not in HEADS:
-        raise ValueError(f"segmenter.head '{head}' is not one of {HEADS}")
+        raise VisloraError(f"segmenter.head '{head}' is not one of {HEADS}")
     if num_classes < 2:
-        raise ValueError(f"segmentation needs at least 2 classes (background and one more), got {num_classes}")
+        raise VisloraError(f"segmentation needs at least 2 classes (background and one more), got {num_classes}")
     cfg = dict(model_cfg)
     if segmenter_cfg.get("output_stride"):
         cfg["kwargs"] = {**(model_cfg.get("kwargs") or {}), "output_stride": int(segmenter_cfg["output_stride"])}
