@@ -9,7 +9,6 @@ which is the same update, so PEFT loads it and gives the same outputs.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -21,7 +20,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from vislora.errors import VisloraError
-from vislora.files import atomic_write
+from vislora.files import atomic_write, read_json, write_json
 from vislora.inject import (
     PRESETS,
     LoraConfig,
@@ -185,19 +184,14 @@ def _save_active(model: nn.Module, directory: Path) -> Path:
     config = adapter_config(model)
     ours = config.pop("vislora")  # beside PEFT's file: PEFT warns about keys of adapter_config.json it does not know
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(adapter_state(model), str(p), {"format": "pt"}))
-    atomic_write(directory / VISLORA_NAME, lambda p: p.write_text(json.dumps(ours, indent=2)))
-    atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2)))
+    write_json(directory / VISLORA_NAME, ours)
+    write_json(directory / CONFIG_NAME, config)
     return directory
 
 
 def read_config(directory: str | os.PathLike) -> dict:
     path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no adapter config at {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise VisloraError(f"{path} is not valid JSON: {e}") from e
+    data = read_json(path, "adapter config")
     if data.get("peft_type", "LORA") != "LORA":
         raise VisloraError(f"{path}: peft_type {data.get('peft_type')!r} is not LORA")
     for key, plain in (("lora_bias", False), ("fan_in_fan_out", False)):
@@ -207,10 +201,7 @@ def read_config(directory: str | os.PathLike) -> dict:
         raise VisloraError(f"{path}: bias={data['bias']!r} is not supported by vislora (none or all)")
     ours = Path(directory) / VISLORA_NAME  # vislora's own fields (files before it: inside adapter_config.json)
     if ours.is_file():
-        try:
-            data["vislora"] = json.loads(ours.read_text())
-        except json.JSONDecodeError as e:
-            raise VisloraError(f"{ours} is not valid JSON: {e}") from e
+        data["vislora"] = read_json(ours, "adapter's vislora fields")
     return data
 
 

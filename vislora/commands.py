@@ -26,7 +26,7 @@ from vislora.errors import VisloraError, first_rank
 from vislora.evaluate import evaluate, evaluate_opened, open_adapters, predict, predict_each, predictions_dir
 from vislora.export import export_run, format_export
 from vislora.fewshot import TABLE, fewshot
-from vislora.files import listing
+from vislora.files import listing, write_json
 from vislora.footprint import footprint, format_footprint
 from vislora.inject import LoraConfig, classifier_names, unload
 from vislora.shrink import format_shrink, shrink_run
@@ -211,9 +211,9 @@ def cmd_extract(args) -> int:
     model, report = extract_adapter(base, tuned, LoraConfig(targets=targets), rank=rank, energy=args.energy,
                                     budget=args.budget)
     out = save_adapter(model, out_dir)
-    (out / "extract_report.json").write_text(json.dumps(report, indent=2))
+    write_json(out / "extract_report.json", report)
     fidelity = output_fidelity(model, tuned, pre)
-    (out / "extract_fidelity.json").write_text(json.dumps(fidelity, indent=2))
+    write_json(out / "extract_fidelity.json", fidelity)
     print(f"{'layer':<40} {'rank':>4} {'energy':>7} {'rel.err':>8}")
     for row in report:
         print(f"{row['name']:<40} {row['rank']:>4} {row['energy']:7.4f} {row['rel_error']:8.4f}")
@@ -242,7 +242,7 @@ def cmd_spectrum(args) -> int:
     report = spectrum(rundir.load_run(run_dir)[0])
     out = Path(args.out) if args.out else run_dir / "spectrum.png"
     plot_spectrum(report, out)
-    (out.with_suffix(".json")).write_text(json.dumps(report))
+    write_json(out.with_suffix(".json"), report, indent=None)
     print(json.dumps(report, indent=2) if args.json else format_spectrum(report))
     print(f"vislora: plot written to {out}")
     return 0

@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from vislora import rundir, tasks
 from vislora.errors import VisloraError
+from vislora.files import write_json
 from vislora.image import PREPROCESS_KEYS, check_preprocess, input_hw
 from vislora.inject import FROZEN_BN, unload
 from vislora.layers import LoraLayer
@@ -285,7 +286,7 @@ def export_model(model: nn.Module, preprocess: dict, out_dir: str | os.PathLike,
         inputs = torch.randn(8, 3, *input_hw(preprocess), generator=torch.Generator().manual_seed(0))
     inputs = inputs.detach().float().cpu()
     metadata = {**preprocess, "class_names": preprocess.get("class_names")}
-    (out_dir / PREPROCESS_NAME).write_text(json.dumps(metadata, indent=2))
+    write_json(out_dir / PREPROCESS_NAME, metadata)
     report: dict = {"parameters": sum(p.numel() for p in net.parameters()), "tol": tol,
                     "inputs": {"source": source, "shape": list(inputs.shape)},
                     "threads": torch.get_num_threads(), "preprocess": PREPROCESS_NAME}
@@ -305,7 +306,7 @@ def export_model(model: nn.Module, preprocess: dict, out_dir: str | os.PathLike,
             if not entry["max_abs_diff"] <= tol:
                 failures.append(f"{fmt}: max abs diff {entry['max_abs_diff']:.3g} > tol {tol:g}")
     finally:
-        (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
+        write_json(out_dir / REPORT_NAME, report)
         model.train(was_training)
     if failures:
         raise VisloraError(f"exported model does not match the PyTorch model ({out_dir / REPORT_NAME}): "
@@ -354,7 +355,7 @@ def export_run(run_dir: str | os.PathLike, formats: str | Sequence[str] | None =
     if report["cost"]["base_parameters"] != report["cost"]["merged_parameters"]:
         raise VisloraError(f"merged model has {report['cost']['merged_parameters']} parameters, the base model "
                          f"{report['cost']['base_parameters']}: something was left unmerged")
-    (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    write_json(out_dir / REPORT_NAME, report)
     return report
 
 

@@ -43,7 +43,7 @@ from vislora import data as vdata
 from vislora import runpaths
 from vislora.errors import VisloraError
 from vislora.evaluate import evaluate
-from vislora.files import write_json
+from vislora.files import read_json, write_json
 from vislora.recipe import DEFAULTS, differences, mode, resolve
 from vislora.train import train
 
@@ -159,7 +159,7 @@ def run_cell(recipe: dict, run_dir: Path, val_dir: Path) -> dict:
         report = evaluate(run_dir, data=val_dir, out=run_dir / "eval" / "report.json",
                           workers=recipe["data"]["workers"])
     shutil.rmtree(run_dir / runpaths.CHECKPOINTS, ignore_errors=True)
-    summary = json.loads((run_dir / runpaths.SUMMARY).read_text())["summary"]
+    summary = read_json(run_dir / runpaths.SUMMARY, "run summary")["summary"]
     return {"top1": report["top1"], "macro_f1": report["macro_f1"], "trainable": summary["trainable"],
             "total": summary["total"], "wall_s": round(wall, 2), "val_images": report["num_images"]}
 
@@ -169,10 +169,7 @@ def _read_results(path: Path, settings: dict) -> list[dict]:
     """The finished rows of an earlier call with the same settings (none if there is no fewshot.json)."""
     if not path.is_file():
         return []
-    try:
-        saved = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise VisloraError(f"{path} is not valid JSON ({e}): remove it to start the grid again") from None
+    saved = read_json(path, "results of an earlier grid: remove it to start the grid again")
     old = saved.get("settings", {})
     changed = differences(old.get("recipe", {}), settings["recipe"], "recipe.")
     changed += [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if k != "recipe" and old.get(k) != v]
@@ -261,8 +258,8 @@ def fewshot(recipe: dict, out: str | Path, shots: Sequence[int] = (1, 2, 4, 8, 1
     out.mkdir(parents=True, exist_ok=True)
     rows = _read_results(out / RESULTS, settings)
     done = {(r["shots"], r["seed"], r["contender"]) for r in rows}
-    (out / SUBSETS).write_text(json.dumps({s: {k: [str(p) for p, _ in items] for k, items in by_k.items()}
-                                           for s, by_k in subsets.items()}, indent=1))
+    write_json(out / SUBSETS, {s: {k: [str(p) for p, _ in items] for k, items in by_k.items()}
+                               for s, by_k in subsets.items()}, indent=1)
     val_dir = write_folder(val_split.items, val_split.classes, out / "data" / "val")
     grid = [(k, s, c) for s in range(seeds) for k in sorted(set(shots)) for c in contenders]
     progress = Progress(len(grid), sum(cell in done for cell in grid))

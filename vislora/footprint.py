@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vislora import runpaths
 from vislora.adapters import WEIGHTS_NAME, save_adapter
 from vislora.errors import VisloraError
+from vislora.files import read_json
 from vislora.inject import LoraConfig, eject, find_targets, inject, lora_layers, trainable_summary, unload
 from vislora.layers import LoraLayer
 from vislora.recipe import load_recipe
@@ -98,7 +99,7 @@ def _run_subject(path: Path, img_size: int | None) -> Subject:
     recipe = runpaths.read_recipe(path)
     if recipe["task"] != "classification":
         raise VisloraError(f"{path}: footprint measures classifiers, and this run's task is {recipe['task']}")
-    preprocess = json.loads((path / runpaths.PREPROCESS).read_text())
+    preprocess = read_json(path / runpaths.PREPROCESS, "run's preprocessing")
     classes = preprocess["class_names"]
     return Subject(str(path), "run",
                    lambda: classification.adapt(classification.build_model(recipe, classes), recipe),

@@ -12,7 +12,6 @@ segmentation_metrics.py (IoU, overlays); this file is the task interface (vislor
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -29,6 +28,7 @@ from tqdm import tqdm
 from vislora import data as vdata
 from vislora import image
 from vislora.errors import VisloraError
+from vislora.files import write_json
 from vislora.tasks.common import (
     Setup,
     batch_predictor,
@@ -231,7 +231,7 @@ def predict(predictor: Callable[[np.ndarray], np.ndarray], preprocess: dict, ima
         results.append({"path": str(path), "mask": str(mask_path), "shares": shares,
                         "top": list(shares.items())[:topk]})
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "predictions.json").write_text(json.dumps(results, indent=2))
+    write_json(out_dir / "predictions.json", results)
     return results
 
 
