@@ -11,7 +11,7 @@ import torch
 import yaml
 from PIL import Image
 
-from vislora import hub
+from vislora import cli, hub
 from vislora.cli import main
 from vislora.data import make_synthetic_folder
 
@@ -241,3 +241,27 @@ def test_predict_reports_a_decompression_bomb_per_file_and_goes_on(env, tmp_path
     assert main(["predict", str(env / "run"), str(big), str(ok)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert "bomb.png: ERROR" in out[0] and "DecompressionBomb" in out[0] and "ERROR" not in out[1]
+
+
+@pytest.mark.parametrize("error", [ValueError("a bug, not the user's input"), KeyError("missing")])
+def test_an_internal_error_keeps_its_traceback(monkeypatch, capsys, error):
+    """Only VisloraError (and FileNotFoundError, TrainingDiverged, refusals) is one line: a plain ValueError or a
+    KeyError from a bug in vislora reaches the user with its traceback, so it can be reported."""
+    def broken(args):
+        raise error
+
+    monkeypatch.setattr(cli, "command", lambda name: broken)
+    monkeypatch.setitem(cli.PREPARE, "footprint", lambda args: None)
+    with pytest.raises(type(error)):
+        main(["footprint", "resnet18"])
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_an_internal_error_prints_a_traceback_in_a_real_process(tmp_path):
+    code = ("import sys, vislora.cli as c\n"
+            "def broken(args): raise ValueError('internal')\n"
+            "c.command = lambda name: broken\n"
+            "c.PREPARE['footprint'] = lambda args: None\n"
+            "sys.exit(c.main(['footprint', 'resnet18']))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 1 and "Traceback" in run.stderr and "ValueError: internal" in run.stderr, run.stderr

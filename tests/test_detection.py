@@ -14,20 +14,16 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from vislora import LoraConfig, load_adapter, lora_layers, save_adapter, unload
-from vislora.tasks.detection import (
-    adapt_detector,
+from vislora.tasks.detection import adapt_detector
+from vislora.tasks.detection_data import (
     build_detection_datasets,
-    build_detector,
     coco_records,
     detection_collate,
-    detection_loss,
-    detection_train_modules,
-    evaluate_detection,
-    plot_detections,
-    predict_detections,
     yolo_names,
     yolo_records,
 )
+from vislora.tasks.detection_metrics import detection_loss, evaluate_detection, plot_detections, predict_detections
+from vislora.tasks.detection_model import build_detector, detection_train_modules
 
 _spec = importlib.util.spec_from_file_location(
     "make_detection_data", Path(__file__).resolve().parents[1] / "tools" / "make_detection_data.py")

@@ -17,7 +17,7 @@ from vislora.cli import main
 from vislora.data import make_synthetic_folder, preprocess_config
 from vislora.evaluate import evaluate, predict
 from vislora.recipe import load_recipe, resolve
-from vislora.tasks import classification, detection
+from vislora.tasks import backbone, classification
 
 VIT = {"name": "vit_tiny_patch16_224", "pretrained": False, "kwargs": {"img_size": 32, "patch_size": 8, "depth": 1}}
 
@@ -290,5 +290,5 @@ def test_a_local_checkpoint_brings_its_cards_preprocessing(tmp_path):
     recipe = resolve({"model": {**VIT, "checkpoint": str(tmp_path / "w.safetensors")}, "data": {"std": [2, 2, 2]}})
     pre = preprocess_config(classification.build_model(recipe, ["a", "b", "c"]), {"std": recipe["data"]["std"]})
     assert pre["mean"] == (0.1, 0.2, 0.3) and pre["crop_pct"] == 1.0 and pre["std"] == (2.0, 2.0, 2.0)
-    body = detection.create_body(recipe["model"])  # detection's and segmentation's backbone
+    body = backbone.create_body(recipe["model"])  # detection's and segmentation's backbone
     assert body.pretrained_cfg["mean"] == [0.1, 0.2, 0.3] and "state_dict" not in body.pretrained_cfg

@@ -21,6 +21,7 @@ from vislora.image import read_mask, write_mask
 from vislora.inject import FROZEN_BN, LoraConfig, unload
 from vislora.recipe import load_recipe, resolve
 from vislora.tasks import segmentation as seg
+from vislora.tasks import segmentation_data, segmentation_model
 from vislora.train import train
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
@@ -134,7 +135,7 @@ def _bad_copy(scenes: Path, root: Path) -> dict[str, Path]:
 def test_bad_input_is_skipped_and_reported_by_path(scenes, tmp_path, caplog):
     bad = _bad_copy(scenes, tmp_path)
     with caplog.at_level(logging.WARNING, logger="vislora.tasks.segmentation"):
-        pairs, skipped = seg.scan_pairs(tmp_path / "val", len(CLASSES))
+        pairs, skipped = segmentation_data.scan_pairs(tmp_path / "val", len(CLASSES))
     assert sorted(p for p, _ in skipped) == sorted(str(p) for p in bad.values())
     assert len(pairs) == 8 - 5
     for kind, path in bad.items():
@@ -191,7 +192,7 @@ def test_vit_segmenter_exports_merged(tmp_path):
     """A depth-1 ViT under the simple pyramid and FPN, LoRA with random B, merged: TorchScript and ONNX match."""
     torch.manual_seed(0)
     model = seg.adapt_segmenter(seg.build_segmenter(VIT, {"head": "fpn", "channels": 16}, 3), LoraConfig(r=2))
-    assert seg.segmenter_train_modules(model) == ["decoder", "pyramid"]
+    assert segmentation_model.segmenter_train_modules(model) == ["decoder", "pyramid"]
     with torch.no_grad():
         for _, layer in vislora.lora_layers(model):
             layer.lora_B.normal_(std=0.05)

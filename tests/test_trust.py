@@ -22,7 +22,7 @@ from vislora.footprint import resolve_target
 from vislora.inject import trainable_summary
 from vislora.recipe import resolve
 from vislora.svd import factor_l2, frobenius_penalty
-from vislora.tasks import detection
+from vislora.tasks import detection, detection_data, detection_model
 from vislora.train import train
 
 _spec = importlib.util.spec_from_file_location(
@@ -138,15 +138,15 @@ def test_yolo_reads_exif_upright_and_refuses_bad_class_fields(tmp_path):
     exif[0x0112] = 6
     Image.fromarray(np.rot90(upright, 1).copy()).save(root / "images/train/x.jpg", exif=exif, quality=95)
     (root / "labels/train/x.txt").write_text("0 0.25 0.5 0.375 0.75\n")
-    names, meta = detection.yolo_names(root)
-    records = detection.yolo_records(root, "train", names, meta)
-    item, target = detection.DetectionDataset(records, names)[0]
+    names, meta = detection_data.yolo_names(root)
+    records = detection_data.yolo_records(root, "train", names, meta)
+    item, target = detection_data.DetectionDataset(records, names)[0]
     assert tuple(item.shape) == (3, 40, 80)
     torch.testing.assert_close(target["boxes"], torch.tensor([[5.0, 5.0, 35.0, 35.0]]))
     for bad in ("inf", "1.7"):
         (root / "labels/train/x.txt").write_text(f"{bad} 0.5 0.5 0.2 0.2\n")
         with pytest.raises(ValueError, match=r"x\.txt:1: class"):
-            detection.yolo_records(root, "train", names, meta)
+            detection_data.yolo_records(root, "train", names, meta)
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +193,7 @@ def test_detection_predict_export_and_what_is_not_supported(det_run, capsys):
     ("eva02_tiny_patch14_224", {"img_size": 112, "depth": 1}),
 ], ids=["swin-channels-last", "eva"])
 def test_detection_on_other_vit_families(name, kwargs):
-    det = detection.build_detector({"name": name, "kwargs": kwargs},
+    det = detection_model.build_detector({"name": name, "kwargs": kwargs},
                                    {"head": "fcos", "min_size": 128, "max_size": 128, "fpn_channels": 64}, 2)
     detection.adapt_detector(det, LoraConfig(targets="vit", r=2))
     det.train()

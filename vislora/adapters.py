@@ -9,7 +9,6 @@ which is the same update, so PEFT loads it and gives the same outputs.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -20,7 +19,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from vislora.files import atomic_write
+from vislora.errors import VisloraError
+from vislora.files import atomic_write, read_json, write_json
 from vislora.inject import (
     PRESETS,
     LoraConfig,
@@ -164,7 +164,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the adapters of `model` to `directory` (created if missing) in PEFT's layout: the first ("default")
     at the top, every other named one in DIRECTORY/<name>/; each file is written then renamed."""
     if not hasattr(model, "vislora_config"):
-        raise ValueError("model carries no vislora adapter: inject() or load_adapter() first")
+        raise VisloraError("model carries no vislora adapter: inject() or load_adapter() first")
     names = adapter_names(model)
     if len(names) > 1:
         previous = active_adapter(model)
@@ -184,32 +184,24 @@ def _save_active(model: nn.Module, directory: Path) -> Path:
     config = adapter_config(model)
     ours = config.pop("vislora")  # beside PEFT's file: PEFT warns about keys of adapter_config.json it does not know
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(adapter_state(model), str(p), {"format": "pt"}))
-    atomic_write(directory / VISLORA_NAME, lambda p: p.write_text(json.dumps(ours, indent=2)))
-    atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2)))
+    write_json(directory / VISLORA_NAME, ours)
+    write_json(directory / CONFIG_NAME, config)
     return directory
 
 
 def read_config(directory: str | os.PathLike) -> dict:
     path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no adapter config at {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    data = read_json(path, "adapter config")
     if data.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{path}: peft_type {data.get('peft_type')!r} is not LORA")
+        raise VisloraError(f"{path}: peft_type {data.get('peft_type')!r} is not LORA")
     for key, plain in (("lora_bias", False), ("fan_in_fan_out", False)):
         if data.get(key, plain) not in (plain, None):
-            raise ValueError(f"{path}: {key}={data[key]!r} is not supported by vislora")
+            raise VisloraError(f"{path}: {key}={data[key]!r} is not supported by vislora")
     if data.get("bias", "none") not in ("none", "all", None):  # "all": every bias trained, saved in the file
-        raise ValueError(f"{path}: bias={data['bias']!r} is not supported by vislora (none or all)")
+        raise VisloraError(f"{path}: bias={data['bias']!r} is not supported by vislora (none or all)")
     ours = Path(directory) / VISLORA_NAME  # vislora's own fields (files before it: inside adapter_config.json)
     if ours.is_file():
-        try:
-            data["vislora"] = json.loads(ours.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{ours} is not valid JSON: {e}") from e
+        data["vislora"] = read_json(ours, "adapter's vislora fields")
     return data
 
 
@@ -220,10 +212,10 @@ def config_from_file(data: dict) -> LoraConfig:
     ours = data.get("vislora") or {}
     targets = data.get("target_modules")
     if targets is None or "r" not in data:
-        raise ValueError("adapter config needs 'target_modules' and 'r'")
+        raise VisloraError("adapter config needs 'target_modules' and 'r'")
     init = data.get("init_lora_weights", True)
     if init not in (True, False, None, "gaussian", "pissa") and not ours:
-        raise ValueError(f"adapter config has init_lora_weights={init!r}: PEFT saved it relative to a base that this "
+        raise VisloraError(f"adapter config has init_lora_weights={init!r}: PEFT saved it relative to a base that this "
                          "init changed, which vislora does not re-create; convert it with PEFT (save_pretrained("
                          "path_initial_model_for_weight_conversion=...)) or load it with PeftModel")
     if ours:  # vislora's own file: the exact layers, ranks and alphas it was saved with
@@ -275,7 +267,7 @@ def _use_file_scaling(model: nn.Module, data: dict, path: Path) -> None:
         if math.isclose(scaling, layer.scaling, rel_tol=1e-6) and rslora == layer.rslora:
             continue
         if layer.merged:
-            raise ValueError(f"{path}: layer '{name}' is merged with scaling {layer.scaling:g}, the file's is "
+            raise VisloraError(f"{path}: layer '{name}' is merged with scaling {layer.scaling:g}, the file's is "
                              f"{scaling:g} (lora_alpha / alpha_pattern, use_rslora): unmerge() before loading")
         layer.update.set_scaling(alpha, rslora, scaling)
 
@@ -297,11 +289,11 @@ def _check_architecture(model: nn.Module, data: dict, path: Path) -> None:
     try:
         expected = set(find_targets(model, config, ours.get("within")))
     except ValueError as e:
-        raise ValueError(f"{path} was made with targets '{targets}', which do not fit this model: {e}") from None
+        raise VisloraError(f"{path} was made with targets '{targets}', which do not fit this model: {e}") from None
     saved_layers = set(data["target_modules"])
     if expected != saved_layers:
         extra, absent = sorted(expected - saved_layers), sorted(saved_layers - expected)
-        raise ValueError(f"{path} adapts {len(saved_layers)} layers chosen by targets '{targets}' on "
+        raise VisloraError(f"{path} adapts {len(saved_layers)} layers chosen by targets '{targets}' on "
                          f"'{saved or 'another model'}', and this model has {len(expected)}: "
                          + "; ".join(part for part in (
                              f"{len(extra)} not in the file, e.g. {extra[:3]}" if extra else "",
@@ -408,7 +400,7 @@ def _copy_tensors(model: nn.Module, data: dict, tensors: dict, directory: Path, 
     wrong = sorted(f"{k} {tuple(tensors[k].shape)} vs {tuple(shape)}" for k, (_, shape) in targets.items()
                    if k in tensors and tensors[k].shape != shape)
     if missing or unexpected or wrong:
-        raise ValueError(_mismatch_report(weights_path, missing, unexpected, wrong))
+        raise VisloraError(_mismatch_report(weights_path, missing, unexpected, wrong))
     if not injected_here:
         _use_file_scaling(model, data, directory)
     layers = dict(lora_layers(model))

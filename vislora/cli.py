@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vislora import hub, image, runpaths
-from vislora.errors import USER_ERRORS, first_rank
+from vislora.errors import USER_ERRORS, VisloraError, first_rank
 from vislora.recipe import apply_overrides, check_paths, find_key, load_recipe, read_yaml, resolve
 
 # command -> "module:function", imported when the command runs (not at start-up: see the module docstring)
@@ -69,14 +69,14 @@ class Parser(argparse.ArgumentParser):
 def folder_arg(path: str | None, flag: str = "--out") -> Path | None:
     """A folder argument: refused in one line when it names an existing file."""
     if path is not None and Path(path).is_file():
-        raise ValueError(f"{flag} {path} is a file: name a folder")
+        raise VisloraError(f"{flag} {path} is a file: name a folder")
     return Path(path) if path is not None else None
 
 
 def not_a_recipe(target: str, what: str) -> None:
     """eval / export / predict take what training wrote, not the recipe that defines it."""
     if Path(target).suffix.lower() in RECIPE_SUFFIXES:
-        raise ValueError(f"{target} is a recipe: train it first (vislora train {target} --out RUN), then "
+        raise VisloraError(f"{target} is a recipe: train it first (vislora train {target} --out RUN), then "
                          f"{what} RUN or its exported RUN/export/model.onnx")
 
 
@@ -85,7 +85,7 @@ def not_a_setting(recipe: str | None) -> None:
     if recipe and "=" in recipe and not Path(recipe).exists():
         key, _, value = recipe.partition("=")
         dotted = find_key(key) or key
-        raise ValueError(f"'{recipe}' is not a recipe file: train takes a RECIPE (e.g. recipes/demo_vit_lora.yaml) "
+        raise VisloraError(f"'{recipe}' is not a recipe file: train takes a RECIPE (e.g. recipes/demo_vit_lora.yaml) "
                          f"and recipe fields are set with --set, e.g. --set {dotted}={value}")
 
 
@@ -105,7 +105,7 @@ def prepare_train(args: argparse.Namespace) -> None:
     """The recipe read and validated, --out and --resume checked (args.recipe_dict, args.run_dir)."""
     not_a_setting(args.recipe)
     if args.recipe is None and not (args.resume and args.out):
-        raise ValueError("train needs a RECIPE (or --resume --out RUN, which continues with the run's own recipe)")
+        raise VisloraError("train needs a RECIPE (or --resume --out RUN, which continues with the run's own recipe)")
     args.run_dir = Path(args.out) if args.out else Path("runs") / Path(args.recipe).stem
     args.recipe_dict = train_recipe(args, args.run_dir)
     source = args.recipe or str(args.run_dir / runpaths.RECIPE)
@@ -128,25 +128,25 @@ def adapter_runs(runs: list[str]) -> None:
         not_a_recipe(run, "--adapter")
         existing(run, "a run directory")
         if not (Path(run) / runpaths.RECIPE).is_file():
-            raise ValueError(f"--adapter {run} is not a run directory (no {runpaths.RECIPE}): exported files hold "
+            raise VisloraError(f"--adapter {run} is not a run directory (no {runpaths.RECIPE}): exported files hold "
                              "one merged model; give it as the model, alone")
 
 
 def prepare_eval(args: argparse.Namespace) -> None:
     if args.adapter:
         if args.target is not None or args.out:
-            raise ValueError("eval --adapter RUN ...: no TARGET and no --out (each run's report goes to "
+            raise VisloraError("eval --adapter RUN ...: no TARGET and no --out (each run's report goes to "
                              "RUN/eval/report.json); give the runs as --adapter RUN1 --adapter RUN2")
         adapter_runs(args.adapter)
         return
     if args.target is None:
-        raise ValueError("eval needs a TARGET (run directory, model.pt or model.onnx) or --adapter RUN ...")
+        raise VisloraError("eval needs a TARGET (run directory, model.pt or model.onnx) or --adapter RUN ...")
     not_a_recipe(args.target, "eval")
     existing(args.target, "a run directory, model.pt or model.onnx")
     if args.out and args.data:
         runpaths.keep_apart(Path(args.out).parent, [args.data])
     if args.out and Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a folder: name the report file, e.g. {Path(args.out) / 'report.json'}")
+        raise VisloraError(f"--out {args.out} is a folder: name the report file, e.g. {Path(args.out) / 'report.json'}")
 
 
 def prepare_export(args: argparse.Namespace) -> None:
@@ -158,12 +158,12 @@ def prepare_export(args: argparse.Namespace) -> None:
 def prepare_predict(args: argparse.Namespace) -> None:
     """--topk, --out and the model checked; args.images: every image file of the given files, folders and globs."""
     if args.topk < 1:
-        raise ValueError(f"--topk must be >= 1, got {args.topk}")
+        raise VisloraError(f"--topk must be >= 1, got {args.topk}")
     if args.adapter:
         adapter_runs(args.adapter)
         args.model, args.images = None, args.inputs
     elif len(args.inputs) < 2:
-        raise ValueError("predict needs a MODEL (run directory, model.pt or model.onnx) and at least one IMAGE")
+        raise VisloraError("predict needs a MODEL (run directory, model.pt or model.onnx) and at least one IMAGE")
     else:
         args.model, args.images = args.inputs[0], args.inputs[1:]
         not_a_recipe(args.model, "predict with")
@@ -209,9 +209,9 @@ def parse_kwargs(text: str) -> dict:
     try:
         kwargs = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"--kwargs must be a JSON object, got {text!r}: {e}") from None
+        raise VisloraError(f"--kwargs must be a JSON object, got {text!r}: {e}") from None
     if not isinstance(kwargs, dict):
-        raise ValueError(f"--kwargs must be a JSON object, got {text!r}")
+        raise VisloraError(f"--kwargs must be a JSON object, got {text!r}")
     return kwargs
 
 
@@ -223,7 +223,7 @@ def lr_overrides(items: list[str] | None) -> dict[str, float]:
         try:
             lrs[name] = float(value)
         except ValueError:
-            raise ValueError(f"--lr expects CONTENDER=LR (e.g. probe=0.01), got '{item}'") from None
+            raise VisloraError(f"--lr expects CONTENDER=LR (e.g. probe=0.01), got '{item}'") from None
     return lrs
 
 
@@ -253,7 +253,7 @@ def image_files(items: list[str]) -> list[str]:
             files.append(item)
             continue
         if not found:
-            raise ValueError(f"{item}: no image files ({', '.join(image.EXTENSIONS)}) found there")
+            raise VisloraError(f"{item}: no image files ({', '.join(image.EXTENSIONS)}) found there")
         files += [str(p) for p in found]
     return files
 

@@ -22,16 +22,16 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from vislora import rundir, runpaths, tasks
 from vislora.adapters import save_adapter
 from vislora.data import preprocess_config
-from vislora.errors import first_rank
+from vislora.errors import VisloraError, first_rank
 from vislora.evaluate import evaluate, evaluate_opened, open_adapters, predict, predict_each, predictions_dir
 from vislora.export import export_run, format_export
 from vislora.fewshot import TABLE, fewshot
-from vislora.files import listing
+from vislora.files import listing, write_json
 from vislora.footprint import footprint, format_footprint
 from vislora.inject import LoraConfig, classifier_names, unload
 from vislora.shrink import format_shrink, shrink_run
 from vislora.svd import extract_adapter, format_spectrum, plot_spectrum, spectrum
-from vislora.tasks.common import load_weights
+from vislora.tasks.backbone import load_weights
 from vislora.train import train
 
 
@@ -173,15 +173,15 @@ def _head_size(model_name: str, kwargs: dict, path: Path) -> int | None:
 def _weights_model(path: Path, model_name: str | None, kwargs: dict, num_classes: int | None):
     """A timm model from a weights file; num_classes (the tuned model's) replaces a classifier of another size."""
     if not model_name:
-        raise ValueError(f"{path} is a weights file: name its timm architecture with --model")
+        raise VisloraError(f"{path} is a weights file: name its timm architecture with --model")
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if not timm.is_model(model_name):
-        raise ValueError(f"--model '{model_name}' is not a timm model")
+        raise VisloraError(f"--model '{model_name}' is not a timm model")
     stored = _head_size(model_name, {k: v for k, v in kwargs.items() if k != "num_classes"}, path)
     given = kwargs.pop("num_classes", None)
     if given is not None and stored is not None and given != stored and num_classes is None:
-        raise ValueError(f"--kwargs num_classes={given} disagrees with {path}, whose classifier has {stored} outputs")
+        raise VisloraError(f"--kwargs num_classes={given} disagrees with {path}, whose classifier has {stored} outputs")
     size = num_classes or stored or given
     model = timm.create_model(model_name, pretrained=False, **kwargs, **({"num_classes": size} if size else {}))
     load_weights(model, path, skip=classifier_names(model) if size != stored else [])
@@ -205,15 +205,15 @@ def cmd_extract(args) -> int:
     elif recipe is not None:  # the run's starting point: its recipe's base model
         base = tasks.get(recipe["task"]).build_model(recipe, pre["class_names"]).eval()
     else:
-        raise ValueError("--base is needed when --tuned is a weights file")
+        raise VisloraError("--base is needed when --tuned is a weights file")
     targets = args.targets[0] if len(args.targets) == 1 else args.targets
     rank = args.rank if args.rank in ("auto", "full") else int(args.rank)
     model, report = extract_adapter(base, tuned, LoraConfig(targets=targets), rank=rank, energy=args.energy,
                                     budget=args.budget)
     out = save_adapter(model, out_dir)
-    (out / "extract_report.json").write_text(json.dumps(report, indent=2))
+    write_json(out / "extract_report.json", report)
     fidelity = output_fidelity(model, tuned, pre)
-    (out / "extract_fidelity.json").write_text(json.dumps(fidelity, indent=2))
+    write_json(out / "extract_fidelity.json", fidelity)
     print(f"{'layer':<40} {'rank':>4} {'energy':>7} {'rel.err':>8}")
     for row in report:
         print(f"{row['name']:<40} {row['rank']:>4} {row['energy']:7.4f} {row['rel_error']:8.4f}")
@@ -242,7 +242,7 @@ def cmd_spectrum(args) -> int:
     report = spectrum(rundir.load_run(run_dir)[0])
     out = Path(args.out) if args.out else run_dir / "spectrum.png"
     plot_spectrum(report, out)
-    (out.with_suffix(".json")).write_text(json.dumps(report))
+    write_json(out.with_suffix(".json"), report, indent=None)
     print(json.dumps(report, indent=2) if args.json else format_spectrum(report))
     print(f"vislora: plot written to {out}")
     return 0

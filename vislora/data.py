@@ -28,6 +28,7 @@ from timm.data import resolve_data_config, resolve_model_data_config
 from tqdm import tqdm
 
 from vislora import image
+from vislora.errors import VisloraError
 from vislora.files import listing
 from vislora.recipe import TASK_DEFAULTS
 
@@ -76,18 +77,18 @@ def _scan_classes(root: Path, classes: list[str] | None = None) -> Split:
                        root, len(loose), root)
     if classes is None:
         if len(dirs) < 2:
-            raise ValueError(f"{root} holds {len(dirs)} class folder(s) ({[d.name for d in dirs]}): "
+            raise VisloraError(f"{root} holds {len(dirs)} class folder(s) ({[d.name for d in dirs]}): "
                              "a classifier needs at least 2 (layout: ROOT/<class>/* or ROOT/train/<class>/*)")
         classes = [d.name for d in dirs]
     elif not dirs:
-        raise ValueError(f"{root} holds no class folders (expected {root}/<class>/* with classes {classes})")
+        raise VisloraError(f"{root} holds no class folders (expected {root}/<class>/* with classes {classes})")
     items = []
     for d in dirs:
         if d.name not in classes:
-            raise ValueError(f"class folder {d} is not one of the training classes {classes}")
+            raise VisloraError(f"class folder {d} is not one of the training classes {classes}")
         files = _images(d)
         if not files:
-            raise ValueError(f"class folder {d} holds no images (extensions: {', '.join(image.EXTENSIONS)})")
+            raise VisloraError(f"class folder {d} holds no images (extensions: {', '.join(image.EXTENSIONS)})")
         label = classes.index(d.name)
         items += [(f, label) for f in files]
     return Split(items, list(classes))
@@ -115,19 +116,19 @@ def is_split_layout(root: Path) -> bool:
 def _stratified_split(full: Split, root: Path, val_fraction: float, seed: int) -> tuple[Split, Split]:
     """Seeded, stratified train/val split of one folder (sklearn's train_test_split)."""
     if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise VisloraError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if val_fraction == 0:
         return full, Split([], full.classes)
     labels = [y for _, y in full.items]
     counts = np.bincount(labels, minlength=len(full.classes))
     if counts.min() < 2:
         name = full.classes[int(counts.argmin())]
-        raise ValueError(f"class folder {root / name} holds {counts.min()} image: a stratified train/val split "
+        raise VisloraError(f"class folder {root / name} holds {counts.min()} image: a stratified train/val split "
                          "needs at least 2 per class (add images, or use ROOT/train + ROOT/val folders)")
     try:
         train, val = train_test_split(full.items, test_size=val_fraction, random_state=seed, stratify=labels)
     except ValueError as e:
-        raise ValueError(f"{root}: cannot split {len(labels)} images of {len(full.classes)} classes with "
+        raise VisloraError(f"{root}: cannot split {len(labels)} images of {len(full.classes)} classes with "
                          f"val_fraction={val_fraction}: {e}") from e
     missing = sorted(set(full.classes) - {full.classes[y] for _, y in val})
     if missing:
@@ -180,9 +181,9 @@ def _triple(key: str, value) -> tuple[float, float, float]:
     if len(values) == 1:
         values *= 3
     if len(values) != 3 or not all(isinstance(v, (int, float)) for v in values):
-        raise ValueError(f"preprocess '{key}' must be 3 numbers (R, G, B) or one, got {value!r}")
+        raise VisloraError(f"preprocess '{key}' must be 3 numbers (R, G, B) or one, got {value!r}")
     if key == "std" and min(values) <= 0:
-        raise ValueError(f"preprocess 'std' must be positive, got {value!r}")
+        raise VisloraError(f"preprocess 'std' must be positive, got {value!r}")
     return tuple(float(v) for v in values)
 
 
@@ -192,7 +193,7 @@ def _input_size(value) -> tuple[int, int, int]:
         size *= 2
     size = size[-2:] if len(size) == 3 else size
     if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-        raise ValueError(f"preprocess 'img_size' must be S, [H, W] or [3, H, W] positive ints, got {value!r}")
+        raise VisloraError(f"preprocess 'img_size' must be S, [H, W] or [3, H, W] positive ints, got {value!r}")
     return (3, size[0], size[1])
 
 
@@ -212,16 +213,17 @@ def preprocess_config(model_or_pretrained_cfg, overrides: dict | None = None) ->
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     unknown = sorted(set(overrides) - set(OVERRIDE_KEYS))
     if unknown:
-        raise ValueError(f"unknown preprocess override(s) {unknown}; known: {', '.join(OVERRIDE_KEYS)}")
+        raise VisloraError(f"unknown preprocess override(s) {unknown}; known: {', '.join(OVERRIDE_KEYS)}")
     pre = {"input_size": _input_size(overrides.get("img_size", cfg["input_size"])),
            "mean": _triple("mean", overrides.get("mean", cfg["mean"])),
            "std": _triple("std", overrides.get("std", cfg["std"])),
            "interpolation": str(overrides.get("interpolation", cfg["interpolation"])),
            "crop_pct": float(overrides.get("crop_pct", cfg["crop_pct"]))}
     if pre["interpolation"] not in INTERPOLATIONS:
-        raise ValueError(f"preprocess 'interpolation'={pre['interpolation']!r} is not one of {sorted(INTERPOLATIONS)}")
+        raise VisloraError(f"preprocess 'interpolation'={pre['interpolation']!r} is not one of "
+                           f"{sorted(INTERPOLATIONS)}")
     if not 0 < pre["crop_pct"] <= 1:
-        raise ValueError(f"preprocess 'crop_pct' must be in (0, 1], got {pre['crop_pct']}")
+        raise VisloraError(f"preprocess 'crop_pct' must be in (0, 1], got {pre['crop_pct']}")
     return pre
 
 
@@ -230,18 +232,18 @@ def _augment(augment: dict | None) -> dict:
     given = {k: v for k, v in (augment or {}).items() if v is not None}
     unknown = sorted(set(given) - set(AUGMENT_DEFAULTS))
     if unknown:
-        raise ValueError(f"unknown augment key(s) {unknown}; known: {', '.join(AUGMENT_DEFAULTS)}")
+        raise VisloraError(f"unknown augment key(s) {unknown}; known: {', '.join(AUGMENT_DEFAULTS)}")
     aug = {**AUGMENT_DEFAULTS, **given}
     lo, hi = (float(v) for v in aug["scale"])
     if not 0 < lo <= hi <= 1:
-        raise ValueError(f"augment 'scale' must be (min, max) with 0 < min <= max <= 1, got {aug['scale']}")
+        raise VisloraError(f"augment 'scale' must be (min, max) with 0 < min <= max <= 1, got {aug['scale']}")
     rlo, rhi = (float(v) for v in aug["ratio"])
     if not 0 < rlo <= rhi:
-        raise ValueError(f"augment 'ratio' must be (min, max) with 0 < min <= max, got {aug['ratio']}")
+        raise VisloraError(f"augment 'ratio' must be (min, max) with 0 < min <= max, got {aug['ratio']}")
     if not 0 <= float(aug["hflip"]) <= 1:
-        raise ValueError(f"augment 'hflip' is a probability in [0, 1], got {aug['hflip']}")
+        raise VisloraError(f"augment 'hflip' is a probability in [0, 1], got {aug['hflip']}")
     if float(aug["color_jitter"]) < 0:
-        raise ValueError(f"augment 'color_jitter' must be >= 0 (0 disables it), got {aug['color_jitter']}")
+        raise VisloraError(f"augment 'color_jitter' must be >= 0 (0 disables it), got {aug['color_jitter']}")
     return {"scale": (lo, hi), "ratio": (rlo, rhi), "hflip": float(aug["hflip"]),
             "color_jitter": float(aug["color_jitter"])}
 
@@ -265,9 +267,10 @@ def build_transform(pre: dict, train: bool, augment: dict | None = None) -> A.Co
         return EvalTransform(pre)
     missing = [k for k in ("input_size", "mean", "std", "interpolation") if k not in pre]
     if missing:
-        raise ValueError(f"preprocess dict is missing {missing} (has {sorted(pre)})")
+        raise VisloraError(f"preprocess dict is missing {missing} (has {sorted(pre)})")
     if pre["interpolation"] not in INTERPOLATIONS:
-        raise ValueError(f"preprocess 'interpolation'={pre['interpolation']!r} is not one of {sorted(INTERPOLATIONS)}")
+        raise VisloraError(f"preprocess 'interpolation'={pre['interpolation']!r} is not one of "
+                           f"{sorted(INTERPOLATIONS)}")
     aug = _augment(augment)
     _, h, w = _input_size(pre["input_size"])
     steps = [A.RandomResizedCrop(size=(h, w), scale=aug["scale"], ratio=aug["ratio"],
@@ -298,7 +301,7 @@ class ImageDataset(torch.utils.data.Dataset):
             logger.warning("skipping %d unreadable image(s) of %d: %s", len(self.skipped), len(split.items),
                            listing(self.skipped, 10))
         if split.items and not self.items:
-            raise ValueError(f"none of the {len(split.items)} images could be read (first: {self.skipped[0]})")
+            raise VisloraError(f"none of the {len(split.items)} images could be read (first: {self.skipped[0]})")
 
     def __getstate__(self) -> dict:
         """The failure counter travels as shared memory to DataLoader workers, as a plain count anywhere else."""
@@ -402,7 +405,7 @@ def make_synthetic_folder(root: str | Path, classes: int = 3, per_class: int = 2
     ROOT/train/... + ROOT/val/... (every 4th image to val). oddities adds, in train, a corrupt .jpg and a grayscale
     PNG, CMYK JPEG, palette PNG, RGBA PNG, upper-case .JPG and .webp, each drawn as its class."""
     if classes < 2 or per_class < 1 or size < 8:
-        raise ValueError(f"make_synthetic_folder needs classes >= 2, per_class >= 1, size >= 8; got "
+        raise VisloraError(f"make_synthetic_folder needs classes >= 2, per_class >= 1, size >= 8; got "
                          f"{classes}, {per_class}, {size}")
     root = Path(root)
     rng = np.random.default_rng(seed)

@@ -15,8 +15,9 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-# what `vislora` prints as one line `vislora CMD: error: ...` with exit code 2, never as a traceback
-USER_ERRORS = (FileNotFoundError, ValueError, NotImplementedError, TrainingDiverged)
+# what `vislora` prints as one line `vislora CMD: error: ...` with exit code 2; any other exception (a plain
+# ValueError included: a bug in vislora) keeps its traceback, so that it can be reported
+USER_ERRORS = (FileNotFoundError, VisloraError, NotImplementedError, TrainingDiverged)
 
 
 def first_rank() -> bool:

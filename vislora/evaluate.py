@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from vislora import rundir, runpaths, serve, tasks
 from vislora.adapters import load_adapter
+from vislora.errors import VisloraError
 from vislora.files import read_json, write_json
 from vislora.inject import unload
 from vislora.layers import DEFAULT
@@ -47,7 +48,7 @@ def open_model(target: str | Path) -> Opened:
         predictor, preprocess = serve.load_exported(target)
         task = tasks.get(preprocess.get("task"))
         if task.EXPORT["served"]:
-            raise ValueError(f"{target}: {task.EXPORT['served']}")
+            raise VisloraError(f"{target}: {task.EXPORT['served']}")
         return Opened(task, predictor, preprocess, None, target, exporting_run(target))
     model, recipe, preprocess = rundir.load_run(target)
     task = tasks.get(recipe["task"])
@@ -131,7 +132,7 @@ def predict(target: str | Path, images: Sequence[str | Path], topk: int = 5, out
 def _run_parts(run: Path) -> tuple[dict, dict]:
     """(recipe, preprocess) of a run that carries an adapter (named adapters need one)."""
     if not (run / runpaths.ADAPTER).is_dir():
-        raise ValueError(f"--adapter {run}: not an adapter run (no {runpaths.ADAPTER}/ in it, e.g. full "
+        raise VisloraError(f"--adapter {run}: not an adapter run (no {runpaths.ADAPTER}/ in it, e.g. full "
                          "fine-tuning or an exported file): give it as the model, alone")
     return runpaths.read_recipe(run), read_json(run / runpaths.PREPROCESS, "run's preprocessing")
 
@@ -150,7 +151,7 @@ def _check_same_base(reference: dict, other: dict, trained: list[str], run: Path
             continue
         theirs = other.get(key)
         if theirs is None or theirs.shape != tensor.shape or not torch.equal(theirs, tensor):
-            raise ValueError(f"--adapter {run} was trained on another base than {first} (its '{key}' differs: "
+            raise VisloraError(f"--adapter {run} was trained on another base than {first} (its '{key}' differs: "
                              "model name, checkpoint or init seed): predict or evaluate them apart")
 
 
@@ -164,7 +165,7 @@ def open_adapters(runs: Sequence[str | Path]) -> Iterator[Opened]:
     names = [DEFAULT] + [f"run{i}" for i in range(1, len(runs))]
     for run, (recipe, preprocess), name in zip(runs[1:], parts[1:], names[1:], strict=True):
         if recipe["task"] != parts[0][0]["task"]:
-            raise ValueError(f"--adapter {run} is a {recipe['task']} run, {runs[0]} a {parts[0][0]['task']} run: "
+            raise VisloraError(f"--adapter {run} is a {recipe['task']} run, {runs[0]} a {parts[0][0]['task']} run: "
                              "one base serves runs of one task")
         load_adapter(model, run / runpaths.ADAPTER, name=name)
         trained = model.vislora_adapters[name].train + model.vislora_adapters[DEFAULT].train

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 
 from vislora import rundir, tasks
+from vislora.errors import VisloraError
+from vislora.files import write_json
 from vislora.image import PREPROCESS_KEYS, check_preprocess, input_hw
 from vislora.inject import FROZEN_BN, unload
 from vislora.layers import LoraLayer
@@ -49,15 +51,15 @@ def check_no_adapters(model: nn.Module) -> None:
     for name, m in modules:
         where = f"module '{name or '<root>'}' ({type(m).__name__})"
         if isinstance(m, LoraLayer):
-            raise ValueError(f"{where} is an unmerged vislora adapter: call vislora.unload(model) before exporting")
+            raise VisloraError(f"{where} is an unmerged vislora adapter: call vislora.unload(model) before exporting")
         if type(m) in FROZEN_BN.values():
-            raise ValueError(f"{where} is vislora's frozen BatchNorm: call vislora.unload(model) before exporting")
+            raise VisloraError(f"{where} is vislora's frozen BatchNorm: call vislora.unload(model) before exporting")
         if any(".lora_" in f".{n}" for n in m._parameters) or "updates" in m._modules:
-            raise ValueError(f"{where} carries adapter weights (lora_*): merge and unload it before exporting")
+            raise VisloraError(f"{where} carries adapter weights (lora_*): merge and unload it before exporting")
         hooks = [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]
         for hook in hooks:
             if getattr(hook, "__module__", "") and hook.__module__.startswith("vislora"):
-                raise ValueError(f"{where} has a vislora forward hook ({hook.__module__}): "
+                raise VisloraError(f"{where} has a vislora forward hook ({hook.__module__}): "
                                  "call vislora.unload(model) before exporting")
 
 
@@ -80,12 +82,12 @@ def export_torchscript(model: nn.Module, example: torch.Tensor | None, path: str
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # timm's shape checks: constants once traced
         if method == "trace":
             if example is None:
-                raise ValueError("method='trace' needs an example input")
+                raise VisloraError("method='trace' needs an example input")
             module = torch.jit.trace(model, example, check_trace=False)
         elif method == "script":
             module = torch.jit.script(model)
         else:
-            raise ValueError(f"unknown TorchScript method '{method}': use 'trace' or 'script'")
+            raise VisloraError(f"unknown TorchScript method '{method}': use 'trace' or 'script'")
         if freeze:
             module = torch.jit.freeze(module)
         torch.jit.save(module, str(path), _extra_files={f"{k}.json": v for k, v in _metadata_json(metadata).items()})
@@ -183,7 +185,7 @@ def _flatten(out) -> list[np.ndarray]:
 
 def _max_diffs(ref: list[np.ndarray], got: list[np.ndarray], fmt: str) -> tuple[float, float]:
     if len(ref) != len(got) or any(r.shape != g.shape for r, g in zip(ref, got, strict=False)):
-        raise ValueError(f"{fmt} export gives outputs of shapes {[g.shape for g in got]}, "
+        raise VisloraError(f"{fmt} export gives outputs of shapes {[g.shape for g in got]}, "
                          f"the PyTorch model {[r.shape for r in ref]}")
     if not ref:
         return 0.0, 0.0
@@ -271,7 +273,7 @@ def export_model(model: nn.Module, preprocess: dict, out_dir: str | os.PathLike,
     """
     unknown = set(formats) - set(FILE_NAMES)
     if unknown:
-        raise ValueError(f"unknown export formats {sorted(unknown)}: use {sorted(FILE_NAMES)}")
+        raise VisloraError(f"unknown export formats {sorted(unknown)}: use {sorted(FILE_NAMES)}")
     if "onnx" in formats and spec["onnx"]:
         raise NotImplementedError(spec["onnx"])
     check_no_adapters(model)
@@ -284,7 +286,7 @@ def export_model(model: nn.Module, preprocess: dict, out_dir: str | os.PathLike,
         inputs = torch.randn(8, 3, *input_hw(preprocess), generator=torch.Generator().manual_seed(0))
     inputs = inputs.detach().float().cpu()
     metadata = {**preprocess, "class_names": preprocess.get("class_names")}
-    (out_dir / PREPROCESS_NAME).write_text(json.dumps(metadata, indent=2))
+    write_json(out_dir / PREPROCESS_NAME, metadata)
     report: dict = {"parameters": sum(p.numel() for p in net.parameters()), "tol": tol,
                     "inputs": {"source": source, "shape": list(inputs.shape)},
                     "threads": torch.get_num_threads(), "preprocess": PREPROCESS_NAME}
@@ -304,10 +306,10 @@ def export_model(model: nn.Module, preprocess: dict, out_dir: str | os.PathLike,
             if not entry["max_abs_diff"] <= tol:
                 failures.append(f"{fmt}: max abs diff {entry['max_abs_diff']:.3g} > tol {tol:g}")
     finally:
-        (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
+        write_json(out_dir / REPORT_NAME, report)
         model.train(was_training)
     if failures:
-        raise ValueError(f"exported model does not match the PyTorch model ({out_dir / REPORT_NAME}): "
+        raise VisloraError(f"exported model does not match the PyTorch model ({out_dir / REPORT_NAME}): "
                          + "; ".join(failures))
     return report
 
@@ -330,7 +332,7 @@ def export_run(run_dir: str | os.PathLike, formats: str | Sequence[str] | None =
     formats = tuple(FILE_NAMES) if formats == "all" else ((formats,) if isinstance(formats, str) else tuple(formats))
     if "onnx" in formats and task.EXPORT["onnx"]:
         if asked:
-            raise ValueError(task.EXPORT["onnx"])
+            raise VisloraError(task.EXPORT["onnx"])
         formats = tuple(f for f in formats if f != "onnx")  # the defaults: what this task can export
         log.warning("vislora export: not exporting ONNX (the recipe's default formats): %s", task.EXPORT["onnx"])
     unload(model)
@@ -351,9 +353,9 @@ def export_run(run_dir: str | os.PathLike, formats: str | Sequence[str] | None =
         report["not_exported"] = {"onnx": task.EXPORT["onnx"]}
     report["run"] = str(Path(run_dir).resolve())  # `vislora eval` of these files scores this run's val split
     if report["cost"]["base_parameters"] != report["cost"]["merged_parameters"]:
-        raise ValueError(f"merged model has {report['cost']['merged_parameters']} parameters, the base model "
+        raise VisloraError(f"merged model has {report['cost']['merged_parameters']} parameters, the base model "
                          f"{report['cost']['base_parameters']}: something was left unmerged")
-    (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    write_json(out_dir / REPORT_NAME, report)
     return report
 
 

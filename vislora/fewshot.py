@@ -41,8 +41,9 @@ import numpy as np
 
 from vislora import data as vdata
 from vislora import runpaths
+from vislora.errors import VisloraError
 from vislora.evaluate import evaluate
-from vislora.files import write_json
+from vislora.files import read_json, write_json
 from vislora.recipe import DEFAULTS, differences, mode, resolve
 from vislora.train import train
 
@@ -74,7 +75,7 @@ def contender_lrs(recipe: dict, overrides: dict[str, float] | None = None) -> di
     lrs = {c: base * LR_SCALE[c] for c in CONTENDERS}
     unknown = sorted(set(overrides or {}) - set(CONTENDERS))
     if unknown:
-        raise ValueError(f"--lr names unknown contender(s) {unknown}: use {', '.join(CONTENDERS)}")
+        raise VisloraError(f"--lr names unknown contender(s) {unknown}: use {', '.join(CONTENDERS)}")
     return {**lrs, **(overrides or {})}
 
 
@@ -87,12 +88,12 @@ def default_steps(recipe: dict, max_shots: int, num_classes: int) -> int:
 
 def _check_grid(shots: Sequence[int], seeds: int, contenders: Sequence[str]) -> None:
     if not shots or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in shots):
-        raise ValueError(f"--shots must be whole numbers >= 1, got {list(shots)}")
+        raise VisloraError(f"--shots must be whole numbers >= 1, got {list(shots)}")
     if seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+        raise VisloraError(f"--seeds must be >= 1, got {seeds}")
     unknown = [c for c in contenders if c not in CONTENDERS]
     if unknown or not contenders:
-        raise ValueError(f"--contenders {list(contenders)}: choose among {', '.join(CONTENDERS)}")
+        raise VisloraError(f"--contenders {list(contenders)}: choose among {', '.join(CONTENDERS)}")
 
 
 # ---- sampling and the data folders ------------------------------------------------------------------
@@ -106,7 +107,8 @@ def sample_shots(split: vdata.Split, shots: Sequence[int], seed: int) -> dict[in
     order = {}
     for y, paths in by_class.items():
         if len(paths) < most:
-            raise ValueError(f"class '{split.classes[y]}' has {len(paths)} training images, fewer than --shots {most}")
+            raise VisloraError(f"class '{split.classes[y]}' has {len(paths)} training images, "
+                               f"fewer than --shots {most}")
         order[y] = [paths[i] for i in np.random.default_rng([seed, y]).permutation(len(paths))]
     return {k: [(p, y) for y in by_class for p in order[y][:k]] for k in sorted(set(shots))}
 
@@ -157,7 +159,7 @@ def run_cell(recipe: dict, run_dir: Path, val_dir: Path) -> dict:
         report = evaluate(run_dir, data=val_dir, out=run_dir / "eval" / "report.json",
                           workers=recipe["data"]["workers"])
     shutil.rmtree(run_dir / runpaths.CHECKPOINTS, ignore_errors=True)
-    summary = json.loads((run_dir / runpaths.SUMMARY).read_text())["summary"]
+    summary = read_json(run_dir / runpaths.SUMMARY, "run summary")["summary"]
     return {"top1": report["top1"], "macro_f1": report["macro_f1"], "trainable": summary["trainable"],
             "total": summary["total"], "wall_s": round(wall, 2), "val_images": report["num_images"]}
 
@@ -167,15 +169,12 @@ def _read_results(path: Path, settings: dict) -> list[dict]:
     """The finished rows of an earlier call with the same settings (none if there is no fewshot.json)."""
     if not path.is_file():
         return []
-    try:
-        saved = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): remove it to start the grid again") from None
+    saved = read_json(path, "results of an earlier grid: remove it to start the grid again")
     old = saved.get("settings", {})
     changed = differences(old.get("recipe", {}), settings["recipe"], "recipe.")
     changed += [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if k != "recipe" and old.get(k) != v]
     if changed:
-        raise ValueError(f"{path} holds a grid made with other settings ({'; '.join(changed[:4])}): use another "
+        raise VisloraError(f"{path} holds a grid made with other settings ({'; '.join(changed[:4])}): use another "
                          "--out, or the same recipe, --steps and --lr")
     return list(saved.get("rows", []))
 
@@ -241,17 +240,17 @@ def fewshot(recipe: dict, out: str | Path, shots: Sequence[int] = (1, 2, 4, 8, 1
     _check_grid(shots, seeds, contenders)
     contenders = list(dict.fromkeys(contenders))  # `--contenders probe probe` is one contender
     if recipe["task"] != "classification":
-        raise ValueError(f"fewshot needs a classification recipe (task: {recipe['task']})")
+        raise VisloraError(f"fewshot needs a classification recipe (task: {recipe['task']})")
     out = Path(out)
     d = recipe["data"]
     runpaths.keep_apart(out, [d["path"]], [out / "data", out / "runs"])
     train_split, val_split = vdata.scan_folder(d["path"], d["val_fraction"], recipe["train"]["seed"])
     if not val_split.items:
-        raise ValueError(f"data.path {d['path']} has no val split to evaluate on: add ROOT/val or set "
+        raise VisloraError(f"data.path {d['path']} has no val split to evaluate on: add ROOT/val or set "
                          "data.val_fraction above 0")
     subsets = {s: sample_shots(train_split, shots, s) for s in range(seeds)}
     if steps is not None and steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {steps}")
+        raise VisloraError(f"--steps must be >= 1, got {steps}")
     steps = steps or default_steps(recipe, max(shots), len(train_split.classes))
     t = recipe["train"]
     settings = json.loads(json.dumps({"recipe": recipe, "steps": steps, "batch_size": t["batch_size"],
@@ -259,8 +258,8 @@ def fewshot(recipe: dict, out: str | Path, shots: Sequence[int] = (1, 2, 4, 8, 1
     out.mkdir(parents=True, exist_ok=True)
     rows = _read_results(out / RESULTS, settings)
     done = {(r["shots"], r["seed"], r["contender"]) for r in rows}
-    (out / SUBSETS).write_text(json.dumps({s: {k: [str(p) for p, _ in items] for k, items in by_k.items()}
-                                           for s, by_k in subsets.items()}, indent=1))
+    write_json(out / SUBSETS, {s: {k: [str(p) for p, _ in items] for k, items in by_k.items()}
+                               for s, by_k in subsets.items()}, indent=1)
     val_dir = write_folder(val_split.items, val_split.classes, out / "data" / "val")
     grid = [(k, s, c) for s in range(seeds) for k in sorted(set(shots)) for c in contenders]
     progress = Progress(len(grid), sum(cell in done for cell in grid))

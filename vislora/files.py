@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vislora.errors import VisloraError
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """write(tmp) to PATH.tmp, then rename it over PATH: a crash or Ctrl-C leaves the previous file whole."""
@@ -56,7 +58,7 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} (the {what}) is not valid JSON: {e}") from None
+        raise VisloraError(f"{path} (the {what}) is not valid JSON: {e}") from None
 
 
 def listing(items, limit: int = 5) -> str:

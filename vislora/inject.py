@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from timm.layers import BatchNormAct2d, use_reentrant_ckpt
 
+from vislora.errors import VisloraError
 from vislora.layers import ADAPTABLE, DEFAULT, LoraLayer, adapter_exceeds_layer, dora_refusal, max_rank
 
 QKV_CHUNKS = {"q": 0, "k": 1, "v": 2}
@@ -245,7 +246,7 @@ def resolve_train(model: nn.Module, train: Sequence[str]) -> list[str]:
         if not hits and entry == "head":
             continue  # a model without a classifier (a backbone) has no head to train
         if not hits:
-            raise ValueError(f"train entry '{entry}' matches no module of {type(model).__name__}")
+            raise VisloraError(f"train entry '{entry}' matches no module of {type(model).__name__}")
         found += [h for h in hits if not _within(h, found)]
     return [n for n in found if not any(n != o and _within(n, [o]) for o in found)]
 
@@ -259,7 +260,7 @@ def resolve_train_params(model: nn.Module, train: Sequence[str], modules: Sequen
         hits = [n for n in names if fnmatch.fnmatchcase(n, entry) or n == entry or
                 fnmatch.fnmatchcase(n.replace(".base_layer.", "."), entry)]
         if not hits:
-            raise ValueError(f"train entry '{entry}' matches no parameter of {type(model).__name__}")
+            raise VisloraError(f"train entry '{entry}' matches no parameter of {type(model).__name__}")
         found += [h for h in hits if h not in found and not _within(h, modules)]  # those modules train whole
     return found
 
@@ -284,7 +285,7 @@ def find_targets(model: nn.Module, config: LoraConfig, within: str | None = None
         keep, edges = PRESETS[config.targets], [prefix + n for n in stem_names(scope) + classifier_names(scope)]
         names = [n for n, m in candidates if n not in excluded and not _within(n, edges) and keep(n, m)]
         if not names:
-            raise ValueError(f"target preset '{config.targets}' matches no layer of {type(scope).__name__}")
+            raise VisloraError(f"target preset '{config.targets}' matches no layer of {type(scope).__name__}")
         return names
     patterns = [config.targets] if isinstance(config.targets, str) else list(config.targets)
     names = []
@@ -292,17 +293,17 @@ def find_targets(model: nn.Module, config: LoraConfig, within: str | None = None
         hits = [(n, m) for n, m in candidates if matches(n, pattern)]
         if not hits:
             known = ", ".join(sorted(PRESETS))
-            raise ValueError(f"target pattern '{pattern}' matches no module (presets: {known})")
+            raise VisloraError(f"target pattern '{pattern}' matches no module (presets: {known})")
         for n, m in hits:
             if n in excluded or n in names:
                 continue
             if not isinstance(m, ADAPTABLE):
-                raise ValueError(f"module '{n}' ({type(m).__name__}), selected by '{pattern}', cannot carry "
+                raise VisloraError(f"module '{n}' ({type(m).__name__}), selected by '{pattern}', cannot carry "
                                  "a LoRA adapter: only nn.Linear, nn.Conv1d, nn.Conv2d (any kernel, groups) and "
                                  "nn.MultiheadAttention can")
             names.append(n)
     if not names:
-        raise ValueError(f"targets {patterns} select no layer once 'exclude' is applied")
+        raise VisloraError(f"targets {patterns} select no layer once 'exclude' is applied")
     return names
 
 
@@ -315,7 +316,7 @@ def resolve_qkv_parts(name: str, module: nn.Module, qkv: str | None) -> tuple[in
     unknown = set(qkv) - set(QKV_CHUNKS)
     outputs = 3 * module.embed_dim if mha else module.out_features
     if unknown or outputs % 3:
-        raise ValueError(f"qkv='{qkv}' cannot split '{name}' ({outputs} outputs) into q, k, v")
+        raise VisloraError(f"qkv='{qkv}' cannot split '{name}' ({outputs} outputs) into q, k, v")
     return tuple(sorted(QKV_CHUNKS[c] for c in set(qkv)))
 
 
@@ -334,7 +335,7 @@ def layer_rank(name: str, module: nn.Module, config: LoraConfig, parts: tuple[in
     if not explicit and r == int(r) and int(r) > limit:
         r = limit
     if r != int(r) or not 1 <= int(r) <= limit:
-        raise ValueError(f"r={r} is not valid for '{name}': it must be an int in [1, {limit}] or a fraction "
+        raise VisloraError(f"r={r} is not valid for '{name}': it must be an int in [1, {limit}] or a fraction "
                          "in (0, 1)")
     return int(r)
 
@@ -420,14 +421,14 @@ def set_trainable(model: nn.Module, train_names: Sequence[str], train_params: Se
 def _plan(model: nn.Module, config: LoraConfig, within: str | None) -> list[tuple]:
     """(name, base layer, qkv parts, rank) of every layer the config adapts: everything checked before any change."""
     if config.use_dora and config.init == "pissa":
-        raise ValueError("init: pissa with use_dora: PiSSA moves the top singular part of W into the adapter, and "
+        raise VisloraError("init: pissa with use_dora: PiSSA moves the top singular part of W into the adapter, and "
                          "DoRA's magnitude is not an additive part; use one of them")
     plan = []
     for name in find_targets(model, config, within):
         module = model.get_submodule(name)
         module = module.base_layer if isinstance(module, LoraLayer) else module
         if config.use_dora and dora_refusal(module):
-            raise ValueError(f"use_dora: '{name}' ({type(module).__name__}) cannot carry DoRA: "
+            raise VisloraError(f"use_dora: '{name}' ({type(module).__name__}) cannot carry DoRA: "
                              f"{dora_refusal(module)}; add it to adapter.exclude, or use plain LoRA")
         parts = resolve_qkv_parts(name, module, config.qkv)
         plan.append((name, module, parts, layer_rank(name, module, config, parts)))
@@ -464,7 +465,7 @@ def inject(model: nn.Module, config: LoraConfig, verify: bool | None = None, wit
     merged and unmerged outputs agree on a random input; a layer that fails is named in the error.
     """
     if any(True for _ in wrapped_layers(model)):
-        raise ValueError("model already carries vislora adapters: unload() it first, load_adapter() into it, or "
+        raise VisloraError("model already carries vislora adapters: unload() it first, load_adapter() into it, or "
                          "add one beside it with vislora.add_adapter(model, config, name)")
     train_names = resolve_train(model, config.train)
     resolve_train_params(model, config.train, train_names)
@@ -482,7 +483,7 @@ def inject(model: nn.Module, config: LoraConfig, verify: bool | None = None, wit
         for _, layer in lora_layers(model):
             layer.init_pissa()
     elif config.init != "default":
-        raise ValueError(f"unknown init '{config.init}': use 'default' or 'pissa'")
+        raise VisloraError(f"unknown init '{config.init}': use 'default' or 'pissa'")
     if verify is None:
         verify = sum(p.numel() for p in model.parameters()) < 30_000_000
     if verify and not any(p.is_meta for p in model.parameters()):  # a meta model has no numbers to compare
@@ -533,7 +534,7 @@ def verify_layers(model: nn.Module, tol: float | None = None) -> None:
         limit = tol or (1e-4 if layer.raw_weight().dtype in (torch.float32, torch.float64) else 2e-2)
         err = ((merged - unmerged).abs().max() / unmerged.abs().max().clamp_min(1e-12)).item()
         if not err <= limit:
-            raise ValueError(f"LoRA on '{name}' ({type(layer.base_layer).__name__}) is not exact: merged and "
+            raise VisloraError(f"LoRA on '{name}' ({type(layer.base_layer).__name__}) is not exact: merged and "
                              f"unmerged outputs differ by {err:.2e} (relative), above {limit:.0e}")
 
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from timm.layers import Conv2dSame, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame, pad_same
 from torch.func import functional_call
 
+from vislora.errors import VisloraError
 from vislora.kernels import (  # noqa: F401  (depthwise_weight_grad: re-exported for tools and tests)
     AUTOCAST_DEVICES,
     _depthwise_on_cpu,
@@ -107,7 +108,7 @@ class LoraLayer(nn.Module):
             raise TypeError(f"LoRA supports {', '.join(t.__name__ for t in ADAPTABLE)}, not "
                             f"{type(base_layer).__name__}")
         if isinstance(base_layer, nn.MultiheadAttention) and not base_layer._qkv_same_embed_dim:
-            raise ValueError("this nn.MultiheadAttention keeps q, k and v projections apart (kdim/vdim != "
+            raise VisloraError("this nn.MultiheadAttention keeps q, k and v projections apart (kdim/vdim != "
                              "embed_dim): only its stacked in_proj_weight can carry an adapter")
         self.base_layer = base_layer
         self.weight_name = raw_weight_name(base_layer)
@@ -131,9 +132,9 @@ class LoraLayer(nn.Module):
                    qkv_parts: tuple[int, ...] | None = None, num_chunks: int = 3, use_dora: bool = False) -> None:
         """A named update beside the others (LoRA, or DoRA with use_dora); it acts when `active` is its name."""
         if name in self.updates:
-            raise ValueError(f"the layer already carries an adapter named '{name}'")
+            raise VisloraError(f"the layer already carries an adapter named '{name}'")
         if use_dora and dora_refusal(self.base_layer):
-            raise ValueError(f"DoRA cannot adapt this {type(self.base_layer).__name__}: "
+            raise VisloraError(f"DoRA cannot adapt this {type(self.base_layer).__name__}: "
                              f"{dora_refusal(self.base_layer)}")
         w = self.raw_weight()
         dtype = w.dtype if w.dtype == torch.float64 else torch.float32  # adapters train in fp32 at least
@@ -152,7 +153,7 @@ class LoraLayer(nn.Module):
     @property
     def update(self) -> LowRank:
         if self.active not in self.updates:
-            raise ValueError(f"this layer carries no adapter named '{self.active}' ({', '.join(self.updates)})")
+            raise VisloraError(f"this layer carries no adapter named '{self.active}' ({', '.join(self.updates)})")
         return self.updates[self.active]
 
     def adapter_parameters(self) -> list[nn.Parameter]:
@@ -217,11 +218,11 @@ class LoraLayer(nn.Module):
         The starting factors stay (LowRank.keep_start), with which vislora.svd.pissa_as_lora expresses the trained
         adapter relative to the original weight."""
         if self.merged:
-            raise ValueError(f"PiSSA init: the layer ({self.extra_repr()}) is merged: unmerge() it first")
+            raise VisloraError(f"PiSSA init: the layer ({self.extra_repr()}) is merged: unmerge() it first")
         if not self.additive:
-            raise ValueError("PiSSA init needs an additive update (LoRA): DoRA's magnitude is not a low-rank part")
+            raise VisloraError("PiSSA init needs an additive update (LoRA): DoRA's magnitude is not a low-rank part")
         if self.update.pissa:
-            raise ValueError(f"PiSSA init: the layer ({self.extra_repr()}) is already PiSSA-initialised")
+            raise VisloraError(f"PiSSA init: the layer ({self.extra_repr()}) is already PiSSA-initialised")
         w = self.raw_weight()
         acc = torch.promote_types(w.dtype, torch.float32)
         mat = w.detach().to(acc).reshape(w.shape[0], -1)
@@ -286,7 +287,7 @@ class LoraLayer(nn.Module):
         """nn.MultiheadAttention with in_proj_weight = W' (its out_proj, a Linear, may carry an adapter of its own)."""
         base = self.base_layer
         if self._mixed is not None:
-            raise ValueError("mixed_forward: nn.MultiheadAttention layers are not supported: run the adapters apart")
+            raise VisloraError("mixed_forward: nn.MultiheadAttention layers are not supported: run the adapters apart")
         if self.merged or not self.carries_active:
             return base(*args, **kwargs)
         w_eff = self.update.weight(base.in_proj_weight)

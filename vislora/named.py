@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from vislora.errors import VisloraError
 from vislora.inject import (
     Adapter,
     LoraConfig,
@@ -41,7 +42,7 @@ def active_adapter(model: nn.Module) -> str | None:
 
 def _registry(model: nn.Module) -> dict[str, Adapter]:
     if not getattr(model, "vislora_adapters", None):
-        raise ValueError(f"{type(model).__name__} carries no vislora adapter: inject() or load_adapter() first")
+        raise VisloraError(f"{type(model).__name__} carries no vislora adapter: inject() or load_adapter() first")
     return model.vislora_adapters
 
 
@@ -56,19 +57,19 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str, within: str | N
     same modules as the others (each gets its own copy of them) and no single parameters (biases)."""
     adapters = _registry(model)
     if name in adapters:
-        raise ValueError(f"the model already carries an adapter named '{name}' ({', '.join(adapters)})")
+        raise VisloraError(f"the model already carries an adapter named '{name}' ({', '.join(adapters)})")
     if not name or "." in name:
-        raise ValueError(f"adapter name {name!r} must be a non-empty name without dots")
+        raise VisloraError(f"adapter name {name!r} must be a non-empty name without dots")
     if config.init == "pissa":
-        raise ValueError(f"adapter '{name}' is PiSSA-initialised: PiSSA rewrites the base weights, which the "
+        raise VisloraError(f"adapter '{name}' is PiSSA-initialised: PiSSA rewrites the base weights, which the "
                          "other adapters share; load it into a model of its own")
     first = adapters[active_adapter(model)]
     train = resolve_train(model, config.train)
     if resolve_train_params(model, config.train, train) or first.train_params:
-        raise ValueError(f"adapter '{name}': several adapters on one model keep whole modules per adapter, not "
+        raise VisloraError(f"adapter '{name}': several adapters on one model keep whole modules per adapter, not "
                          "single parameters (train patterns such as '*.bias'); load it into a model of its own")
     if sorted(train) != sorted(first.train):
-        raise ValueError(f"adapter '{name}' trains modules {train}, the model's adapters {first.train}: "
+        raise VisloraError(f"adapter '{name}' trains modules {train}, the model's adapters {first.train}: "
                          "adapters on one model must train the same modules (each keeps its own copy)")
     inject_layers(model, config, name, within)
     _store(model)[name] = nn.ModuleDict({str(i): copy.deepcopy(model.get_submodule(m))
@@ -82,12 +83,12 @@ def set_adapter(model: nn.Module, name: str) -> nn.Module:
     (they are moved, not copied: switching back is bit-exact). Refused while an adapter is merged."""
     adapters = _registry(model)
     if name not in adapters:
-        raise ValueError(f"no adapter named '{name}': the model carries {', '.join(adapters)}")
+        raise VisloraError(f"no adapter named '{name}': the model carries {', '.join(adapters)}")
     current = active_adapter(model)
     if name == current:
         return model
     if any(layer.merged for _, layer in wrapped_layers(model)):
-        raise ValueError(f"adapter '{current}' is merged: unmerge(model) before switching to '{name}'")
+        raise VisloraError(f"adapter '{current}' is merged: unmerge(model) before switching to '{name}'")
     store, train = _store(model), adapters[current].train
     kept = nn.ModuleDict({str(i): replace_module(model, m, store[name][str(i)]) for i, m in enumerate(train)})
     del store[name]
@@ -105,9 +106,9 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     """Remove an inactive adapter: its updates, its modules; a layer no other adapter adapts becomes plain."""
     adapters = _registry(model)
     if name not in adapters:
-        raise ValueError(f"no adapter named '{name}': the model carries {', '.join(adapters)}")
+        raise VisloraError(f"no adapter named '{name}': the model carries {', '.join(adapters)}")
     if name == active_adapter(model):
-        raise ValueError(f"adapter '{name}' is active: set_adapter(model, another) before deleting it")
+        raise VisloraError(f"adapter '{name}' is active: set_adapter(model, another) before deleting it")
     for layer_name, layer in list(wrapped_layers(model)):
         if name in layer.updates:
             del layer.updates[name]
@@ -129,7 +130,7 @@ class _Dispatch(nn.Module):
 
     def forward(self, x: torch.Tensor):
         if not torch.is_tensor(x):
-            raise ValueError("mixed_forward: a trained module takes a non-tensor input: run the adapters apart")
+            raise VisloraError("mixed_forward: a trained module takes a non-tensor input: run the adapters apart")
         parts = [self.copies[name](x[part]) for name, part in self.groups]
         if len({tuple(p.shape[1:]) for p in parts}) > 1:  # heads of other widths: one output per sample
             return [row for part in parts for row in part]
@@ -141,10 +142,10 @@ def _groups(model: nn.Module, names: Sequence[str], batch: int
     """The order that sorts the batch by adapter (first-seen order, stable) and each adapter's slice of it."""
     known = adapter_names(model)
     if len(names) != batch:
-        raise ValueError(f"mixed_forward: {len(names)} adapter names for a batch of {batch} images")
+        raise VisloraError(f"mixed_forward: {len(names)} adapter names for a batch of {batch} images")
     unknown = sorted(set(names) - set(known))
     if unknown:
-        raise ValueError(f"mixed_forward: no adapter named {unknown} (the model carries {', '.join(known)})")
+        raise VisloraError(f"mixed_forward: no adapter named {unknown} (the model carries {', '.join(known)})")
     order, groups = [], []
     for name in dict.fromkeys(names):
         members = [i for i, m in enumerate(names) if m == name]
@@ -173,7 +174,7 @@ def mixed_forward(model: nn.Module, x: torch.Tensor, names: Sequence[str]):
     adapters = _registry(model)
     order, groups = _groups(model, names, x.shape[0])
     if any(layer.merged for _, layer in wrapped_layers(model)):
-        raise ValueError("mixed_forward: an adapter is merged: unmerge(model) first")
+        raise VisloraError("mixed_forward: an adapter is merged: unmerge(model) first")
     current, store = active_adapter(model), model._modules.get(STORE, {})
     train = adapters[current].train
     copies = [{n: (model.get_submodule(m) if n == current else store[n][str(i)]) for n in adapters}

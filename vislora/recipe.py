@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from vislora.errors import VisloraError
+
 # Every field a recipe may set, with its default. A key absent here is an error (except inside FREE_FORM).
 DEFAULTS: dict[str, Any] = {
     "task": "classification",  # classification | detection | segmentation
@@ -186,12 +188,12 @@ def find_key(word: str) -> str | None:
     return leaves[close[0]] if close else None
 
 
-def unknown_key(source: str, prefix: str, key: str, known: list[str]) -> ValueError:
+def unknown_key(source: str, prefix: str, key: str, known: list[str]) -> VisloraError:
     """The error for an unknown recipe key: a close name at this level, else the field it names elsewhere."""
     close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
     guess = f"{prefix}{close[0]}" if close else find_key(str(key))
     hint = f"did you mean '{guess}'? " if guess and guess != f"{prefix}{key}" else ""
-    return ValueError(f"{source}: unknown recipe key '{prefix}{key}' ({hint}known here: {', '.join(sorted(known))})")
+    return VisloraError(f"{source}: unknown recipe key '{prefix}{key}' ({hint}known here: {', '.join(sorted(known))})")
 
 
 def _merge(base: dict, override: dict, prefix: str, source: str) -> dict:
@@ -202,13 +204,13 @@ def _merge(base: dict, override: dict, prefix: str, source: str) -> dict:
             raise unknown_key(source, prefix, key, list(base))
         if isinstance(base[key], dict) and dotted not in FREE_FORM:
             if not isinstance(value, dict):
-                raise ValueError(f"{source}: recipe key '{dotted}' must be a mapping, got {value!r}")
+                raise VisloraError(f"{source}: recipe key '{dotted}' must be a mapping, got {value!r}")
             out[key] = _merge(base[key], value, dotted + ".", source)
         elif isinstance(base[key], (int, float)) and not isinstance(base[key], bool) and isinstance(value, str):
             try:  # YAML 1.1 reads 3e-4 (no dot) as a string
                 out[key] = float(value)
             except ValueError:
-                raise ValueError(f"{source}: recipe key '{dotted}' must be a number, got {value!r}") from None
+                raise VisloraError(f"{source}: recipe key '{dotted}' must be a number, got {value!r}") from None
         else:
             out[key] = value
     return out
@@ -231,20 +233,20 @@ def _number(source: str, key: str, value, low: float = -math.inf, whole: bool = 
         except ValueError:
             pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{source}: {key} must be a {'whole ' if whole else ''}number, got {value!r}")
+        raise VisloraError(f"{source}: {key} must be a {'whole ' if whole else ''}number, got {value!r}")
     if whole and value != int(value):
-        raise ValueError(f"{source}: {key} must be a whole number, got {value!r}")
+        raise VisloraError(f"{source}: {key} must be a whole number, got {value!r}")
     if value < low or (open_low and value == low):
-        raise ValueError(f"{source}: {key} must be {'>' if open_low else '>='} {low:g}, got {value!r}")
+        raise VisloraError(f"{source}: {key} must be {'>' if open_low else '>='} {low:g}, got {value!r}")
     return int(value) if whole else value
 
 
 def _pair(source: str, key: str, value, low: float, high: float):
     if not (isinstance(value, (list, tuple)) and len(value) == 2):
-        raise ValueError(f"{source}: {key} must be a pair [min, max], got {value!r}")
+        raise VisloraError(f"{source}: {key} must be a pair [min, max], got {value!r}")
     lo, hi = (_number(source, key, v) for v in value)
     if not low < lo <= hi <= high:
-        raise ValueError(f"{source}: {key} must be [min, max] with {low:g} < min <= max <= {high:g}, got {value!r}")
+        raise VisloraError(f"{source}: {key} must be [min, max] with {low:g} < min <= max <= {high:g}, got {value!r}")
     return [lo, hi]
 
 
@@ -267,24 +269,24 @@ def _check_fields(recipe: dict, source: str) -> None:
     t["seed"] = _number(source, "train.seed", t["seed"], 0, whole=True)
     d["val_fraction"] = _number(source, "data.val_fraction", d["val_fraction"], 0)
     if d["val_fraction"] >= 1:
-        raise ValueError(f"{source}: data.val_fraction must be in [0, 1), got {d['val_fraction']!r}")
+        raise VisloraError(f"{source}: data.val_fraction must be in [0, 1), got {d['val_fraction']!r}")
     d["workers"] = _number(source, "data.workers", d["workers"], 0, whole=True)
     a = d["augment"]
     if a["scale"] is not None:
         a["scale"] = _pair(source, "data.augment.scale", a["scale"], 0, 1)
     if a["hflip"] is not None and not 0 <= _number(source, "data.augment.hflip", a["hflip"]) <= 1:
-        raise ValueError(f"{source}: data.augment.hflip is a probability in [0, 1], got {a['hflip']!r}")
+        raise VisloraError(f"{source}: data.augment.hflip is a probability in [0, 1], got {a['hflip']!r}")
     if a["color_jitter"] is not None:
         a["color_jitter"] = _number(source, "data.augment.color_jitter", a["color_jitter"], 0)
     if recipe["eval"]["batch_size"] is not None:
         recipe["eval"]["batch_size"] = _number(source, "eval.batch_size", recipe["eval"]["batch_size"], 1, whole=True)
     recipe["eval"]["topk"] = _number(source, "eval.topk", recipe["eval"]["topk"], 1, whole=True)
     if t["on_collapse"] not in ("recover", "warn"):
-        raise ValueError(f"{source}: train.on_collapse must be recover or warn, got {t['on_collapse']!r}")
+        raise VisloraError(f"{source}: train.on_collapse must be recover or warn, got {t['on_collapse']!r}")
     if not isinstance(t["device"], str):
-        raise ValueError(f"{source}: train.device must be auto, cpu, cuda, cuda:N or mps, got {t['device']!r}")
+        raise VisloraError(f"{source}: train.device must be auto, cpu, cuda, cuda:N or mps, got {t['device']!r}")
     if not isinstance(recipe["model"]["kwargs"], dict):
-        raise ValueError(f"{source}: model.kwargs must be a mapping, got {recipe['model']['kwargs']!r}")
+        raise VisloraError(f"{source}: model.kwargs must be a mapping, got {recipe['model']['kwargs']!r}")
 
 
 def _names(source: str, key: str, value, allow_str: bool = True) -> str | list[str]:
@@ -293,7 +295,7 @@ def _names(source: str, key: str, value, allow_str: bool = True) -> str | list[s
         return value if allow_str else [value]
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return list(value)
-    raise ValueError(f"{source}: {key} must be a name or a list of names, got {value!r}")
+    raise VisloraError(f"{source}: {key} must be a name or a list of names, got {value!r}")
 
 
 def _check_adapter(adapter: dict, source: str) -> None:
@@ -304,18 +306,18 @@ def _check_adapter(adapter: dict, source: str) -> None:
     for key in ("rank_pattern", "alpha_pattern"):
         value = adapter[key] if adapter[key] is not None else {}
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise ValueError(f"{source}: adapter.{key} must map layer patterns to numbers, got {value!r}")
+            raise VisloraError(f"{source}: adapter.{key} must map layer patterns to numbers, got {value!r}")
         adapter[key] = {k: _number(source, f"adapter.{key}.{k}", v, 0, open_low=True) for k, v in value.items()}
     adapter["r"] = _number(source, "adapter.r", adapter["r"], 0, open_low=True)
     adapter["alpha"] = _number(source, "adapter.alpha", adapter["alpha"], 0, open_low=True)
     adapter["dropout"] = _number(source, "adapter.dropout", adapter["dropout"], 0)
     for key in ("qkv", "init"):
         if adapter[key] is not None and not isinstance(adapter[key], str):
-            raise ValueError(f"{source}: adapter.{key} must be a string, got {adapter[key]!r}")
+            raise VisloraError(f"{source}: adapter.{key} must be a string, got {adapter[key]!r}")
     if not isinstance(adapter["use_dora"], bool):
-        raise ValueError(f"{source}: adapter.use_dora must be true or false, got {adapter['use_dora']!r}")
+        raise VisloraError(f"{source}: adapter.use_dora must be true or false, got {adapter['use_dora']!r}")
     if adapter["use_dora"] and adapter["init"] == "pissa":
-        raise ValueError(f"{source}: adapter.init pissa with adapter.use_dora: PiSSA moves the top singular part "
+        raise VisloraError(f"{source}: adapter.init pissa with adapter.use_dora: PiSSA moves the top singular part "
                          "of W into the adapter, DoRA's magnitude is not an additive part; use one of them")
 
 
@@ -323,7 +325,7 @@ def resolve(raw: dict, source: str = "recipe") -> dict:
     """Defaults + the user's recipe: the adapter mode normalised (None, 'linear_probe' or a LoraConfig dict), the
     task's defaults filled in, field types and ranges checked (ValueError naming the key)."""
     if not isinstance(raw, dict):
-        raise ValueError(f"{source}: a recipe must be a YAML mapping")
+        raise VisloraError(f"{source}: a recipe must be a YAML mapping")
     unknown = [key for key in raw if key not in DEFAULTS]  # before `adapter` is taken out: it is known here
     if unknown:
         raise unknown_key(source, "", unknown[0], list(DEFAULTS))
@@ -333,12 +335,12 @@ def resolve(raw: dict, source: str = "recipe") -> dict:
     if adapter is None or isinstance(adapter, str):
         key = str(adapter).lower()
         if adapter is not None and key not in ADAPTER_MODES:
-            raise ValueError(f"{source}: adapter must be a mapping, null, 'none' or 'linear_probe', got {adapter!r}")
+            raise VisloraError(f"{source}: adapter must be a mapping, null, 'none' or 'linear_probe', got {adapter!r}")
         recipe["adapter"] = ADAPTER_MODES.get(key)
     else:
         recipe["adapter"] = _merge(DEFAULTS["adapter"], adapter, "adapter.", source)
     if recipe["task"] not in TASK_DEFAULTS:
-        raise ValueError(f"{source}: task must be one of {', '.join(TASK_DEFAULTS)}, not {recipe['task']!r}")
+        raise VisloraError(f"{source}: task must be one of {', '.join(TASK_DEFAULTS)}, not {recipe['task']!r}")
     _fill_none(recipe, TASK_DEFAULTS[recipe["task"]])
     if recipe["train"]["lr"] is None:
         recipe["train"]["lr"] = default_lr(recipe)
@@ -348,11 +350,11 @@ def resolve(raw: dict, source: str = "recipe") -> dict:
     if isinstance(recipe["adapter"], dict):
         _check_adapter(recipe["adapter"], source)
         if recipe["adapter"]["use_dora"] and recipe["train"]["lowrank_penalty"]:
-            raise ValueError(f"{source}: train.lowrank_penalty with adapter.use_dora: the penalty is ||s B A||^2, "
+            raise VisloraError(f"{source}: train.lowrank_penalty with adapter.use_dora: the penalty is ||s B A||^2, "
                              "which is not DoRA's change of the weight; use train.factor_l2, or plain LoRA")
     t = recipe["train"]
     if mode(recipe) != "linear_probe" and t["head_epochs"] >= t["epochs"]:
-        raise ValueError(f"{source}: train.head_epochs={t['head_epochs']} leaves no epoch of train.epochs="
+        raise VisloraError(f"{source}: train.head_epochs={t['head_epochs']} leaves no epoch of train.epochs="
                          f"{t['epochs']} for the rest of the model")
     return recipe
 
@@ -374,13 +376,13 @@ def absolute_paths(raw: dict, base: str | Path) -> dict:
 def parse_override(item: str) -> tuple[list[str], Any]:
     """'train.lr=3e-4' -> (['train', 'lr'], 0.0003); the value is read as YAML."""
     if "=" not in item:
-        raise ValueError(f"--set expects key.sub=value, got '{item}'")
+        raise VisloraError(f"--set expects key.sub=value, got '{item}'")
     key, value = item.split("=", 1)
     try:
         return key.strip().split("."), yaml.safe_load(value)
     except yaml.YAMLError as e:
         reason = str(e).splitlines()[0]
-        raise ValueError(f"--set {item}: the value is not valid YAML ({reason}); quote text, e.g. "
+        raise VisloraError(f"--set {item}: the value is not valid YAML ({reason}); quote text, e.g. "
                          f"{key}='\"{value}\"'") from None
 
 
@@ -407,7 +409,7 @@ def read_yaml(path: str | Path) -> dict:
     try:
         return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from e
+        raise VisloraError(f"{path}: not valid YAML: {e}") from e
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict:

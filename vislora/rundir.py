@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from vislora import tasks
 from vislora.adapters import load_adapter, save_adapter
+from vislora.errors import VisloraError
 from vislora.files import atomic_write, read_json, to_json, write_json
 from vislora.inject import lora_layers
 from vislora.layers import upgrade_state_dict
@@ -79,10 +80,10 @@ def load_checkpoint(run_dir: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError (bad zip), EOFError ...: the file, not vislora
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"--resume: {path} is not a training checkpoint vislora can read ({reason[:160]}); "
+        raise VisloraError(f"--resume: {path} is not a training checkpoint vislora can read ({reason[:160]}); "
                          "start the run again with --force") from None
     if not isinstance(state, dict) or not {"epoch", "model", "optimizer"} <= set(state):
-        raise ValueError(f"--resume: {path} is not a vislora training checkpoint (no epoch / model / optimizer)")
+        raise VisloraError(f"--resume: {path} is not a vislora training checkpoint (no epoch / model / optimizer)")
     state["model"] = upgrade_state_dict(state["model"])  # factor keys of checkpoints before the variant seam
     return state
 
@@ -94,7 +95,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     try:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not JSON lines: {e}") from None
+        raise VisloraError(f"{path} is not JSON lines: {e}") from None
 
 
 def shown_metrics(row: dict, num_classes: int | None) -> list[str]:
@@ -241,7 +242,7 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, dict, dict]:
         state = load_file(str(run_dir / WEIGHTS))
         unknown = sorted(set(state) - set(model.state_dict()))
         if unknown:
-            raise ValueError(f"{run_dir / WEIGHTS} has keys the model lacks: {unknown[:5]}")
+            raise VisloraError(f"{run_dir / WEIGHTS} has keys the model lacks: {unknown[:5]}")
         model.load_state_dict(state, strict=False)
     else:
         raise FileNotFoundError(f"{run_dir} holds no trained weights ({ADAPTER}/ or {WEIGHTS}): did training finish "

@@ -13,6 +13,7 @@ import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from vislora.errors import VisloraError
 from vislora.files import write_json
 from vislora.recipe import differences, read_yaml, resolve
 
@@ -55,7 +56,7 @@ def keep_apart(out: Path, data: Sequence[str | Path | None], replaced: Sequence[
         if not folder.is_dir():
             continue
         if within(out, folder) or any(within(folder, r) for r in replaced):
-            raise ValueError(f"{flag} {out} would write into the data folder {folder}: vislora never writes into "
+            raise VisloraError(f"{flag} {out} would write into the data folder {folder}: vislora never writes into "
                              "its data (nor trains on its own outputs); choose an --out outside it")
 
 
@@ -63,15 +64,15 @@ def check_out(run_dir: Path, data: Sequence[str | Path | None], resume: bool, fo
     """train's --out: a folder (not a file), apart from the data; a folder with files is refused unless --resume
     continues it or --force replaces it, and --force replaces only a run (it never deletes a user's files)."""
     if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"--out {run_dir} is a file, not a folder: choose a folder for the run")
+        raise VisloraError(f"--out {run_dir} is a file, not a folder: choose a folder for the run")
     keep_apart(run_dir, data, [run_dir / name for name in ARTIFACTS])
     if resume or not holds_files(run_dir):
         return
     if not is_run(run_dir):
-        raise ValueError(f"--out {run_dir} holds files and is not a vislora run: choose an empty or new folder "
+        raise VisloraError(f"--out {run_dir} holds files and is not a vislora run: choose an empty or new folder "
                          "(--force replaces only a run vislora wrote, never other files)")
     if not force:
-        raise ValueError(f"{run_dir} already holds a run: pass --resume to continue it, --force to replace it "
+        raise VisloraError(f"{run_dir} already holds a run: pass --resume to continue it, --force to replace it "
                          "(vislora's files there are removed first), or --out DIR")
 
 
@@ -120,10 +121,10 @@ def _take(path: Path, mine: str, run_dir: Path) -> int | None:
         if holder == mine:
             return None
         if not _stale(holder):
-            raise ValueError(f"{path} is held by process {holder or '?'}: another training is writing "
+            raise VisloraError(f"{path} is held by process {holder or '?'}: another training is writing "
                              f"{run_dir}; wait for it, or remove {path} if no such process runs")
         path.unlink(missing_ok=True)
-    raise ValueError(f"{path}: could not take the lock")
+    raise VisloraError(f"{path}: could not take the lock")
 
 
 # ---- starting, clearing, resuming -----------------------------------------------------------------
@@ -164,5 +165,5 @@ def check_resumable(run_dir: Path, recipe: dict) -> None:
                                 "nothing to resume (train without --resume to start the run)")
     changed = [d for d in differences(read_recipe(run_dir), recipe) if not d.startswith(RESUMABLE_CHANGES)]
     if changed:
-        raise ValueError(f"--resume: the recipe differs from {run_dir / RECIPE} in {'; '.join(changed)}. Resume with "
+        raise VisloraError(f"--resume: the recipe differs from {run_dir / RECIPE} in {'; '.join(changed)}. Resume with "
                          "the run's own recipe (vislora train --resume --out RUN), or train into a new --out")

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vislora.errors import VisloraError
 from vislora.files import read_json
 from vislora.image import PREPROCESS_KEYS
 
@@ -40,7 +41,7 @@ def _read_preprocess_file(path: Path) -> dict | None:
         return None
     content = read_json(side, "preprocessing of the exported model")
     if not isinstance(content, dict):
-        raise ValueError(f"{side} is not a JSON object (expected the keys {', '.join(PREPROCESS_KEYS)})")
+        raise VisloraError(f"{side} is not a JSON object (expected the keys {', '.join(PREPROCESS_KEYS)})")
     return content
 
 
@@ -49,7 +50,7 @@ def _metadata(entries: dict[str, str], path: Path) -> dict:
     try:
         return {k: json.loads(v) for k, v in entries.items()}
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: its stored preprocessing is not JSON ({e})") from None
+        raise VisloraError(f"{path}: its stored preprocessing is not JSON ({e})") from None
 
 
 def onnx_predictor(path: Path) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
@@ -61,7 +62,7 @@ def onnx_predictor(path: Path) -> tuple[Callable[[np.ndarray], np.ndarray], dict
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types for unreadable models
-        raise ValueError(f"{path} is not an ONNX model onnxruntime can load: {type(e).__name__}: {e}") from e
+        raise VisloraError(f"{path} is not an ONNX model onnxruntime can load: {type(e).__name__}: {e}") from e
     spec = session.get_inputs()[0]
     static = spec.shape[0] if isinstance(spec.shape[0], int) else None
 
@@ -70,7 +71,7 @@ def onnx_predictor(path: Path) -> tuple[Callable[[np.ndarray], np.ndarray], dict
         if static is None or len(x) == static:
             return session.run(None, {spec.name: x})[0]
         if len(x) % static:
-            raise ValueError(f"{path} has a static batch of {static}; got a batch of {len(x)}")
+            raise VisloraError(f"{path} has a static batch of {static}; got a batch of {len(x)}")
         return np.concatenate([session.run(None, {spec.name: x[i:i + static]})[0] for i in range(0, len(x), static)])
 
     meta = session.get_modelmeta().custom_metadata_map
@@ -84,7 +85,7 @@ def torchscript_predictor(path: Path) -> tuple[Callable[[np.ndarray], np.ndarray
         with quiet_jit():
             module = torch.jit.load(str(path), map_location="cpu", _extra_files=files)
     except Exception as e:  # torch.jit raises RuntimeError, ValueError ... for files that are not TorchScript
-        raise ValueError(f"{path} is not a TorchScript model (a file written by torch.jit.save, e.g. by "
+        raise VisloraError(f"{path} is not a TorchScript model (a file written by torch.jit.save, e.g. by "
                          f"`vislora export`): {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
     module.eval()
 
@@ -114,10 +115,10 @@ def load_exported(path: str | os.PathLike) -> tuple[Callable[[np.ndarray], np.nd
     elif path.suffix in (".pt", ".pth", ".jit"):
         predictor, embedded = torchscript_predictor(path)
     else:
-        raise ValueError(f"{path}: unknown export format '{path.suffix}' (expected .pt or .onnx)")
+        raise VisloraError(f"{path}: unknown export format '{path.suffix}' (expected .pt or .onnx)")
     preprocess = _read_preprocess_file(path) or embedded
     if "input_size" not in preprocess:  # a file vislora did not export: nothing says how to feed it
-        raise ValueError(f"{path} carries no preprocessing: vislora reads it from {path.parent / PREPROCESS_NAME} "
+        raise VisloraError(f"{path} carries no preprocessing: vislora reads it from {path.parent / PREPROCESS_NAME} "
                          "or from the metadata `vislora export` embeds; write that file (a run's preprocess.json: "
                          f"{', '.join(PREPROCESS_KEYS)}, class_names) beside the model")
     return predictor, preprocess

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from vislora import rundir, runpaths
 from vislora.adapters import save_adapter
+from vislora.errors import VisloraError
 from vislora.evaluate import evaluate
 from vislora.files import write_json
 from vislora.inject import LoraConfig
@@ -33,7 +34,7 @@ def default_out(run_dir: Path, rank: int | None, energy: float | None, budget: i
 def _check_out(out: Path, run_dir: Path, force: bool) -> None:
     """The new run goes to an empty folder other than the run; --force replaces a run there (train's rules)."""
     if out.resolve() == run_dir.resolve():
-        raise ValueError(f"--out {out} is the run being shrunk: write the smaller run elsewhere")
+        raise VisloraError(f"--out {out} is the run being shrunk: write the smaller run elsewhere")
     runpaths.check_out(out, [], resume=False, force=force)
     runpaths.clear(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -63,7 +64,7 @@ def shrink_run(run_dir: str | Path, rank: int | None = None, energy: float | Non
         raise FileNotFoundError(f"{run_dir / runpaths.ADAPTER} does not exist: shrink needs a LoRA run (a linear "
                                 "probe or full fine-tuning run has no adapter to shrink)")
     if (runpaths.read_recipe(run_dir)["adapter"] or {}).get("use_dora"):
-        raise ValueError(f"shrink: {run_dir} is a DoRA run (adapter.use_dora): its update is not the low-rank "
+        raise VisloraError(f"shrink: {run_dir} is a DoRA run (adapter.use_dora): its update is not the low-rank "
                          "s B A that a truncated SVD shrinks; shrink works on LoRA runs")
     out = Path(out) if out else default_out(run_dir, rank, energy, budget)
     _check_out(out, run_dir, force)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from vislora.errors import VisloraError
 from vislora.inject import LoraConfig, eject, find_targets, inject, lora_layers, pattern_value, resolve_qkv_parts
 from vislora.layers import ADAPTABLE, LoraLayer, chunk_rows, raw_weight_name
 
@@ -37,7 +38,7 @@ def _raw(module: nn.Module) -> torch.Tensor:
 def refuse_dora(layer: LoraLayer, name: str, tool: str) -> None:
     """The SVD tools read an additive update s B A; DoRA's W' - W is not low-rank: say so, never compute it."""
     if not layer.additive:
-        raise ValueError(f"{tool}: layer '{name}' is DoRA (use_dora): its update m * (W + sBA) / ||W + sBA|| - W "
+        raise VisloraError(f"{tool}: layer '{name}' is DoRA (use_dora): its update m * (W + sBA) / ||W + sBA|| - W "
                          f"is not the low-rank s B A that {tool} reads; {tool} works on LoRA runs")
 
 
@@ -47,12 +48,12 @@ def pissa_init(model: nn.Module) -> None:
     triplets of its weight, the base keeps the residual, the output is unchanged."""
     layers = list(lora_layers(model))
     if not layers:
-        raise ValueError(f"pissa_init: {type(model).__name__} carries no LoRA layers: inject() first")
+        raise VisloraError(f"pissa_init: {type(model).__name__} carries no LoRA layers: inject() first")
     for name, layer in layers:
         try:
             layer.init_pissa()
         except ValueError as e:
-            raise ValueError(f"pissa_init: layer '{name}': {e}") from None
+            raise VisloraError(f"pissa_init: layer '{name}': {e}") from None
 
 
 @torch.no_grad()
@@ -64,7 +65,7 @@ def pissa_as_lora(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor, float]:
     needs lora_alpha = scaling' * 2R (scaling' * sqrt(2R) with rslora) to keep PEFT's scaling.
     """
     if not layer.update.pissa:
-        raise ValueError(f"layer {layer.extra_repr()} was not PiSSA-initialised: pissa_init() keeps A0/B0")
+        raise VisloraError(f"layer {layer.extra_repr()} was not PiSSA-initialised: pissa_init() keeps A0/B0")
     b, a = layer.update.change_factors()
     return a.detach().clone(), b.detach().clone(), layer.scaling
 
@@ -107,7 +108,7 @@ def _effective_weight(module: nn.Module, where: str) -> torch.Tensor:
         with torch.no_grad():
             return module.effective_weight(_acc_dtype(w))  # LoRA's W + s B A, DoRA's scaled direction
     if not isinstance(module, ADAPTABLE):
-        raise ValueError(f"{where}: '{type(module).__name__}' is not a layer vislora adapts "
+        raise VisloraError(f"{where}: '{type(module).__name__}' is not a layer vislora adapts "
                          f"({', '.join(t.__name__ for t in ADAPTABLE)})")
     return _raw(module).detach()
 
@@ -116,7 +117,7 @@ def _module(model: nn.Module, name: str, which: str) -> nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError as e:
-        raise ValueError(f"{which} model ({type(model).__name__}) has no module '{name}': the two models must "
+        raise VisloraError(f"{which} model ({type(model).__name__}) has no module '{name}': the two models must "
                          "share the architecture") from e
 
 
@@ -127,12 +128,12 @@ def _difference(name: str, base_module: nn.Module, tuned_model: nn.Module, parts
     w_base = _effective_weight(base_module, f"base '{name}'")
     w_tuned = _effective_weight(tuned_module, f"tuned '{name}'")
     if w_base.shape != w_tuned.shape:
-        raise ValueError(f"layer '{name}': base weight {tuple(w_base.shape)} and tuned weight "
+        raise VisloraError(f"layer '{name}': base weight {tuple(w_base.shape)} and tuned weight "
                          f"{tuple(w_tuned.shape)} differ in shape")
     raw_base = base_module.base_layer if isinstance(base_module, LoraLayer) else base_module
     raw_tuned = tuned_module.base_layer if isinstance(tuned_module, LoraLayer) else tuned_module
     if raw_weight_name(raw_base) != raw_weight_name(raw_tuned):
-        raise ValueError(f"layer '{name}': base stores '{raw_weight_name(raw_base)}', tuned stores "
+        raise VisloraError(f"layer '{name}': base stores '{raw_weight_name(raw_base)}', tuned stores "
                          f"'{raw_weight_name(raw_tuned)}': their difference is not a weight update")
     acc = _acc_dtype(w_base)
     d = (w_tuned.to(w_base.device, acc) - w_base.to(acc)).reshape(w_base.shape[0], -1)
@@ -166,7 +167,7 @@ def _fit_budget(diffs: list[_Diff], budget: int) -> None:
     used = sum(d.rank * d.unit_params for d in diffs)
     floor = sum(d.unit_params for d in diffs)
     if floor > budget:
-        raise ValueError(f"budget={budget} adapter parameters is below the minimum {floor} (rank 1 on every "
+        raise VisloraError(f"budget={budget} adapter parameters is below the minimum {floor} (rank 1 on every "
                          f"changed layer): raise it, or adapt fewer layers")
 
     def marginal(d: _Diff) -> float:
@@ -189,13 +190,13 @@ def _fit_budget(diffs: list[_Diff], budget: int) -> None:
 def _check_rank_args(rank: int | str, energy: float, budget: int | None) -> None:
     if isinstance(rank, str):
         if rank not in ("auto", "full"):
-            raise ValueError(f"rank='{rank}': use an int >= 1, 'auto' (by energy) or 'full' (each layer's max)")
+            raise VisloraError(f"rank='{rank}': use an int >= 1, 'auto' (by energy) or 'full' (each layer's max)")
     elif isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank={rank!r}: use an int >= 1, 'auto' or 'full'")
+        raise VisloraError(f"rank={rank!r}: use an int >= 1, 'auto' or 'full'")
     if not 0 < energy <= 1:
-        raise ValueError(f"energy={energy} must be in (0, 1]")
+        raise VisloraError(f"energy={energy} must be in (0, 1]")
     if budget is not None and (rank != "auto" or budget < 1):
-        raise ValueError(f"budget={budget} needs rank='auto' and a positive parameter count")
+        raise VisloraError(f"budget={budget} needs rank='auto' and a positive parameter count")
 
 
 def _fixed_rank(name: str, limit: int, rank: int | str, config: LoraConfig) -> int:
@@ -296,11 +297,11 @@ def extract_adapter(base_model: nn.Module, tuned_model: nn.Module, config: LoraC
     injected = dict(lora_layers(base_model))
     if injected:
         if rank in ("auto", "full") or budget is not None:
-            raise ValueError("base_model already carries adapters, whose ranks are used: eject() it to let "
+            raise VisloraError("base_model already carries adapters, whose ranks are used: eject() it to let "
                              "extract_adapter choose ranks")
         for name, layer in injected.items():
             if layer.merged or layer.update.pissa or not layer.additive:
-                raise ValueError(f"base layer '{name}' is merged, PiSSA-initialised or DoRA: extract into a plain "
+                raise VisloraError(f"base layer '{name}' is merged, PiSSA-initialised or DoRA: extract into a plain "
                                  "or freshly injected LoRA model")
         diffs = [_difference(n, layer.base_layer, tuned_model, layer.qkv_parts, layer.num_chunks)
                  for n, layer in injected.items()]
@@ -314,7 +315,7 @@ def extract_adapter(base_model: nn.Module, tuned_model: nn.Module, config: LoraC
             diffs.append(_difference(n, module, tuned_model, resolve_qkv_parts(n, module, config.qkv)))
         changed = [d for d in diffs if not d.unchanged]
         if not changed:
-            raise ValueError("extract_adapter: the tuned model's target weights equal the base model's: "
+            raise VisloraError("extract_adapter: the tuned model's target weights equal the base model's: "
                              "nothing to extract")
         for d in changed:
             d.rank = _energy_rank(d, energy) if rank == "auto" else _fixed_rank(d.name, d.limit, rank, config)
@@ -377,7 +378,7 @@ def spectrum(model: nn.Module) -> list[dict]:
         rows.append({"name": name, "rank": s.numel(), "singular_values": s.tolist(),
                      "effective_rank": effective_rank(s), "energy": curve.tolist(), "norm": total.sqrt().item()})
     if not rows:
-        raise ValueError(f"spectrum: {type(model).__name__} carries no LoRA layers")
+        raise VisloraError(f"spectrum: {type(model).__name__} carries no LoRA layers")
     return rows
 
 
@@ -404,7 +405,7 @@ def plot_spectrum(report: list[dict], path: str | Path) -> Path:
     from matplotlib.figure import Figure
 
     if not report:
-        raise ValueError("plot_spectrum: empty report")
+        raise VisloraError("plot_spectrum: empty report")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     width = max(max(r["rank"] for r in report), 1)
@@ -436,7 +437,7 @@ def _update_diff(name: str, layer: LoraLayer) -> _Diff:
     """A trained layer's update s * B A as a _Diff, with per-part SVDs computed from the factors (factor_svd)."""
     refuse_dora(layer, name, "shrink")
     if layer.merged or layer.update.pissa:
-        raise ValueError(f"shrink: layer '{name}' is merged or PiSSA-initialised (its base weight is not the "
+        raise VisloraError(f"shrink: layer '{name}' is merged or PiSSA-initialised (its base weight is not the "
                          "original): shrink the saved adapter, which load_adapter() reads as plain LoRA")
     svds = [factor_svd(b, a, layer.scaling) for b, a in layer.update.part_factors()]
     limit = min(s.numel() for _, s, _ in svds)
@@ -449,12 +450,12 @@ def check_shrink_args(rank: int | None, energy: float | None, budget: int | None
     """Exactly one of rank (>= 1), energy (in (0, 1]) or budget (>= 1): a bad value stops shrink before it writes."""
     given = [k for k, v in (("rank", rank), ("energy", energy), ("budget", budget)) if v is not None]
     if len(given) != 1:
-        raise ValueError(f"shrink: give exactly one of rank, energy or budget (got {', '.join(given) or 'none'})")
+        raise VisloraError(f"shrink: give exactly one of rank, energy or budget (got {', '.join(given) or 'none'})")
     for key, value in (("rank", rank), ("budget", budget)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"shrink: {key}={value!r} must be an int >= 1")
+            raise VisloraError(f"shrink: {key}={value!r} must be an int >= 1")
     if energy is not None and not 0 < energy <= 1:
-        raise ValueError(f"shrink: energy={energy} must be in (0, 1]")
+        raise VisloraError(f"shrink: energy={energy} must be in (0, 1]")
 
 
 def shrink_adapter(model: nn.Module, rank: int | None = None, energy: float | None = None,
@@ -473,11 +474,11 @@ def shrink_adapter(model: nn.Module, rank: int | None = None, energy: float | No
     check_shrink_args(rank, energy, budget)
     layers = dict(lora_layers(model))
     if not layers:
-        raise ValueError(f"shrink: {type(model).__name__} carries no LoRA layers")
+        raise VisloraError(f"shrink: {type(model).__name__} carries no LoRA layers")
     diffs = [_update_diff(n, layer) for n, layer in layers.items()]
     changed = [d for d in diffs if not d.unchanged]
     if not changed:
-        raise ValueError("shrink: every adapter update is zero (an untrained adapter): there is nothing to keep")
+        raise VisloraError("shrink: every adapter update is zero (an untrained adapter): there is nothing to keep")
     for d in changed:
         d.rank = min(rank, d.limit) if rank is not None else _energy_rank(d, energy) if energy else d.limit
     if budget is not None:
@@ -500,7 +501,7 @@ def frobenius_penalty(model: nn.Module) -> torch.Tensor:
         b, a = layer.update.change_factors()
         terms.append(layer.scaling ** 2 * ((b.T @ b) * (a @ a.T)).sum())
     if not terms:
-        raise ValueError(f"frobenius_penalty: {type(model).__name__} carries no LoRA layers")
+        raise VisloraError(f"frobenius_penalty: {type(model).__name__} carries no LoRA layers")
     return torch.stack(terms).sum()
 
 
@@ -511,5 +512,5 @@ def factor_l2(model: nn.Module) -> torch.Tensor:
     for _, layer in lora_layers(model):
         terms.append(layer.update.factor_change_l2())  # DoRA too: its direction factors are plain L2
     if not terms:
-        raise ValueError(f"factor_l2: {type(model).__name__} carries no LoRA layers")
+        raise VisloraError(f"factor_l2: {type(model).__name__} carries no LoRA layers")
     return torch.stack(terms).sum()

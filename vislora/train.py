@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from vislora import data as vdata
 from vislora import rundir, runpaths, tasks
-from vislora.errors import TrainingDiverged, first_rank
+from vislora.errors import TrainingDiverged, VisloraError, first_rank
 from vislora.files import listing, write_json
 from vislora.inject import classifier_names, lora_layers, trainable_summary
 from vislora.layers import adapter_exceeds_layer
@@ -43,13 +43,13 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"train.device={name!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
+        raise VisloraError(f"train.device={name!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available.get(device.type, False):
         have = ", ".join(k for k, ok in available.items() if ok)
-        raise ValueError(f"train.device={name!r} is not available on this machine (available: {have})")
+        raise VisloraError(f"train.device={name!r} is not available on this machine (available: {have})")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"train.device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise VisloraError(f"train.device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -61,7 +61,7 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         return torch.float16
     if amp in ("bf16", "auto"):
         return torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
-    raise ValueError(f"train.amp must be auto, bf16, fp16 or none, not {amp!r}")
+    raise VisloraError(f"train.amp must be auto, bf16, fp16 or none, not {amp!r}")
 
 
 def seed_everything(seed: int) -> None:
@@ -196,12 +196,12 @@ def build_optimizer(model: nn.Module, t: dict, steps_per_epoch: int):
     ratio = t["lora_plus_ratio"]
     fast = lora_plus_ids(model) if ratio else set()
     if ratio and not fast:
-        raise ValueError(f"train.lora_plus_ratio={ratio}: {type(model).__name__} has no vislora adapter whose B "
+        raise VisloraError(f"train.lora_plus_ratio={ratio}: {type(model).__name__} has no vislora adapter whose B "
                          "factors it could speed up; set it to null")
     groups = param_groups(model, t["weight_decay"], head, fast, ratio or 1.0)
     staging = t["head_epochs"] > 0 and any(not g["head"] for g in groups)
     if staging and not any(g["head"] for g in groups):
-        raise ValueError(f"train.head_epochs={t['head_epochs']}: {type(model).__name__} has no classifier to train "
+        raise VisloraError(f"train.head_epochs={t['head_epochs']}: {type(model).__name__} has no classifier to train "
                          "first; set train.head_epochs: 0")
     head_steps = round(t["head_epochs"] * steps_per_epoch) if staging else 0
     total = min(steps_per_epoch * t["epochs"], t["max_steps"] or math.inf)
@@ -249,13 +249,13 @@ def restore(loop: Loop) -> None:
     state = rundir.load_checkpoint(loop.run_dir)
     missing = set(state["model"]) - set(loop.model.state_dict())
     if missing:
-        raise ValueError(f"{loop.run_dir / runpaths.CHECKPOINTS / 'last.pt'} does not fit the recipe's model: "
+        raise VisloraError(f"{loop.run_dir / runpaths.CHECKPOINTS / 'last.pt'} does not fit the recipe's model: "
                          f"{sorted(missing)[:5]}")
     loop.model.load_state_dict(state["model"], strict=False)  # keys upgraded in load_checkpoint
     try:
         loop.optimizer.load_state_dict(state["optimizer"])
     except ValueError as e:  # e.g. a checkpoint of a vislora before the head had parameter groups of its own
-        raise ValueError(f"{loop.run_dir / runpaths.CHECKPOINTS / 'last.pt'}: its optimizer state does not fit this "
+        raise VisloraError(f"{loop.run_dir / runpaths.CHECKPOINTS / 'last.pt'}: its optimizer state does not fit this "
                          f"run's parameter groups ({e}); start the run again with --force") from None
     loop.scheduler.load_state_dict(state["scheduler"])
     loop.scaler.load_state_dict(state["scaler"])
@@ -269,7 +269,7 @@ def refuse_finished(loop: Loop) -> None:
     t = loop.recipe["train"]
     done = loop.epoch >= t["epochs"] or bool(t["max_steps"] and loop.step >= t["max_steps"])
     if done and (loop.run_dir / runpaths.SUMMARY).is_file():
-        raise ValueError(f"--resume: {loop.run_dir} already finished (epoch {loop.epoch} of train.epochs="
+        raise VisloraError(f"--resume: {loop.run_dir} already finished (epoch {loop.epoch} of train.epochs="
                          f"{t['epochs']}), so there is nothing to resume: evaluate it (vislora eval "
                          f"{loop.run_dir}), or train a longer run into a new --out (--set train.epochs=N)")
 

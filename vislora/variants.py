@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn as nn
 
+from vislora.errors import VisloraError
 from vislora.kernels import AUTOCAST_DEVICES
 
 
@@ -50,10 +51,10 @@ class LowRank(nn.Module):
         self.qkv_parts = tuple(qkv_parts) if qkv_parts else None
         self.num_chunks = num_chunks if self.qkv_parts else 1
         if out % self.num_chunks:
-            raise ValueError(f"{out} output features cannot be split into {self.num_chunks} qkv chunks")
+            raise VisloraError(f"{out} output features cannot be split into {self.num_chunks} qkv chunks")
         limit = min(out // self.num_chunks, fan_in)
         if not 1 <= r <= limit:
-            raise ValueError(f"rank r={r} must be between 1 and {limit} for this layer ({out} x {fan_in})")
+            raise VisloraError(f"rank r={r} must be between 1 and {limit} for this layer ({out} x {fan_in})")
         n_parts = len(self.qkv_parts) if self.qkv_parts else 1
         self.out, self.r, self.alpha, self.rslora = out, r, alpha, rslora
         self.scaling = alpha / (math.sqrt(r) if rslora else r)

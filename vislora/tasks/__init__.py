@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
+from vislora.errors import VisloraError
 from vislora.tasks import classification, detection, segmentation
 
 TASKS: dict[str, ModuleType] = {"classification": classification, "detection": detection,
@@ -36,5 +37,5 @@ def get(name: str | None) -> ModuleType:
     """The task module for a recipe's (or an exported file's) task name; None means classification."""
     name = name or "classification"
     if name not in TASKS:
-        raise ValueError(f"task must be one of {', '.join(TASKS)}, not {name!r}")
+        raise VisloraError(f"task must be one of {', '.join(TASKS)}, not {name!r}")
     return TASKS[name]

@@ -23,16 +23,16 @@ from tqdm import tqdm
 
 from vislora import data as vdata
 from vislora import image, runpaths
+from vislora.errors import VisloraError
 from vislora.files import read_json
 from vislora.inject import classifier_names, inject, set_trainable
+from vislora.tasks.backbone import create_timm, load_weights
 from vislora.tasks.common import (
     Setup,
     batch_predictor,
     card_classes,
     card_pretrained_cfg,
-    create_timm,
     denormalize,
-    load_weights,
     lora_config,
     plot_confusion,
     plot_image_grid,
@@ -80,7 +80,7 @@ def init_heads(model: nn.Module, names: list[str], how: str) -> None:
     reach the head alone, so they cannot wreck the features (LoRA on MobileNetV2 collapsed to chance with timm's
     random head, issue #13); "timm" keeps timm's init."""
     if how not in ("zero", "timm"):
-        raise ValueError(f"model.head_init must be zero or timm, not {how!r}")
+        raise VisloraError(f"model.head_init must be zero or timm, not {how!r}")
     if how == "timm":
         return
     with torch.no_grad():
@@ -97,7 +97,7 @@ def adapt(model: nn.Module, recipe: dict) -> nn.Module:
     if adapter == "linear_probe":
         heads = classifier_names(model)
         if not heads:
-            raise ValueError(f"adapter: linear_probe needs a classifier, and {type(model).__name__} has none")
+            raise VisloraError(f"adapter: linear_probe needs a classifier, and {type(model).__name__} has none")
         set_trainable(model, heads)
         model.vislora_train = list(heads)
     return model
@@ -239,7 +239,7 @@ def predict(predictor: Callable[[np.ndarray], np.ndarray], preprocess: dict,
         chunk = ready[start:start + batch_size]
         probs = _softmax(np.asarray(predictor(np.stack([x for _, x in chunk]))))
         if names is not None and len(names) != probs.shape[1]:
-            raise ValueError(f"preprocess has {len(names)} class_names but the model outputs {probs.shape[1]} "
+            raise VisloraError(f"preprocess has {len(names)} class_names but the model outputs {probs.shape[1]} "
                              "classes")
         for (i, _), row in zip(chunk, probs, strict=True):
             order = np.argsort(-row, kind="stable")[:topk]
@@ -293,23 +293,23 @@ def eval_split(data: str | Path | None, recipe: dict | None, classes: list[str],
     if data is not None:
         return data_split(Path(data), classes)
     if recipe is None:
-        raise ValueError("this exported file is not inside a run's export/ folder and its export.json names no run, "
+        raise VisloraError("this exported file is not inside a run's export/ folder and its export.json names no run, "
                          "so there is no val split to score: pass --data DIR")
     recorded = Path(run_dir) / runpaths.SPLIT if run_dir else None
     if recorded is not None and recorded.is_file():
         split = read_json(recorded, "run's split")
         if split["classes"] != classes:
-            raise ValueError(f"{recorded} names other classes than the model: {split['classes']} vs {classes}")
+            raise VisloraError(f"{recorded} names other classes than the model: {split['classes']} vs {classes}")
         val = vdata.Split([(Path(p), y) for p, y in split["val"]], classes)
         what = f"the run's val split ({len(val.items)} images of {split['layout']}; {recorded})"
     else:
         d = recipe["data"]
         _, val = vdata.scan_folder(d["path"], d["val_fraction"], recipe["train"]["seed"])
         if val.classes != classes:
-            raise ValueError(f"the classes under {d['path']} differ from the run's: {val.classes} vs {classes}")
+            raise VisloraError(f"the classes under {d['path']} differ from the run's: {val.classes} vs {classes}")
         what = f"the run's val split ({len(val.items)} images of {d['path']}, recomputed from the recipe)"
     if not val.items:
-        raise ValueError(f"the run has no val split (data.val_fraction={recipe['data']['val_fraction']}): pass "
+        raise VisloraError(f"the run has no val split (data.val_fraction={recipe['data']['val_fraction']}): pass "
                          "--data DIR")
     return val, what
 

@@ -1,23 +1,21 @@
-"""What every task shares: the Setup the loop receives, seeded model building, local weight files, the numpy
-predictor convention and the confusion-matrix files."""
+"""What every task shares: the Setup the loop receives, seeded model building, the cards of local weight files,
+the numpy predictor convention, the confusion-matrix files and image grids."""
 
 from __future__ import annotations
 
 import csv
-import difflib
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
-from vislora import hub, image
+from vislora import image
+from vislora.errors import VisloraError
+from vislora.files import read_json
 from vislora.inject import LoraConfig
 
 
@@ -63,38 +61,6 @@ def seeded(recipe: dict, build: Callable[[], nn.Module]) -> nn.Module:
     return build()
 
 
-def create_timm(model_cfg: dict, **kwargs) -> nn.Module:
-    """timm.create_model(model.name, pretrained=model.pretrained, **model.kwargs, **kwargs), with the errors a
-    user can fix named by recipe key: an unknown name (with the closest timm names), kwargs that do not fit, hub
-    weights without network (the offline options, vislora.hub)."""
-    name = model_cfg["name"]
-    if not timm.is_model(name):
-        raise ValueError(f"model.name '{name}' is not a timm model{similar_models(name)}")
-    clash = sorted(set(model_cfg["kwargs"]) & set(kwargs))
-    if clash:
-        raise ValueError(f"model.kwargs must not set {clash}: vislora sets {'them' if len(clash) > 1 else 'it'} "
-                         "(num_classes comes from the class folders)")
-    hub.check_pretrained(model_cfg)
-    try:
-        return timm.create_model(name, pretrained=model_cfg["pretrained"], **model_cfg["kwargs"], **kwargs)
-    except TypeError as e:
-        raise ValueError(f"model.kwargs {model_cfg['kwargs']} do not fit timm model '{name}': {e}") from e
-    except OSError as e:  # huggingface_hub's download, offline and cache errors are OSErrors
-        if not model_cfg["pretrained"]:
-            raise
-        raise ValueError(f"model.pretrained: true: timm could not get the weights of '{name}' ({type(e).__name__}: "
-                         f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}). Offline, "
-                         f"{hub.OFFLINE_OPTIONS}") from None
-
-
-def similar_models(name: str) -> str:
-    """'; did you mean ...?' with the timm architectures closest to a mistyped name (difflib), or a hint."""
-    close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=3, cutoff=0.6)
-    if close:
-        return f"; did you mean {' or '.join(repr(c) for c in close)}?"
-    return f" (timm.list_models('*{name[:6]}*') lists similar names)"
-
-
 CARD_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation")
 
 
@@ -104,12 +70,9 @@ def read_card(path: str | Path) -> dict:
     card = Path(path).with_suffix(".json")
     if not card.is_file():
         return {}
-    try:
-        content = json.loads(card.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{card} (the card of {Path(path).name}) is not a JSON object: {e}") from e
+    content = read_json(card, f"card of {Path(path).name}")
     if not isinstance(content, dict):
-        raise ValueError(f"{card} (the card of {Path(path).name}) is not a JSON object")
+        raise VisloraError(f"{card} (the card of {Path(path).name}) is not a JSON object")
     return content
 
 
@@ -124,27 +87,6 @@ def card_classes(path: str | Path) -> list[str] | None:
     """The class names a local weights file's classifier was trained for, from its card ("classes"), or None."""
     classes = read_card(path).get("classes")
     return [str(c) for c in classes] if isinstance(classes, list) else None
-
-
-def load_weights(model: nn.Module, path: str | Path, skip: Sequence[str] = ()) -> set[str]:
-    """Load a safetensors file into `model`; returns the keys loaded. Keys under the modules `skip` (a classifier
-    the run replaces) are dropped; any other missing, unknown or mis-shaped key is an error that names it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model.checkpoint not found: {path}")
-    if path.suffix != ".safetensors":
-        raise ValueError(f"model.checkpoint {path} must be a .safetensors file (pickled checkpoints are not read)")
-    own = model.state_dict()
-    state = {k: v for k, v in load_file(str(path)).items() if not any(k.startswith(s + ".") for s in skip)}
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and
-             own[k].shape != v.shape]
-    unknown = [k for k in state if k not in own]
-    missing = [k for k in own if k not in state and not any(k.startswith(s + ".") for s in skip)]
-    if wrong or unknown or missing:
-        raise ValueError(f"{path} does not fit {type(model).__name__}: missing {missing[:5]}, unknown {unknown[:5]}, "
-                         f"shape mismatch {wrong[:5]}")
-    model.load_state_dict(state, strict=False)
-    return set(state)
 
 
 def plot_confusion(matrix: list[list[int]], classes: list[str], path: Path, normalize: bool = False) -> None:
