@@ -76,7 +76,8 @@ def create_timm(model_cfg: dict, **kwargs) -> nn.Module:
                          "(num_classes comes from the class folders)")
     hub.check_pretrained(model_cfg)
     try:
-        return timm.create_model(name, pretrained=model_cfg["pretrained"], **model_cfg["kwargs"], **kwargs)
+        return timm.create_model(name, pretrained=model_cfg["pretrained"], **model_cfg["kwargs"], **kwargs,
+                                 **drop_path(model_cfg))
     except TypeError as e:
         raise ValueError(f"model.kwargs {model_cfg['kwargs']} do not fit timm model '{name}': {e}") from e
     except OSError as e:  # huggingface_hub's download, offline and cache errors are OSErrors
@@ -85,6 +86,12 @@ def create_timm(model_cfg: dict, **kwargs) -> nn.Module:
         raise ValueError(f"model.pretrained: true: timm could not get the weights of '{name}' ({type(e).__name__}: "
                          f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}). Offline, "
                          f"{hub.OFFLINE_OPTIONS}") from None
+
+
+def drop_path(model_cfg: dict) -> dict:
+    """model.drop_path as timm's drop_path_rate argument ({} when None: the model's default)."""
+    rate = model_cfg.get("drop_path")
+    return {} if rate is None else {"drop_path_rate": float(rate)}
 
 
 def similar_models(name: str) -> str:

@@ -42,7 +42,7 @@ from vislora import image
 from vislora.files import listing
 from vislora.inject import LoraConfig, classifier_names, freeze_bn_stats, inject, set_trainable
 from vislora.recipe import TASK_DEFAULTS
-from vislora.tasks.common import Setup, card_pretrained_cfg, lora_config, seeded
+from vislora.tasks.common import Setup, card_pretrained_cfg, drop_path, lora_config, seeded
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def create_body(model_cfg: dict, out_indices: Sequence[int] | None = None) -> nn
     A checkpoint is checked against the full timm model, then loaded by timm (which adapts e.g. pos_embed)."""
     if "name" not in model_cfg:
         raise ValueError("model config needs 'name' (a timm model name)")
-    name, kwargs = model_cfg["name"], dict(model_cfg.get("kwargs") or {})
+    name, kwargs = model_cfg["name"], {**(model_cfg.get("kwargs") or {}), **drop_path(model_cfg)}
     if not timm.is_model(name):
         raise ValueError(f"model.name '{name}' is not a timm model")
     probe = timm.create_model(name, pretrained=False, **kwargs)
