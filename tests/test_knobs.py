@@ -235,10 +235,13 @@ def interrupted_then_resumed(recipe, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("knob", [
     {"ema": {"decay": 0.8, "warmup": True}},
+    {"ema": {"decay": 0.8, "warmup": False}, "kept": True},
     {"augment": {"mixup": 0.8, "cutmix": 1.0}},
     {"augment": {"rand": "rand-m9-mstd0.5", "erase": 0.5}},
-], ids=["ema", "mixup-cutmix", "rand-erase"])
+], ids=["ema", "ema-kept", "mixup-cutmix", "rand-erase"])
 def test_resume_is_exact(tmp_path, folder, monkeypatch, one_thread, knob):
+    if knob.get("kept"):  # the EMA's weights are saved as the run's model every epoch: last.pt keeps the raw ones
+        monkeypatch.setattr(knobs, "kept_score", lambda row, score: (row["val_ema_top1"], True))
     recipe = recipe_for(folder, augment=knob.get("augment"), ema=knob.get("ema"))
     a, b = interrupted_then_resumed(recipe, tmp_path, monkeypatch)
     for part in ("model", "ema") if "ema" in knob else ("model",):
@@ -298,10 +301,12 @@ def compile_works() -> bool:
         return False
 
 
-def test_a_compiled_run_writes_eager_files(tmp_path, folder, one_thread):
+def test_a_compiled_run_writes_eager_files(tmp_path, folder, caplog, one_thread):
     if not compile_works():
         pytest.skip("torch.compile cannot run here")
-    run = vtrain.train(recipe_for(folder, epochs=1, max_steps=2, compile=True), tmp_path / "run")
+    with caplog.at_level(logging.WARNING, logger="vislora.knobs"):
+        run = vtrain.train(recipe_for(folder, epochs=1, max_steps=2, compile=True), tmp_path / "run")
+    assert not [r for r in caplog.records if "train.compile" in r.getMessage()]  # it compiled, no fallback
     from safetensors.torch import load_file
 
     keys = list(load_file(str(run / "adapter/adapter_model.safetensors")))

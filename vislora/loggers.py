@@ -9,7 +9,9 @@ from __future__ import annotations
 import csv
 import importlib.util
 import math
+import os
 import tempfile
+import uuid
 from pathlib import Path
 
 from vislora import image
@@ -79,11 +81,12 @@ class TensorBoard:
 
 
 class MLflow:
-    """An MLflow run in a local file store, RUN/mlruns (experiment "vislora"): the recipe's fields as params,
-    metrics by step, images as artifacts. --resume continues the same MLflow run."""
+    """An MLflow run in a local file store, RUN/mlruns (experiment "vislora"; no server, no database): the
+    recipe's fields as params, metrics by step, images as artifacts. --resume continues the same MLflow run."""
 
     def __init__(self, run_dir: Path, recipe: dict, resume_step: int | None, ids: dict):
         require("mlflow", "mlflow")
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store, in maintenance
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=(run_dir / MLRUNS).resolve().as_uri())
@@ -115,7 +118,7 @@ class WandB:
         import wandb
 
         self.wandb = wandb
-        ids.setdefault("wandb", wandb.util.generate_id())
+        ids.setdefault("wandb", uuid.uuid4().hex[:8])
         self.run = wandb.init(project="vislora", name=run_dir.name, dir=str(run_dir), mode="offline",
                               id=ids["wandb"], resume="allow", config=recipe, reinit="create_new")
 

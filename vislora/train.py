@@ -299,8 +299,8 @@ def train_epoch(loop: Loop, epoch: int) -> dict:
 
 
 def checkpoint_state(loop: Loop) -> dict:
-    """What last.pt and best.pt hold: trained tensors (copies, apart from any EMA swap), optimizer, schedule,
-    scaler, counters, the metric history and the EMA's state."""
+    """What last.pt and best.pt hold: the trained tensors (copies: an EMA swap must not reach them), optimizer,
+    schedule, scaler, counters, the metric history and the EMA's state."""
     model = {k: v.clone() for k, v in rundir.trained_state(loop.model).items()}
     return {"epoch": loop.epoch, "step": loop.step, "best": loop.best, "model": model,
             "optimizer": loop.optimizer.state_dict(), "scheduler": loop.scheduler.state_dict(),
@@ -320,15 +320,16 @@ def end_epoch(loop: Loop, row: dict) -> None:
     improved = not math.isfinite(score) or score > loop.best
     if math.isfinite(score):
         loop.best = max(loop.best, score)
+    if use_ema:
+        row["ema_kept"] = improved  # the run's model is the EMA's when it improved (vislora.knobs)
     warning = collapse_check(loop, row)
     loop.history.append(row)
     loop.epoch = row["epoch"]
     if not loop.main:
         return
-    if use_ema:
-        row["ema_kept"] = improved  # the run's model is the EMA's when it improved (vislora.knobs)
-    with loop.ema.applied() if use_ema else contextlib.nullcontext():  # the state below holds the raw weights
-        rundir.save_epoch(loop.run_dir, loop.model, checkpoint_state(loop), improved,
+    state = checkpoint_state(loop)  # the raw weights, taken before the EMA's are swapped in to be saved
+    with loop.ema.applied() if use_ema and improved else contextlib.nullcontext():
+        rundir.save_epoch(loop.run_dir, loop.model, state, improved,
                           {"score": loop.task.SCORE, "num_classes": len(loop.setup.class_names)})
     loop.loggers.epoch(loop.history)
     shown = {k: round(v, 4) for k, v in row.items() if k.startswith(("val_", "train_")) and isinstance(v, float)}
