@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import vislora.train as vtrain
+from vislora import knobs
 from vislora.data import make_synthetic_folder
 from vislora.evaluate import evaluate
 from vislora.recipe import load_recipe, resolve
@@ -164,12 +165,12 @@ def test_detection_run_end_to_end(tmp_path):
 def test_head_stage_schedule_and_its_limits():
     """LP-FT's schedule: the head alone at head_lr (its own warmup and cosine) for head_steps, the rest at 0; then
     every group from a fresh warmup. head_steps 0 is the plain warmup + cosine."""
-    plain = [vtrain.warmup_cosine(s, 100, 10, 0.0) for s in range(100)]
-    assert [vtrain.staged(h, s, 100, 0, 10, 0.0, 5.0) for h in (True, False) for s in range(100)] == plain * 2
-    head = [vtrain.staged(True, s, 100, 20, 10, 0.0, 5.0) for s in range(100)]
-    body = [vtrain.staged(False, s, 100, 20, 10, 0.0, 5.0) for s in range(100)]
-    assert body[:20] == [0.0] * 20 and head[:20] == [5.0 * vtrain.warmup_cosine(s, 20, 10, 0.0) for s in range(20)]
-    assert head[20:] == body[20:] == [vtrain.warmup_cosine(s, 80, 10, 0.0) for s in range(80)]
+    plain = [knobs.warmup_cosine(s, 100, 10, 0.0) for s in range(100)]
+    assert [knobs.staged(h, s, 100, 0, 10, 0.0, 5.0) for h in (True, False) for s in range(100)] == plain * 2
+    head = [knobs.staged(True, s, 100, 20, 10, 0.0, 5.0) for s in range(100)]
+    body = [knobs.staged(False, s, 100, 20, 10, 0.0, 5.0) for s in range(100)]
+    assert body[:20] == [0.0] * 20 and head[:20] == [5.0 * knobs.warmup_cosine(s, 20, 10, 0.0) for s in range(20)]
+    assert head[20:] == body[20:] == [knobs.warmup_cosine(s, 80, 10, 0.0) for s in range(80)]
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))  # no classifier to train first
     t = resolve({"train": {"head_epochs": 1, "epochs": 3}})["train"]
     with pytest.raises(ValueError, match="train.head_epochs"):

@@ -31,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
         # zero, so its first steps cannot destroy the pretrained features (BEiT / MAE fine-tuning do the same);
         # timm = keep timm's random init (issue #13 measured LoRA collapsing to chance with it on MobileNetV2)
         "head_init": "zero",  # zero | timm
+        "drop_path": None,  # stochastic depth: timm's drop_path_rate; None = the model's default
     },
     # LoraConfig fields; `adapter: null` (or "none") = full fine-tuning, `adapter: linear_probe` = head only
     "adapter": {
@@ -48,7 +49,11 @@ DEFAULTS: dict[str, Any] = {
         "mean": None, "std": None, "interpolation": None, "crop_pct": None,
         # train augmentation; None = the task's default (TASK_DEFAULTS below). Segmentation moves the mask with the
         # image (nearest-neighbour). hflip: 0 for text, digits and other asymmetric images
-        "augment": {"scale": None, "hflip": None, "color_jitter": None},
+        "augment": {"scale": None, "hflip": None, "color_jitter": None,
+                    # classification only (vislora.knobs, vislora.data; CLASSIFICATION_ONLY): timm's Mixup /
+                    # CutMix alphas (0 = off) with a soft-target loss, a timm auto-augment string (rand-m9-mstd0.5,
+                    # trivial, augmix-m5, original ...; None = off) and RandomErasing's probability (0 = off)
+                    "mixup": 0.0, "cutmix": 0.0, "rand": None, "erase": 0.0},
         "workers": 2,  # DataLoader worker processes
         # detection only: format coco (images, train_ann, val_ann) or yolo (path)
         "format": None, "images": None, "train_ann": None, "val_ann": None,
@@ -98,6 +103,14 @@ DEFAULTS: dict[str, Any] = {
         # COLLAPSE_LR_FACTOR x the lr (vislora.train), at most MAX_RECOVERIES times, each recorded in metrics.jsonl;
         # warn = only the warning. Issue #30: MobileNetV2 LoRA on a 160-image folder collapsed to chance for good
         "on_collapse": "recover",  # recover | warn
+        # timm's knobs (vislora.knobs), each off or at today's value by default
+        "opt": "adamw",  # a timm optimizer name (timm.optim.create_optimizer_v2): adamw, sgd, lion, lamb, ...
+        "layer_decay": None,  # layer-wise lr decay (timm's param_groups_layer_decay); LoRA factors by block depth
+        "ema": None,  # {decay: 0.9998, warmup: true}: timm's ModelEmaV3 of the trained weights, kept when better
+        "grad_checkpointing": False,  # timm's set_grad_checkpointing(): less memory, a slower step
+        "channels_last": False,  # NHWC weights and inputs
+        "compile": False,  # torch.compile for the training forward; eval, export and files stay eager
+        "log": [],  # loggers besides metrics.jsonl and summary.csv: tensorboard, mlflow, wandb (vislora.loggers)
     },
     "eval": {"batch_size": None, "topk": 5},  # None = train.batch_size
     "export": {"formats": ["torchscript", "onnx"], "opset": 17, "dynamic_batch": True},
@@ -289,6 +302,66 @@ def _check_fields(recipe: dict, source: str) -> None:
         raise VisloraError(f"{source}: model.kwargs must be a mapping, got {recipe['model']['kwargs']!r}")
 
 
+CLASSIFICATION_ONLY = ("mixup", "cutmix", "rand", "erase")  # data.augment keys of image classification alone
+AUTO_AUGMENT = ("rand", "augmix", "original", "originalr", "v0", "v0r", "3a", "trivial")  # timm's policy names
+EMA_DEFAULTS = {"decay": 0.9998, "warmup": True}  # timm's decay; warm-up (ModelEmaV3's) suits short fine-tunes
+LOGGERS = {"tensorboard": "tensorboard", "mlflow": "mlflow-skinny", "wandb": "wandb"}  # name -> pip package
+
+
+def _check_knobs(recipe: dict, source: str) -> None:
+    """The timm knobs' types and ranges, and the augmentations only classification has, refused by name."""
+    t, a, m = recipe["train"], recipe["data"]["augment"], recipe["model"]
+    for key in ("mixup", "cutmix"):
+        a[key] = _number(source, f"data.augment.{key}", a[key], 0)
+    if not 0 <= _number(source, "data.augment.erase", a["erase"]) <= 1:
+        raise VisloraError(f"{source}: data.augment.erase is a probability in [0, 1], got {a['erase']!r}")
+    if a["rand"] is not None and (not isinstance(a["rand"], str) or a["rand"].split("-")[0] not in AUTO_AUGMENT):
+        raise VisloraError(f"{source}: data.augment.rand must be a timm auto-augment string starting with one of "
+                           f"{', '.join(AUTO_AUGMENT)} (e.g. rand-m9-mstd0.5), got {a['rand']!r}")
+    used = [k for k in CLASSIFICATION_ONLY if a[k]]
+    if used and recipe["task"] != "classification":
+        raise VisloraError(f"{source}: data.augment.{used[0]} is for classification only, not task "
+                           f"{recipe['task']}: set it to {'null' if used[0] == 'rand' else 0}")
+    if m["drop_path"] is not None:
+        m["drop_path"] = _number(source, "model.drop_path", m["drop_path"], 0)
+        if m["drop_path"] >= 1 or "drop_path_rate" in m["kwargs"]:
+            raise VisloraError(f"{source}: model.drop_path must be in [0, 1) and not also in model.kwargs "
+                               f"(drop_path_rate), got {m['drop_path']!r}")
+    if not isinstance(t["opt"], str) or not t["opt"]:
+        raise VisloraError(f"{source}: train.opt must be a timm optimizer name (adamw, sgd, lion, lamb ...), "
+                           f"got {t['opt']!r}")
+    if t["layer_decay"] is not None:
+        t["layer_decay"] = _number(source, "train.layer_decay", t["layer_decay"], 0, open_low=True)
+        if t["layer_decay"] > 1:
+            raise VisloraError(f"{source}: train.layer_decay must be in (0, 1], got {t['layer_decay']!r}")
+    t["ema"] = _ema(source, t["ema"])
+    for key in ("grad_checkpointing", "channels_last", "compile"):
+        if not isinstance(t[key], bool):
+            raise VisloraError(f"{source}: train.{key} must be true or false, got {t[key]!r}")
+    t["log"] = _names(source, "train.log", t["log"] or [], allow_str=False)
+    unknown = [name for name in t["log"] if name not in LOGGERS]
+    if unknown:
+        raise VisloraError(f"{source}: train.log names unknown logger {unknown[0]!r} (known: {', '.join(LOGGERS)})")
+
+
+def _ema(source: str, value) -> dict | None:
+    """train.ema: null (off), true (EMA_DEFAULTS) or {decay, warmup}."""
+    if value is None or value is False:
+        return None
+    given = {} if value is True else value
+    if not isinstance(given, dict):
+        raise VisloraError(f"{source}: train.ema must be null, true or {{decay, warmup}}, got {value!r}")
+    unknown = [k for k in given if k not in EMA_DEFAULTS]
+    if unknown:
+        raise unknown_key(source, "train.ema.", unknown[0], list(EMA_DEFAULTS))
+    ema = {**EMA_DEFAULTS, **given}
+    if not 0 <= _number(source, "train.ema.decay", ema["decay"]) < 1:
+        raise VisloraError(f"{source}: train.ema.decay must be in [0, 1), got {ema['decay']!r}")
+    if not isinstance(ema["warmup"], bool):
+        raise VisloraError(f"{source}: train.ema.warmup must be true or false, got {ema['warmup']!r}")
+    return {"decay": float(ema["decay"]), "warmup": ema["warmup"]}
+
+
 def _names(source: str, key: str, value, allow_str: bool = True) -> str | list[str]:
     """A name pattern or a list of them: one string is read as a list of one (`exclude: blocks.0.attn.qkv`)."""
     if isinstance(value, str):
@@ -347,6 +420,7 @@ def resolve(raw: dict, source: str = "recipe") -> dict:
     if recipe["train"]["head_lr"] is None:
         recipe["train"]["head_lr"] = MODE_DEFAULTS["linear_probe"]
     _check_fields(recipe, source)
+    _check_knobs(recipe, source)
     if isinstance(recipe["adapter"], dict):
         _check_adapter(recipe["adapter"], source)
         if recipe["adapter"]["use_dora"] and recipe["train"]["lowrank_penalty"]:

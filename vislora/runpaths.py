@@ -20,15 +20,17 @@ from vislora.recipe import differences, read_yaml, resolve
 RECIPE, CLASSES, PREPROCESS, SUMMARY = "recipe.yaml", "classes.json", "preprocess.json", "train_summary.json"
 ADAPTER, WEIGHTS, CHECKPOINTS = "adapter", "weights.safetensors", "checkpoints"
 METRICS, CURVES, SPLIT, TRAIN_BATCH = "metrics.jsonl", "curves.png", "split.json", "train_batch.png"
+# vislora.loggers': timm's per-epoch CSV, and the optional loggers' folders (train.log)
+SUMMARY_CSV, LOGGER_DIRS = "summary.csv", ("tensorboard", "mlruns", "wandb", "loggers.json")
 MARKER, LOCK = ".vislora_run", ".vislora.lock"  # "vislora wrote this run"; "a training is writing it now"
 # everything vislora writes into a run directory: `train --force` removes these, in a run (MARKER) and nowhere else
 ARTIFACTS = (RECIPE, CLASSES, PREPROCESS, SUMMARY, ADAPTER, WEIGHTS, CHECKPOINTS, METRICS, CURVES, SPLIT, TRAIN_BATCH,
              "eval", "export",
              "spectrum.png", "spectrum.json", "predictions", "shrink_report.json", METRICS + ".tmp", WEIGHTS + ".tmp",
-             MARKER)
+             SUMMARY_CSV, *LOGGER_DIRS, MARKER)
 # recipe fields a resumed run may change: they do not change what is trained (data.workers does: each worker
-# count gives other augmentation streams)
-RESUMABLE_CHANGES = ("train.device", "eval.", "export.")
+# count gives other augmentation streams; train.log only adds a logger)
+RESUMABLE_CHANGES = ("train.device", "train.log", "eval.", "export.")
 
 
 # ---- the rules of --out ---------------------------------------------------------------------------

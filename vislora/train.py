@@ -26,11 +26,13 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from vislora import data as vdata
-from vislora import rundir, runpaths, tasks
+from vislora import knobs, rundir, runpaths, tasks
 from vislora.errors import TrainingDiverged, VisloraError, first_rank
 from vislora.files import listing, write_json
-from vislora.inject import classifier_names, lora_layers, trainable_summary
+from vislora.inject import lora_layers, trainable_summary
+from vislora.knobs import build_optimizer
 from vislora.layers import adapter_exceeds_layer
+from vislora.loggers import Loggers
 from vislora.svd import factor_l2, frobenius_penalty
 from vislora.tasks.common import Setup, plot_image_grid
 
@@ -81,50 +83,6 @@ def init_distributed(device: torch.device) -> tuple[torch.device, int, int]:
     return (device, dist.get_rank(), world) if world > 1 else (device, 0, 1)
 
 
-def param_groups(model: nn.Module, weight_decay: float, head: set[int] = frozenset(),
-                 fast: set[int] = frozenset(), fast_scale: float = 1.0) -> list[dict]:
-    """Only requires_grad parameters; no decay on biases, norm weights and DoRA magnitudes (1-d), decay on LoRA
-    factors. The parameters whose id is in `head` (the new classifier) get groups of their own, flagged "head";
-    those in `fast` (LoRA+'s B factors) a group at `fast_scale` x the lr ("lr_scale")."""
-    groups: dict[tuple[bool, bool, bool], list] = {}
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            groups.setdefault((id(p) in head, p.ndim > 1, id(p) in fast), []).append(p)
-    order = [(h, m, f) for h in (False, True) for m in (True, False) for f in (False, True)]
-    return [{"params": groups[key], "weight_decay": weight_decay if key[1] else 0.0, "head": key[0],
-             "lr_scale": fast_scale if key[2] else 1.0} for key in order if key in groups]
-
-
-def lora_plus_ids(model: nn.Module) -> set[int]:
-    """LoRA+ (Hayou et al. 2024): the adapters' B factors, which it trains at a higher lr than A. Only those:
-    not the head, norms or DoRA magnitudes (PEFT's helper puts every 1-d parameter in the fast group)."""
-    return {id(p) for _, layer in lora_layers(model) for p in layer.update.factor_roles()["B"] if p.requires_grad}
-
-
-def head_parameter_ids(model: nn.Module) -> set[int]:
-    """The trainable parameters of the model's classifier (timm's get_classifier(), through wrappers such as
-    PEFT's); empty for models without one (detectors, segmenters)."""
-    return {id(p) for name in classifier_names(model) for p in model.get_submodule(name).parameters()
-            if p.requires_grad}
-
-
-def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def staged(head: bool, step: int, total: int, head_steps: int, warmup: int, min_ratio: float,
-           head_scale: float) -> float:
-    """The lr factor of one parameter group. Head stage (LP-FT, Kumar et al. 2022), steps [0, head_steps): the
-    head alone at head_scale x lr, its own warmup (at most half the stage) and cosine; the rest wait at 0. Then
-    every group: warmup + cosine over the remaining steps. head_steps 0 is the plain warmup + cosine."""
-    if step < head_steps:
-        return head_scale * warmup_cosine(step, head_steps, min(warmup, head_steps // 2), 0.0) if head else 0.0
-    return warmup_cosine(step - head_steps, total - head_steps, warmup, min_ratio)
-
-
 def rank_divergence(model: nn.Module) -> float:
     """Largest difference between any rank's trained parameters and rank 0's (0.0 when DDP kept them in sync)."""
     flat = torch.cat([p.detach().flatten().float() for p in model.parameters() if p.requires_grad])
@@ -157,6 +115,9 @@ class Loop:
     val_loader: torch.utils.data.DataLoader | None  # None: no val split, the last epoch is kept
     sampler: torch.utils.data.distributed.DistributedSampler | None
     penalty: Callable[[nn.Module], torch.Tensor] | None
+    ema: knobs.TrainedEma | None = None  # train.ema
+    mixup: knobs.BatchMix | None = None  # data.augment.mixup / cutmix
+    loggers: Loggers | None = None  # summary.csv and train.log's
     epoch: int = 0  # epochs finished
     step: int = 0  # optimizer steps taken
     best: float = -math.inf
@@ -189,33 +150,6 @@ def penalty_of(t: dict) -> Callable[[nn.Module], torch.Tensor] | None:
     return lambda m: t["lowrank_penalty"] * frobenius_penalty(m) + t["factor_l2"] * factor_l2(m)
 
 
-def build_optimizer(model: nn.Module, t: dict, steps_per_epoch: int):
-    """AdamW over the trainable parameters and its schedule (`staged`): train.head_epochs of the new classifier
-    alone at train.head_lr first, when anything besides it trains (LoRA, full fine-tuning), then all of them."""
-    head = head_parameter_ids(model)
-    ratio = t["lora_plus_ratio"]
-    fast = lora_plus_ids(model) if ratio else set()
-    if ratio and not fast:
-        raise VisloraError(f"train.lora_plus_ratio={ratio}: {type(model).__name__} has no vislora adapter whose B "
-                         "factors it could speed up; set it to null")
-    groups = param_groups(model, t["weight_decay"], head, fast, ratio or 1.0)
-    staging = t["head_epochs"] > 0 and any(not g["head"] for g in groups)
-    if staging and not any(g["head"] for g in groups):
-        raise VisloraError(f"train.head_epochs={t['head_epochs']}: {type(model).__name__} has no classifier to train "
-                         "first; set train.head_epochs: 0")
-    head_steps = round(t["head_epochs"] * steps_per_epoch) if staging else 0
-    total = min(steps_per_epoch * t["epochs"], t["max_steps"] or math.inf)
-    warmup, min_ratio = int(t["warmup_epochs"] * steps_per_epoch), t["min_lr"] / t["lr"] if t["lr"] else 0.0
-    head_scale = t["head_lr"] / t["lr"] if t["lr"] else 0.0
-    for group in groups:
-        group["lr"] = t["lr"] * group["lr_scale"]
-    optimizer = torch.optim.AdamW(groups, lr=t["lr"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [
-        functools.partial(staged, g["head"], total=total, head_steps=head_steps, warmup=warmup,
-                          min_ratio=min_ratio, head_scale=head_scale) for g in groups])
-    return optimizer, scheduler
-
-
 def setup(recipe: dict, run_dir: Path, resume: bool, adapt: Callable | None) -> Loop:
     """Device and processes, the task's data and model, the adapter, optimizer and schedule; restores
     checkpoints/last.pt with `resume`."""
@@ -226,7 +160,7 @@ def setup(recipe: dict, run_dir: Path, resume: bool, adapt: Callable | None) -> 
         runpaths.check_resumable(run_dir, recipe)
     seed_everything(t["seed"])
     built = task.build(recipe)
-    model = (adapt or task.adapt)(built.model, recipe).to(device)
+    model = knobs.prepare((adapt or task.adapt)(built.model, recipe).to(device), t)
     train_loader, val_loader, sampler = build_loaders(recipe, built, device, rank, world)
     optimizer, scheduler = build_optimizer(model, t, math.ceil(len(train_loader) / t["grad_accum"]))
     if rank == 0:
@@ -236,11 +170,13 @@ def setup(recipe: dict, run_dir: Path, resume: bool, adapt: Callable | None) -> 
     amp_dtype = autocast_dtype(t["amp"], device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    loop = Loop(recipe, task, run_dir, device, rank, world, built, model, net, optimizer, scheduler, scaler,
-                amp_dtype, train_loader, val_loader, sampler, penalty_of(t))
+    loop = Loop(recipe, task, run_dir, device, rank, world, built, model, knobs.Compiled(net) if t["compile"] else net,
+                optimizer, scheduler, scaler, amp_dtype, train_loader, val_loader, sampler, penalty_of(t),
+                knobs.build_ema(model, t["ema"]), knobs.build_mixup(recipe, len(built.class_names)))
     if resume:
         restore(loop)
         refuse_finished(loop)
+    loop.loggers = Loggers(recipe, run_dir, loop.step if resume else None, rank == 0)
     return loop
 
 
@@ -259,6 +195,8 @@ def restore(loop: Loop) -> None:
                          f"run's parameter groups ({e}); start the run again with --force") from None
     loop.scheduler.load_state_dict(state["scheduler"])
     loop.scaler.load_state_dict(state["scaler"])
+    if loop.ema is not None:
+        loop.ema.load_state_dict(state["ema"])
     loop.epoch, loop.step, loop.best = state["epoch"], state["step"], state["best"]
     loop.history = state.get("history") or rundir.read_metrics(loop.run_dir)[:loop.epoch]  # older checkpoints
 
@@ -296,6 +234,8 @@ def optimizer_step(loop: Loop) -> None:
     loop.optimizer.zero_grad(set_to_none=True)
     loop.scheduler.step()
     loop.step += 1
+    if loop.ema is not None:
+        loop.ema.update(loop.step)
 
 
 def finite_on_every_rank(loop: Loop, loss: torch.Tensor) -> bool:
@@ -328,6 +268,7 @@ def train_epoch(loop: Loop, epoch: int) -> dict:
     loop.optimizer.zero_grad(set_to_none=True)
     for i, batch in enumerate(bar):
         group = min(t["grad_accum"], n_batches - i // t["grad_accum"] * t["grad_accum"])  # batches in this step
+        batch = loop.mixup(batch) if loop.mixup is not None else batch
         with torch.autocast(loop.device.type, dtype=loop.amp_dtype, enabled=loop.amp_dtype is not None):
             loss, logs, n = loop.task.loss(loop.net, batch, loop.device, loop.recipe)
             penalty = loop.penalty(loop.model) if loop.penalty is not None else None
@@ -335,11 +276,12 @@ def train_epoch(loop: Loop, epoch: int) -> dict:
         if not finite_on_every_rank(loop, loss_total):
             raise diverged(loop, loss_total.item(), epoch, i)
         loop.scaler.scale(loss_total / group).backward()
-        if (i + 1) % t["grad_accum"] == 0 or i + 1 == n_batches:
-            optimizer_step(loop)
         logged = {"train_loss": loss.item(), **{f"train_{k}": float(v) for k, v in logs.items()}}
         if penalty is not None:
             logged["penalty"] = penalty.item()
+        if (i + 1) % t["grad_accum"] == 0 or i + 1 == n_batches:
+            optimizer_step(loop)
+            loop.loggers.step(loop.step, {**logged, "lr": max(loop.scheduler.get_last_lr())})
         for key, value in logged.items():
             if math.isfinite(value):
                 sums[key], counts[key] = sums.get(key, 0.0) + value * n, counts.get(key, 0) + n
@@ -356,25 +298,40 @@ def train_epoch(loop: Loop, epoch: int) -> dict:
             "epoch_s": elapsed}
 
 
+def checkpoint_state(loop: Loop) -> dict:
+    """What last.pt and best.pt hold: the trained tensors (copies: an EMA swap must not reach them), optimizer,
+    schedule, scaler, counters, the metric history and the EMA's state."""
+    model = {k: v.clone() for k, v in rundir.trained_state(loop.model).items()}
+    return {"epoch": loop.epoch, "step": loop.step, "best": loop.best, "model": model,
+            "optimizer": loop.optimizer.state_dict(), "scheduler": loop.scheduler.state_dict(),
+            "scaler": loop.scaler.state_dict(), "history": loop.history,
+            **({"ema": loop.ema.state_dict()} if loop.ema is not None else {})}
+
+
 def end_epoch(loop: Loop, row: dict) -> None:
     """Validate, warn on a collapsed run, then (rank 0) checkpoint, keep the best model and log the epoch.
     Without a val split, or with a metric that is not a number (no boxes to score), the last epoch is kept."""
     if loop.val_loader is not None:
-        row.update(loop.task.validate(loop.model, loop.val_loader, loop.device, loop.amp_dtype, loop.world))
-    score = row.get(loop.task.SCORE, math.nan)
+        validate = functools.partial(loop.task.validate, loop.model, loop.val_loader, loop.device, loop.amp_dtype,
+                                     loop.world)
+        row.update(validate())
+        row.update(knobs.ema_metrics(loop.ema, validate) if loop.ema is not None else {})
+    score, use_ema = knobs.kept_score(row, loop.task.SCORE)
     improved = not math.isfinite(score) or score > loop.best
     if math.isfinite(score):
         loop.best = max(loop.best, score)
+    if use_ema:
+        row["ema_kept"] = improved  # the run's model is the EMA's when it improved (vislora.knobs)
     warning = collapse_check(loop, row)
     loop.history.append(row)
     loop.epoch = row["epoch"]
     if not loop.main:
         return
-    state = {"epoch": loop.epoch, "step": loop.step, "best": loop.best, "model": rundir.trained_state(loop.model),
-             "optimizer": loop.optimizer.state_dict(), "scheduler": loop.scheduler.state_dict(),
-             "scaler": loop.scaler.state_dict(), "history": loop.history}
-    rundir.save_epoch(loop.run_dir, loop.model, state, improved,
-                      {"score": loop.task.SCORE, "num_classes": len(loop.setup.class_names)})
+    state = checkpoint_state(loop)  # the raw weights, taken before the EMA's are swapped in to be saved
+    with loop.ema.applied() if use_ema and improved else contextlib.nullcontext():
+        rundir.save_epoch(loop.run_dir, loop.model, state, improved,
+                          {"score": loop.task.SCORE, "num_classes": len(loop.setup.class_names)})
+    loop.loggers.epoch(loop.history)
     shown = {k: round(v, 4) for k, v in row.items() if k.startswith(("val_", "train_")) and isinstance(v, float)}
     tqdm.write(f"epoch {loop.epoch}: {shown} ({row['epoch_s']:.1f}s, {row['images_per_s']:.0f} img/s)")
     if warning:
@@ -446,6 +403,8 @@ def recover(loop: Loop, row: dict) -> None:
         state = torch.load(best, map_location="cpu", weights_only=True)
         loop.model.load_state_dict(state["model"], strict=False)
         loop.optimizer.load_state_dict(state["optimizer"])
+        if loop.ema is not None:
+            loop.ema.load_state_dict(state["ema"])
         restored = state["epoch"]
     scale_lr(loop, COLLAPSE_LR_FACTOR)
     row["recovery"] = {"restored_epoch": restored, "lr_before": before, "lr_after": max(loop.scheduler.base_lrs)}
@@ -484,8 +443,16 @@ def finish(loop: Loop, summary: dict, seconds: float = 0.0) -> None:
                   "kept": "best" if loop.val_loader is not None else "last"}
         write_json(loop.run_dir / runpaths.SUMMARY, result)  # standard JSON: no val split gives best null
         print(closing_line(loop, seconds))
+    loop.loggers.finish(loop.step, final_confusion(loop), loop.setup.class_names)
     if loop.world > 1:
         dist.barrier()
+
+
+def final_confusion(loop: Loop) -> list[list[int]] | None:
+    """The val confusion matrix of the model as training left it, for train.log's loggers (tasks that have one)."""
+    if not loop.recipe["train"]["log"] or loop.val_loader is None or not hasattr(loop.task, "confusion"):
+        return None
+    return loop.task.confusion(loop.model, loop.val_loader, loop.device, loop.amp_dtype, loop.world)
 
 
 def announce(loop: Loop, summary: dict) -> None:

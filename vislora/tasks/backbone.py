@@ -51,6 +51,12 @@ def check_name(model_cfg: dict) -> str:
     return name
 
 
+def drop_path(model_cfg: dict) -> dict:
+    """model.drop_path as timm's drop_path_rate argument ({} when None: the model's default)."""
+    rate = model_cfg.get("drop_path")
+    return {} if rate is None else {"drop_path_rate": float(rate)}
+
+
 def create_timm(model_cfg: dict, defaults: dict | None = None, pretrained: bool | None = None,
                 **kwargs) -> nn.Module:
     """timm.create_model(model.name, pretrained, **defaults, **model.kwargs, **kwargs), the errors a user can fix
@@ -65,7 +71,8 @@ def create_timm(model_cfg: dict, defaults: dict | None = None, pretrained: bool 
     if pretrained and "pretrained_cfg_overlay" not in kwargs:
         hub.check_pretrained(model_cfg)
     try:
-        return timm.create_model(name, pretrained=pretrained, **{**(defaults or {}), **given}, **kwargs)
+        return timm.create_model(name, pretrained=pretrained, **{**(defaults or {}), **drop_path(model_cfg), **given},
+                                 **kwargs)
     except TypeError as e:
         raise VisloraError(f"model.kwargs {given} do not fit timm model '{name}': {e}") from e
     except OSError as e:  # huggingface_hub's download, offline and cache errors are OSErrors

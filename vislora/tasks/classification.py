@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+from timm.loss import SoftTargetCrossEntropy
 from tqdm import tqdm
 
 from vislora import data as vdata
@@ -140,12 +141,15 @@ def head_notes(model_cfg: dict, classes: Sequence[str]) -> list[str]:
 
 # ---- training -------------------------------------------------------------------------------------
 def loss(model: nn.Module, batch, device: torch.device, recipe: dict) -> tuple[torch.Tensor, dict, int]:
-    """Cross-entropy (with the recipe's label smoothing); logs accuracy and the logits' spread over the batch."""
+    """Cross-entropy (with the recipe's label smoothing), or timm's SoftTargetCrossEntropy on the soft targets of
+    Mixup / CutMix (vislora.knobs); logs accuracy and the logits' spread over the batch."""
     images, labels = (t.to(device, non_blocking=True) for t in batch)
     logits = model(images)
-    value = F.cross_entropy(logits, labels, label_smoothing=recipe["train"]["label_smoothing"])
+    soft = labels.is_floating_point()
+    value = SoftTargetCrossEntropy()(logits, labels) if soft else \
+        F.cross_entropy(logits, labels, label_smoothing=recipe["train"]["label_smoothing"])
     with torch.no_grad():
-        acc = (logits.argmax(1) == labels).float().mean().item()
+        acc = (logits.argmax(1) == (labels.argmax(1) if soft else labels)).float().mean().item()
         spread = logits.float().std(0).mean().item() if len(labels) > 1 else math.nan
     return value, {"acc": acc, "logit_std": spread}, len(labels)
 
@@ -173,6 +177,22 @@ def validate(model: nn.Module, loader, device: torch.device, amp_dtype, world: i
     n = max(sums[3].item(), 1)
     return {"val_loss": sums[0].item() / n, "val_top1": sums[1].item() / n, "val_top5": sums[2].item() / n,
             "val_predicted_classes": int(predicted.sum().item())}
+
+
+@torch.no_grad()
+def confusion(model: nn.Module, loader, device: torch.device, amp_dtype, world: int) -> list[list[int]]:
+    """The val confusion matrix (true x predicted counts, every rank's shard): the image the loggers end with."""
+    model.eval()
+    counts = None
+    for images, labels in loader:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images.to(device)).float()
+        c = logits.shape[1]
+        pairs = labels.to(device) * c + logits.argmax(1)
+        counts = torch.bincount(pairs, minlength=c * c) + (0 if counts is None else counts)
+    if world > 1:
+        dist.all_reduce(counts)
+    return counts.reshape(c, c).tolist()
 
 
 def health(row: dict, num_classes: int) -> str | None:
