@@ -1002,9 +1002,12 @@ Written from the measurements above (the tool reruns them; this text it only cop
   such an attention; at 64 or 96 px every adapter is live.
 - **Inert at every input tried** (test_nfnet `stages.0.0.attn_last.fc1/fc2`): at random init the squeeze-excite
   ReLU is dead for every channel; the layers are called, and nothing they output reaches the logits.
-- **Skipped, named**: `nn.MultiheadAttention`'s `in_proj_weight` (a bare Parameter), `nn.Conv1d` (EfficientViM's
-  SSM projections, 18% of its parameters; CoaT's 4-weight aggregate), `nn.ConvTranspose2d` (LowFormer's upsampling,
-  13%): vislora wraps `nn.Linear` and `nn.Conv2d` only; `inject` warns once, naming them.
+- **Adapted since the first run**: `nn.MultiheadAttention` (its `in_proj_weight`, with q/k/v parts, and `out_proj`)
+  and `nn.Conv1d` (EfficientViM's SSM projections, 18% of its parameters; CoaT's aggregate), live and exact.
+- **Shared layers**: CoaT holds one set of conv position encodings in several blocks; each such layer gets one
+  adapter that acts on every path (the second rerun refused CoaT: "already carries an adapter", now fixed).
+- **Skipped, named**: `nn.ConvTranspose2d` (LowFormer's upsampling, 13%), `Conv3d`, `Embedding`: `inject` warns
+  once, naming them.
 - **Fusing a model that still carries adapters** fails loudly in EfficientViM, NextViT and RepGhost (timm's fuse
   code assigns or asserts on the wrapped layer); fusing after `unload` is exact everywhere.
 - **ONNX export of Gemma 4's ViT** fails for the untouched timm model too (the exported graph is not
