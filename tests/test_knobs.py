@@ -165,6 +165,16 @@ def test_drop_path_sets_the_models_rate(folder, rate):
     assert (isinstance(last, torch.nn.Identity) if rate is None else last.drop_prob == pytest.approx(rate))
 
 
+@pytest.mark.parametrize("rate", [None, 0.2])
+def test_drop_path_reaches_a_detection_backbone(rate):
+    from vislora.tasks.detection import create_body
+
+    body = create_body({"name": "test_resnet", "pretrained": False, "kwargs": {}, "checkpoint": None,
+                        "drop_path": rate})
+    rates = [m.drop_prob for m in body.modules() if isinstance(m, timm.layers.DropPath)]
+    assert rates == [] if rate is None else rates and max(rates) == pytest.approx(rate)
+
+
 def test_mixup_gives_soft_targets_and_the_soft_loss():
     mix = knobs.BatchMix(0.8, 1.0, num_classes=3, smoothing=0.0)
     np.random.seed(0)

@@ -30,7 +30,7 @@ from vislora import knobs, rundir, runpaths, tasks
 from vislora.errors import TrainingDiverged, first_rank
 from vislora.files import listing, write_json
 from vislora.inject import lora_layers, trainable_summary
-from vislora.knobs import build_optimizer
+from vislora.knobs import autocast_dtype, build_optimizer, resolve_device
 from vislora.layers import adapter_exceeds_layer
 from vislora.loggers import Loggers
 from vislora.svd import factor_l2, frobenius_penalty
@@ -38,34 +38,6 @@ from vislora.tasks.common import Setup, plot_image_grid
 
 
 # ---- set-up helpers -------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    """train.device: auto (CUDA if present, else CPU), cpu, cuda, cuda:N or mps; one that is missing is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"train.device={name!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available.get(device.type, False):
-        have = ", ".join(k for k, ok in available.items() if ok)
-        raise ValueError(f"train.device={name!r} is not available on this machine (available: {have})")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"train.device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on GPUs that support it ('auto'), fp16 or bf16 on request, none on CPU by default."""
-    if amp == "none" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp == "fp16":
-        return torch.float16
-    if amp in ("bf16", "auto"):
-        return torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
-    raise ValueError(f"train.amp must be auto, bf16, fp16 or none, not {amp!r}")
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
