@@ -397,9 +397,10 @@ def closing_line(loop: Loop, seconds: float) -> str:
     rows = [r for r in loop.history if isinstance(r.get(score), (int, float)) and math.isfinite(r[score])]
     if loop.val_loader is None or not rows:
         return f"vislora: kept the last epoch ({loop.epoch}; no val score to pick one by), {seconds:.0f} s"
-    best = max(rows, key=lambda r: r[score])  # the first of equal scores: the epoch training kept
-    return (f"vislora: best {score} {best[score]:.4f} at epoch {best['epoch']} (kept), last {rows[-1][score]:.4f}, "
-            f"{seconds:.0f} s")
+    best = max(rows, key=lambda r: knobs.kept_score(r, score)[0])  # the first of equal scores: the one kept
+    value, ema = knobs.kept_score(best, score)
+    return (f"vislora: best {score} {value:.4f}{' (EMA weights)' if ema else ''} at epoch {best['epoch']} (kept), "
+            f"last {rows[-1][score]:.4f}, {seconds:.0f} s")
 
 
 def finish(loop: Loop, summary: dict, seconds: float = 0.0) -> None:
