@@ -77,6 +77,16 @@ def test_detection_and_segmentation_refuse_classification_augments_by_name(task,
     resolve({"task": task, "model": {"drop_path": 0.1}})  # drop_path applies to every timm backbone
 
 
+@pytest.mark.parametrize("word,field", [("model_ema", "train.ema"), ("aa", "data.augment.rand"),
+                                        ("reprob", "data.augment.erase"), ("drop_path_rate", "model.drop_path"),
+                                        ("layer_decay", "train.layer_decay"), ("cutmix", "data.augment.cutmix"),
+                                        ("torchcompile", "train.compile")])
+def test_timm_argument_names_find_the_field(word, field):
+    from vislora.recipe import find_key
+
+    assert find_key(word) == field
+
+
 def test_every_knob_is_off_by_default():
     r = resolve({})
     t, a = r["train"], r["data"]["augment"]
@@ -165,6 +175,16 @@ def test_drop_path_sets_the_models_rate(folder, rate):
     assert (isinstance(last, torch.nn.Identity) if rate is None else last.drop_prob == pytest.approx(rate))
 
 
+@pytest.mark.parametrize("rate", [None, 0.2])
+def test_drop_path_reaches_a_detection_backbone(rate):
+    from vislora.tasks.detection import create_body
+
+    body = create_body({"name": "test_resnet", "pretrained": False, "kwargs": {}, "checkpoint": None,
+                        "drop_path": rate})
+    rates = [m.drop_prob for m in body.modules() if isinstance(m, timm.layers.DropPath)]
+    assert rates == [] if rate is None else rates and max(rates) == pytest.approx(rate)
+
+
 def test_mixup_gives_soft_targets_and_the_soft_loss():
     mix = knobs.BatchMix(0.8, 1.0, num_classes=3, smoothing=0.0)
     np.random.seed(0)
@@ -198,7 +218,7 @@ def test_the_better_of_raw_and_ema_is_kept(raw, ema, want):
     assert knobs.kept_score({"val_top1": raw, "val_ema_top1": ema}, "val_top1") == want
 
 
-def test_ema_weights_differ_and_are_what_eval_reports_when_kept(tmp_path, folder, monkeypatch, one_thread):
+def test_ema_weights_differ_and_are_what_eval_reports_when_kept(tmp_path, folder, monkeypatch, capsys, one_thread):
     monkeypatch.setattr(knobs, "kept_score", lambda row, score: (row["val_ema_top1"], True))  # always the EMA's
     run = vtrain.train(recipe_for(folder, ema={"decay": 0.9, "warmup": False}, epochs=2), tmp_path / "run")
     rows = rows_of(run)
@@ -206,6 +226,7 @@ def test_ema_weights_differ_and_are_what_eval_reports_when_kept(tmp_path, folder
     assert any(r["val_ema_loss"] != r["val_loss"] for r in rows)  # other weights than the raw ones
     assert torch.load(run / "checkpoints/last.pt", weights_only=True)["ema"]
     kept = max((r for r in rows if r.get("ema_kept")), key=lambda r: r["epoch"])
+    assert "(EMA weights) at epoch" in capsys.readouterr().out  # the closing line says which weights were kept
     report = evaluate(run, out=tmp_path / "report.json")
     assert report["top1"] == pytest.approx(kept["val_ema_top1"], abs=1e-6)
 

@@ -267,7 +267,8 @@ def test_recipe_defaults_and_shipped_recipe():
     assert recipe["adapter"]["targets"] == "conv"
     assert recipe["model"]["checkpoint"].endswith(".cache/weights/mobilenetv2_100.safetensors")
     defaults = resolve({"task": "segmentation"})
-    assert defaults["data"]["augment"] == {"scale": [0.5, 1.0], "hflip": 0.5, "color_jitter": 0.2}
+    assert defaults["data"]["augment"] == {"scale": [0.5, 1.0], "hflip": 0.5, "color_jitter": 0.2,
+                                           "mixup": 0.0, "cutmix": 0.0, "rand": None, "erase": 0.0}  # #27: off
     assert yaml.safe_load(yaml.safe_dump(defaults))["segmenter"]["img_size"] == 512
 
 

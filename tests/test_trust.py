@@ -118,7 +118,8 @@ def test_extract_from_an_imagenet_headed_base_to_a_k_class_fine_tune(tmp_path, c
 # ---- detection ------------------------------------------------------------------------------------
 def test_detection_recipes_get_detection_defaults():
     recipe = resolve({"task": "detection"})
-    assert recipe["data"]["augment"] == {"scale": [0.5, 1.0], "hflip": 0.5, "color_jitter": 0.2}
+    assert recipe["data"]["augment"] == {"scale": [0.5, 1.0], "hflip": 0.5, "color_jitter": 0.2,
+                                         "mixup": 0.0, "cutmix": 0.0, "rand": None, "erase": 0.0}  # #27: off
     assert resolve({"task": "classification"})["data"]["augment"]["scale"] == [0.7, 1.0]
     fcos = detection.build_model(resolve({"task": "detection", "model": {"name": "test_resnet"},
                                           "detector": {"anchor_sizes": [8, 16, 32, 64, 128],

@@ -31,7 +31,10 @@ OFF = {"grad_checkpointing": False, "channels_last": False}
 def contender(args, kind: str):
     """(forward callable, optimizer) of one copy of the model, built from the same seed."""
     torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False, num_classes=10)
+    try:  # ViTs are built for the input size
+        model = timm.create_model(args.model, pretrained=False, num_classes=10, img_size=args.img)
+    except TypeError:
+        model = timm.create_model(args.model, pretrained=False, num_classes=10)
     inject(model, LoraConfig(r=8, targets=args.targets, train=("head",)))
     model = knobs.prepare(model.train(), {**OFF, "channels_last": kind == "channels_last"})
     net = knobs.Compiled(model) if kind == "compile" else model

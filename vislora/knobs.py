@@ -1,7 +1,8 @@
 """The training knobs a timm user expects, each from timm or torch itself (issue #27): the optimizer by timm name
 with layer-wise lr decay (timm.optim) beside the head and LoRA+ groups, its warm-up + cosine schedule, the EMA
 of the trained weights (timm's ModelEmaV3), Mixup / CutMix (timm.data.Mixup), gradient checkpointing,
-channels_last and torch.compile. vislora.train calls these; the recipe fields are checked in vislora.recipe.
+channels_last and torch.compile; and the device and autocast precision. vislora.train calls these; the recipe
+fields are checked in vislora.recipe.
 """
 
 from __future__ import annotations
@@ -24,6 +25,35 @@ from vislora.errors import VisloraError
 from vislora.inject import classifier_names, lora_layers
 
 logger = logging.getLogger(__name__)
+
+
+# ---- device and precision: train.device, train.amp -----------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    """train.device: auto (CUDA if present, else CPU), cpu, cuda, cuda:N or mps; one that is missing is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise VisloraError(f"train.device={name!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        have = ", ".join(k for k, ok in available.items() if ok)
+        raise VisloraError(f"train.device={name!r} is not available on this machine (available: {have})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise VisloraError(f"train.device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPUs that support it ('auto'), fp16 or bf16 on request, none on CPU by default."""
+    if amp == "none" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if amp in ("bf16", "auto"):
+        return torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
+    raise VisloraError(f"train.amp must be auto, bf16, fp16 or none, not {amp!r}")
 
 
 # ---- parameter groups, the optimizer and its schedule ------------------------------------------------

@@ -173,7 +173,11 @@ ALIASES = {"learning_rate": "train.lr", "lr0": "train.lr", "imgsz": "data.img_si
            "batch": "train.batch_size", "epoch": "train.epochs", "weights": "model.checkpoint",
            "model_name": "model.name", "arch": "model.name", "num_workers": "data.workers", "rank": "adapter.r",
            "lora_alpha": "adapter.alpha", "lora_dropout": "adapter.dropout", "target_modules": "adapter.targets",
-           "modules_to_save": "adapter.train", "val_split": "data.val_fraction", "dataset": "data.path"}
+           "modules_to_save": "adapter.train", "val_split": "data.val_fraction", "dataset": "data.path",
+           # timm's train.py arguments for the knobs of issue #27
+           "model_ema": "train.ema", "model_ema_decay": "train.ema", "aa": "data.augment.rand",
+           "auto_augment": "data.augment.rand", "reprob": "data.augment.erase", "drop_path_rate": "model.drop_path",
+           "torchcompile": "train.compile", "log_wandb": "train.log", "optimizer": "train.opt"}
 SECTION_KEYS = {"model": "model.name", "data": "data.path", "adapter": "adapter.targets"}  # `model=...` means these
 
 

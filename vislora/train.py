@@ -30,7 +30,7 @@ from vislora import knobs, rundir, runpaths, tasks
 from vislora.errors import TrainingDiverged, VisloraError, first_rank
 from vislora.files import listing, write_json
 from vislora.inject import lora_layers, trainable_summary
-from vislora.knobs import build_optimizer
+from vislora.knobs import autocast_dtype, build_optimizer, resolve_device
 from vislora.layers import adapter_exceeds_layer
 from vislora.loggers import Loggers
 from vislora.svd import factor_l2, frobenius_penalty
@@ -38,34 +38,6 @@ from vislora.tasks.common import Setup, plot_image_grid
 
 
 # ---- set-up helpers -------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    """train.device: auto (CUDA if present, else CPU), cpu, cuda, cuda:N or mps; one that is missing is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise VisloraError(f"train.device={name!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available.get(device.type, False):
-        have = ", ".join(k for k, ok in available.items() if ok)
-        raise VisloraError(f"train.device={name!r} is not available on this machine (available: {have})")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise VisloraError(f"train.device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on GPUs that support it ('auto'), fp16 or bf16 on request, none on CPU by default."""
-    if amp == "none" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp == "fp16":
-        return torch.float16
-    if amp in ("bf16", "auto"):
-        return torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
-    raise VisloraError(f"train.amp must be auto, bf16, fp16 or none, not {amp!r}")
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -425,9 +397,10 @@ def closing_line(loop: Loop, seconds: float) -> str:
     rows = [r for r in loop.history if isinstance(r.get(score), (int, float)) and math.isfinite(r[score])]
     if loop.val_loader is None or not rows:
         return f"vislora: kept the last epoch ({loop.epoch}; no val score to pick one by), {seconds:.0f} s"
-    best = max(rows, key=lambda r: r[score])  # the first of equal scores: the epoch training kept
-    return (f"vislora: best {score} {best[score]:.4f} at epoch {best['epoch']} (kept), last {rows[-1][score]:.4f}, "
-            f"{seconds:.0f} s")
+    best = max(rows, key=lambda r: knobs.kept_score(r, score)[0])  # the first of equal scores: the one kept
+    value, ema = knobs.kept_score(best, score)
+    return (f"vislora: best {score} {value:.4f}{' (EMA weights)' if ema else ''} at epoch {best['epoch']} (kept), "
+            f"last {rows[-1][score]:.4f}, {seconds:.0f} s")
 
 
 def finish(loop: Loop, summary: dict, seconds: float = 0.0) -> None:
