@@ -19,6 +19,7 @@ from vislora import LoraConfig, LoraLayer, inject, load_adapter, lora_layers, me
 from vislora.cli import main
 from vislora.data import make_synthetic_folder
 from vislora.layers import DoRA
+from vislora.recipe import resolve
 from vislora.tasks import classification
 from vislora.train import build_optimizer
 
@@ -272,8 +273,8 @@ def test_dora_runs_are_refused_by_the_tools_that_read_an_additive_update():
 
 def test_lora_plus_speeds_up_only_the_b_factors():
     model = inject(vit(), LoraConfig(targets="vit", r=2, use_dora=True))
-    t = {"weight_decay": 0.05, "head_epochs": 0, "epochs": 2, "max_steps": None, "warmup_epochs": 0, "min_lr": 0.0,
-         "lr": 1e-3, "head_lr": 1e-2, "lora_plus_ratio": 16}
+    t = resolve({"train": {"epochs": 2, "warmup_epochs": 0, "min_lr": 0.0, "lr": 1e-3, "head_lr": 1e-2,
+                           "lora_plus_ratio": 16}})["train"]
     optimizer, _ = build_optimizer(model, t, steps_per_epoch=3)
     fast = {id(layer.lora_B) for _, layer in lora_layers(model)}
     for group in optimizer.param_groups:
