@@ -18,6 +18,7 @@ from vislora.evaluate import evaluate
 from vislora.inject import LoraConfig, inject
 from vislora.recipe import resolve, save_recipe
 from vislora.tasks import classification
+from vislora.tasks.backbone import create_body
 
 VIT = {"name": "vit_tiny_patch16_224", "pretrained": False, "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2}}
 CNN = {"name": "test_efficientnet", "pretrained": False, "kwargs": {}}
@@ -177,8 +178,6 @@ def test_drop_path_sets_the_models_rate(folder, rate):
 
 @pytest.mark.parametrize("rate", [None, 0.2])
 def test_drop_path_reaches_a_detection_backbone(rate):
-    from vislora.tasks.detection import create_body
-
     body = create_body({"name": "test_resnet", "pretrained": False, "kwargs": {}, "checkpoint": None,
                         "drop_path": rate})
     rates = [m.drop_prob for m in body.modules() if isinstance(m, timm.layers.DropPath)]
