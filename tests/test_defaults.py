@@ -9,7 +9,8 @@ import torch
 
 import vislora.train as vtrain
 from vislora.data import make_synthetic_folder
-from vislora.recipe import LORA_CONV_LR, MODE_DEFAULTS, resolve
+from vislora.defaults import LORA_CONV_LR, MODE_DEFAULTS
+from vislora.recipe import resolve
 from vislora.tasks import classification
 
 VIT = {"name": "vit_tiny_patch16_224", "pretrained": False, "kwargs": {"img_size": 32, "patch_size": 8, "depth": 1}}

@@ -14,6 +14,7 @@ from peft import PeftModel, get_peft_model
 from timm.layers import Conv2dSame, MixedConv2d, StdConv2d
 from torch.nn.utils import parametrizations
 
+import vislora.spectrum
 import vislora.svd
 from vislora import LoraConfig, LoraLayer, inject, load_adapter, lora_layers, merge, save_adapter, unload, unmerge
 from vislora.cli import main
@@ -264,7 +265,7 @@ def test_dora_refusals_name_the_layer():
 
 def test_dora_runs_are_refused_by_the_tools_that_read_an_additive_update():
     model = perturbed(inject(vit(), LoraConfig(targets="vit", r=2, use_dora=True)))
-    for tool in (vislora.svd.spectrum, vislora.svd.shrink_adapter, vislora.svd.frobenius_penalty):
+    for tool in (vislora.spectrum.spectrum, vislora.svd.shrink_adapter, vislora.svd.frobenius_penalty):
         kwargs = {"rank": 1} if tool is vislora.svd.shrink_adapter else {}
         with pytest.raises(ValueError, match="DoRA"):
             tool(model, **kwargs)

@@ -48,8 +48,9 @@ sys.path.insert(0, str(ROOT / "tools"))
 from make_detection_data import FASHION_DIR, FASHION_NAMES, read_idx  # noqa: E402
 from make_proof_folders import folders  # noqa: E402
 
-from vislora.inject import classifier_names, find_targets, freeze_bn_stats  # noqa: E402
+from vislora.inject import freeze_bn_stats  # noqa: E402
 from vislora.recipe import resolve  # noqa: E402
+from vislora.targets import classifier_names, find_targets  # noqa: E402
 from vislora.tasks.classification import adapt as apply_adapter  # noqa: E402
 from vislora.tasks.common import lora_config  # noqa: E402
 from vislora.train import train  # noqa: E402
@@ -217,18 +218,41 @@ HYBRID = {  # model: (norm modules and biases, the last block) trained at full r
 }
 
 
-def defaults_contenders(model: str, hybrid: bool = False, head_epochs: int = 0, variants: bool = False) -> dict:
-    """name: (adapter section with nothing but the preset (and `train` for the hybrids), adapt function, train
-    section). head_epochs > 0 adds LoRA with that LP-FT head stage (train.head_epochs) as one more contender;
-    variants adds DoRA (adapter.use_dora) and LoRA+ (train.lora_plus_ratio 16) on the first preset."""
+KNOBS = {  # issue #27: each training knob alone, at the value a timm user would first try
+    "ema": {"train": {"ema": True}},  # ModelEmaV3, decay 0.9998 with warm-up (EMA_DEFAULTS)
+    "mixup": {"augment": {"mixup": 0.8, "cutmix": 1.0}},  # timm's ImageNet recipe values
+    "rand": {"augment": {"rand": "rand-m9-mstd0.5"}},  # timm's RandAugment string
+    "ld75": {"train": {"layer_decay": 0.75}},  # layer-wise lr decay as in BEiT / MAE fine-tuning
+}
+
+
+def knob_contenders(model: str) -> dict:
+    """LoRA (first preset) and full fine-tuning, each alone and with each of KNOBS."""
+    lora_name = f"lora_{DEFAULT_MODELS[model][2][0]}"
+    base = {lora_name: {"targets": DEFAULT_MODELS[model][2][0]}, "full": None}
+    out = {name: (adapter, apply_adapter) for name, adapter in base.items()}
+    for name, adapter in base.items():
+        out |= {f"{name}+{knob}": (adapter, apply_adapter, sections) for knob, sections in KNOBS.items()}
+    return out
+
+
+def defaults_contenders(model: str, hybrid: bool = False, head_epochs: int = 0, variants: bool = False,
+                        knobs: bool = False) -> dict:
+    """name: (adapter section with nothing but the preset (and `train` for the hybrids), adapt function, recipe
+    sections {train, augment}). head_epochs > 0 adds LoRA with that LP-FT head stage (train.head_epochs) as one more
+    contender; variants adds DoRA (adapter.use_dora) and LoRA+ (train.lora_plus_ratio 16) on the first preset;
+    knobs gives knob_contenders instead."""
+    if knobs:
+        return knob_contenders(model)
     presets = DEFAULT_MODELS[model][2]
     out = {f"lora_{p}": ({"targets": p}, apply_adapter) for p in presets}
     if variants:
         out[f"dora_{presets[0]}"] = ({"targets": presets[0], "use_dora": True}, apply_adapter)
-        out[f"lora_{presets[0]}+plus16"] = ({"targets": presets[0]}, apply_adapter, {"lora_plus_ratio": 16})
+        out[f"lora_{presets[0]}+plus16"] = ({"targets": presets[0]}, apply_adapter,
+                                            {"train": {"lora_plus_ratio": 16}})
     if head_epochs:
         out[f"lora_{presets[0]}+lpft{head_epochs}"] = ({"targets": presets[0]}, apply_adapter,
-                                                      {"head_epochs": head_epochs})
+                                                      {"train": {"head_epochs": head_epochs}})
     out |= {"full": (None, apply_adapter), "probe": ("linear_probe", apply_adapter),
             f"peft_{presets[-1]}": ({"targets": presets[-1]}, peft_adapt)}
     if hybrid:
@@ -240,12 +264,18 @@ def defaults_contenders(model: str, hybrid: bool = False, head_epochs: int = 0, 
     return out
 
 
-def defaults_recipe(model: str, data: Path, adapter, epochs: int, seed: int, train: dict | None = None) -> dict:
+def defaults_recipe(model: str, data: Path, adapter, epochs: int, seed: int, extra: dict | None = None) -> dict:
+    """The defaults recipe of one run; `extra` adds {train: {...}, augment: {...}} fields."""
     section, img_size, _ = DEFAULT_MODELS[model]
     if not Path(section["checkpoint"]).is_file():
         raise SystemExit(f"{section['checkpoint']} is missing: run `.venv/bin/python tools/import_weights.py` first")
-    return resolve({"model": section, "adapter": adapter, "data": {"path": str(data), "img_size": img_size},
-                    "train": {"epochs": epochs, "seed": seed, **(train or {})}}, f"bench_accuracy defaults {model}")
+    extra = extra or {}
+    data_section = {"path": str(data), "img_size": img_size}
+    if "augment" in extra:
+        data_section["augment"] = extra["augment"]
+    return resolve({"model": section, "adapter": adapter, "data": data_section,
+                    "train": {"epochs": epochs, "seed": seed, **extra.get("train", {})}},
+                   f"bench_accuracy defaults {model}")
 
 
 def run_defaults(args: argparse.Namespace, data: dict[str, Path], out: Path, name: str = "results_defaults",
@@ -259,7 +289,7 @@ def run_defaults(args: argparse.Namespace, data: dict[str, Path], out: Path, nam
         for target in args.targets:
             if (model, target) in skip:
                 continue
-            contenders = defaults_contenders(model, args.hybrid, args.head_epochs, args.variants)
+            contenders = defaults_contenders(model, args.hybrid, args.head_epochs, args.variants, args.knobs)
             for contender, (adapter, adapt, *extra) in contenders.items():
                 if args.only and contender not in args.only:
                     continue
@@ -274,7 +304,9 @@ def run_defaults(args: argparse.Namespace, data: dict[str, Path], out: Path, nam
                     summary = json.loads((run_dir / "train_summary.json").read_text())["summary"]
                     rows.append({"model": model, "target": target, "contender": contender, "seed": seed,
                                  "epochs": args.epochs, "lr": recipe["train"]["lr"],
-                                 "val_top1": metrics[-1]["val_top1"], "curve": [m["val_top1"] for m in metrics],
+                                 "val_top1": metrics[-1]["val_top1"],
+                                 "val_ema_top1": metrics[-1].get("val_ema_top1"),
+                                 "curve": [m["val_top1"] for m in metrics],
                                  "warnings": [m["warning"] for m in metrics if "warning" in m],
                                  "recoveries": [m["recovery"] for m in metrics if "recovery" in m],
                                  "trainable_share": summary["trainable_share"],
@@ -380,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="defaults mode")
     p.add_argument("--hybrid", action="store_true", help="defaults mode: LoRA + norms/biases, LoRA + last block")
     p.add_argument("--variants", action="store_true", help="defaults mode: DoRA and LoRA+ contenders too")
+    p.add_argument("--knobs", action="store_true",
+                   help="defaults mode: LoRA and full fine-tuning alone and with each training knob (issue #27)")
     p.add_argument("--only", nargs="+", default=None, help="defaults mode: run only these contenders")
     p.add_argument("--head-epochs", type=int, default=0,
                    help="defaults mode: add LoRA with an LP-FT head stage of this many epochs as a contender")

@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 
 from vislora.evaluate import evaluate
-from vislora.inject import lora_layers, trainable_summary
+from vislora.inject import trainable_summary
 from vislora.recipe import load_recipe
 from vislora.rundir import read_metrics
+from vislora.targets import lora_layers
 from vislora.tasks import segmentation
 from vislora.train import train
 

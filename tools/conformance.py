@@ -46,21 +46,12 @@ from peft import get_peft_model
 from peft.tuners.lora import LoraLayer as PeftLoraLayer
 from timm.utils.model import reparameterize_model
 
+from vislora.config import LoraConfig
 from vislora.export import export_onnx, export_torchscript
-from vislora.inject import (
-    LoraConfig,
-    classifier_names,
-    find_targets,
-    inject,
-    lora_layers,
-    merge,
-    stem_names,
-    unadaptable_layers,
-    unload,
-    unmerge,
-)
+from vislora.inject import inject, merge, unadaptable_layers, unload, unmerge
 from vislora.layers import LoraLayer
 from vislora.serve import onnx_predictor, quiet_jit
+from vislora.targets import classifier_names, find_targets, lora_layers, stem_names
 
 NUM_CLASSES = 7
 SIZES = (32, 64, 96, 128, 160, 224, 256)  # input sides tried, smallest first

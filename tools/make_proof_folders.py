@@ -1,6 +1,6 @@
 """The defaults' proof set (issue #30): small image folders from sources the defaults were never chosen on.
 
-The defaults (vislora/recipe.py) were chosen on the selection set: the demo digits, Fashion-MNIST and scikit-learn's
+The defaults (vislora/defaults.py) were chosen on the selection set: the demo digits, Fashion-MNIST and scikit-learn's
 digits (tools/bench_accuracy.py --mode defaults). These folders differ from it in size (120-250 images), resolution
 (16-64 px), colour, class count (2-5) and kind (photos, textures, drawings), and are made only from real images
 that packages ship; none played a part in choosing a default. Each is ROOT/train/<class>/*.png +

@@ -1,9 +1,9 @@
 """vislora: low-rank adapters (LoRA) for timm vision models, with exact merging for every Conv2d.
 
 The package, in import order (each module imports only those above it; tests/test_architecture.py checks it):
-kernels -> layers (the LoRA / DoRA math) -> inject (config, presets, inject / unload) -> named (several
-adapters) -> svd (PiSSA, extract, shrink, spectra) ->
-adapters (PEFT-layout files); image (the one image reader, the eval transform); recipe (defaults) -> data ->
+kernels -> layers (the LoRA / DoRA math) -> config (LoraConfig) -> targets (presets, patterns, the model walk) ->
+inject (inject / unload) -> named (several adapters) -> spectrum -> svd (PiSSA, extract, shrink) ->
+adapters (PEFT-layout files); image (the one image reader, the eval transform); defaults -> recipe -> data ->
 tasks (classification, detection, segmentation behind one interface) -> rundir (run directories), serve (exported
 files) -> train (the one loop), evaluate, export, footprint -> shrink, fewshot -> commands -> cli.
 
@@ -18,8 +18,8 @@ import sys
 import types
 
 __version__ = "0.1.0"
-API = {"PRESETS": "vislora.inject", "LoraConfig": "vislora.inject", "eject": "vislora.inject",
-       "inject": "vislora.inject", "lora_layers": "vislora.inject", "merge": "vislora.inject",
+API = {"PRESETS": "vislora.targets", "LoraConfig": "vislora.config", "eject": "vislora.inject",
+       "inject": "vislora.inject", "lora_layers": "vislora.targets", "merge": "vislora.inject",
        "trainable_summary": "vislora.inject", "unload": "vislora.inject", "unmerge": "vislora.inject",
        "load_adapter": "vislora.adapters", "save_adapter": "vislora.adapters", "LoraLayer": "vislora.layers",
        "add_adapter": "vislora.named", "set_adapter": "vislora.named", "delete_adapter": "vislora.named",

@@ -19,23 +19,14 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from vislora.config import LoraConfig
 from vislora.errors import VisloraError
 from vislora.files import atomic_write, read_json, write_json
-from vislora.inject import (
-    PRESETS,
-    LoraConfig,
-    eject,
-    find_targets,
-    inject,
-    is_parameter_pattern,
-    lora_layers,
-    pattern_value,
-    replace_module,
-    wrapped_layers,
-)
+from vislora.inject import eject, inject, replace_module
 from vislora.layers import DEFAULT, LoraLayer
 from vislora.named import active_adapter, adapter_names, add_adapter, delete_adapter, set_adapter
 from vislora.svd import pissa_as_lora
+from vislora.targets import PRESETS, find_targets, is_parameter_pattern, lora_layers, pattern_value, wrapped_layers
 
 log = logging.getLogger(__name__)
 

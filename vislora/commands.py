@@ -21,6 +21,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from vislora import rundir, runpaths, tasks
 from vislora.adapters import save_adapter
+from vislora.config import LoraConfig
 from vislora.data import preprocess_config
 from vislora.errors import VisloraError, first_rank
 from vislora.evaluate import evaluate, evaluate_opened, open_adapters, predict, predict_each, predictions_dir
@@ -28,9 +29,11 @@ from vislora.export import export_run, format_export
 from vislora.fewshot import TABLE, fewshot
 from vislora.files import listing, write_json
 from vislora.footprint import footprint, format_footprint
-from vislora.inject import LoraConfig, classifier_names, unload
+from vislora.inject import unload
 from vislora.shrink import format_shrink, shrink_run
-from vislora.svd import extract_adapter, format_spectrum, plot_spectrum, spectrum
+from vislora.spectrum import format_spectrum, plot_spectrum, spectrum
+from vislora.svd import extract_adapter
+from vislora.targets import classifier_names
 from vislora.tasks.backbone import load_weights
 from vislora.train import train
 

@@ -30,11 +30,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vislora import runpaths
 from vislora.adapters import WEIGHTS_NAME, save_adapter
+from vislora.config import LoraConfig
 from vislora.errors import VisloraError
 from vislora.files import read_json
-from vislora.inject import LoraConfig, eject, find_targets, inject, lora_layers, trainable_summary, unload
+from vislora.inject import eject, inject, trainable_summary, unload
 from vislora.layers import LoraLayer
 from vislora.recipe import load_recipe
+from vislora.targets import find_targets, lora_layers
 from vislora.tasks import classification
 
 GROUPS = ("attention qkv/proj", "MLP fc", "conv 1x1", "depthwise", "grouped", "kx1/1xk", "dense kxk", "other")

@@ -22,7 +22,7 @@ from timm.optim import create_optimizer_v2, list_optimizers, param_groups_layer_
 from timm.utils import ModelEmaV3
 
 from vislora.errors import VisloraError
-from vislora.inject import classifier_names, lora_layers
+from vislora.targets import classifier_names, lora_layers
 
 logger = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ import uuid
 from pathlib import Path
 
 from vislora import image
+from vislora.defaults import LOGGERS
 from vislora.errors import VisloraError
 from vislora.files import atomic_write, read_json, write_json
-from vislora.recipe import LOGGERS
 from vislora.runpaths import LOGGER_DIRS, SUMMARY_CSV
 from vislora.tasks.common import plot_confusion
 

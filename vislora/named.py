@@ -14,19 +14,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from vislora.config import Adapter, LoraConfig
 from vislora.errors import VisloraError
-from vislora.inject import (
-    Adapter,
-    LoraConfig,
-    inject_layers,
-    replace_module,
-    resolve_train,
-    resolve_train_params,
-    set_trainable,
-    verify_layers,
-    wrapped_layers,
-)
+from vislora.inject import inject_layers, replace_module, set_trainable, verify_layers
 from vislora.layers import DEFAULT
+from vislora.targets import resolve_train, resolve_train_params, wrapped_layers
 
 STORE = "vislora_modules"
 

@@ -21,7 +21,6 @@ from vislora import tasks
 from vislora.adapters import load_adapter, save_adapter
 from vislora.errors import VisloraError
 from vislora.files import atomic_write, read_json, to_json, write_json
-from vislora.inject import lora_layers
 from vislora.layers import upgrade_state_dict
 from vislora.recipe import save_recipe
 from vislora.runpaths import (
@@ -37,6 +36,7 @@ from vislora.runpaths import (
     mark,
     read_recipe,
 )
+from vislora.targets import lora_layers
 from vislora.tasks.common import read_card
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from vislora import rundir, runpaths
 from vislora.adapters import save_adapter
+from vislora.config import LoraConfig
 from vislora.errors import VisloraError
 from vislora.evaluate import evaluate
 from vislora.files import write_json
-from vislora.inject import LoraConfig
 from vislora.recipe import save_recipe
 from vislora.svd import check_shrink_args, shrink_adapter
 

@@ -29,11 +29,12 @@ from vislora import data as vdata
 from vislora import knobs, rundir, runpaths, tasks
 from vislora.errors import TrainingDiverged, VisloraError, first_rank
 from vislora.files import listing, write_json
-from vislora.inject import lora_layers, trainable_summary
+from vislora.inject import trainable_summary
 from vislora.knobs import autocast_dtype, build_optimizer, resolve_device
 from vislora.layers import adapter_exceeds_layer
 from vislora.loggers import Loggers
 from vislora.svd import factor_l2, frobenius_penalty
+from vislora.targets import lora_layers
 from vislora.tasks.common import Setup, plot_image_grid
 
 

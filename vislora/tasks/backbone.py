@@ -23,8 +23,10 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
 from vislora import hub
+from vislora.config import LoraConfig
 from vislora.errors import VisloraError
-from vislora.inject import LoraConfig, classifier_names, freeze_bn_stats, inject, set_trainable
+from vislora.inject import freeze_bn_stats, inject, set_trainable
+from vislora.targets import classifier_names
 from vislora.tasks.common import card_pretrained_cfg
 
 log = logging.getLogger(__name__)

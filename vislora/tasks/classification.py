@@ -26,7 +26,8 @@ from vislora import data as vdata
 from vislora import image, runpaths
 from vislora.errors import VisloraError
 from vislora.files import read_json
-from vislora.inject import classifier_names, inject, set_trainable
+from vislora.inject import inject, set_trainable
+from vislora.targets import classifier_names
 from vislora.tasks.backbone import create_timm, load_weights
 from vislora.tasks.common import (
     Setup,

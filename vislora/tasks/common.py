@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 
 from vislora import image
+from vislora.config import LoraConfig
 from vislora.errors import VisloraError
 from vislora.files import read_json
-from vislora.inject import LoraConfig
 
 
 @dataclass

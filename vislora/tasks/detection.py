@@ -17,8 +17,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from vislora import image
+from vislora.config import LoraConfig
 from vislora.errors import VisloraError
-from vislora.inject import LoraConfig
 from vislora.tasks.backbone import adapt_backbone
 from vislora.tasks.common import Setup, lora_config, seeded
 from vislora.tasks.detection_data import build_detection_datasets, detection_collate

@@ -13,8 +13,8 @@ from torch import Tensor
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from torchvision.ops import FeaturePyramidNetwork
 
+from vislora.config import LoraConfig
 from vislora.errors import VisloraError
-from vislora.inject import LoraConfig
 from vislora.tasks.backbone import (
     Features,
     SimplePyramid,
@@ -76,7 +76,7 @@ class Segmenter(Features):
 
 def build_segmenter(model_cfg: dict, segmenter_cfg: dict, num_classes: int) -> Segmenter:
     """The recipe's timm backbone (detection's create_body: checkpoint checked, stem named) under the chosen head.
-    segmenter_cfg: the recipe's `segmenter` section (see vislora/recipe.py for every key's meaning)."""
+    segmenter_cfg: the recipe's `segmenter` section (see vislora/defaults.py for every key's meaning)."""
     unknown = sorted(set(segmenter_cfg) - SEGMENTER_KEYS)
     if unknown:
         raise VisloraError(f"unknown segmenter key(s) {unknown}; known: {sorted(SEGMENTER_KEYS)}")
