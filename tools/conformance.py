@@ -47,6 +47,7 @@ from peft.tuners.lora import LoraLayer as PeftLoraLayer
 from timm.utils.model import reparameterize_model
 
 from vislora.export import export_onnx, export_torchscript
+from vislora.exported import onnx_predictor, quiet_jit
 from vislora.inject import (
     LoraConfig,
     classifier_names,
@@ -60,7 +61,6 @@ from vislora.inject import (
     unmerge,
 )
 from vislora.layers import LoraLayer
-from vislora.serve import onnx_predictor, quiet_jit
 
 NUM_CLASSES = 7
 SIZES = (32, 64, 96, 128, 160, 224, 256)  # input sides tried, smallest first

@@ -43,7 +43,7 @@ def lora_config(recipe: dict) -> LoraConfig | None:
 
 def batch_predictor(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
     """NCHW float32 numpy batch -> numpy output of the PyTorch model, in eval mode: the convention of exported files
-    (vislora.serve), so evaluation and predict run a run directory and an exported file the same way."""
+    (vislora.exported), so evaluation and predict run a run directory and an exported file the same way."""
     model.eval()
     device = next(model.parameters()).device
 
