@@ -1,7 +1,9 @@
 """What an adapter costs: parameters, bytes on disk, FLOPs, inference latency, training step time and memory.
 
 `footprint(target)` takes a run directory, a recipe YAML, a timm model name or an nn.Module and reports the
-adapted model next to its untouched base, its merged form and full fine-tuning. FLOPs come from torch's own
+adapted model next to its untouched base, its merged form and full fine-tuning. It measures any task's model
+(vislora.tasks): the task draws a random training batch (synthetic_batch), the model takes its images, and the
+step is the task's own loss; a timm name or module is the default task's (a classifier's). FLOPs come from torch's own
 FlopCounterMode (matmuls and convolutions); latencies and step times are medians of contenders run in
 alternation, so a busy machine slows them alike; peak CPU memory is the peak RSS of a fresh subprocess.
 """
@@ -20,22 +22,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import save_model
 from torch.utils.flop_counter import FlopCounterMode
 
-from vislora import runpaths
+from vislora import runpaths, tasks
 from vislora.adapters import WEIGHTS_NAME, save_adapter
 from vislora.errors import VisloraError
 from vislora.files import read_json
 from vislora.inject import LoraConfig, eject, find_targets, inject, lora_layers, trainable_summary, unload
 from vislora.layers import LoraLayer
-from vislora.recipe import load_recipe
-from vislora.tasks import classification
+from vislora.recipe import DEFAULTS, load_recipe
 
 GROUPS = ("attention qkv/proj", "MLP fc", "conv 1x1", "depthwise", "grouped", "kx1/1xk", "dense kxk", "other")
 
@@ -50,6 +51,10 @@ class Subject:
     build_base: Callable[[], nn.Module]
     img_size: int
     spec: dict | None  # what a subprocess needs to rebuild it (None for an in-memory module)
+    task: ModuleType  # what draws its batches and computes its loss (vislora.tasks)
+    recipe: dict  # what the task's loss reads (label smoothing): the run's, the recipe's or the defaults
+    preprocess: dict | None = None  # a run's preprocess.json (input_size, class_names ...); None: none yet
+    classes: list[str] | None = None  # None: as many as the model outputs (timm names and modules)
 
 
 # ---- resolving the target -------------------------------------------------------------------------
@@ -65,18 +70,21 @@ def default_lora(model: nn.Module) -> LoraConfig:
 
 
 def _input_size(model: nn.Module, fallback: int = 224) -> int:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
+    """The input side of the timm model's pretrained_cfg: the model's own, or its timm body's (a detector's or a
+    segmenter's), else `fallback`."""
+    cfg = next((m.pretrained_cfg for m in model.modules() if getattr(m, "pretrained_cfg", None)), None) or {}
     size = cfg.get("input_size") or (3, fallback, fallback)
     return int(size[-1])
 
 
-def _class_names(path: str | None) -> list[str]:
-    """Class folders of a recipe's data path (ROOT/train/<class> or ROOT/<class>); ten placeholders when absent."""
-    root = Path(path) if path else None
-    split = root / "train" if root is not None and (root / "train").is_dir() else root
-    classes = sorted(d.name for d in split.iterdir() if d.is_dir() and not d.name.startswith(".")) \
-        if split is not None and split.is_dir() else []
-    return classes or [str(i) for i in range(10)]
+def placeholders(n: int = 10) -> list[str]:
+    """Class names "0" .. "n-1", for a model whose data names none."""
+    return [str(i) for i in range(n)]
+
+
+def _default_task() -> tuple[ModuleType, dict]:
+    """The task (and recipe) of a timm name or a module: the recipe defaults' task, a classifier's."""
+    return tasks.get(DEFAULTS["task"]), copy.deepcopy(DEFAULTS)
 
 
 def _timm_model(name: str, img_size: int | None, num_classes: int | None = None) -> nn.Module:
@@ -95,35 +103,35 @@ def _with_lora(model: nn.Module, lora: LoraConfig | None) -> nn.Module:
 
 
 def _run_subject(path: Path, img_size: int | None) -> Subject:
-    """A run as training built it: the recipe's model and adapter (trainable set, PiSSA rank, linear probe)."""
+    """A run as training built it: the recipe's model and adapter (trainable set, PiSSA rank, linear probe), for
+    any task."""
     recipe = runpaths.read_recipe(path)
-    if recipe["task"] != "classification":
-        raise VisloraError(f"{path}: footprint measures classifiers, and this run's task is {recipe['task']}")
+    task = tasks.get(recipe["task"])
     preprocess = read_json(path / runpaths.PREPROCESS, "run's preprocessing")
     classes = preprocess["class_names"]
-    return Subject(str(path), "run",
-                   lambda: classification.adapt(classification.build_model(recipe, classes), recipe),
-                   lambda: classification.build_model(recipe, classes).eval(),
-                   img_size or int(preprocess["input_size"][-1]), {"target": str(path)})
+    return Subject(str(path), "run", lambda: task.adapt(task.build_model(recipe, classes), recipe),
+                   lambda: task.build_model(recipe, classes).eval(),
+                   img_size or int(preprocess["input_size"][-1]), {"target": str(path)}, task, recipe, preprocess,
+                   list(classes))
 
 
 def _recipe_subject(path: Path, img_size: int | None, lora: LoraConfig | None) -> Subject:
+    """A recipe's model for the classes its data declares (the task's recipe_classes, else ten placeholders)."""
     recipe = load_recipe(path)
-    if recipe["task"] != "classification":
-        raise VisloraError(f"{path}: footprint measures classifiers, and this recipe's task is {recipe['task']}")
-    classes = _class_names(recipe["data"]["path"])
+    task = tasks.get(recipe["task"])
+    classes = task.recipe_classes(recipe) or placeholders()
 
     def adapted() -> nn.Module:
-        model = classification.build_model(recipe, classes)
+        model = task.build_model(recipe, classes)
         if isinstance(recipe["adapter"], dict) and lora is None:
-            return classification.adapt(model, recipe)
+            return task.adapt(model, recipe)
         return _with_lora(model, lora)  # full fine-tuning / linear-probe recipes: the LoRA they could use
 
     def base() -> nn.Module:
-        return classification.build_model(recipe, classes).eval()
+        return task.build_model(recipe, classes).eval()
 
     size = img_size or recipe["data"]["img_size"] or _input_size(base())
-    return Subject(str(path), "recipe", adapted, base, size, {"target": str(path)})
+    return Subject(str(path), "recipe", adapted, base, size, {"target": str(path)}, task, recipe, None, classes)
 
 
 def _timm_subject(name: str, img_size: int | None, lora: LoraConfig | None) -> Subject:
@@ -131,7 +139,7 @@ def _timm_subject(name: str, img_size: int | None, lora: LoraConfig | None) -> S
         return _timm_model(name, img_size).eval()
 
     return Subject(name, "timm", lambda: _with_lora(_timm_model(name, img_size), lora), base,
-                   img_size or _input_size(base()), {"target": name})
+                   img_size or _input_size(base()), {"target": name}, *_default_task())
 
 
 def _module_subject(model: nn.Module, img_size: int | None, lora: LoraConfig | None) -> Subject:
@@ -141,7 +149,7 @@ def _module_subject(model: nn.Module, img_size: int | None, lora: LoraConfig | N
         return eject(copy.deepcopy(adapted)).eval()
 
     return Subject(type(model).__name__, "module", lambda: copy.deepcopy(adapted), base,
-                   img_size or _input_size(model), None)
+                   img_size or _input_size(model), None, *_default_task())
 
 
 def resolve_target(target: str | os.PathLike | nn.Module, img_size: int | None = None,
@@ -257,9 +265,11 @@ def ratio_spread(times: list[float], base: list[float]) -> list[float]:
     return [q1, q3]
 
 
-def latency_report(models: dict[str, nn.Module], img_size: int, batch: int, repeats: int, device: str) -> dict:
-    """Median inference latency in ms of each model at batch 1 and `batch`, and ratios to the base model."""
-    def call(m: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+def latency_report(models: dict[str, nn.Module], inputs: Callable[[int], object], batch: int, repeats: int,
+                   device: str) -> dict:
+    """Median inference latency in ms of each model at batch 1 and `batch` (inputs(n): a batch of n, on the
+    device), and ratios to the base model."""
+    def call(m: nn.Module, x: object) -> Callable[[], object]:
         def run():
             with torch.inference_mode():
                 y = m(x)
@@ -270,7 +280,7 @@ def latency_report(models: dict[str, nn.Module], img_size: int, batch: int, repe
 
     out = {}
     for b in sorted({1, batch}):
-        x = torch.randn(b, 3, img_size, img_size, device=device)
+        x = inputs(b)
         times = alternating_times({n: call(m, x) for n, m in models.items()}, repeats, warmup=2)
         med = {n: statistics.median(t) for n, t in times.items()}
         out[f"batch_{b}"] = {n: 1000 * t for n, t in med.items()}
@@ -287,24 +297,43 @@ def full_finetune(model: nn.Module) -> nn.Module:
     return model.requires_grad_(True).train()
 
 
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    """One forward + backward + AdamW step over the model's trainable parameters."""
+def train_step(model: nn.Module, batch: object, subject: Subject, device: str) -> Callable[[], None]:
+    """One forward + backward + AdamW step over the model's trainable parameters, on the task's loss."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        subject.task.loss(model, batch, torch.device(device), subject.recipe)[0].backward()
         opt.step()
-        if x.device.type == "cuda":
+        if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
 
     return step
 
 
-def _batch(img_size: int, batch: int, num_classes: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, img_size, img_size, generator=g)
-    return x.to(device), torch.randint(0, num_classes, (batch,), generator=g).to(device)
+def to_device(batch: object, device: str) -> object:
+    """Every tensor of a batch (nested in tuples, lists and dicts, as collates make them) on the device."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def batch_preprocess(subject: Subject, num_classes: int) -> dict:
+    """What the task's synthetic_batch draws at: the run's preprocessing (if any) at the measured size, with the
+    subject's class names (num_classes placeholders for a timm name or module)."""
+    size = subject.img_size
+    return {**(subject.preprocess or {}), "input_size": [3, size, size],
+            "class_names": subject.classes or placeholders(num_classes)}
+
+
+def synthetic(subject: Subject, n: int, num_classes: int, device: str) -> tuple:
+    """A random training batch of n, as the subject's task collates them, on the device (seeded: every contender
+    and the memory subprocess get the same one)."""
+    return to_device(subject.task.synthetic_batch(batch_preprocess(subject, num_classes), n, 0), device)
 
 
 def _kib_to_mb(kib: int) -> float:
@@ -341,8 +370,7 @@ def _memory_child(spec_json: str) -> None:
     lora = LoraConfig(**spec["lora"]) if spec["lora"] else None
     subject = resolve_target(spec["target"], spec["img_size"], lora)
     model = subject.build_adapted().train() if spec["mode"] == "lora" else full_finetune(subject.build_base())
-    x, y = _batch(subject.img_size, spec["batch"], spec["num_classes"], "cpu")
-    step = train_step(model, x, y)
+    step = train_step(model, synthetic(subject, spec["batch"], spec["num_classes"], "cpu"), subject, "cpu")
     built_peak, before = _rss_kib("VmHWM"), _rss_kib("VmRSS")
     reset = _reset_peak_rss()
     step()
@@ -373,9 +401,10 @@ def peak_memory(spec: dict, mode: str, batch: int, img_size: int, num_classes: i
 def train_report(subject: Subject, adapted: nn.Module, batch: int, num_classes: int, steps: int, device: str,
                  lora: LoraConfig | None, memory: bool) -> dict:
     """Step time (alternating medians) and peak memory of LoRA training vs full fine-tuning."""
-    x, y = _batch(subject.img_size, batch, num_classes, device)
+    data = synthetic(subject, batch, num_classes, device)
     models = {"lora": copy.deepcopy(adapted).train(), "full": full_finetune(subject.build_base().to(device))}
-    med = alternating_medians({n: train_step(m, x, y) for n, m in models.items()}, steps, warmup=1)
+    med = alternating_medians({n: train_step(m, data, subject, device) for n, m in models.items()}, steps,
+                              warmup=1)
     out = {n: {"step_ms": 1000 * t} for n, t in med.items()}
     out["full_over_lora_time"] = med["full"] / med["lora"]
     del models
@@ -385,7 +414,7 @@ def train_report(subject: Subject, adapted: nn.Module, batch: int, num_classes: 
         for n, build in (("lora", lambda: copy.deepcopy(adapted).train()),
                          ("full", lambda: full_finetune(subject.build_base().to(device)))):
             model = build()
-            step = train_step(model, x, y)
+            step = train_step(model, data, subject, device)
             torch.cuda.reset_peak_memory_stats()
             base_mem = torch.cuda.memory_allocated()
             step()
@@ -417,16 +446,20 @@ def footprint(target: str | os.PathLike | nn.Module, img_size: int | None = None
     adapted = subject.build_adapted().to(device).eval()
     base = subject.build_base().to(device).eval()
     merged = unload(copy.deepcopy(adapted)).eval()
-    x1 = torch.randn(1, 3, subject.img_size, subject.img_size, device=device)
     try:
-        with torch.inference_mode():
-            num_classes = merged(x1).shape[-1]
+        if subject.classes:
+            num_classes = len(subject.classes)
+        else:  # a timm name or a module: a classifier, as many classes as it outputs
+            with torch.inference_mode():
+                num_classes = merged(torch.randn(1, 3, subject.img_size, subject.img_size, device=device)).shape[-1]
+        x1 = synthetic(subject, 1, num_classes, device)[0]
         flops_merged, flops_unmerged = count_flops(merged, x1), count_flops(adapted, x1)
     except (RuntimeError, AssertionError) as e:
         raise VisloraError(f"{subject.label} does not take {subject.img_size}px inputs: {e}") from e
     config = getattr(adapted, "vislora_config", None)
     report = {
-        "target": subject.label, "kind": subject.kind, "img_size": subject.img_size, "batch": batch,
+        "target": subject.label, "kind": subject.kind, "task": subject.task.NAME, "img_size": subject.img_size,
+        "batch": batch,
         "num_classes": num_classes, "device": device, "threads": torch.get_num_threads(),
         "adapter_config": config.to_dict() if config is not None else None,
         "params": parameter_report(adapted),
@@ -435,8 +468,9 @@ def footprint(target: str | os.PathLike | nn.Module, img_size: int | None = None
                     "unmerged_gflops": flops_unmerged / 1e9,
                     "unmerged_overhead_gflops": (flops_unmerged - flops_merged) / 1e9,
                     "unmerged_overhead_share": (flops_unmerged - flops_merged) / max(flops_merged, 1)},
-        "latency_ms": latency_report({"base": base, "unmerged": adapted, "merged": merged}, subject.img_size,
-                                     batch, repeats, device),
+        "latency_ms": latency_report({"base": base, "unmerged": adapted, "merged": merged},
+                                     lambda n: synthetic(subject, n, num_classes, device)[0], batch, repeats,
+                                     device),
     }
     del merged, base
     report["train"] = train_report(subject, adapted, batch, num_classes, steps, device, lora, memory)
@@ -451,8 +485,8 @@ def format_footprint(report: dict) -> str:
     """The report as one readable two-column table."""
     p, b, c, lat, tr = report["params"], report["bytes"], report["compute"], report["latency_ms"], report["train"]
     rows: list[tuple[str, str]] = [
-        ("target", f"{report['target']} ({report['kind']}), {report['img_size']}px, {report['device']}, "
-                   f"{report['threads']} threads"),
+        ("target", f"{report['target']} ({report['kind']}, {report['task']}), {report['img_size']}px, "
+                   f"{report['device']}, {report['threads']} threads"),
         ("", ""), ("PARAMETERS", ""),
         ("total", f"{p['total']:,}"),
         ("trainable", f"{p['trainable']:,} ({100 * p['trainable_share']:.2f}%)"),

@@ -54,6 +54,15 @@ def batch_predictor(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
+def class_batch(preprocess: dict, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n random images at preprocess's input_size (standard normal, as normalised pixels are) and one class index
+    per image among its class_names: a synthetic (images, labels) batch to time a training step on."""
+    g = torch.Generator().manual_seed(seed)
+    size = [int(s) for s in preprocess["input_size"]]
+    images = torch.randn(n, *size, generator=g)
+    return images, torch.randint(0, len(preprocess["class_names"]), (n,), generator=g)
+
+
 def seeded(recipe: dict, build: Callable[[], nn.Module]) -> nn.Module:
     """build() right after torch.manual_seed(train.seed): a base without pretrained weights (and a new head)
     comes out the same in training and in every later `eval`, `export` or `extract` of the run."""
