@@ -5,7 +5,7 @@ kernels -> layers (the LoRA / DoRA math) -> inject (config, presets, inject / un
 adapters) -> svd (PiSSA, extract, shrink, spectra) ->
 adapters (PEFT-layout files); image (the one image reader, the eval transform); recipe (defaults) -> data ->
 tasks (classification, detection, segmentation behind one interface) -> rundir (run directories),
-exported (loading exported files) -> train (the one loop), evaluate, export, footprint -> shrink,
+exported (loading exported files) -> train (the one loop), evaluate, export, subject -> footprint -> shrink,
 fewshot -> commands -> cli.
 
 The API names below load on first use (PEP 562): `python -m vislora` and the `vislora` command run this file
