@@ -176,6 +176,7 @@ def test_no_module_outside_tasks_names_a_task():
     for name, path in _modules().items():
         if name != "vislora.tasks" and not name.startswith("vislora.tasks."):
             found.update(_task_names_in_code(name, path))
+            assert "_is_detector" not in path.read_text(), f"{name} asks whether a model is a detector"
     new = {k: v for k, v in found.items() if k not in STILL_NAMED}
     assert not new, f"these test or select a task by name (lines): {new}; ask the task (vislora.tasks.OPTIONAL)"
     gone = sorted(set(STILL_NAMED) - set(found))
