@@ -14,9 +14,9 @@ from PIL import Image
 
 import vislora
 from vislora.export import check_no_adapters, export_model, median_latency
+from vislora.exported import load_exported
 from vislora.image import load_input as preprocess_image
 from vislora.inject import freeze_bn_stats
-from vislora.serve import load_exported
 from vislora.tasks.classification import predict as predict_files
 
 PRE = {"input_size": [3, 32, 32], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],

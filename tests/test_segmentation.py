@@ -157,7 +157,7 @@ def test_metrics_come_from_one_accumulated_confusion_matrix():
     truth[1][0, :2] = 2
     truth[1][9, 9] = seg.IGNORE
     pred = [torch.ones(10, 10, dtype=torch.long), torch.zeros(10, 10, dtype=torch.long)]
-    matrix = sum(seg.confusion(p, t, n) for p, t in zip(pred, truth, strict=True)).numpy()
+    matrix = sum(seg.pixel_confusion(p, t, n) for p, t in zip(pred, truth, strict=True)).numpy()
     assert matrix.sum() == 199 and matrix[2, 0] == 2
     report = seg.segmentation_report(matrix, ["bg", "a", "b"])
     assert report["per_class"]["a"] == {"iou": 1.0, "support": 100}

@@ -48,9 +48,9 @@ from timm.utils.model import reparameterize_model
 
 from vislora.config import LoraConfig
 from vislora.export import export_onnx, export_torchscript
+from vislora.exported import onnx_predictor, quiet_jit
 from vislora.inject import inject, merge, unadaptable_layers, unload, unmerge
 from vislora.layers import LoraLayer
-from vislora.serve import onnx_predictor, quiet_jit
 from vislora.targets import classifier_names, find_targets, lora_layers, stem_names
 
 NUM_CLASSES = 7

@@ -4,8 +4,9 @@ The package, in import order (each module imports only those above it; tests/tes
 kernels -> layers (the LoRA / DoRA math) -> config (LoraConfig) -> targets (presets, patterns, the model walk) ->
 inject (inject / unload) -> named (several adapters) -> spectrum -> svd (PiSSA, extract, shrink) ->
 adapters (PEFT-layout files); image (the one image reader, the eval transform); defaults -> recipe -> data ->
-tasks (classification, detection, segmentation behind one interface) -> rundir (run directories), serve (exported
-files) -> train (the one loop), evaluate, export, footprint -> shrink, fewshot -> commands -> cli.
+tasks (classification, detection, segmentation behind one interface) -> rundir (run directories),
+exported (loading exported files) -> train (the one loop), evaluate, export, subject -> footprint -> shrink,
+fewshot -> commands -> cli.
 
 The API names below load on first use (PEP 562): `python -m vislora` and the `vislora` command run this file
 first, and `--help` or a refused recipe must not wait for torch and timm to import.

@@ -105,7 +105,7 @@ def _warn_suffix_clash(model: nn.Module) -> None:
                         "this adapter exactly, PEFT would treat those as trained too", module, len(others), others[0])
 
 
-def exact(name: str) -> str:
+def exact_pattern(name: str) -> str:
     """A pattern that matches the layer `name` and no other: anchored, dots escaped (PEFT's rank_pattern and
     alpha_pattern read `^...$` keys that way, and so does vislora.inject.matches)."""
     return f"^{re.escape(name)}$"
@@ -140,8 +140,8 @@ def adapter_config(model: nn.Module) -> dict:
         "target_modules": [n for n, _ in layers],
         "exclude_modules": None,
         "modules_to_save": list(model.vislora_train) or None,
-        "rank_pattern": {exact(n): v for n, v in ranks.items() if v != r},
-        "alpha_pattern": {exact(n): v for n, v in alphas.items() if v != alpha},
+        "rank_pattern": {exact_pattern(n): v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {exact_pattern(n): v for n, v in alphas.items() if v != alpha},
         "bias": "all" if _all_biases(model) else "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -210,9 +210,9 @@ def config_from_file(data: dict) -> LoraConfig:
                          "init changed, which vislora does not re-create; convert it with PEFT (save_pretrained("
                          "path_initial_model_for_weight_conversion=...)) or load it with PeftModel")
     if ours:  # vislora's own file: the exact layers, ranks and alphas it was saved with
-        targets = [exact(n) for n in targets]
-        ranks = {exact(n): v for n, v in (ours.get("ranks") or {}).items()}
-        alphas = {exact(n): v for n, v in (ours.get("alphas") or {}).items()}
+        targets = [exact_pattern(n) for n in targets]
+        ranks = {exact_pattern(n): v for n, v in (ours.get("ranks") or {}).items()}
+        alphas = {exact_pattern(n): v for n, v in (ours.get("alphas") or {}).items()}
     else:
         ranks, alphas = dict(data.get("rank_pattern") or {}), dict(data.get("alpha_pattern") or {})
     return LoraConfig(
@@ -230,7 +230,7 @@ def _train_entries(data: dict, ours: dict) -> list[str]:
     """The file's fully trained modules and parameter patterns: vislora's exact module names where it wrote them,
     else PEFT's modules_to_save (suffixes) and bias='all' as '*.bias'."""
     if "train_modules" in ours:
-        modules = [exact(n) for n in ours["train_modules"]]
+        modules = [exact_pattern(n) for n in ours["train_modules"]]
     else:
         modules = list(data.get("modules_to_save") or [])
     params = ours.get("train_params") or (["*.bias"] if data.get("bias") == "all" else [])

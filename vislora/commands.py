@@ -26,7 +26,7 @@ from vislora.data import preprocess_config
 from vislora.errors import VisloraError, first_rank
 from vislora.evaluate import evaluate, evaluate_opened, open_adapters, predict, predict_each, predictions_dir
 from vislora.export import export_run, format_export
-from vislora.fewshot import TABLE, fewshot
+from vislora.fewshot import TABLE, check_task, fewshot
 from vislora.files import listing, write_json
 from vislora.footprint import footprint, format_footprint
 from vislora.inject import unload
@@ -254,6 +254,7 @@ def cmd_spectrum(args) -> int:
 def cmd_fewshot(args) -> int:
     """args.recipe_dict, args.out_dir and args.lrs come checked from vislora.cli.prepare_fewshot."""
     out = args.out_dir
+    check_task(args.recipe_dict)  # before the lock makes --out
     with runpaths.locked(out):
         rows = fewshot(args.recipe_dict, out, shots=args.shots, seeds=args.seeds, contenders=args.contenders,
                        steps=args.steps, lrs=args.lrs)

@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
         # train augmentation; None = the task's default (TASK_DEFAULTS below). Segmentation moves the mask with the
         # image (nearest-neighbour). hflip: 0 for text, digits and other asymmetric images
         "augment": {"scale": None, "hflip": None, "color_jitter": None,
-                    # classification only (vislora.knobs, vislora.data; CLASSIFICATION_ONLY): timm's Mixup /
+                    # classification only (vislora.knobs, vislora.data; TASK_ONLY_AUGMENT): timm's Mixup /
                     # CutMix alphas (0 = off) with a soft-target loss, a timm auto-augment string (rand-m9-mstd0.5,
                     # trivial, augmix-m5, original ...; None = off) and RandomErasing's probability (0 = off)
                     "mixup": 0.0, "cutmix": 0.0, "rand": None, "erase": 0.0},
@@ -152,7 +152,8 @@ def mode(recipe: dict) -> str:
     return "lora" if isinstance(adapter, dict) else "full" if adapter is None else "linear_probe"
 
 
-CLASSIFICATION_ONLY = ("mixup", "cutmix", "rand", "erase")  # data.augment keys of image classification alone
+# data.augment keys that only some tasks accept (the others refuse them by name): task -> keys
+TASK_ONLY_AUGMENT = {"classification": ("mixup", "cutmix", "rand", "erase")}
 AUTO_AUGMENT = ("rand", "augmix", "original", "originalr", "v0", "v0r", "3a", "trivial")  # timm's policy names
 EMA_DEFAULTS = {"decay": 0.9998, "warmup": True}  # timm's decay; warm-up (ModelEmaV3's) suits short fine-tunes
 LOGGERS = {"tensorboard": "tensorboard", "mlflow": "mlflow-skinny", "wandb": "wandb"}  # name -> pip package

@@ -11,7 +11,7 @@ from types import ModuleType
 import torch
 import torch.nn as nn
 
-from vislora import rundir, runpaths, serve, tasks
+from vislora import exported, rundir, runpaths, tasks
 from vislora.adapters import load_adapter
 from vislora.errors import VisloraError
 from vislora.files import read_json, write_json
@@ -40,12 +40,12 @@ def is_exported(target: str | Path) -> bool:
 
 
 def open_model(target: str | Path) -> Opened:
-    """A run directory (its model rebuilt, adapter merged) or an exported file (vislora.serve)."""
+    """A run directory (its model rebuilt, adapter merged) or an exported file (vislora.exported)."""
     target = Path(target)
     if not target.exists():
         raise FileNotFoundError(f"{target} does not exist (expected a run directory, model.pt or model.onnx)")
     if is_exported(target):
-        predictor, preprocess = serve.load_exported(target)
+        predictor, preprocess = exported.load_exported(target)
         task = tasks.get(preprocess.get("task"))
         if task.EXPORT["served"]:
             raise VisloraError(f"{target}: {task.EXPORT['served']}")
@@ -58,7 +58,7 @@ def open_model(target: str | Path) -> Opened:
 def exporting_run(path: Path) -> Path | None:
     """The run an exported file came from: the one its export.json names, else the run above RUN/export/."""
     folder = path if path.is_dir() else path.parent
-    report = folder / serve.REPORT_NAME
+    report = folder / exported.REPORT_NAME
     named = read_json(report, "export report").get("run") if report.is_file() else None
     for candidate in (named, folder.parent):
         if candidate and runpaths.is_run(Path(candidate)):

@@ -1,7 +1,7 @@
 """Export a merged model to TorchScript and ONNX and verify each file in its own runtime against PyTorch.
 
 The exported files are self-contained: they load with torch (`torch.jit.load`) or onnxruntime alone, in a
-process that never imports vislora or timm (vislora.serve runs them). The preprocessing (input size, mean, std,
+process that never imports vislora or timm (vislora.exported runs them). The preprocessing (input size, mean, std,
 interpolation, crop_pct), the class names and the task travel beside them in preprocess.json, and inside them
 (TorchScript extra files, ONNX metadata_props) so that a file copied on its own still carries them. How a task's
 model is exported is plain data, the task's EXPORT (vislora.tasks): this module never asks which task it is.
@@ -26,11 +26,11 @@ import torch.nn as nn
 
 from vislora import rundir, tasks
 from vislora.errors import VisloraError
+from vislora.exported import FILE_NAMES, PREPROCESS_NAME, REPORT_NAME, onnx_predictor, quiet_jit
 from vislora.files import write_json
 from vislora.image import PREPROCESS_KEYS, check_preprocess, input_hw
 from vislora.inject import FROZEN_BN, unload
 from vislora.layers import LoraLayer
-from vislora.serve import FILE_NAMES, PREPROCESS_NAME, REPORT_NAME, onnx_predictor, quiet_jit
 
 LATENCY_BATCHES = (1, 8)
 # the EXPORT of a model that takes an NCHW batch and returns a tensor (timm classifiers): tasks.classification's

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from vislora import data as vdata
-from vislora import runpaths
+from vislora import runpaths, tasks
 from vislora.errors import VisloraError
 from vislora.evaluate import evaluate
 from vislora.files import read_json, write_json
@@ -94,6 +94,15 @@ def _check_grid(shots: Sequence[int], seeds: int, contenders: Sequence[str]) -> 
     unknown = [c for c in contenders if c not in CONTENDERS]
     if unknown or not contenders:
         raise VisloraError(f"--contenders {list(contenders)}: choose among {', '.join(CONTENDERS)}")
+
+
+def check_task(recipe: dict) -> None:
+    """The recipe's task must have k-shot sampling per class (its KSHOT, vislora.tasks.OPTIONAL): the grid samples
+    class folders and scores val top-1."""
+    task = tasks.get(recipe["task"])
+    if not task.KSHOT:
+        raise VisloraError(f"fewshot samples k images per class, which task {task.NAME} has no sampling for (its "
+                           f"KSHOT is false): use a recipe of task {' or '.join(tasks.having('KSHOT'))}")
 
 
 # ---- sampling and the data folders ------------------------------------------------------------------
@@ -239,8 +248,7 @@ def fewshot(recipe: dict, out: str | Path, shots: Sequence[int] = (1, 2, 4, 8, 1
     docstring for the protocol); returns every row of fewshot.json."""
     _check_grid(shots, seeds, contenders)
     contenders = list(dict.fromkeys(contenders))  # `--contenders probe probe` is one contender
-    if recipe["task"] != "classification":
-        raise VisloraError(f"fewshot needs a classification recipe (task: {recipe['task']})")
+    check_task(recipe)
     out = Path(out)
     d = recipe["data"]
     runpaths.keep_apart(out, [d["path"]], [out / "data", out / "runs"])

@@ -1,9 +1,11 @@
 """What an adapter costs: parameters, bytes on disk, FLOPs, inference latency, training step time and memory.
 
 `footprint(target)` takes a run directory, a recipe YAML, a timm model name or an nn.Module and reports the
-adapted model next to its untouched base, its merged form and full fine-tuning. FLOPs come from torch's own
-FlopCounterMode (matmuls and convolutions); latencies and step times are medians of contenders run in
-alternation, so a busy machine slows them alike; peak CPU memory is the peak RSS of a fresh subprocess.
+adapted model next to its untouched base, its merged form and full fine-tuning, for any task's model: the
+target is resolved by vislora.subject, whose task draws the random batches (the model takes their images) and
+computes the training step's loss. FLOPs come from torch's own FlopCounterMode (matmuls and convolutions);
+latencies and step times are medians of contenders run in alternation, so a busy machine slows them alike; peak
+CPU memory is the peak RSS of a fresh subprocess.
 """
 
 from __future__ import annotations
@@ -18,151 +20,22 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import save_model
 from torch.utils.flop_counter import FlopCounterMode
 
-from vislora import runpaths
 from vislora.adapters import WEIGHTS_NAME, save_adapter
 from vislora.config import LoraConfig
 from vislora.errors import VisloraError
-from vislora.files import read_json
-from vislora.inject import eject, inject, trainable_summary, unload
+from vislora.inject import trainable_summary, unload
 from vislora.layers import LoraLayer
-from vislora.recipe import load_recipe
-from vislora.targets import find_targets, lora_layers
-from vislora.tasks import classification
+from vislora.subject import Subject, resolve_target, synthetic
+from vislora.targets import lora_layers
 
 GROUPS = ("attention qkv/proj", "MLP fc", "conv 1x1", "depthwise", "grouped", "kx1/1xk", "dense kxk", "other")
-
-
-@dataclass
-class Subject:
-    """A target resolved into builders: the adapted model (adapter in place, trainable set) and its base."""
-
-    label: str
-    kind: str  # run | recipe | timm | module
-    build_adapted: Callable[[], nn.Module]
-    build_base: Callable[[], nn.Module]
-    img_size: int
-    spec: dict | None  # what a subprocess needs to rebuild it (None for an in-memory module)
-
-
-# ---- resolving the target -------------------------------------------------------------------------
-def default_lora(model: nn.Module) -> LoraConfig:
-    """LoraConfig() defaults, targets 'vit' where the model has ViT projections, else 'conv'."""
-    for targets in ("vit", "conv"):
-        try:
-            find_targets(model, LoraConfig(targets=targets))
-            return LoraConfig(targets=targets)
-        except ValueError:
-            continue
-    raise VisloraError(f"{type(model).__name__} has no layer the 'vit' or 'conv' presets adapt: pass a LoraConfig")
-
-
-def _input_size(model: nn.Module, fallback: int = 224) -> int:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = cfg.get("input_size") or (3, fallback, fallback)
-    return int(size[-1])
-
-
-def _class_names(path: str | None) -> list[str]:
-    """Class folders of a recipe's data path (ROOT/train/<class> or ROOT/<class>); ten placeholders when absent."""
-    root = Path(path) if path else None
-    split = root / "train" if root is not None and (root / "train").is_dir() else root
-    classes = sorted(d.name for d in split.iterdir() if d.is_dir() and not d.name.startswith(".")) \
-        if split is not None and split.is_dir() else []
-    return classes or [str(i) for i in range(10)]
-
-
-def _timm_model(name: str, img_size: int | None, num_classes: int | None = None) -> nn.Module:
-    kwargs = {"num_classes": num_classes} if num_classes else {}
-    torch.manual_seed(0)
-    if img_size:
-        try:
-            return timm.create_model(name, pretrained=False, img_size=img_size, **kwargs)
-        except TypeError:  # CNNs take any input size and no img_size argument
-            pass
-    return timm.create_model(name, pretrained=False, **kwargs)
-
-
-def _with_lora(model: nn.Module, lora: LoraConfig | None) -> nn.Module:
-    return inject(model, copy.deepcopy(lora) if lora is not None else default_lora(model), verify=False)
-
-
-def _run_subject(path: Path, img_size: int | None) -> Subject:
-    """A run as training built it: the recipe's model and adapter (trainable set, PiSSA rank, linear probe)."""
-    recipe = runpaths.read_recipe(path)
-    if recipe["task"] != "classification":
-        raise VisloraError(f"{path}: footprint measures classifiers, and this run's task is {recipe['task']}")
-    preprocess = read_json(path / runpaths.PREPROCESS, "run's preprocessing")
-    classes = preprocess["class_names"]
-    return Subject(str(path), "run",
-                   lambda: classification.adapt(classification.build_model(recipe, classes), recipe),
-                   lambda: classification.build_model(recipe, classes).eval(),
-                   img_size or int(preprocess["input_size"][-1]), {"target": str(path)})
-
-
-def _recipe_subject(path: Path, img_size: int | None, lora: LoraConfig | None) -> Subject:
-    recipe = load_recipe(path)
-    if recipe["task"] != "classification":
-        raise VisloraError(f"{path}: footprint measures classifiers, and this recipe's task is {recipe['task']}")
-    classes = _class_names(recipe["data"]["path"])
-
-    def adapted() -> nn.Module:
-        model = classification.build_model(recipe, classes)
-        if isinstance(recipe["adapter"], dict) and lora is None:
-            return classification.adapt(model, recipe)
-        return _with_lora(model, lora)  # full fine-tuning / linear-probe recipes: the LoRA they could use
-
-    def base() -> nn.Module:
-        return classification.build_model(recipe, classes).eval()
-
-    size = img_size or recipe["data"]["img_size"] or _input_size(base())
-    return Subject(str(path), "recipe", adapted, base, size, {"target": str(path)})
-
-
-def _timm_subject(name: str, img_size: int | None, lora: LoraConfig | None) -> Subject:
-    def base() -> nn.Module:
-        return _timm_model(name, img_size).eval()
-
-    return Subject(name, "timm", lambda: _with_lora(_timm_model(name, img_size), lora), base,
-                   img_size or _input_size(base()), {"target": name})
-
-
-def _module_subject(model: nn.Module, img_size: int | None, lora: LoraConfig | None) -> Subject:
-    adapted = model if any(True for _ in lora_layers(model)) else _with_lora(copy.deepcopy(model), lora)
-
-    def base() -> nn.Module:
-        return eject(copy.deepcopy(adapted)).eval()
-
-    return Subject(type(model).__name__, "module", lambda: copy.deepcopy(adapted), base,
-                   img_size or _input_size(model), None)
-
-
-def resolve_target(target: str | os.PathLike | nn.Module, img_size: int | None = None,
-                   lora: LoraConfig | None = None) -> Subject:
-    """A run directory, a recipe YAML, a timm model name or an nn.Module, as a Subject."""
-    if isinstance(target, nn.Module):
-        return _module_subject(target, img_size, lora)
-    path = Path(target)
-    if path.is_dir():
-        if not (path / "recipe.yaml").is_file():
-            raise FileNotFoundError(f"{path} is not a vislora run directory: no recipe.yaml")
-        return _run_subject(path, img_size)
-    if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise FileNotFoundError(f"recipe not found: {path}")
-        return _recipe_subject(path, img_size, lora)
-    if not timm.is_model(str(target)):
-        raise VisloraError(f"'{target}' is neither a run directory, a recipe YAML nor a timm model name")
-    return _timm_subject(str(target), img_size, lora)
 
 
 # ---- parameters and bytes -------------------------------------------------------------------------
@@ -259,9 +132,11 @@ def ratio_spread(times: list[float], base: list[float]) -> list[float]:
     return [q1, q3]
 
 
-def latency_report(models: dict[str, nn.Module], img_size: int, batch: int, repeats: int, device: str) -> dict:
-    """Median inference latency in ms of each model at batch 1 and `batch`, and ratios to the base model."""
-    def call(m: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+def latency_report(models: dict[str, nn.Module], inputs: Callable[[int], object], batch: int, repeats: int,
+                   device: str) -> dict:
+    """Median inference latency in ms of each model at batch 1 and `batch` (inputs(n): a batch of n, on the
+    device), and ratios to the base model."""
+    def call(m: nn.Module, x: object) -> Callable[[], object]:
         def run():
             with torch.inference_mode():
                 y = m(x)
@@ -272,7 +147,7 @@ def latency_report(models: dict[str, nn.Module], img_size: int, batch: int, repe
 
     out = {}
     for b in sorted({1, batch}):
-        x = torch.randn(b, 3, img_size, img_size, device=device)
+        x = inputs(b)
         times = alternating_times({n: call(m, x) for n, m in models.items()}, repeats, warmup=2)
         med = {n: statistics.median(t) for n, t in times.items()}
         out[f"batch_{b}"] = {n: 1000 * t for n, t in med.items()}
@@ -289,24 +164,18 @@ def full_finetune(model: nn.Module) -> nn.Module:
     return model.requires_grad_(True).train()
 
 
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    """One forward + backward + AdamW step over the model's trainable parameters."""
+def train_step(model: nn.Module, batch: object, subject: Subject, device: str) -> Callable[[], None]:
+    """One forward + backward + AdamW step over the model's trainable parameters, on the task's loss."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        subject.task.loss(model, batch, torch.device(device), subject.recipe)[0].backward()
         opt.step()
-        if x.device.type == "cuda":
+        if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
 
     return step
-
-
-def _batch(img_size: int, batch: int, num_classes: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, img_size, img_size, generator=g)
-    return x.to(device), torch.randint(0, num_classes, (batch,), generator=g).to(device)
 
 
 def _kib_to_mb(kib: int) -> float:
@@ -343,8 +212,7 @@ def _memory_child(spec_json: str) -> None:
     lora = LoraConfig(**spec["lora"]) if spec["lora"] else None
     subject = resolve_target(spec["target"], spec["img_size"], lora)
     model = subject.build_adapted().train() if spec["mode"] == "lora" else full_finetune(subject.build_base())
-    x, y = _batch(subject.img_size, spec["batch"], spec["num_classes"], "cpu")
-    step = train_step(model, x, y)
+    step = train_step(model, synthetic(subject, spec["batch"], spec["num_classes"], "cpu"), subject, "cpu")
     built_peak, before = _rss_kib("VmHWM"), _rss_kib("VmRSS")
     reset = _reset_peak_rss()
     step()
@@ -375,9 +243,10 @@ def peak_memory(spec: dict, mode: str, batch: int, img_size: int, num_classes: i
 def train_report(subject: Subject, adapted: nn.Module, batch: int, num_classes: int, steps: int, device: str,
                  lora: LoraConfig | None, memory: bool) -> dict:
     """Step time (alternating medians) and peak memory of LoRA training vs full fine-tuning."""
-    x, y = _batch(subject.img_size, batch, num_classes, device)
+    data = synthetic(subject, batch, num_classes, device)
     models = {"lora": copy.deepcopy(adapted).train(), "full": full_finetune(subject.build_base().to(device))}
-    med = alternating_medians({n: train_step(m, x, y) for n, m in models.items()}, steps, warmup=1)
+    med = alternating_medians({n: train_step(m, data, subject, device) for n, m in models.items()}, steps,
+                              warmup=1)
     out = {n: {"step_ms": 1000 * t} for n, t in med.items()}
     out["full_over_lora_time"] = med["full"] / med["lora"]
     del models
@@ -387,7 +256,7 @@ def train_report(subject: Subject, adapted: nn.Module, batch: int, num_classes: 
         for n, build in (("lora", lambda: copy.deepcopy(adapted).train()),
                          ("full", lambda: full_finetune(subject.build_base().to(device)))):
             model = build()
-            step = train_step(model, x, y)
+            step = train_step(model, data, subject, device)
             torch.cuda.reset_peak_memory_stats()
             base_mem = torch.cuda.memory_allocated()
             step()
@@ -419,16 +288,20 @@ def footprint(target: str | os.PathLike | nn.Module, img_size: int | None = None
     adapted = subject.build_adapted().to(device).eval()
     base = subject.build_base().to(device).eval()
     merged = unload(copy.deepcopy(adapted)).eval()
-    x1 = torch.randn(1, 3, subject.img_size, subject.img_size, device=device)
     try:
-        with torch.inference_mode():
-            num_classes = merged(x1).shape[-1]
+        if subject.classes:
+            num_classes = len(subject.classes)
+        else:  # a timm name or a module: a classifier, as many classes as it outputs
+            with torch.inference_mode():
+                num_classes = merged(torch.randn(1, 3, subject.img_size, subject.img_size, device=device)).shape[-1]
+        x1 = synthetic(subject, 1, num_classes, device)[0]
         flops_merged, flops_unmerged = count_flops(merged, x1), count_flops(adapted, x1)
     except (RuntimeError, AssertionError) as e:
         raise VisloraError(f"{subject.label} does not take {subject.img_size}px inputs: {e}") from e
     config = getattr(adapted, "vislora_config", None)
     report = {
-        "target": subject.label, "kind": subject.kind, "img_size": subject.img_size, "batch": batch,
+        "target": subject.label, "kind": subject.kind, "task": subject.task.NAME, "img_size": subject.img_size,
+        "batch": batch,
         "num_classes": num_classes, "device": device, "threads": torch.get_num_threads(),
         "adapter_config": config.to_dict() if config is not None else None,
         "params": parameter_report(adapted),
@@ -437,8 +310,9 @@ def footprint(target: str | os.PathLike | nn.Module, img_size: int | None = None
                     "unmerged_gflops": flops_unmerged / 1e9,
                     "unmerged_overhead_gflops": (flops_unmerged - flops_merged) / 1e9,
                     "unmerged_overhead_share": (flops_unmerged - flops_merged) / max(flops_merged, 1)},
-        "latency_ms": latency_report({"base": base, "unmerged": adapted, "merged": merged}, subject.img_size,
-                                     batch, repeats, device),
+        "latency_ms": latency_report({"base": base, "unmerged": adapted, "merged": merged},
+                                     lambda n: synthetic(subject, n, num_classes, device)[0], batch, repeats,
+                                     device),
     }
     del merged, base
     report["train"] = train_report(subject, adapted, batch, num_classes, steps, device, lora, memory)
@@ -453,8 +327,8 @@ def format_footprint(report: dict) -> str:
     """The report as one readable two-column table."""
     p, b, c, lat, tr = report["params"], report["bytes"], report["compute"], report["latency_ms"], report["train"]
     rows: list[tuple[str, str]] = [
-        ("target", f"{report['target']} ({report['kind']}), {report['img_size']}px, {report['device']}, "
-                   f"{report['threads']} threads"),
+        ("target", f"{report['target']} ({report['kind']}, {report['task']}), {report['img_size']}px, "
+                   f"{report['device']}, {report['threads']} threads"),
         ("", ""), ("PARAMETERS", ""),
         ("total", f"{p['total']:,}"),
         ("trainable", f"{p['trainable']:,} ({100 * p['trainable_share']:.2f}%)"),

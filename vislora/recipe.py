@@ -19,12 +19,12 @@ import yaml
 
 from vislora.defaults import (
     AUTO_AUGMENT,
-    CLASSIFICATION_ONLY,
     DEFAULTS,
     EMA_DEFAULTS,
     LOGGERS,
     MODE_DEFAULTS,
     TASK_DEFAULTS,
+    TASK_ONLY_AUGMENT,
     default_lr,
     mode,
 )
@@ -173,7 +173,8 @@ def _check_fields(recipe: dict, source: str) -> None:
 
 
 def _check_knobs(recipe: dict, source: str) -> None:
-    """The timm knobs' types and ranges, and the augmentations only classification has, refused by name."""
+    """The timm knobs' types and ranges, and the augmentations only some tasks have (TASK_ONLY_AUGMENT), refused
+    by name elsewhere."""
     t, a, m = recipe["train"], recipe["data"]["augment"], recipe["model"]
     for key in ("mixup", "cutmix"):
         a[key] = _number(source, f"data.augment.{key}", a[key], 0)
@@ -182,9 +183,11 @@ def _check_knobs(recipe: dict, source: str) -> None:
     if a["rand"] is not None and (not isinstance(a["rand"], str) or a["rand"].split("-")[0] not in AUTO_AUGMENT):
         raise VisloraError(f"{source}: data.augment.rand must be a timm auto-augment string starting with one of "
                            f"{', '.join(AUTO_AUGMENT)} (e.g. rand-m9-mstd0.5), got {a['rand']!r}")
-    used = [k for k in CLASSIFICATION_ONLY if a[k]]
-    if used and recipe["task"] != "classification":
-        raise VisloraError(f"{source}: data.augment.{used[0]} is for classification only, not task "
+    allowed = TASK_ONLY_AUGMENT.get(recipe["task"], ())
+    used = [k for keys in TASK_ONLY_AUGMENT.values() for k in keys if a[k] and k not in allowed]
+    if used:
+        owners = [task for task, keys in TASK_ONLY_AUGMENT.items() if used[0] in keys]
+        raise VisloraError(f"{source}: data.augment.{used[0]} is for {' and '.join(owners)} only, not task "
                            f"{recipe['task']}: set it to {'null' if used[0] == 'rand' else 0}")
     if m["drop_path"] is not None:
         m["drop_path"] = _number(source, "model.drop_path", m["drop_path"], 0)

@@ -423,8 +423,9 @@ def finish(loop: Loop, summary: dict, seconds: float = 0.0) -> None:
 
 
 def final_confusion(loop: Loop) -> list[list[int]] | None:
-    """The val confusion matrix of the model as training left it, for train.log's loggers (tasks that have one)."""
-    if not loop.recipe["train"]["log"] or loop.val_loader is None or not hasattr(loop.task, "confusion"):
+    """The val confusion matrix of the model as training left it, for train.log's loggers (None: the task has
+    none, vislora.tasks.OPTIONAL)."""
+    if not loop.recipe["train"]["log"] or loop.val_loader is None:
         return None
     return loop.task.confusion(loop.model, loop.val_loader, loop.device, loop.amp_dtype, loop.world)
 

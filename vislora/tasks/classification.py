@@ -1,7 +1,7 @@
 """Classification: a timm classifier on an image folder, cross-entropy, top-k accuracy and per-class metrics.
 
-The task interface (see vislora/tasks/__init__.py): build, build_model, adapt, loss, validate, health,
-predictor, evaluate, format_report, example_inputs, predict, format_prediction, plus SCORE and EXPORT.
+The task interface (see vislora/tasks/__init__.py), with the optional health, example_inputs, confusion,
+recipe_classes and KSHOT; its training batch, (images, class indices), is the default synthetic_batch.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ NAME = "classification"
 PREDICTIONS = "predictions.csv"  # predict's rows, in its out_dir
 SCORE = "val_top1"  # the validation metric that picks the best epoch (higher is better)
 EXPORT = {"torchscript": "trace", "onnx": None, "input": "batch", "served": None}  # None: supported
+KSHOT = True  # one class per image, in class folders: vislora fewshot samples k images per class
 
 
 # ---- model and data -------------------------------------------------------------------------------
@@ -111,11 +112,21 @@ def build(recipe: dict) -> Setup:
     train_split, val_split = vdata.scan_folder(d["path"], d["val_fraction"], recipe["train"]["seed"])
     model = build_model(recipe, train_split.classes)
     overrides = {k: d[k] for k in vdata.OVERRIDE_KEYS if d[k] is not None}
-    pre = {**vdata.preprocess_config(model, overrides), "class_names": train_split.classes, "task": "classification"}
+    pre = {**vdata.preprocess_config(model, overrides), "class_names": train_split.classes, "task": NAME}
     train_set = vdata.ImageDataset(train_split, vdata.build_transform(pre, True, d["augment"]))
     val_set = vdata.ImageDataset(val_split, vdata.build_transform(pre, False))
     return Setup(model, train_set, val_set, vdata.collate_skip, train_split.classes, pre,
                  head_notes(recipe["model"], train_split.classes), split_record(recipe, train_split, val_split))
+
+
+def recipe_classes(recipe: dict) -> list[str] | None:
+    """The class folders of the recipe's data.path (ROOT/train/<class> or ROOT/<class>), None without any: what
+    footprint builds a recipe's classifier for, without scanning the images."""
+    root = Path(recipe["data"]["path"]) if recipe["data"]["path"] else None
+    split = root / "train" if root is not None and (root / "train").is_dir() else root
+    if split is None or not split.is_dir():
+        return None
+    return sorted(d.name for d in split.iterdir() if d.is_dir() and not d.name.startswith(".")) or None
 
 
 def split_record(recipe: dict, train: vdata.Split, val: vdata.Split) -> dict:

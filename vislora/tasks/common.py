@@ -43,7 +43,7 @@ def lora_config(recipe: dict) -> LoraConfig | None:
 
 def batch_predictor(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
     """NCHW float32 numpy batch -> numpy output of the PyTorch model, in eval mode: the convention of exported files
-    (vislora.serve), so evaluation and predict run a run directory and an exported file the same way."""
+    (vislora.exported), so evaluation and predict run a run directory and an exported file the same way."""
     model.eval()
     device = next(model.parameters()).device
 
@@ -52,6 +52,15 @@ def batch_predictor(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
             return model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)).float().cpu().numpy()
 
     return run
+
+
+def class_batch(preprocess: dict, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n random images at preprocess's input_size (standard normal, as normalised pixels are) and one class index
+    per image among its class_names: a synthetic (images, labels) batch to time a training step on."""
+    g = torch.Generator().manual_seed(seed)
+    size = [int(s) for s in preprocess["input_size"]]
+    images = torch.randn(n, *size, generator=g)
+    return images, torch.randint(0, len(preprocess["class_names"]), (n,), generator=g)
 
 
 def seeded(recipe: dict, build: Callable[[], nn.Module]) -> nn.Module:

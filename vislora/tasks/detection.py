@@ -70,7 +70,7 @@ def build(recipe: dict) -> Setup:
     d, det = recipe["data"], recipe["detector"]
     train_set, val_set, names = build_detection_datasets(d, det["min_size"], augment_config(d["augment"]))
     model = build_model(recipe, names)
-    pre = {"input_size": [3, det["min_size"], det["min_size"]], "class_names": names, "task": "detection"}
+    pre = {"input_size": [3, det["min_size"], det["min_size"]], "class_names": names, "task": NAME}
     return Setup(model, train_set, val_set, detection_collate, names, pre)
 
 
@@ -85,10 +85,6 @@ def validate(model: nn.Module, loader, device: torch.device, amp_dtype, world: i
     return {"val_map": report["map"], "val_map50": report["map50"]}
 
 
-def health(row: dict, num_classes: int) -> str | None:
-    return None
-
-
 def preview(batch, preprocess: dict, classes: list[str]) -> list[tuple[np.ndarray, str]]:
     """A training batch as the detector gets it (augmented), its boxes drawn, captioned with their classes."""
     images, targets = batch
@@ -101,15 +97,24 @@ def preview(batch, preprocess: dict, classes: list[str]) -> list[tuple[np.ndarra
         tiles.append((rgb, f"{len(target['boxes'])} boxes: {', '.join(names)[:40]}"))
     return tiles
 
+def synthetic_batch(preprocess: dict, n: int, seed: int = 0, boxes: int = 3) -> tuple[list[Tensor], list[dict]]:
+    """n random images in [0, 1] at preprocess's input_size, each with `boxes` random boxes (xyxy pixels, at least
+    4 px a side) of random classes 1..len(class_names): the collate's (images, targets), to time steps on."""
+    g = torch.Generator().manual_seed(seed)
+    _, height, width = (int(s) for s in preprocess["input_size"])
+    images, targets = [], []
+    for _ in range(n):
+        images.append(torch.rand(3, height, width, generator=g))
+        corner = torch.rand(boxes, 2, generator=g) * torch.tensor([width - 4.0, height - 4.0])
+        side = 4 + torch.rand(boxes, 2, generator=g) * (torch.tensor([width, height]) - 4 - corner)
+        labels = torch.randint(1, len(preprocess["class_names"]) + 1, (boxes,), generator=g)
+        targets.append({"boxes": torch.cat([corner, corner + side], 1), "labels": labels})
+    return images, targets
 
 
 def predictor(model: nn.Module) -> nn.Module:
     """A detector is run as itself: a list of CHW float images in [0, 1] -> boxes, scores, labels per image."""
     return model.eval()
-
-
-def example_inputs(recipe: dict, preprocess: dict) -> None:
-    return None  # random images of the input size: the detector resizes whatever it gets
 
 
 def predict(predictor: nn.Module, preprocess: dict, image_paths: Sequence[str | os.PathLike], topk: int = 5,

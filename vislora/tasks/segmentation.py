@@ -38,6 +38,7 @@ from vislora.tasks.common import (
     write_confusion,
 )
 from vislora.tasks.segmentation_data import (
+    CLASSES_FILE,
     IGNORE,
     SegmentationDataset,
     eval_pairs,
@@ -47,7 +48,8 @@ from vislora.tasks.segmentation_data import (
     split_pairs,
     train_transform,
 )
-from vislora.tasks.segmentation_metrics import confusion, overlay, plot_masks, scores, segmentation_report
+from vislora.tasks.segmentation_metrics import confusion as pixel_confusion
+from vislora.tasks.segmentation_metrics import overlay, plot_masks, scores, segmentation_report
 from vislora.tasks.segmentation_model import Segmenter, adapt_segmenter, build_segmenter
 
 NAME = "segmentation"
@@ -141,7 +143,7 @@ def validate(model: nn.Module, loader, device: torch.device, amp_dtype, world: i
             logits = model(images).float()
         sums[0] += F.cross_entropy(logits, masks, ignore_index=IGNORE, reduction="sum").double()
         sums[1] += (masks != IGNORE).sum()
-        matrix += confusion(logits.argmax(1), masks, n)
+        matrix += pixel_confusion(logits.argmax(1), masks, n)
     if world > 1:
         dist.all_reduce(matrix)
         dist.all_reduce(sums)
@@ -158,6 +160,21 @@ def health(row: dict, num_classes: int) -> str | None:
     return (f"training looks collapsed at epoch {row['epoch']}: every val pixel gets the same class (val mIoU "
             f"{row.get('val_miou', math.nan):.3f}). Likely causes: too few epochs for a rare foreground, a learning "
             "rate too high (lower train.lr), or masks whose indices do not match classes.txt")
+
+
+def synthetic_batch(preprocess: dict, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """n random images at preprocess's input_size (standard normal, as normalised pixels are) and a random class
+    per pixel: the collate's (images, masks), to time training steps on."""
+    g = torch.Generator().manual_seed(seed)
+    size = [int(s) for s in preprocess["input_size"]]
+    images = torch.randn(n, *size, generator=g)
+    return images, torch.randint(0, len(preprocess["class_names"]), (n, *size[1:]), generator=g)
+
+
+def recipe_classes(recipe: dict) -> list[str] | None:
+    """The classes.txt of the recipe's data.path, None where there is none yet."""
+    path = recipe["data"]["path"]
+    return read_classes(path) if path and (Path(path) / CLASSES_FILE).is_file() else None
 
 
 def preview(batch, preprocess: dict, classes: list[str]) -> list[tuple[np.ndarray, str]]:
@@ -254,7 +271,7 @@ def evaluate(predictor: Callable[[np.ndarray], np.ndarray], preprocess: dict, re
         if not len(images):
             continue
         pred = torch.from_numpy(np.asarray(predictor(images.numpy().astype(np.float32))).argmax(1))
-        matrix += confusion(pred, masks, len(classes)).numpy()
+        matrix += pixel_confusion(pred, masks, len(classes)).numpy()
         count += len(images)
         for x, t, p in zip(images.numpy(), masks.numpy(), pred.numpy(), strict=True):
             if len(samples) < SHOWN:

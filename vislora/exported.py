@@ -1,6 +1,6 @@
 """Running exported files: load model.pt (torch.jit) or model.onnx (onnxruntime) with its preprocessing.
 
-Needs numpy, torch.jit or onnxruntime, and vislora.image only: the files `vislora export` writes are served
+Needs numpy, torch.jit or onnxruntime, and vislora.image only: the files `vislora export` writes are run
 without timm, albumentations or the rest of vislora. A predictor maps an NCHW float32 batch (vislora.image's
 eval transform of each image) to the model's output as a numpy array.
 """
