@@ -322,3 +322,28 @@ def test_a_dora_run_through_every_command(tmp_path, monkeypatch):
     assert main(["footprint", str(tmp_path / "run")]) == 0
     config = json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())
     assert config["use_dora"] is True
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(8, 6), nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.Conv2d(4, 6, 1)],
+                         ids=["linear", "depthwise", "conv1x1"])
+def test_dora_on_dead_rows_stays_finite(layer):
+    """Pretrained weights hold filters of zero norm (EfficientNet-Lite0: 31 in its convs; DoRA there gave a NaN
+    loss in the first batch): g = m / n is 0 there, not NaN; the layer starts as the base, merges exactly and
+    its gradients are finite."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        layer.weight[:2].zero_()
+    model = nn.Sequential(layer)
+    x = torch.randn(3, 8) if isinstance(layer, nn.Linear) else torch.randn(2, layer.in_channels, 5, 5)
+    y0 = model(x).detach()
+    inject(model, LoraConfig(targets=["0"], r=2, use_dora=True, train=()), verify=True)
+    assert torch.allclose(model(x), y0, atol=1e-6)
+    model[0].update.perturb_()
+    unmerged = model(x)
+    assert torch.isfinite(unmerged).all()
+    unmerged.square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model[0].adapter_parameters())
+    with torch.no_grad():
+        merge(model)
+        assert torch.allclose(model(x), unmerged, atol=1e-5)
+        unmerge(model)

@@ -213,9 +213,11 @@ class DoRA(LowRank):
         self.lora_magnitude.mul_(1 + std * torch.randn_like(self.lora_magnitude))
 
     def scale(self, norms: torch.Tensor) -> torch.Tensor:
-        """g per output row: m / n on the adapted rows (n detached), 1 elsewhere; differentiable in m."""
+        """g per output row: m / n on the adapted rows (n detached), 1 elsewhere; differentiable in m. A row of zero
+        norm (pretrained weights hold dead filters: 31 in EfficientNet-Lite0's convs) has m = 0 and gets g = 0, not
+        0 / 0 = NaN, so it stays the zero row it was."""
         m = self.lora_magnitude
-        n = norms.detach().to(m.dtype)
+        n = norms.detach().to(m.dtype).clamp_min(torch.finfo(m.dtype).tiny)
         if not self.qkv_parts:
             return m / n
         pieces, taken = [], 0
