@@ -11,6 +11,7 @@ import torch.nn as nn
 from timm.layers import BatchNormAct2d, Conv2dSame, StdConv2d
 from torch.func import functional_call
 from torch.nn.utils import parametrizations
+from zoo import RUN_VIT
 
 import vislora
 from vislora import LoraConfig, inject, lora_layers, merge, trainable_summary, unload, unmerge
@@ -286,6 +287,24 @@ def test_one_exclude_or_train_pattern_given_as_a_string_is_one_pattern():
     names = [n for n, _ in lora_layers(model)]
     assert "blocks.0.attn.qkv" not in names and "blocks.1.attn.qkv" in names
     assert model.head.weight.requires_grad
+
+
+def test_inject_on_meta_device_and_reentrant_checkpointing():
+    with torch.device("meta"):
+        model = timm.create_model("vit_tiny_patch16_224", num_classes=3, **RUN_VIT["kwargs"])
+    inject(model, LoraConfig(r=4))  # no verify: a meta model has no numbers
+    assert model(torch.randn(2, 3, 32, 32, device="meta")).shape == (2, 3)
+    timm.layers.set_reentrant_ckpt(True)
+    try:
+        model = timm.create_model("vit_tiny_patch16_224", num_classes=3, **RUN_VIT["kwargs"])
+        inject(model, LoraConfig(r=4))
+        model.set_grad_checkpointing(True)
+        model.train()(torch.randn(2, 3, 32, 32)).sum().backward()
+        assert all(layer.lora_A.grad is not None for _, layer in lora_layers(model))
+        vislora.unload(model)
+        assert not model._forward_pre_hooks
+    finally:
+        timm.layers.set_reentrant_ckpt(False)
 
 
 def test_inject_keeps_the_eval_mode_of_the_layers_it_wraps():

@@ -11,9 +11,12 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import zoo
+from safetensors.torch import save_file
 from torch.nn.utils.parametrizations import weight_norm
 
 from vislora import LoraConfig, inject, lora_layers, save_adapter
+from vislora.cli import main
 from vislora.inject import find_targets
 from vislora.layers import raw_weight_name
 from vislora.svd import (
@@ -310,6 +313,26 @@ def test_extract_bad_input():
         extract_adapter(copy.deepcopy(base), base, LoraConfig(**kwargs))
 
 
+def test_extract_from_an_imagenet_headed_base_to_a_k_class_fine_tune(tmp_path, capsys):
+    torch.manual_seed(0)
+    base = timm.create_model("resnet18", pretrained=False)  # 1000 classes, as ImageNet weights come
+    tuned = timm.create_model("resnet18", pretrained=False, num_classes=5)
+    state = {k: v for k, v in base.state_dict().items() if not k.startswith("fc.")}
+    tuned.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        tuned.layer1[0].conv1.weight.add_(0.01 * torch.randn_like(tuned.layer1[0].conv1.weight))
+        tuned.layer2[0].bn1.running_mean.add_(0.5)  # BN statistics changed: carried as a module to save
+    save_file(base.state_dict(), str(tmp_path / "base.safetensors"))
+    save_file(tuned.state_dict(), str(tmp_path / "tuned.safetensors"))
+    assert main(["extract", "--base", str(tmp_path / "base.safetensors"), "--tuned", str(tmp_path /
+                 "tuned.safetensors"), "--model", "resnet18", "--kwargs", '{"num_classes": 5}', "--rank", "full",
+                 "--targets", "all", "--out", str(tmp_path / "adapter")]) == 0
+    fidelity = json.loads((tmp_path / "adapter/extract_fidelity.json").read_text())
+    assert "layer2.0.bn1" in fidelity["carried"]
+    assert fidelity["max_abs_diff"] <= 1e-4 * fidelity["output_scale"]
+    assert "whole model" in capsys.readouterr().out
+
+
 # ---- spectrum and penalties -----------------------------------------------------------------------
 def random_adapter(case: str) -> nn.Module:
     model, kwargs, _ = make(case)
@@ -354,3 +377,11 @@ def test_frobenius_penalty_and_factor_l2(case):
     for _, layer in lora_layers(model):
         assert layer.lora_A.grad is not None and layer.lora_A.grad.abs().sum() > 0
         assert layer.lora_B.grad is not None and layer.lora_B.grad.abs().sum() > 0
+
+
+def test_penalties_of_a_pissa_adapter_measure_its_change():
+    model = inject(zoo.case("vit").build(), LoraConfig(r=4, targets="vit", init="pissa"))
+    assert frobenius_penalty(model).item() == 0.0 and factor_l2(model).item() == 0.0
+    with torch.no_grad():
+        next(layer for _, layer in lora_layers(model)).lora_B.add_(0.01)
+    assert frobenius_penalty(model).item() > 0 and factor_l2(model).item() > 0
