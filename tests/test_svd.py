@@ -54,20 +54,22 @@ class TinyCNN(nn.Module):
 
 
 CNN_TARGETS = ["stem", "dw", "grouped", "kx1", "pw"]
-CASES = {  # name -> (model factory, LoraConfig kwargs)
-    "vit": (lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4,
-                                      depth=2, num_classes=10), {"targets": "vit"}),
-    "vit-qv": (lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4,
-                                         depth=2, num_classes=10), {"targets": "vit", "qkv": "qv"}),
-    "cnn": (TinyCNN, {"targets": CNN_TARGETS, "train": ["head"]}),
-}
+CNN_LORA = {"targets": CNN_TARGETS, "train": ["head"]}
 
 
 def make(case: str, seed: int = 0) -> tuple[nn.Module, dict, torch.Tensor]:
-    torch.manual_seed(seed)
-    factory, kwargs = CASES[case]
-    model = factory().eval()
-    return model, kwargs, torch.randn(2, 3, 32, 32)
+    """A zoo case (with a 10-class head) or, for 'cnn', TinyCNN; its LoraConfig keys; a 32 px batch."""
+    if case == "cnn":
+        torch.manual_seed(seed)
+        model, kwargs = TinyCNN().eval(), CNN_LORA
+    else:
+        model, kwargs = zoo.case(case).build(seed, num_classes=10), zoo.case(case).lora
+    return model, dict(kwargs), torch.randn(2, 3, 32, 32)
+
+
+def head_of(model: nn.Module) -> nn.Module:
+    """The classifier: timm's get_classifier(), TinyCNN's head."""
+    return model.get_classifier() if hasattr(model, "get_classifier") else model.head
 
 
 def raw(module: nn.Module) -> torch.Tensor:
@@ -101,7 +103,7 @@ def perturb(model: nn.Module, names: list[str], scale: float = 0.02, rank: int |
 def tuned_copy(model: nn.Module, names: list[str], **kw) -> nn.Module:
     tuned = copy.deepcopy(model)
     perturb(tuned, names, **kw)
-    head = tuned.get_submodule("head")
+    head = head_of(tuned)
     with torch.no_grad():
         head.weight.add_(0.1 * torch.randn_like(head.weight))
     return tuned
@@ -157,7 +159,7 @@ def test_pissa_as_lora_needs_pissa():
 
 
 # ---- extraction -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", ["vit", "vit-qv", "cnn"])
+@pytest.mark.parametrize("case", ["vit", "vit-qv", "mobilenet", "convnext", "cnn"])
 def test_extract_full_rank_is_exact(case):
     base, kwargs, x = make(case)
     config = LoraConfig(r=8, **kwargs)
@@ -173,7 +175,7 @@ def test_extract_full_rank_is_exact(case):
     assert [r["name"] for r in report] == names
     for row in report:
         assert row["energy"] == pytest.approx(1.0, abs=1e-6) and row["rel_error"] < 1e-3 and not row["unchanged"]
-    torch.testing.assert_close(model.head.weight, tuned.head.weight)
+    torch.testing.assert_close(head_of(model).weight, head_of(tuned).weight)
 
 
 def test_extract_low_rank_is_eckart_young():

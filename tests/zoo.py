@@ -69,6 +69,11 @@ def params(*ids: str) -> list:
     return [pytest.param(BY_ID[i], id=i) for i in (ids or BY_ID)]
 
 
+def with_config(*ids: str, **overrides) -> list:
+    """pytest params (case, its LoraConfig with `overrides`) for the named cases (every case when none is named)."""
+    return [pytest.param(BY_ID[i], BY_ID[i].config(**overrides), id=i) for i in (ids or BY_ID)]
+
+
 @torch.no_grad()
 def randomize(model: torch.nn.Module, std: float = 0.1, seed: int = 1) -> torch.nn.Module:
     """Random B (and DoRA magnitudes left as they are): the adapters change the outputs, as trained ones do."""
