@@ -25,9 +25,8 @@ def _one_thread(one_thread):
 
 
 def tiny_vit():
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=2,
-                             num_classes=5)
+    """The zoo's ViT (train mode, as footprint gets it from a user)."""
+    return zoo.case("vit").build().train()
 
 
 class TinyCNN(nn.Module):
@@ -182,7 +181,7 @@ def test_recipe_and_run_dir(tmp_path):
 def test_footprint_rebuilds_the_run_as_trained(tmp_path, adapter):
     """What footprint counts for a run is what training reported (issue 18): the same trainable and adapter sizes."""
     folder = make_synthetic_folder(tmp_path / "images", classes=3, per_class=4, size=32)
-    recipe = resolve({"model": {"name": "vit_tiny_patch16_224", "kwargs": zoo.VIT_KWARGS}, "adapter": adapter,
+    recipe = resolve({"model": {"name": "vit_tiny_patch16_224", "kwargs": dict(zoo.VIT_KWARGS)}, "adapter": adapter,
                       "data": {"path": str(folder), "img_size": 32, "workers": 0},
                       "train": {"epochs": 1, "batch_size": 8, "max_steps": 1}})
     run = train(recipe, tmp_path / "run")

@@ -88,7 +88,7 @@ def test_shrink_at_or_above_the_true_rank_keeps_outputs(case):
             assert relative(new, old) <= 1e-5
 
 
-@pytest.mark.parametrize("case", [c for c in SHRINKABLE if c != "resnet"])  # its fp64 SVDs of 512 x 4608: 15 s
+@pytest.mark.parametrize("case", ["vit", "vit-qv", "mobilenet"])  # resnet's fp64 SVDs of 512 x 4608 take 15 s
 def test_error_at_rank_k_is_the_discarded_singular_values(case):
     model = trained(case)
     before = {n: part_deltas(layer) for n, layer in lora_layers(model)}

@@ -5,7 +5,8 @@ the tiny ViT run recipe the train / eval / run-folder tests write.
 Every case is a random-init timm model (pretrained=False) at a tiny input size that builds in well under a second;
 together they cover the layer kinds vislora adapts: Linear qkv / proj / MLP (ViT), depthwise and 1x1 convs
 (MobileNetV3), dense kxk convs (ResNet), a depthwise 7x7 with a Linear MLP (ConvNeXt) and the DoRA variant.
-A test takes the cases it needs by id: `@pytest.mark.parametrize("case", zoo.params("vit", "resnet"))`.
+A test takes the cases it needs by id (`zoo.case("vit")`), or as pytest params with their configs:
+`@pytest.mark.parametrize("case,config", zoo.with_config("vit", "resnet", r=4))`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import timm
 import torch
 import yaml
 
-from vislora import LoraConfig, lora_layers
+from vislora import LoraConfig
 
 VIT_KWARGS = {"img_size": 32, "patch_size": 4, "depth": 2}
 
@@ -43,10 +44,6 @@ class Case:
         """The case's LoraConfig, with `overrides` (r, alpha, init, ...) on top of its own keys."""
         return LoraConfig(**{**self.lora, **overrides})
 
-    def input(self, batch: int = 2) -> torch.Tensor:
-        """A random batch at the case's input size (from the global RNG: seed it first for a fixed one)."""
-        return torch.randn(batch, 3, self.size, self.size)
-
 
 CASES = [
     Case("vit", "vit_tiny_patch16_224", VIT_KWARGS, 32, {"targets": "vit"}),
@@ -64,23 +61,9 @@ def case(case_id: str) -> Case:
     return BY_ID[case_id]
 
 
-def params(*ids: str) -> list:
-    """pytest params for the named cases (every case when none is named), each with its id."""
-    return [pytest.param(BY_ID[i], id=i) for i in (ids or BY_ID)]
-
-
 def with_config(*ids: str, **overrides) -> list:
     """pytest params (case, its LoraConfig with `overrides`) for the named cases (every case when none is named)."""
     return [pytest.param(BY_ID[i], BY_ID[i].config(**overrides), id=i) for i in (ids or BY_ID)]
-
-
-@torch.no_grad()
-def randomize(model: torch.nn.Module, std: float = 0.1, seed: int = 1) -> torch.nn.Module:
-    """Random B (and DoRA magnitudes left as they are): the adapters change the outputs, as trained ones do."""
-    torch.manual_seed(seed)
-    for _, layer in lora_layers(model):
-        layer.lora_B.normal_(std=std)
-    return model
 
 
 # ---- the tiny run ----------------------------------------------------------------------------------
