@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from vislora.data import make_synthetic_folder
+
 
 @pytest.fixture(scope="module")
 def one_thread():
@@ -11,3 +13,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def split_images(tmp_path_factory):
+    """3 classes x 12 synthetic 32 px images, split train/val: what zoo.write_recipe's tiny runs train on."""
+    return make_synthetic_folder(tmp_path_factory.mktemp("images"), classes=3, per_class=12, size=32, split=True)

@@ -2,29 +2,28 @@
 
 import copy
 import json
+import logging
 import warnings
 
 import pytest
 import timm
 import torch
+import zoo
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftConfig, PeftModel, get_peft_model
 
 import vislora
 from vislora import LoraConfig, inject, load_adapter, lora_layers, save_adapter
 
-VIT = ("vit_tiny_patch16_224", dict(img_size=32, patch_size=4, depth=2))
-CNN = ("resnet18", {})
+VIT, CNN = zoo.case("vit"), zoo.case("resnet")
 
 
-def build(spec, seed=0):
-    torch.manual_seed(seed)
-    name, kwargs = spec
-    return timm.create_model(name, pretrained=False, num_classes=5, **kwargs).eval()
+def build(case, seed=0):
+    return case.build(seed)
 
 
-def trained(spec, config):
-    model = build(spec)
+def trained(case, config):
+    model = build(case)
     inject(model, config)
     torch.manual_seed(1)
     with torch.no_grad():
@@ -35,13 +34,11 @@ def trained(spec, config):
     return model
 
 
-@pytest.mark.parametrize("spec,config", [
-    (VIT, LoraConfig(targets="vit", r=4)),
-    (VIT, LoraConfig(targets="vit", r=4, qkv="qv", rslora=True)),
-    (CNN, LoraConfig(targets="all", r=0.25)),
-    (("mobilenetv3_small_100", {}), LoraConfig(targets="conv", r=4)),
-    (VIT, LoraConfig(targets="vit", r=4, qkv="qkv", init="pissa")),
-], ids=["vit", "vit-qv", "resnet-fraction", "mobilenet-depthwise", "vit-pissa"])
+@pytest.mark.parametrize("spec,config", zoo.with_config("vit", "mobilenet", "convnext", "vit-dora", r=4) + [
+    pytest.param(zoo.case("vit-qv"), zoo.case("vit-qv").config(r=4, rslora=True), id="vit-qv-rslora"),
+    pytest.param(CNN, CNN.config(r=0.25), id="resnet-fraction"),  # the zoo's two other cases, with a twist
+    pytest.param(VIT, VIT.config(r=4, qkv="qkv", init="pissa"), id="vit-pissa"),
+])
 def test_save_load_roundtrip(tmp_path, spec, config):
     model = trained(spec, config)
     x = torch.randn(2, 3, 32, 32)
@@ -81,13 +78,10 @@ def test_missing_files_are_named(tmp_path):
         load_adapter(build(VIT), tmp_path)
 
 
-@pytest.mark.parametrize("spec,config,peft_targets", [
-    (VIT, LoraConfig(targets="vit", r=4), ["qkv", "proj", "fc1", "fc2"]),
-    (VIT, LoraConfig(targets=["attn.qkv"], r=4, qkv="qv"), ["qkv"]),
-    (CNN, LoraConfig(targets="all", r=4), r"layer\d\.\d\.(conv\d|downsample\.0)"),
-    (VIT, LoraConfig(targets="vit", r=4, init="pissa"), None),
-], ids=["vit", "vit-qv", "resnet", "vit-pissa"])
-def test_peft_loads_vislora_files(tmp_path, spec, config, peft_targets):
+@pytest.mark.parametrize("spec,config", zoo.with_config("vit", "vit-qv", "resnet", "vit-dora", r=4) + [
+    pytest.param(VIT, VIT.config(r=4, init="pissa"), id="vit-pissa"),
+])  # not mobilenet or convnext: PEFT refuses a depthwise conv whose groups do not divide the rank
+def test_peft_loads_vislora_files(tmp_path, spec, config):
     model = trained(spec, config)
     save_adapter(model, tmp_path)
     x = torch.randn(2, 3, 32, 32)
@@ -172,3 +166,79 @@ def test_peft_reads_a_vislora_adapter_without_warnings(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(old))  # the layout of earlier vislora versions
     assert {n: ly.r for n, ly in lora_layers(load_adapter(build(VIT), tmp_path))} == \
         {n: ly.r for n, ly in lora_layers(model)}
+
+
+# ---- files of other tools and other models (issues 14 and 18) ----------------------------------------
+def test_peft_pissa_files_load_as_peft_loads_them_and_olora_is_refused(tmp_path):
+    vit = zoo.case("vit")
+    x = torch.randn(2, 3, 32, 32)
+    for init in ("pissa", "olora"):
+        peft_model = get_peft_model(vit.build(), PeftLoraConfig(r=4, lora_alpha=8, target_modules=["qkv", "fc1"],
+                                                                init_lora_weights=init)).eval()
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_" in name:
+                    p.add_(0.05 * torch.randn_like(p))
+        peft_model.save_pretrained(tmp_path / init)
+        with torch.no_grad():
+            reference = PeftModel.from_pretrained(vit.build(), tmp_path / init).eval()(x)
+        if init == "olora":
+            with pytest.raises(ValueError, match="init_lora_weights='olora'"):
+                load_adapter(vit.build(), tmp_path / init)
+            continue
+        with torch.no_grad():
+            assert (load_adapter(vit.build(), tmp_path / init)(x) - reference).abs().max().item() <= 1e-5
+
+
+def test_adapter_of_another_architecture_is_refused(tmp_path, caplog):
+    small = inject(timm.create_model("resnet18", pretrained=False, num_classes=3), LoraConfig(targets="all", r=2))
+    save_adapter(small, tmp_path / "r18")
+    with pytest.raises(ValueError, match="resnet18"), caplog.at_level(logging.WARNING, "vislora.adapters"):
+        load_adapter(timm.create_model("resnet34", pretrained=False, num_classes=3), tmp_path / "r18")
+    assert "resnet34" in caplog.text
+    vit = zoo.case("vit")
+    save_adapter(inject(vit.build(), LoraConfig(targets="vit", r=2)), tmp_path / "d2")
+    deeper = timm.create_model(vit.model, pretrained=False, num_classes=5, **{**vit.kwargs, "depth": 4})
+    with pytest.raises(ValueError, match="not in the file"):
+        load_adapter(deeper, tmp_path / "d2")
+    load_adapter(vit.build(), tmp_path / "d2")  # the same architecture loads
+
+
+def test_file_scaling_wins_over_an_injected_model(tmp_path):
+    resnet = zoo.case("resnet")
+    model = resnet.build(num_classes=3)
+    inject(model, LoraConfig(targets="conv", r=4, alpha=32, rslora=True))
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B.normal_(std=0.05)
+    save_adapter(model, tmp_path)
+    other = resnet.build(num_classes=3)
+    inject(other, LoraConfig(targets="conv", r=4, alpha=4))  # same shapes, other alpha and no rslora
+    load_adapter(other, tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (other(x) - model(x)).abs().max().item() <= 1e-5
+
+
+def test_anchored_alpha_pattern_round_trip_in_vislora_and_peft(tmp_path):
+    """targets 'conv1' adapts the stem conv1 and every layerN.M.conv1; the stem alone gets another alpha."""
+    resnet = zoo.case("resnet")
+    model = resnet.build(num_classes=3)
+    inject(model, LoraConfig(targets=["conv1"], r=4, alpha=8, alpha_pattern={"^conv1$": 64}, rank_pattern={
+        "^layer1\\.0\\.conv1$": 2}))
+    assert {n: (layer.alpha, layer.r) for n, layer in lora_layers(model)}["conv1"] == (64, 4)
+    assert {n: layer.alpha for n, layer in lora_layers(model)}["layer1.0.conv1"] == 8
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B.normal_(std=0.05)
+    save_adapter(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert all(k.startswith("^") and k.endswith("$") for k in {**cfg["alpha_pattern"], **cfg["rank_pattern"]})
+    fresh = load_adapter(resnet.build(num_classes=3), tmp_path)
+    assert {n: (ly.alpha, ly.r) for n, ly in lora_layers(fresh)} == {n: (ly.alpha, ly.r) for n, ly in
+                                                                      lora_layers(model)}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (fresh(x) - model(x)).abs().max().item() <= 1e-5
+        peft_model = PeftModel.from_pretrained(resnet.build(num_classes=3), tmp_path).eval()
+        assert (peft_model(x) - model(x)).abs().max().item() <= 1e-5

@@ -1,5 +1,6 @@
 """Classification data: folder layouts and splits, odd and broken files, transforms, preprocess config, loaders."""
 
+import json
 import logging
 import time
 from collections import Counter
@@ -10,11 +11,15 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 from sklearn.linear_model import LogisticRegression
+from zoo import RUN_VIT
 
 from vislora import data as vdata
 from vislora.image import load_input as preprocess_image
 from vislora.image import read_image
+from vislora.recipe import resolve
+from vislora.tasks import backbone, classification
 
 ODD = ("odd_gray.png", "odd_cmyk.jpg", "odd_palette.png", "odd_rgba.png", "odd_upper.JPG", "odd_photo.webp")
 PRE = {"input_size": (3, 32, 32), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
@@ -254,6 +259,20 @@ def test_preprocess_config_reads_the_timm_model():
     assert vdata.preprocess_config(model, {"img_size": [24, 40]})["input_size"] == (3, 24, 40)
     resnet = vdata.preprocess_config(timm.create_model("resnet10t", pretrained=False))
     assert resnet["mean"] == (0.485, 0.456, 0.406) and resnet["input_size"][0] == 3
+
+
+def test_a_local_checkpoint_brings_its_cards_preprocessing(tmp_path):
+    """WEIGHTS.json beside a checkpoint (as import_weights.py and pretrain.py write it) is its pretrained_cfg."""
+    source = timm.create_model("vit_tiny_patch16_224", num_classes=3, **RUN_VIT["kwargs"])
+    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
+    (tmp_path / "w.json").write_text(json.dumps({"pretrained_cfg": {"mean": [0.1, 0.2, 0.3], "crop_pct": 1.0}}))
+    recipe = resolve({"model": {**RUN_VIT, "checkpoint": str(tmp_path / "w.safetensors")},
+                      "data": {"std": [2, 2, 2]}})
+    model = classification.build_model(recipe, ["a", "b", "c"])
+    pre = vdata.preprocess_config(model, {"std": recipe["data"]["std"]})
+    assert pre["mean"] == (0.1, 0.2, 0.3) and pre["crop_pct"] == 1.0 and pre["std"] == (2.0, 2.0, 2.0)
+    body = backbone.create_body(recipe["model"])  # detection's and segmentation's backbone
+    assert body.pretrained_cfg["mean"] == [0.1, 0.2, 0.3] and "state_dict" not in body.pretrained_cfg
 
 
 @pytest.mark.parametrize("overrides,key", [

@@ -7,15 +7,21 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
+import yaml
+from PIL import Image
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from vislora import LoraConfig, load_adapter, lora_layers, save_adapter, unload
-from vislora.tasks.detection import adapt_detector
+from vislora.cli import main
+from vislora.recipe import resolve
+from vislora.tasks.detection import adapt_detector, build_model
 from vislora.tasks.detection_data import (
+    DetectionDataset,
     build_detection_datasets,
     coco_records,
     detection_collate,
@@ -24,6 +30,7 @@ from vislora.tasks.detection_data import (
 )
 from vislora.tasks.detection_metrics import detection_loss, evaluate_detection, plot_detections, predict_detections
 from vislora.tasks.detection_model import build_detector, detection_train_modules
+from vislora.train import train
 
 _spec = importlib.util.spec_from_file_location(
     "make_detection_data", Path(__file__).resolve().parents[1] / "tools" / "make_detection_data.py")
@@ -284,3 +291,93 @@ def test_checkpoint_is_loaded_and_checked(tmp_path, caplog):
     with pytest.raises(ValueError, match="safetensors"):
         (tmp_path / "w.pt").write_bytes(b"x")
         build_detector({**CNN, "checkpoint": str(tmp_path / "w.pt")}, det_cfg("fcos"), 2)
+
+
+# ---- what a detection run reports (issue 18) --------------------------------------------------------
+def test_detection_recipes_get_detection_defaults():
+    recipe = resolve({"task": "detection"})
+    assert recipe["data"]["augment"] == {"scale": [0.5, 1.0], "hflip": 0.5, "color_jitter": 0.2,
+                                         "mixup": 0.0, "cutmix": 0.0, "rand": None, "erase": 0.0}  # #27: off
+    assert resolve({"task": "classification"})["data"]["augment"]["scale"] == [0.7, 1.0]
+    fcos = build_model(resolve({"task": "detection", "model": {"name": "test_resnet"},
+                                "detector": {"anchor_sizes": [8, 16, 32, 64, 128], "representation_size": 32}}),
+                       ["a", "b"])
+    assert fcos.nms_thresh == 0.6  # FCOS's own default, not 0.5
+
+
+def test_yolo_reads_exif_upright_and_refuses_bad_class_fields(tmp_path):
+    root = tmp_path / "yolo"
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+    (root / "data.yaml").write_text(yaml.safe_dump({"names": ["a", "b"]}))
+    upright = np.zeros((40, 80, 3), np.uint8)  # displayed 80 wide, 40 high: the box is on the left half
+    upright[5:35, 5:35] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.rot90(upright, 1).copy()).save(root / "images/train/x.jpg", exif=exif, quality=95)
+    (root / "labels/train/x.txt").write_text("0 0.25 0.5 0.375 0.75\n")
+    names, meta = yolo_names(root)
+    records = yolo_records(root, "train", names, meta)
+    item, target = DetectionDataset(records, names)[0]
+    assert tuple(item.shape) == (3, 40, 80)
+    torch.testing.assert_close(target["boxes"], torch.tensor([[5.0, 5.0, 35.0, 35.0]]))
+    for bad in ("inf", "1.7"):
+        (root / "labels/train/x.txt").write_text(f"{bad} 0.5 0.5 0.2 0.2\n")
+        with pytest.raises(ValueError, match=r"x\.txt:1: class"):
+            yolo_records(root, "train", names, meta)
+
+
+@pytest.fixture(scope="module")
+def det_run(tmp_path_factory):
+    """A two-epoch FCOS run on YOLO scenes whose val split has no boxes (mAP is not a number)."""
+    tmp = tmp_path_factory.mktemp("det")
+    scenes_tool.make_scenes(tmp / "scenes", 8, 4, 64, seed=0)
+    for label in (tmp / "scenes" / "labels" / "val").glob("*.txt"):
+        label.write_text("")  # a val split without boxes: mAP is not a number
+    recipe = resolve({"task": "detection", "model": {"name": "test_resnet"}, "adapter": {"r": 2, "targets": "conv"},
+                      "detector": {"head": "fcos", "min_size": 64, "max_size": 64, "fpn_channels": 64},
+                      "data": {"format": "yolo", "path": str(tmp / "scenes"), "workers": 0},
+                      "train": {"epochs": 2, "batch_size": 4}})
+    torch.set_num_threads(1)
+    return train(recipe, tmp / "run"), tmp
+
+
+def test_detection_val_without_boxes_still_saves_and_evaluates(det_run, capsys):
+    run, tmp = det_run
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert main(["eval", str(run)]) == 0
+    assert main(["eval", str(run), "--data", str(tmp / "nonexistent")]) == 2
+    assert "nonexistent" in capsys.readouterr().err
+
+
+def test_detection_predict_export_and_what_is_not_supported(det_run, capsys):
+    run, tmp = det_run
+    image = next((tmp / "scenes" / "images" / "val").iterdir())
+    assert main(["predict", str(run), str(image), "--json"]) == 0
+    assert "boxes" in json.loads(capsys.readouterr().out)[0]
+    assert main(["export", str(run), "--format", "onnx"]) == 2
+    assert "ONNX export of torchvision detectors is not supported" in capsys.readouterr().err
+    assert main(["export", str(run), "--format", "torchscript"]) == 0
+    assert main(["export", str(run)]) == 0  # the recipe's default formats: what a detector can export
+    report = json.loads((run / "export" / "export.json").read_text())
+    assert "onnx" in report["not_exported"] and not (run / "export" / "model.onnx").exists()
+    capsys.readouterr()
+    assert main(["eval", str(run / "export" / "model.pt"), "--data", str(tmp / "scenes")]) == 2
+    assert "use the run directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("swin_tiny_patch4_window7_224", {"img_size": 128, "window_size": 4, "embed_dim": 24, "depths": (1, 1, 1, 1),
+                                      "num_heads": (1, 1, 1, 1)}),
+    ("eva02_tiny_patch14_224", {"img_size": 112, "depth": 1}),
+], ids=["swin-channels-last", "eva"])
+def test_detection_on_other_vit_families(name, kwargs):
+    det = build_detector({"name": name, "kwargs": kwargs},
+                         {"head": "fcos", "min_size": 128, "max_size": 128, "fpn_channels": 64}, 2)
+    adapt_detector(det, LoraConfig(targets="vit", r=2))
+    det.train()
+    losses = det([torch.rand(3, 128, 128)], [{"boxes": torch.tensor([[10.0, 10, 60, 70]]),
+                                              "labels": torch.tensor([1])}])
+    sum(losses.values()).backward()
+    assert any(layer.lora_A.grad is not None for _, layer in lora_layers(det))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import zoo
 from PIL import Image
 
 import vislora
@@ -24,10 +25,7 @@ PRE = {"input_size": [3, 32, 32], "mean": [0.485, 0.456, 0.406], "std": [0.229, 
 # timm's shape asserts warn when traced; export_model re-checks every file at a second batch size instead
 pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 
-MODELS = {
-    "vit": ("vit_tiny_patch16_224", "vit", {"img_size": 32, "patch_size": 4, "depth": 2}),
-    "cnn": ("mobilenetv3_small_050", "conv", {}),
-}
+EXPORTED = ["vit", "mobilenet", "vit-dora"]  # the zoo cases exported: Linear, depthwise / 1x1 convs, DoRA
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -39,7 +37,16 @@ def _adapted(arch: str, targets: str, **kwargs):
     """A tiny timm model with a LoRA adapter whose B is random, so that the adapter changes the outputs."""
     torch.manual_seed(0)
     model = timm.create_model(arch, pretrained=False, num_classes=3, **kwargs).eval()
-    vislora.inject(model, vislora.LoraConfig(targets=targets, r=4), verify=False)
+    return _randomized(vislora.inject(model, vislora.LoraConfig(targets=targets, r=4), verify=False))
+
+
+def _adapted_case(case: zoo.Case):
+    """A zoo case with a 3-class head and a rank-4 adapter whose B is random (as _adapted)."""
+    return _randomized(vislora.inject(case.build(num_classes=3), case.config(r=4), verify=False))
+
+
+def _randomized(model):
+    """B random (std 0.05, drawn after the seeded build): the adapter changes the outputs."""
     with torch.no_grad():
         for _, layer in vislora.lora_layers(model):
             layer.lora_B.normal_(std=0.05)
@@ -50,15 +57,15 @@ def _adapted(arch: str, targets: str, **kwargs):
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     out = {}
-    for key, (arch, targets, kwargs) in MODELS.items():
-        model = _adapted(arch, targets, **kwargs)
-        if key == "cnn":  # the conv preset adapts the depthwise convs too
+    for key in EXPORTED:
+        model = _adapted_case(zoo.case(key))
+        if key == "mobilenet":  # the conv preset adapts the depthwise convs too
             assert any(layer.base_layer.groups > 1 for _, layer in vislora.lora_layers(model)
                        if isinstance(layer.base_layer, torch.nn.Conv2d))
         x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             adapted = model(x)
-            base = vislora.eject(_adapted(arch, targets, **kwargs))(x)
+            base = vislora.eject(_adapted_case(zoo.case(key)))(x)
         assert (adapted - base).abs().max() > 1e-2, "the adapter must matter for the test to mean anything"
         vislora.unload(model)
         with torch.no_grad():
@@ -175,7 +182,7 @@ def test_predict_files(exported, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_text("not an image")
     paths = [good[0], tmp_path / "missing.png", good[1], broken, good[2]]
-    e = exported["cnn"]
+    e = exported["mobilenet"]
     by_runtime = []
     for name in ("model.onnx", "model.pt"):
         predictor, pre = load_exported(e["dir"] / name)

@@ -7,9 +7,14 @@ import timm
 import torch
 import torch.nn as nn
 import yaml
+import zoo
 
 from vislora import LoraConfig, LoraLayer, inject, save_adapter
+from vislora.data import make_synthetic_folder
 from vislora.footprint import adapter_group, count_flops, footprint, format_footprint, resolve_target
+from vislora.inject import trainable_summary
+from vislora.recipe import resolve
+from vislora.train import train
 
 FAST = dict(repeats=2, steps=1, memory=False)
 
@@ -20,9 +25,8 @@ def _one_thread(one_thread):
 
 
 def tiny_vit():
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=2,
-                             num_classes=5)
+    """The zoo's ViT (train mode, as footprint gets it from a user)."""
+    return zoo.case("vit").build().train()
 
 
 class TinyCNN(nn.Module):
@@ -170,3 +174,17 @@ def test_recipe_and_run_dir(tmp_path):
     report = footprint(run, batch=2, **FAST)
     assert report["kind"] == "run" and report["num_classes"] == 3
     assert report["params"]["adapter"] == sum(g["params"] for g in report["params"]["by_group"].values()) > 0
+
+
+@pytest.mark.parametrize("adapter", [{"r": 4, "targets": "vit"}, {"r": 4, "targets": "vit", "init": "pissa"},
+                                     "linear_probe", None], ids=["lora", "pissa", "probe", "full"])
+def test_footprint_rebuilds_the_run_as_trained(tmp_path, adapter):
+    """What footprint counts for a run is what training reported (issue 18): the same trainable and adapter sizes."""
+    folder = make_synthetic_folder(tmp_path / "images", classes=3, per_class=4, size=32)
+    recipe = resolve({"model": {"name": "vit_tiny_patch16_224", "kwargs": dict(zoo.VIT_KWARGS)}, "adapter": adapter,
+                      "data": {"path": str(folder), "img_size": 32, "workers": 0},
+                      "train": {"epochs": 1, "batch_size": 8, "max_steps": 1}})
+    run = train(recipe, tmp_path / "run")
+    trained = json.loads((run / "train_summary.json").read_text())["summary"]
+    measured = trainable_summary(resolve_target(run).build_adapted())
+    assert (measured["trainable"], measured["adapter"]) == (trained["trainable"], trained["adapter"])

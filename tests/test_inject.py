@@ -8,9 +8,11 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+import zoo
 from timm.layers import BatchNormAct2d, Conv2dSame, StdConv2d
 from torch.func import functional_call
 from torch.nn.utils import parametrizations
+from zoo import RUN_VIT, Case
 
 import vislora
 from vislora import LoraConfig, inject, lora_layers, merge, trainable_summary, unload, unmerge
@@ -42,24 +44,22 @@ class OddConvs(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-# name, create_model kwargs, input size, config
-CASES = [
-    ("vit_tiny_patch16_224", dict(img_size=32, patch_size=4, depth=2), 32, LoraConfig(targets="vit")),
-    ("deit_tiny_patch16_224", dict(img_size=32, patch_size=4, depth=2), 32, LoraConfig(targets="vit", qkv="qv")),
-    ("swin_tiny_patch4_window7_224", dict(img_size=32, window_size=2, depths=(1, 1, 1, 1)), 32,
-     LoraConfig(targets="vit")),
-    ("eva02_tiny_patch14_224", dict(img_size=28, depth=2), 28, LoraConfig(targets="vit")),
-    ("beit_base_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2), 32,
-     LoraConfig(targets=["attn.qkv"])),
-    ("convnext_atto", dict(ls_init_value=0.5), 32, LoraConfig(targets="conv")),
-    ("resnet18", {}, 32, LoraConfig(targets="all")),
-    ("efficientnet_b0", {}, 32, LoraConfig(targets="conv", r=4)),
-    ("mobilenetv3_small_100", {}, 32, LoraConfig(targets="conv", r=0.25)),
-    ("regnetx_002", {}, 32, LoraConfig(targets="conv")),
-    ("inception_v3", {}, 75, LoraConfig(targets="conv", r=4)),
-    ("tf_efficientnet_b0", {}, 32, LoraConfig(targets="conv", r=4)),
-    ("resnetv2_50x1_bit", {}, 32, LoraConfig(targets="all", r=4)),
-    ("odd_convs", {}, 24, LoraConfig(targets="all", r=2, train=["fc"])),
+# the zoo's cases, then the families only these tests build (the same Case type: model, kwargs, input size, config)
+FAMILIES = zoo.CASES + [
+    Case("deit", "deit_tiny_patch16_224", dict(img_size=32, patch_size=4, depth=2), 32,
+         {"targets": "vit", "qkv": "qv"}),
+    Case("swin", "swin_tiny_patch4_window7_224", dict(img_size=32, window_size=2, depths=(1, 1, 1, 1)), 32,
+         {"targets": "vit"}),
+    Case("eva02", "eva02_tiny_patch14_224", dict(img_size=28, depth=2), 28, {"targets": "vit"}),
+    Case("beit", "beit_base_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2), 32,
+         {"targets": ["attn.qkv"]}),
+    Case("efficientnet_b0", "efficientnet_b0", {}, 32, {"targets": "conv", "r": 4}),
+    Case("mobilenetv3-fraction", "mobilenetv3_small_100", {}, 32, {"targets": "conv", "r": 0.25}),
+    Case("regnetx_002", "regnetx_002", {}, 32, {"targets": "conv"}),
+    Case("inception_v3", "inception_v3", {}, 75, {"targets": "conv", "r": 4}),
+    Case("tf_efficientnet_b0", "tf_efficientnet_b0", {}, 32, {"targets": "conv", "r": 4}),
+    Case("resnetv2_50x1_bit", "resnetv2_50x1_bit", {}, 32, {"targets": "all", "r": 4}),
+    Case("odd_convs", "odd_convs", {}, 24, {"targets": "all", "r": 2, "train": ["fc"]}),
 ]
 
 
@@ -81,17 +81,20 @@ def rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize("name,kwargs,size,config", CASES, ids=[c[0] for c in CASES])
-def test_model_family(name, kwargs, size, config):
-    model = build(name, kwargs)
+@pytest.mark.parametrize("case", FAMILIES, ids=[c.id for c in FAMILIES])
+def test_model_family(case):
+    model = build(case.model, case.kwargs)
     base = copy.deepcopy(model)
-    x = torch.randn(2, 3, size, size)
+    x = torch.randn(2, 3, case.size, case.size)
     with torch.no_grad():
         y_base = base(x)
-    inject(model, config, verify=True)
+    inject(model, case.config(), verify=True)
     assert any(True for _ in lora_layers(model))
     with torch.no_grad():
-        assert torch.equal(model(x), y_base), "B = 0 must reproduce the base model exactly"
+        if case.config().use_dora:  # m * W / |W| with m = |W|: the base up to rounding (test_dora's bound)
+            assert rel(model(x), y_base) <= 1e-6
+        else:
+            assert torch.equal(model(x), y_base), "B = 0 must reproduce the base model exactly"
     randomize(model)
     with torch.no_grad():
         y_unmerged = model(x)
@@ -286,6 +289,24 @@ def test_one_exclude_or_train_pattern_given_as_a_string_is_one_pattern():
     names = [n for n, _ in lora_layers(model)]
     assert "blocks.0.attn.qkv" not in names and "blocks.1.attn.qkv" in names
     assert model.head.weight.requires_grad
+
+
+def test_inject_on_meta_device_and_reentrant_checkpointing():
+    with torch.device("meta"):
+        model = timm.create_model("vit_tiny_patch16_224", num_classes=3, **RUN_VIT["kwargs"])
+    inject(model, LoraConfig(r=4))  # no verify: a meta model has no numbers
+    assert model(torch.randn(2, 3, 32, 32, device="meta")).shape == (2, 3)
+    timm.layers.set_reentrant_ckpt(True)
+    try:
+        model = timm.create_model("vit_tiny_patch16_224", num_classes=3, **RUN_VIT["kwargs"])
+        inject(model, LoraConfig(r=4))
+        model.set_grad_checkpointing(True)
+        model.train()(torch.randn(2, 3, 32, 32)).sum().backward()
+        assert all(layer.lora_A.grad is not None for _, layer in lora_layers(model))
+        vislora.unload(model)
+        assert not model._forward_pre_hooks
+    finally:
+        timm.layers.set_reentrant_ckpt(False)
 
 
 def test_inject_keeps_the_eval_mode_of_the_layers_it_wraps():

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from zoo import best_top1, write_recipe
 
 from vislora import rundir, runpaths
 from vislora.cli import main
@@ -67,6 +68,18 @@ def test_force_leaves_a_users_file_of_every_reserved_name_untouched(tmp_path, im
     (run / "my_notes.txt").write_text("keep me")
     assert main(["train", str(recipe_file(tmp_path, images)), "--out", str(run), "--force"]) == 0
     assert (run / "my_notes.txt").read_text() == "keep me" and (run / runpaths.MARKER).is_file()
+
+
+def test_force_with_another_adapter_replaces_the_old_run(tmp_path, split_images):
+    lora = write_recipe(tmp_path / "lora.yaml", split_images, {"r": 4, "targets": "vit"})
+    probe = write_recipe(tmp_path / "probe.yaml", split_images, "linear_probe", epochs=1)
+    run = tmp_path / "run"
+    assert main(["train", str(lora), "--out", str(run)]) == 0
+    (run / "notes.txt").write_text("mine")  # a file vislora did not write survives --force
+    assert main(["train", str(probe), "--out", str(run), "--force"]) == 0
+    assert not (run / "adapter").exists() and (run / "weights.safetensors").is_file()
+    assert (run / "notes.txt").read_text() == "mine"
+    assert evaluate(run, out=tmp_path / "r.json")["top1"] == best_top1(run)
 
 
 WRITES_INTO_DATA = [  # (id, argv from (tmp, data folder)): each would write inside --data

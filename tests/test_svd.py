@@ -11,9 +11,12 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import zoo
+from safetensors.torch import save_file
 from torch.nn.utils.parametrizations import weight_norm
 
 from vislora import LoraConfig, inject, lora_layers, save_adapter
+from vislora.cli import main
 from vislora.inject import find_targets
 from vislora.layers import raw_weight_name
 from vislora.spectrum import format_spectrum, plot_spectrum, spectrum
@@ -44,20 +47,22 @@ class TinyCNN(nn.Module):
 
 
 CNN_TARGETS = ["stem", "dw", "grouped", "kx1", "pw"]
-CASES = {  # name -> (model factory, LoraConfig kwargs)
-    "vit": (lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4,
-                                      depth=2, num_classes=10), {"targets": "vit"}),
-    "vit-qv": (lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4,
-                                         depth=2, num_classes=10), {"targets": "vit", "qkv": "qv"}),
-    "cnn": (TinyCNN, {"targets": CNN_TARGETS, "train": ["head"]}),
-}
+CNN_LORA = {"targets": CNN_TARGETS, "train": ["head"]}
 
 
 def make(case: str, seed: int = 0) -> tuple[nn.Module, dict, torch.Tensor]:
-    torch.manual_seed(seed)
-    factory, kwargs = CASES[case]
-    model = factory().eval()
-    return model, kwargs, torch.randn(2, 3, 32, 32)
+    """A zoo case (with a 10-class head) or, for 'cnn', TinyCNN; its LoraConfig keys; a 32 px batch."""
+    if case == "cnn":
+        torch.manual_seed(seed)
+        model, kwargs = TinyCNN().eval(), CNN_LORA
+    else:
+        model, kwargs = zoo.case(case).build(seed, num_classes=10), zoo.case(case).lora
+    return model, dict(kwargs), torch.randn(2, 3, 32, 32)
+
+
+def head_of(model: nn.Module) -> nn.Module:
+    """The classifier: timm's get_classifier(), TinyCNN's head."""
+    return model.get_classifier() if hasattr(model, "get_classifier") else model.head
 
 
 def raw(module: nn.Module) -> torch.Tensor:
@@ -91,7 +96,7 @@ def perturb(model: nn.Module, names: list[str], scale: float = 0.02, rank: int |
 def tuned_copy(model: nn.Module, names: list[str], **kw) -> nn.Module:
     tuned = copy.deepcopy(model)
     perturb(tuned, names, **kw)
-    head = tuned.get_submodule("head")
+    head = head_of(tuned)
     with torch.no_grad():
         head.weight.add_(0.1 * torch.randn_like(head.weight))
     return tuned
@@ -147,7 +152,7 @@ def test_pissa_as_lora_needs_pissa():
 
 
 # ---- extraction -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", ["vit", "vit-qv", "cnn"])
+@pytest.mark.parametrize("case", ["vit", "vit-qv", "mobilenet", "convnext", "cnn"])
 def test_extract_full_rank_is_exact(case):
     base, kwargs, x = make(case)
     config = LoraConfig(r=8, **kwargs)
@@ -163,7 +168,7 @@ def test_extract_full_rank_is_exact(case):
     assert [r["name"] for r in report] == names
     for row in report:
         assert row["energy"] == pytest.approx(1.0, abs=1e-6) and row["rel_error"] < 1e-3 and not row["unchanged"]
-    torch.testing.assert_close(model.head.weight, tuned.head.weight)
+    torch.testing.assert_close(head_of(model).weight, head_of(tuned).weight)
 
 
 def test_extract_low_rank_is_eckart_young():
@@ -303,6 +308,26 @@ def test_extract_bad_input():
         extract_adapter(copy.deepcopy(base), base, LoraConfig(**kwargs))
 
 
+def test_extract_from_an_imagenet_headed_base_to_a_k_class_fine_tune(tmp_path, capsys):
+    torch.manual_seed(0)
+    base = timm.create_model("resnet18", pretrained=False)  # 1000 classes, as ImageNet weights come
+    tuned = timm.create_model("resnet18", pretrained=False, num_classes=5)
+    state = {k: v for k, v in base.state_dict().items() if not k.startswith("fc.")}
+    tuned.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        tuned.layer1[0].conv1.weight.add_(0.01 * torch.randn_like(tuned.layer1[0].conv1.weight))
+        tuned.layer2[0].bn1.running_mean.add_(0.5)  # BN statistics changed: carried as a module to save
+    save_file(base.state_dict(), str(tmp_path / "base.safetensors"))
+    save_file(tuned.state_dict(), str(tmp_path / "tuned.safetensors"))
+    assert main(["extract", "--base", str(tmp_path / "base.safetensors"), "--tuned", str(tmp_path /
+                 "tuned.safetensors"), "--model", "resnet18", "--kwargs", '{"num_classes": 5}', "--rank", "full",
+                 "--targets", "all", "--out", str(tmp_path / "adapter")]) == 0
+    fidelity = json.loads((tmp_path / "adapter/extract_fidelity.json").read_text())
+    assert "layer2.0.bn1" in fidelity["carried"]
+    assert fidelity["max_abs_diff"] <= 1e-4 * fidelity["output_scale"]
+    assert "whole model" in capsys.readouterr().out
+
+
 # ---- spectrum and penalties -----------------------------------------------------------------------
 def random_adapter(case: str) -> nn.Module:
     model, kwargs, _ = make(case)
@@ -347,3 +372,11 @@ def test_frobenius_penalty_and_factor_l2(case):
     for _, layer in lora_layers(model):
         assert layer.lora_A.grad is not None and layer.lora_A.grad.abs().sum() > 0
         assert layer.lora_B.grad is not None and layer.lora_B.grad.abs().sum() > 0
+
+
+def test_penalties_of_a_pissa_adapter_measure_its_change():
+    model = inject(zoo.case("vit").build(), LoraConfig(r=4, targets="vit", init="pissa"))
+    assert frobenius_penalty(model).item() == 0.0 and factor_l2(model).item() == 0.0
+    with torch.no_grad():
+        next(layer for _, layer in lora_layers(model)).lora_B.add_(0.01)
+    assert frobenius_penalty(model).item() > 0 and factor_l2(model).item() > 0

@@ -5,9 +5,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from zoo import write_recipe
 
 import vislora.train as vtrain
 from vislora import knobs
+from vislora.cli import main
 from vislora.data import make_synthetic_folder
 from vislora.evaluate import evaluate
 from vislora.recipe import load_recipe, resolve
@@ -177,3 +179,45 @@ def test_head_stage_schedule_and_its_limits():
         vtrain.build_optimizer(model, t, steps_per_epoch=4)
     t = resolve({"train": {"head_epochs": 0}})["train"]
     assert len(vtrain.build_optimizer(model, t, steps_per_epoch=4)[0].param_groups) == 2
+
+
+# ---- the CLI's runs (issue 14) ------------------------------------------------------------------------
+def test_grad_accum_larger_than_an_epoch_still_steps(tmp_path, split_images):
+    recipe = write_recipe(tmp_path / "r.yaml", split_images, {"r": 4, "targets": "vit"}, grad_accum=50)
+    assert main(["train", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]  # one step per epoch, on its last batch
+    state = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["model"]
+    b = [v for k, v in state.items() if k.endswith("lora_B")]  # step 1 trained the zero head, step 2 the adapters
+    assert b and all(v.abs().max() > 0 for v in b)
+
+
+def test_no_val_split_keeps_the_last_epoch(tmp_path, capsys):
+    flat = make_synthetic_folder(tmp_path / "flat", classes=3, per_class=6, size=32)
+    recipe = write_recipe(tmp_path / "r.yaml", flat, {"r": 4, "targets": "vit"})
+    assert main(["train", str(recipe), "--out", str(tmp_path / "run"), "--set", "data.val_fraction=0"]) == 0
+    assert "no val split" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "run/train_summary.json").read_text())
+    assert summary["kept"] == "last" and summary["epochs"] == 2
+    assert main(["eval", str(tmp_path / "run")]) == 2
+    assert "no val split" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "run"), "--data", str(flat), "--out", str(tmp_path / "e.json")]) == 0
+
+
+def test_resume_from_the_command_line_uses_the_runs_own_recipe(tmp_path, split_images, monkeypatch):
+    recipe = write_recipe(tmp_path / "r.yaml", split_images, {"r": 4, "targets": "vit"})
+    real, calls = classification.validate, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(classification, "validate", interrupted)
+    assert main(["train", str(recipe), "--out", str(tmp_path / "run")]) == 130  # Ctrl-C in epoch 2
+    monkeypatch.setattr(classification, "validate", real)
+    recipe.unlink()  # the run's own recipe.yaml is all --resume needs
+    assert main(["train", "--resume", "--out", str(tmp_path / "run")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
