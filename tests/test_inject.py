@@ -16,8 +16,9 @@ from zoo import RUN_VIT, Case
 
 import vislora
 from vislora import LoraConfig, inject, lora_layers, merge, trainable_summary, unload, unmerge
-from vislora.inject import find_targets, freeze_bn_stats, unadaptable_layers
+from vislora.inject import freeze_bn_stats, unadaptable_layers
 from vislora.layers import LoraLayer, _depthwise_on_cpu
+from vislora.targets import find_targets
 
 
 class OddConvs(nn.Module):

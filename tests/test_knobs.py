@@ -12,10 +12,11 @@ import torch
 
 import vislora.train as vtrain
 from vislora import knobs, loggers, runpaths
+from vislora.config import LoraConfig
 from vislora.data import build_transform, make_synthetic_folder
 from vislora.errors import VisloraError
 from vislora.evaluate import evaluate
-from vislora.inject import LoraConfig, inject
+from vislora.inject import inject
 from vislora.recipe import resolve, save_recipe
 from vislora.tasks import classification
 from vislora.tasks.backbone import create_body

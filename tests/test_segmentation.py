@@ -15,10 +15,11 @@ from PIL import Image
 
 import vislora
 from vislora.cli import main
+from vislora.config import LoraConfig
 from vislora.evaluate import evaluate, predict
 from vislora.export import export_model, export_run
 from vislora.image import read_mask, write_mask
-from vislora.inject import FROZEN_BN, LoraConfig, unload
+from vislora.inject import FROZEN_BN, unload
 from vislora.recipe import load_recipe, resolve
 from vislora.tasks import segmentation as seg
 from vislora.tasks import segmentation_data, segmentation_model

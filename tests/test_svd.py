@@ -17,10 +17,10 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from vislora import LoraConfig, inject, lora_layers, save_adapter
 from vislora.cli import main
-from vislora.inject import find_targets
 from vislora.layers import raw_weight_name
 from vislora.spectrum import format_spectrum, plot_spectrum, spectrum
 from vislora.svd import extract_adapter, factor_l2, frobenius_penalty, pissa_as_lora
+from vislora.targets import find_targets
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore:adapter on .* more than the layer itself")  # full-rank tiny convs
