@@ -1,4 +1,5 @@
-"""Classification data: folder layouts and splits, odd and broken files, transforms, preprocess config, loaders."""
+"""Classification data: folder layouts and splits, odd and broken files, preprocess config, loaders
+(the transforms: tests/test_augment.py)."""
 
 import json
 import logging
@@ -16,7 +17,7 @@ from sklearn.linear_model import LogisticRegression
 from zoo import RUN_VIT
 
 from vislora import data as vdata
-from vislora.image import load_input as preprocess_image
+from vislora.augment import EvalTransform, train_pipeline
 from vislora.image import read_image
 from vislora.recipe import resolve
 from vislora.tasks import backbone, classification
@@ -200,7 +201,7 @@ def test_alpha_16bit_and_exif_orientation(tmp_path):
 def test_dataset_skips_the_corrupt_file_at_scan(odd_folder, caplog):
     split, _ = vdata.scan_folder(odd_folder, val_fraction=0.0)
     with caplog.at_level(logging.WARNING, logger="vislora.data"):
-        ds = vdata.ImageDataset(split, vdata.build_transform(PRE, False))
+        ds = vdata.ImageDataset(split, EvalTransform(PRE))
     corrupt = str(next(odd_folder.rglob("odd_corrupt.jpg")))
     assert ds.skipped == [corrupt] and corrupt in caplog.text
     assert len(ds) == len(split.items) - 1 == 3 * 8 + len(ODD)
@@ -213,7 +214,7 @@ def test_dataset_skips_the_corrupt_file_at_scan(odd_folder, caplog):
 def test_file_broken_after_scan_is_dropped_not_fatal(tmp_path, caplog):
     root = vdata.make_synthetic_folder(tmp_path, classes=2, per_class=6, size=16)
     split, _ = vdata.scan_folder(root, val_fraction=0.0)
-    ds = vdata.ImageDataset(split, vdata.build_transform(PRE, True))
+    ds = vdata.ImageDataset(split, train_pipeline(PRE))
     broken = split.items[0][0]
     broken.write_bytes(b"truncated")
     with caplog.at_level(logging.WARNING, logger="vislora.data"):
@@ -232,7 +233,7 @@ def test_loader_with_workers_completes_an_epoch_over_odd_files(odd_folder, tmp_p
     late = copy_dir / "late.png"  # readable at scan, broken before the epoch: fails inside a worker
     Image.new("RGB", (16, 16)).save(late)
     split.items.append((late, 1))
-    ds = vdata.ImageDataset(split, vdata.build_transform(PRE, True, {"scale": (0.5, 1.0)}))
+    ds = vdata.ImageDataset(split, train_pipeline(PRE, {"scale": (0.5, 1.0)}))
     late.write_bytes(b"gone bad")
     loader = vdata.build_loader(ds, batch_size=8, train=True, workers=2, seed=0, drop_last=False)
     seen = 0
@@ -282,43 +283,6 @@ def test_a_local_checkpoint_brings_its_cards_preprocessing(tmp_path):
 def test_preprocess_config_bad_overrides_name_the_key(overrides, key):
     with pytest.raises(ValueError, match=key):
         vdata.preprocess_config({"mean": (0.5, 0.5, 0.5)}, overrides)
-
-
-def test_train_and_eval_transforms_shape_and_normalization():
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
-    train = vdata.build_transform(PRE, True, {"scale": [0.5, 1.0], "hflip": 0.5, "color_jitter": 0.3})
-    out = train(image=image)["image"]
-    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
-    wide = vdata.build_transform({**PRE, "input_size": [3, 24, 40]}, True)(image=image)["image"]
-    assert wide.shape == (3, 24, 40)
-    flat = np.full((40, 60, 3), 128, np.uint8)
-    evaluated = vdata.build_transform(PRE, False)(image=flat)["image"]
-    want = (128 / 255 - np.array(PRE["mean"])) / np.array(PRE["std"])
-    assert evaluated.shape == (3, 32, 32)
-    torch.testing.assert_close(evaluated, torch.tensor(want, dtype=torch.float32)[:, None, None].expand(3, 32, 32))
-    # no colour jitter, no flip: a flat image stays flat and exactly normalized after the random crop too
-    plain = vdata.build_transform(PRE, True, {"hflip": 0, "color_jitter": 0})
-    assert [type(t).__name__ for t in plain.transforms] == ["RandomResizedCrop", "Normalize", "ToTensorV2"]
-    torch.testing.assert_close(plain(image=flat)["image"], evaluated)
-
-
-def test_eval_transform_matches_the_exported_preprocessing(tmp_path):
-    path = tmp_path / "x.png"
-    Image.fromarray(np.random.default_rng(1).integers(0, 256, (45, 61, 3), dtype=np.uint8)).save(path)
-    ours = vdata.build_transform(PRE, False)(image=read_image(path))["image"].numpy()
-    np.testing.assert_allclose(ours, preprocess_image(path, PRE), atol=1e-6)
-
-
-def test_bad_augment_and_preprocess_are_named():
-    with pytest.raises(ValueError, match="jitter_strength"):
-        vdata.build_transform(PRE, True, {"jitter_strength": 0.2})
-    with pytest.raises(ValueError, match="scale"):
-        vdata.build_transform(PRE, True, {"scale": (0.9, 0.1)})
-    with pytest.raises(ValueError, match="interpolation"):
-        vdata.build_transform({**PRE, "interpolation": "fancy"}, True)
-    with pytest.raises(ValueError, match="mean"):
-        vdata.build_transform({"input_size": (3, 8, 8), "std": (1, 1, 1), "interpolation": "bilinear"}, True)
 
 
 # ---- loaders ---------------------------------------------------------------------------------------------------

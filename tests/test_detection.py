@@ -7,6 +7,7 @@ import math
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import timm
@@ -42,7 +43,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecate
 
 CNN = {"name": "test_resnet"}
 VIT = {"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 64, "patch_size": 8, "depth": 2}}
-NO_AUGMENT = {"hflip": 0, "scale": None, "color": 0}
+NO_AUGMENT = {"hflip": 0, "scale": [1.0, 1.0], "color_jitter": 0}  # data.augment keys, as every task's
 
 
 def det_cfg(head: str, **extra) -> dict:
@@ -145,6 +146,20 @@ def test_scenes_deterministic_and_formats_agree(scenes, data, tmp_path):
     assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,) and target["labels"].dtype == torch.int64
     image, target = val[next(i for i, r in enumerate(val.records) if len(r["boxes"]))]
     assert target["labels"].min() >= 1 and (target["boxes"][:, 2:] > target["boxes"][:, :2]).all()
+
+
+def test_train_crop_honours_the_interpolation_and_moves_the_boxes(scenes):
+    """data.augment / data.interpolation reach vislora.augment's pipeline (target bboxes): hflip 1 with the whole
+    image mirrors every box; the val set stays untransformed (the detector resizes)."""
+    train, val, _ = build_detection_datasets(coco_cfg(scenes), 64, {**NO_AUGMENT, "hflip": 1.0}, "nearest")
+    assert train.transform.transforms[0].interpolation == cv2.INTER_NEAREST and val.transform is None
+    i = next(i for i, r in enumerate(train.records) if len(r["boxes"]))
+    image, target = train[i]
+    boxes = torch.from_numpy(train.records[i]["boxes"]).float()
+    mirrored = torch.stack([64 - boxes[:, 2], boxes[:, 1], 64 - boxes[:, 0], boxes[:, 3]], dim=1)
+    assert image.shape == (3, 64, 64) and torch.allclose(target["boxes"], mirrored, atol=1e-3)
+    with pytest.raises(ValueError, match="rand"):
+        build_detection_datasets(coco_cfg(scenes), 64, {"rand": "rand-m9"})
 
 
 def test_degenerate_boxes_are_clipped_or_dropped(scenes, tmp_path, caplog):

@@ -12,8 +12,9 @@ import torch
 
 import vislora.train as vtrain
 from vislora import knobs, loggers, runpaths
+from vislora.augment import train_pipeline
 from vislora.config import LoraConfig
-from vislora.data import build_transform, make_synthetic_folder
+from vislora.data import make_synthetic_folder
 from vislora.errors import VisloraError
 from vislora.evaluate import evaluate
 from vislora.inject import inject
@@ -203,7 +204,7 @@ def test_mixup_gives_soft_targets_and_the_soft_loss():
                                           ({"erase": 0.5}, "tensor_op")])
 def test_rand_and_erase_are_timm_steps_of_the_pipeline(augment, step):
     pre = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bicubic"}
-    plain, tuned = build_transform(pre, True), build_transform(pre, True, augment)
+    plain, tuned = train_pipeline(pre), train_pipeline(pre, augment)
     names = [getattr(getattr(s, "custom_apply_fns", {}).get("image"), "func", None) for s in tuned.transforms]
     assert step in [f.__name__ for f in names if f is not None]
     assert len(tuned.transforms) == len(plain.transforms) + 1 - ("rand" in augment)  # rand: no colour jitter

@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 
 import vislora
+from vislora.augment import EvalTransform, train_pipeline
 from vislora.cli import main
 from vislora.config import LoraConfig
 from vislora.evaluate import evaluate, predict
@@ -96,9 +97,9 @@ def test_mask_and_image_stay_aligned_under_augmentation(seed):
     colours = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]], dtype=np.uint8)
     rgb, mask = _colour_scene(48, 40, 6, colours, seed)
     augment = {"scale": [0.2, 1.0], "hflip": 1.0, "color_jitter": 0.0}
-    train = seg.train_transform(PRE, augment)
+    train = train_pipeline(PRE, augment, "mask")
     train.set_random_seed(seed)
-    for transform in (train, seg.eval_transform(PRE)):
+    for transform in (train, EvalTransform(PRE, whole=True)):
         out = transform(image=rgb, mask=mask)
         pixels = seg.denormalize(out["image"].numpy(), PRE).astype(np.int64)
         labels = out["mask"].numpy()
@@ -109,7 +110,7 @@ def test_mask_and_image_stay_aligned_under_augmentation(seed):
         interior = (windows == labels).all(0)
         assert interior.mean() > 0.4
         assert (nearest[interior] == labels[interior]).mean() == 1.0
-    flipped = seg.train_transform(PRE, {"scale": [1.0, 1.0], "hflip": 1.0, "color_jitter": 0.0})
+    flipped = train_pipeline(PRE, {"scale": [1.0, 1.0], "hflip": 1.0, "color_jitter": 0.0}, "mask")
     out = flipped(image=rgb[:32, :32], mask=mask[:32, :32])
     assert np.array_equal(out["mask"].numpy(), mask[:32, :32][:, ::-1])
 

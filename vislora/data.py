@@ -1,4 +1,4 @@
-"""Classification data: image folders, stratified splits, albumentations pipelines, loaders that skip bad files.
+"""Classification data: image folders, stratified splits, preprocessing configs, loaders that skip bad files.
 
 Layouts: ROOT/train/<class>/* + ROOT/val/<class>/*, or ROOT/<class>/* split into train/val by a stratified, seeded
 fraction. Class names are the folder names, sorted. Files Pillow cannot read are found at scan time (`skipped`);
@@ -8,8 +8,6 @@ a file that breaks later makes its sample None, which `collate_skip` drops, so a
 from __future__ import annotations
 
 import colorsys
-import contextlib
-import functools
 import logging
 import multiprocessing
 import random
@@ -19,37 +17,23 @@ from dataclasses import dataclass
 from multiprocessing.context import get_spawning_popen
 from pathlib import Path
 
-import albumentations as A
-import cv2
 import numpy as np
 import torch
-from albumentations.pytorch import ToTensorV2
 from PIL import Image, ImageDraw
 from sklearn.model_selection import train_test_split
 from timm.data import resolve_data_config, resolve_model_data_config
-from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
-from timm.data.random_erasing import RandomErasing
-from timm.data.transforms import str_to_pil_interp
 from tqdm import tqdm
 
 from vislora import image
+from vislora.augment import INTERPOLATIONS
 from vislora.errors import VisloraError
 from vislora.files import listing
-from vislora.recipe import TASK_DEFAULTS
 
 logger = logging.getLogger(__name__)
 
 VAL_DIRS = ("val", "valid", "validation")
 SPLIT_DIRS = ("train", *VAL_DIRS, "test")
-INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
-                  "area": cv2.INTER_AREA, "box": cv2.INTER_AREA, "hamming": cv2.INTER_LINEAR,
-                  "lanczos": cv2.INTER_LANCZOS4}  # albumentations (cv2) flags for the train crop
 OVERRIDE_KEYS = ("img_size", "mean", "std", "interpolation", "crop_pct")
-AUGMENT_DEFAULTS = {**TASK_DEFAULTS["classification"]["data"]["augment"], "ratio": (3 / 4, 4 / 3), "rand": None,
-                    "erase": 0.0}
-BATCH_AUGMENT = ("mixup", "cutmix")  # whole batches (vislora.knobs.BatchMix), not this per-image pipeline
-# TrivialAugment (Mueller & Hutter 2021) in timm's terms: one op per image at a uniform magnitude, always applied
-TRIVIAL = "rand-n1-m10-mstd101-inc1-p1.0"
 
 
 @dataclass
@@ -234,99 +218,6 @@ def preprocess_config(model_or_pretrained_cfg, overrides: dict | None = None) ->
     if not 0 < pre["crop_pct"] <= 1:
         raise VisloraError(f"preprocess 'crop_pct' must be in (0, 1], got {pre['crop_pct']}")
     return pre
-
-
-def _augment(augment: dict | None) -> dict:
-    """Augment settings with defaults filled in and ranges checked."""
-    given = {k: v for k, v in (augment or {}).items() if v is not None and k not in BATCH_AUGMENT}
-    unknown = sorted(set(given) - set(AUGMENT_DEFAULTS))
-    if unknown:
-        raise VisloraError(f"unknown augment key(s) {unknown}; known: {', '.join(AUGMENT_DEFAULTS)}")
-    aug = {**AUGMENT_DEFAULTS, **given}
-    lo, hi = (float(v) for v in aug["scale"])
-    if not 0 < lo <= hi <= 1:
-        raise VisloraError(f"augment 'scale' must be (min, max) with 0 < min <= max <= 1, got {aug['scale']}")
-    rlo, rhi = (float(v) for v in aug["ratio"])
-    if not 0 < rlo <= rhi:
-        raise VisloraError(f"augment 'ratio' must be (min, max) with 0 < min <= max, got {aug['ratio']}")
-    if not 0 <= float(aug["hflip"]) <= 1:
-        raise VisloraError(f"augment 'hflip' is a probability in [0, 1], got {aug['hflip']}")
-    if float(aug["color_jitter"]) < 0:
-        raise VisloraError(f"augment 'color_jitter' must be >= 0 (0 disables it), got {aug['color_jitter']}")
-    return {"scale": (lo, hi), "ratio": (rlo, rhi), "hflip": float(aug["hflip"]),
-            "color_jitter": float(aug["color_jitter"]), "rand": aug["rand"], "erase": float(aug["erase"])}
-
-
-def auto_augment(config: str, pre: dict, size: int):
-    """timm's policy for data.augment.rand (rand-*, augmix-*, original, v0, 3a ...; trivial = TRIVIAL), with the
-    hparams timm's create_transform gives it: translation, fill colour from the mean, the interpolation."""
-    config = TRIVIAL if config == "trivial" else config
-    hparams = {"translate_const": int(size * 0.45), "img_mean": tuple(min(255, round(255 * x)) for x in pre["mean"])}
-    with contextlib.suppress(KeyError):  # an interpolation PIL does not name (cv2's area): timm's default
-        hparams["interpolation"] = str_to_pil_interp(pre["interpolation"])
-    try:
-        if config.startswith("rand"):
-            return rand_augment_transform(config, hparams)
-        if config.startswith("augmix"):
-            return augment_and_mix_transform(config, {**hparams, "translate_pct": 0.3})
-        return auto_augment_transform(config, hparams)
-    except (AssertionError, ValueError, KeyError, IndexError) as e:
-        raise VisloraError(f"data.augment.rand={config!r} is not a timm auto-augment string ({e or type(e).__name__}"
-                           "); e.g. rand-m9-mstd0.5, augmix-m5-w4, original, trivial") from None
-
-
-def pil_op(op, image: np.ndarray, **_) -> np.ndarray:
-    """A timm PIL transform as an albumentations step on HxWx3 uint8."""
-    return np.asarray(op(Image.fromarray(image)))
-
-
-def tensor_op(op, image: np.ndarray, **_) -> np.ndarray:
-    """A timm CHW-tensor transform (RandomErasing, in place) as an albumentations step on HxWx3 float32."""
-    return op(torch.from_numpy(image.transpose(2, 0, 1).copy())).numpy().transpose(1, 2, 0)
-
-
-class EvalTransform:
-    """vislora.image.eval_transform (the geometry every evaluation and exported model uses) called like an
-    albumentations pipeline: transform(image=HxWx3 uint8) -> {"image": CHW float32 tensor}."""
-
-    def __init__(self, preprocess: dict):
-        self.transform = image.eval_transform(preprocess)
-
-    def __call__(self, image: np.ndarray) -> dict:
-        return {"image": torch.from_numpy(self.transform(image))}
-
-
-def build_transform(pre: dict, train: bool, augment: dict | None = None) -> A.Compose | EvalTransform:
-    """HxWx3 uint8 -> CHW float32 tensor. Train: RandomResizedCrop, HorizontalFlip, ColorJitter (timm's strength
-    convention; 0 disables; off under an auto-augment policy but 3a, as timm does), timm's auto-augment
-    (augment rand), normalised with pre's mean/std, timm's RandomErasing (augment erase, per-pixel noise).
-    Eval: vislora.image.eval_transform (shorter side to size / crop_pct, center crop, normalise), the same
-    numbers the exported model is fed."""
-    if not train:
-        return EvalTransform(pre)
-    missing = [k for k in ("input_size", "mean", "std", "interpolation") if k not in pre]
-    if missing:
-        raise VisloraError(f"preprocess dict is missing {missing} (has {sorted(pre)})")
-    if pre["interpolation"] not in INTERPOLATIONS:
-        raise VisloraError(f"preprocess 'interpolation'={pre['interpolation']!r} is not one of "
-                           f"{sorted(INTERPOLATIONS)}")
-    aug = _augment(augment)
-    _, h, w = _input_size(pre["input_size"])
-    steps = [A.RandomResizedCrop(size=(h, w), scale=aug["scale"], ratio=aug["ratio"],
-                                 interpolation=INTERPOLATIONS[pre["interpolation"]])]
-    if aug["hflip"] > 0:
-        steps.append(A.HorizontalFlip(p=aug["hflip"]))
-    if aug["color_jitter"] > 0 and (not aug["rand"] or "3a" in aug["rand"]):
-        j = aug["color_jitter"]
-        steps.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=0.0, p=1.0))
-    if aug["rand"]:
-        steps.append(A.Lambda(image=functools.partial(pil_op, auto_augment(aug["rand"], pre, min(h, w))), p=1.0))
-    steps.append(A.Normalize(mean=tuple(pre["mean"]), std=tuple(pre["std"]), max_pixel_value=255.0))
-    if aug["erase"] > 0:
-        erase = RandomErasing(aug["erase"], mode="pixel", device="cpu")
-        steps.append(A.Lambda(image=functools.partial(tensor_op, erase), p=1.0))
-    steps.append(ToTensorV2())
-    return A.Compose(steps)
 
 
 # ---- dataset and loader ----------------------------------------------------------------------------------------

@@ -152,6 +152,8 @@ def mode(recipe: dict) -> str:
     return "lora" if isinstance(adapter, dict) else "full" if adapter is None else "linear_probe"
 
 
+# the train pipeline's target kind (vislora.augment) -> the task whose data.augment defaults it takes
+AUGMENT_TARGETS = {"image": "classification", "bboxes": "detection", "mask": "segmentation"}
 # data.augment keys that only some tasks accept (the others refuse them by name): task -> keys
 TASK_ONLY_AUGMENT = {"classification": ("mixup", "cutmix", "rand", "erase")}
 AUTO_AUGMENT = ("rand", "augmix", "original", "originalr", "v0", "v0r", "3a", "trivial")  # timm's policy names

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from vislora import data as vdata
 from vislora import image, runpaths
+from vislora.augment import EvalTransform, train_pipeline
 from vislora.errors import VisloraError
 from vislora.files import read_json
 from vislora.inject import inject, set_trainable
@@ -113,8 +114,8 @@ def build(recipe: dict) -> Setup:
     model = build_model(recipe, train_split.classes)
     overrides = {k: d[k] for k in vdata.OVERRIDE_KEYS if d[k] is not None}
     pre = {**vdata.preprocess_config(model, overrides), "class_names": train_split.classes, "task": NAME}
-    train_set = vdata.ImageDataset(train_split, vdata.build_transform(pre, True, d["augment"]))
-    val_set = vdata.ImageDataset(val_split, vdata.build_transform(pre, False))
+    train_set = vdata.ImageDataset(train_split, train_pipeline(pre, d["augment"], "image"))
+    val_set = vdata.ImageDataset(val_split, EvalTransform(pre))
     return Setup(model, train_set, val_set, vdata.collate_skip, train_split.classes, pre,
                  head_notes(recipe["model"], train_split.classes), split_record(recipe, train_split, val_split))
 
@@ -242,7 +243,7 @@ def example_inputs(recipe: dict, preprocess: dict, n: int = 8) -> torch.Tensor |
         val, _ = eval_split(None, recipe, preprocess["class_names"])
     except (FileNotFoundError, ValueError):
         return None
-    dataset = vdata.ImageDataset(vdata.Split(val.items[:n], val.classes), vdata.build_transform(preprocess, False))
+    dataset = vdata.ImageDataset(vdata.Split(val.items[:n], val.classes), EvalTransform(preprocess))
     images = [item[0] for item in (dataset[i] for i in range(len(dataset))) if item is not None]
     return torch.stack(images) if images else None
 
@@ -401,7 +402,7 @@ def evaluate(predictor: Callable[[np.ndarray], np.ndarray], preprocess: dict, re
     classes = preprocess["class_names"]
     topk = recipe["eval"]["topk"] if recipe else 5
     split, scored = eval_split(data, recipe, classes, run_dir)
-    dataset = vdata.ImageDataset(split, vdata.build_transform(preprocess, False))
+    dataset = vdata.ImageDataset(split, EvalTransform(preprocess))
     logits, labels, paths = run_eval(predictor, dataset, batch_size, workers, len(classes))
     report = classification_report(logits, labels, classes, topk)
     report["skipped"], report["scored"] = [str(p) for p in dataset.skipped], scored

@@ -45,12 +45,6 @@ def detector_config(recipe: dict) -> dict:
     return {k: v for k, v in recipe["detector"].items() if v is not None}
 
 
-def augment_config(augment: dict) -> dict:
-    """The recipe's data.augment (scale, hflip, color_jitter; None = the detection default) as train_transform's."""
-    given = {"hflip": augment.get("hflip"), "scale": augment.get("scale"), "color": augment.get("color_jitter")}
-    return {k: v for k, v in given.items() if v is not None}
-
-
 def adapt_detector(detector: nn.Module, lora: LoraConfig | None, probe: bool = False) -> nn.Module:
     """LoRA inside `backbone.body` with neck and head trained; None: full fine-tuning; probe: neck and head only."""
     return adapt_backbone(detector, lora, "backbone.body", detection_train_modules(detector), probe)
@@ -68,7 +62,8 @@ def adapt(model: nn.Module, recipe: dict) -> nn.Module:
 
 def build(recipe: dict) -> Setup:
     d, det = recipe["data"], recipe["detector"]
-    train_set, val_set, names = build_detection_datasets(d, det["min_size"], augment_config(d["augment"]))
+    train_set, val_set, names = build_detection_datasets(d, det["min_size"], d["augment"],
+                                                         d["interpolation"] or "bilinear")
     model = build_model(recipe, names)
     pre = {"input_size": [3, det["min_size"], det["min_size"]], "class_names": names, "task": NAME}
     return Setup(model, train_set, val_set, detection_collate, names, pre)

@@ -1,5 +1,6 @@
 """Detection data: COCO JSON and Ultralytics YOLO folders read into records with clean boxes, the dataset, the
-train augmentation (albumentations moves the boxes with the pixels) and the collate."""
+train augmentation (vislora.augment's train_pipeline, target "bboxes": the boxes move with the pixels) and the
+collate."""
 
 from __future__ import annotations
 
@@ -17,14 +18,12 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from vislora import image
+from vislora.augment import train_pipeline
 from vislora.errors import VisloraError
 from vislora.files import listing, read_json
-from vislora.recipe import TASK_DEFAULTS
 
 log = logging.getLogger(__name__)
 
-_AUGMENT = TASK_DEFAULTS["detection"]["data"]["augment"]  # recipe keys -> train_transform's
-DEFAULT_AUGMENT = {"hflip": _AUGMENT["hflip"], "scale": tuple(_AUGMENT["scale"]), "color": _AUGMENT["color_jitter"]}
 
 
 def clean_boxes(boxes: np.ndarray, labels: np.ndarray, width: float, height: float
@@ -68,13 +67,14 @@ class DetectionDataset(Dataset):
             log.warning("skipping %s", e)
             return None
         boxes, labels = rec["boxes"], rec["labels"]
-        if self.transform is not None:
+        if self.transform is not None:  # CHW float in [0, 1] out
             out = self.transform(image=pixels, bboxes=boxes, labels=labels)
-            pixels, boxes, labels = out["image"], out["bboxes"], out["labels"]
+            tensor, boxes, labels = out["image"], out["bboxes"], out["labels"]
+        else:
+            tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div_(255)
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         labels = np.asarray(labels, dtype=np.int64).reshape(-1)
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # rounding in a resize can empty a box
-        tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div_(255)
         return tensor, {"boxes": torch.from_numpy(boxes[keep]), "labels": torch.from_numpy(labels[keep]),
                         "image_id": int(rec["image_id"])}
 
@@ -248,35 +248,17 @@ def yolo_records(root: str | os.PathLike, split: str, names: list[str], data: di
     return records
 
 
-def train_transform(img_size: int, augment: dict | None = None) -> A.Compose:
-    """Light detection augmentation: flip, random scale crop to img_size x img_size, colour jitter.
-    augment overrides DEFAULT_AUGMENT ({"hflip": p, "scale": (min, max) area or None, "color": strength})."""
-    unknown = sorted(set(augment or {}) - set(DEFAULT_AUGMENT))
-    if unknown:
-        raise VisloraError(f"unknown augment key(s) {unknown}; known: {sorted(DEFAULT_AUGMENT)}")
-    aug = {**DEFAULT_AUGMENT, **(augment or {})}
-    ops: list = []
-    if aug["hflip"]:
-        ops.append(A.HorizontalFlip(p=float(aug["hflip"])))
-    if aug["scale"]:
-        lo, hi = aug["scale"]
-        ops.append(A.RandomResizedCrop(size=(img_size, img_size), scale=(float(lo), float(hi)), p=1.0))
-    if aug["color"]:
-        c = float(aug["color"])
-        ops.append(A.ColorJitter(brightness=c, contrast=c, saturation=c, hue=min(c / 4, 0.5), p=0.8))
-    return A.Compose(ops, bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"], min_visibility=0.3,
-                                                   min_area=4.0, min_width=1.0, min_height=1.0, clip=True))
-
-
 def _need(cfg: dict, *keys: str) -> None:
     missing = [k for k in keys if not cfg.get(k)]
     if missing:
         raise VisloraError(f"data config (format {cfg.get('format')!r}) needs key(s) {missing}")
 
 
-def build_detection_datasets(data_cfg: dict, img_size: int, augment: dict | None = None
+def build_detection_datasets(data_cfg: dict, img_size: int, augment: dict | None = None,
+                             interpolation: str = "bilinear"
                              ) -> tuple[DetectionDataset, DetectionDataset, list[str]]:
-    """Train (augmented) and val (untouched: the detector resizes) datasets and the class names.
+    """Train (augmented) and val (untouched: the detector resizes) datasets and the class names. The train crops
+    are img_size x img_size, resized with `interpolation`; augment: the recipe's data.augment (None = defaults).
 
     {format: coco, images: DIR, train_ann: FILE, val_ann: FILE} (file_name relative to images) or
     {format: yolo, path: ROOT} (ROOT/images/{train,val}, ROOT/labels/{train,val}, ROOT/data.yaml names)."""
@@ -296,7 +278,8 @@ def build_detection_datasets(data_cfg: dict, img_size: int, augment: dict | None
     else:
         raise VisloraError(f"data format {fmt!r} is not supported: use 'coco' or 'yolo'")
     (train, train_skipped), (val, val_skipped) = usable_records(train, "train"), usable_records(val, "val")
-    return (DetectionDataset(train, names, train_transform(img_size, augment), train_skipped),
+    crop = {"input_size": (3, img_size, img_size), "interpolation": interpolation}  # no mean/std: [0, 1] pixels
+    return (DetectionDataset(train, names, train_pipeline(crop, augment, "bboxes"), train_skipped),
             DetectionDataset(val, names, None, val_skipped), names)
 
 

@@ -6,7 +6,7 @@ plain ViT gives its last token map, and for the FPN head detection's simple pyra
 FeaturePyramidNetwork with every level convolved, upsampled and summed (Panoptic FPN's semantic branch), or
 torchvision's DeepLabV3 head on the last map. Logits are upsampled (bilinear) to the input size: the model maps an
 NCHW batch to N x C x H x W logits, so it traces and exports to ONNX like a classifier.
-The pieces: segmentation_model.py (the segmenter), segmentation_data.py (folders, masks, transforms),
+The pieces: segmentation_model.py (the segmenter), segmentation_data.py (folders, masks, dataset),
 segmentation_metrics.py (IoU, overlays); this file is the task interface (vislora/tasks/__init__.py).
 """
 
@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from vislora import data as vdata
 from vislora import image
+from vislora.augment import EvalTransform, train_pipeline
 from vislora.errors import VisloraError
 from vislora.files import write_json
 from vislora.tasks.common import (
@@ -42,11 +43,9 @@ from vislora.tasks.segmentation_data import (
     IGNORE,
     SegmentationDataset,
     eval_pairs,
-    eval_transform,
     read_classes,
     segmentation_collate,
     split_pairs,
-    train_transform,
 )
 from vislora.tasks.segmentation_metrics import confusion as pixel_confusion
 from vislora.tasks.segmentation_metrics import overlay, plot_masks, scores, segmentation_report
@@ -106,8 +105,8 @@ def build(recipe: dict) -> Setup:
                                                          recipe["train"]["seed"])
     model = build_model(recipe, classes)
     pre = preprocess_of(model, recipe, classes)
-    train_set = SegmentationDataset(train, classes, train_transform(pre, d["augment"]), train_skipped)
-    val_set = SegmentationDataset(val, classes, eval_transform(pre), val_skipped)
+    train_set = SegmentationDataset(train, classes, train_pipeline(pre, d["augment"], "mask"), train_skipped)
+    val_set = SegmentationDataset(val, classes, EvalTransform(pre, whole=True), val_skipped)
     return Setup(model, train_set, val_set, segmentation_collate, classes, pre)
 
 
@@ -200,7 +199,7 @@ def example_inputs(recipe: dict, preprocess: dict, n: int = 8) -> Tensor | None:
         pairs, _ = eval_pairs(None, recipe, preprocess["class_names"])
     except (FileNotFoundError, ValueError):
         return None
-    dataset = SegmentationDataset(pairs[:n], preprocess["class_names"], eval_transform(preprocess))
+    dataset = SegmentationDataset(pairs[:n], preprocess["class_names"], EvalTransform(preprocess, whole=True))
     images = [item[0] for item in (dataset[i] for i in range(len(dataset))) if item is not None]
     return torch.stack(images) if images else None
 
@@ -229,7 +228,7 @@ def predict(predictor: Callable[[np.ndarray], np.ndarray], preprocess: dict, ima
     An unreadable image gets {"path", "error"}."""
     names = preprocess["class_names"]
     out_dir = Path(out_dir if out_dir is not None else PREDICT_DIR)
-    transform = eval_transform(preprocess)
+    transform = EvalTransform(preprocess, whole=True)
     results, taken, inputs = [], set(), {Path(p).resolve() for p in image_paths}
     for path, rgb, error in image.read_each(image_paths):
         if error:
@@ -263,7 +262,7 @@ def evaluate(predictor: Callable[[np.ndarray], np.ndarray], preprocess: dict, re
     accumulated over every pixel of every image; OUT_confusion.{csv,png} and OUT_masks.png go beside OUT."""
     classes = preprocess["class_names"]
     pairs, skipped = eval_pairs(data, recipe, classes)
-    dataset = SegmentationDataset(pairs, classes, eval_transform(preprocess), skipped)
+    dataset = SegmentationDataset(pairs, classes, EvalTransform(preprocess, whole=True), skipped)
     loader = vdata.build_loader(dataset, batch_size, False, workers, collate_fn=segmentation_collate)
     matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
     samples, count = [], 0

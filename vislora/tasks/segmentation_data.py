@@ -1,20 +1,18 @@
 """Segmentation data: ROOT/{train,val}/images/* with ROOT/{train,val}/masks/<stem>.png (class indices, 255 =
 ignore) and ROOT/classes.txt (one name a line, 0 = background); the scan that names every unusable pair, the
-dataset, the train augmentation (albumentations moves the mask, nearest) and the eval transform."""
+dataset (its transforms: vislora.augment's train_pipeline, target "mask", and EvalTransform, whole=True)."""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import albumentations as A
-import cv2
 import numpy as np
 import torch
-from albumentations.pytorch import ToTensorV2
 from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -143,48 +141,6 @@ def segmentation_collate(batch: list) -> tuple[Tensor, Tensor]:
         return torch.zeros(0, 3, 0, 0), torch.zeros(0, 0, 0, dtype=torch.long)
     images, masks = zip(*batch, strict=True)
     return torch.stack(images), torch.stack(masks)
-
-
-def _cv2_interpolation(preprocess: dict) -> int:
-    if preprocess["interpolation"] not in vdata.INTERPOLATIONS:
-        raise VisloraError(f"preprocess 'interpolation'={preprocess['interpolation']!r} is not one of "
-                         f"{sorted(vdata.INTERPOLATIONS)}")
-    return vdata.INTERPOLATIONS[preprocess["interpolation"]]
-
-
-def _finish(preprocess: dict) -> list:
-    return [A.Normalize(mean=tuple(preprocess["mean"]), std=tuple(preprocess["std"]), max_pixel_value=255.0),
-            ToTensorV2()]
-
-
-def train_transform(preprocess: dict, augment: dict) -> A.Compose:
-    """A random resized crop to the input size (image: preprocess's interpolation, mask: nearest), flip and colour
-    jitter (image only), normalisation. augment: the recipe's data.augment (scale, hflip, color_jitter)."""
-    h, w = image.input_hw(preprocess)
-    steps = [A.RandomResizedCrop(size=(h, w), scale=tuple(float(s) for s in augment["scale"]),
-                                 interpolation=_cv2_interpolation(preprocess), mask_interpolation=cv2.INTER_NEAREST)]
-    if augment["hflip"]:
-        steps.append(A.HorizontalFlip(p=float(augment["hflip"])))
-    if augment["color_jitter"]:
-        j = float(augment["color_jitter"])
-        steps.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=0.0, p=1.0))
-    return A.Compose(steps + _finish(preprocess))
-
-
-
-def eval_transform(preprocess: dict) -> Callable[..., dict]:
-    """The whole image resized to the input size and normalised (vislora.image.eval_transform, whole=True: what a
-    served segmenter is fed), the mask resized nearest; called as albumentations is: (image=, mask=) -> dict."""
-    pixels_of = image.eval_transform(preprocess, whole=True)
-    h, w = image.input_hw(preprocess)
-
-    def transform(**sample: np.ndarray) -> dict:
-        out = {"image": torch.from_numpy(pixels_of(sample["image"]))}
-        if sample.get("mask") is not None:
-            out["mask"] = torch.from_numpy(image.resize(sample["mask"], h, w, "nearest").copy())
-        return out
-
-    return transform
 
 
 def _val_dir(root: Path) -> Path | None:
