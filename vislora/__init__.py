@@ -1,15 +1,15 @@
 """vislora: low-rank adapters (LoRA) for timm vision models, with exact merging for every Conv2d.
 
-The package, in import order (each module imports only those above it; tests/test_architecture.py checks it):
-kernels -> layers (the LoRA / DoRA math) -> config (LoraConfig) -> targets (presets, patterns, the model walk) ->
-inject (inject / unload) -> named (several adapters) -> spectrum -> svd (PiSSA, extract, shrink) ->
-adapters (PEFT-layout files); image (the one image reader, the eval transform); defaults -> recipe -> data ->
-tasks (classification, detection, segmentation behind one interface) -> rundir (run directories),
-exported (loading exported files) -> train (the one loop), evaluate, export, subject -> footprint -> shrink,
-fewshot -> commands -> cli.
+The package, in import order (each module imports only those above it; tests/test_architecture.py
+checks it): kernels -> layers (the LoRA / DoRA math) -> config (LoraConfig) -> targets (presets,
+patterns, the model walk) -> inject (inject / unload) -> named (several adapters) -> spectrum -> svd
+(PiSSA, extract, shrink) -> adapters (PEFT-layout files); image (the one image reader, the eval
+transform); defaults -> recipe -> data -> tasks (classification, detection, segmentation behind one
+interface) -> rundir (run directories), exported (loading exported files) -> train (the one loop),
+evaluate, export, subject -> footprint -> shrink, fewshot -> commands -> cli.
 
-The API names below load on first use (PEP 562): `python -m vislora` and the `vislora` command run this file
-first, and `--help` or a refused recipe must not wait for torch and timm to import.
+The API names below load on first use (PEP 562): `python -m vislora` and the `vislora` command run
+this file first, and `--help` or a refused recipe must not wait for torch and timm to import.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ __all__ = sorted(API)
 
 
 def __getattr__(name: str):
-    """`vislora.inject`, `from vislora import LoraConfig` ...: the API name, imported from its module."""
+    """`vislora.inject`, `from vislora import LoraConfig` ...: the API name, imported from its
+    module."""
     if name not in API:
         raise AttributeError(f"module 'vislora' has no attribute {name!r}")
     value = getattr(importlib.import_module(API[name]), name)
@@ -42,9 +43,10 @@ def __dir__() -> list[str]:
 
 
 class _Package(types.ModuleType):
-    """The package object, whose `inject` is the function: importing the submodule vislora.inject binds that
-    module as the package's `inject` attribute, which this property keeps from hiding the function (the
-    submodule stays in sys.modules, where `from vislora.inject import ...` finds it)."""
+    """The package object, whose `inject` is the function: importing the submodule vislora.inject
+    binds that module as the package's `inject` attribute, which this property keeps from hiding the
+    function (the submodule stays in sys.modules, where `from vislora.inject import ...` finds
+    it)."""
 
     @property
     def inject(self):

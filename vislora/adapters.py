@@ -1,10 +1,11 @@
-"""Adapter files in PEFT's layout: adapter_model.safetensors + adapter_config.json. No pickle anywhere.
+"""Adapter files in PEFT's layout: adapter_model.safetensors + adapter_config.json. No pickle
+anywhere.
 
 Keys are PEFT's: `base_model.model.<layer>.lora_A.weight` (conv A as [R, in/groups, kh, kw], B as
 [out, R, 1, 1]), `<layer>.lora_magnitude_vector` for DoRA ([out], conv [1, out, 1, 1]) and
 `base_model.model.<module>.<param>` for the fully trained (`modules_to_save`) modules.
-Per-projection qkv adapters are written as one fused adapter of rank parts*r with a block-diagonal B,
-which is the same update, so PEFT loads it and gives the same outputs.
+Per-projection qkv adapters are written as one fused adapter of rank parts*r with a block-diagonal
+B, which is the same update, so PEFT loads it and gives the same outputs.
 """
 
 from __future__ import annotations
@@ -47,18 +48,21 @@ def _peft_shapes(layer: LoraLayer, rank: int) -> tuple[torch.Size, torch.Size]:
 
 
 def _magnitude_shape(layer: LoraLayer) -> torch.Size:
-    """PEFT's shape of a DoRA magnitude: [out] for Linear, [1, out, 1, 1] for Conv2d ([1, out, 1] for Conv1d)."""
+    """PEFT's shape of a DoRA magnitude: [out] for Linear, [1, out, 1, 1] for Conv2d ([1, out, 1]
+    for Conv1d)."""
     w = layer.raw_weight()
     conv = isinstance(layer.base_layer, (nn.Conv1d, nn.Conv2d))
     return torch.Size((1, w.shape[0], *[1] * (w.dim() - 2)) if conv else (w.shape[0],))
 
 
 def file_factors(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(A, B, PEFT alpha) of one layer as a plain fused adapter relative to the ORIGINAL base weight.
+    """(A, B, PEFT alpha) of one layer as a plain fused adapter relative to the ORIGINAL base
+    weight.
 
-    Per-projection qkv adapters become one adapter of rank parts*r with a block-diagonal B; a PiSSA layer
-    (whose base weight holds a residual) becomes [A; A0], [B, -B0] of rank 2r (see vislora.svd.pissa_as_lora).
-    """
+    Per-projection qkv adapters become one adapter of rank parts*r with a block-diagonal B; a PiSSA
+    layer (whose base weight holds a residual) becomes [A; A0], [B, -B0] of rank 2r (see
+    vislora.svd.pissa_as_lora).
+"""
     if layer.update.pissa:
         a, b, scaling = pissa_as_lora(layer)
     else:
@@ -86,7 +90,8 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _all_biases(model: nn.Module) -> bool:
-    """The trained parameters are exactly every bias outside the adapters and trained modules: PEFT's bias='all'."""
+    """The trained parameters are exactly every bias outside the adapters and trained modules:
+    PEFT's bias='all'."""
     trained = set(getattr(model, "vislora_train_params", []))
     biases = {n for n, _ in model.named_parameters() if n.endswith(".bias") and
               not any(n.startswith(m + ".") for m in model.vislora_train)}
@@ -94,8 +99,9 @@ def _all_biases(model: nn.Module) -> bool:
 
 
 def _warn_suffix_clash(model: nn.Module) -> None:
-    """PEFT takes every module whose name ends with a modules_to_save entry: say so when that is more modules than
-    vislora trained (e.g. ResNet's stem `conv1` is also the end of `layer1.0.conv1`); vislora loads it exactly."""
+    """PEFT takes every module whose name ends with a modules_to_save entry: say so when that is
+    more modules than vislora trained (e.g. ResNet's stem `conv1` is also the end of
+    `layer1.0.conv1`); vislora loads it exactly."""
     names = [n for n, _ in model.named_modules()]
     for module in getattr(model, "vislora_train", []):
         others = [n for n in names if n.endswith("." + module)]
@@ -106,13 +112,15 @@ def _warn_suffix_clash(model: nn.Module) -> None:
 
 
 def exact_pattern(name: str) -> str:
-    """A pattern that matches the layer `name` and no other: anchored, dots escaped (PEFT's rank_pattern and
-    alpha_pattern read `^...$` keys that way, and so does vislora.inject.matches)."""
+    """A pattern that matches the layer `name` and no other: anchored, dots escaped (PEFT's
+    rank_pattern and alpha_pattern read `^...$` keys that way, and so does
+    vislora.inject.matches)."""
     return f"^{re.escape(name)}$"
 
 
 def adapter_config(model: nn.Module) -> dict:
-    """PEFT's LoraConfig fields with the exact layers, ranks and alphas; vislora's own under 'vislora'."""
+    """PEFT's LoraConfig fields with the exact layers, ranks and alphas; vislora's own under
+    'vislora'."""
     config: LoraConfig = model.vislora_config
     layers = list(lora_layers(model))
     factors = {n: file_factors(layer) for n, layer in layers}
@@ -152,8 +160,9 @@ def adapter_config(model: nn.Module) -> dict:
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the adapters of `model` to `directory` (created if missing) in PEFT's layout: the first ("default")
-    at the top, every other named one in DIRECTORY/<name>/; each file is written then renamed."""
+    """Write the adapters of `model` to `directory` (created if missing) in PEFT's layout: the first
+    ("default") at the top, every other named one in DIRECTORY/<name>/; each file is written then
+    renamed."""
     if not hasattr(model, "vislora_config"):
         raise VisloraError("model carries no vislora adapter: inject() or load_adapter() first")
     names = adapter_names(model)
@@ -197,9 +206,10 @@ def read_config(directory: str | os.PathLike) -> dict:
 
 
 def config_from_file(data: dict) -> LoraConfig:
-    """A LoraConfig that re-creates the saved layout: vislora's own fields (exact layer names), else PEFT's
-    (suffix and regex patterns, read as PEFT reads them). A PEFT file saved relative to a PiSSA-initialised base
-    (init_lora_weights "pissa") re-creates that init, as PeftModel.from_pretrained does."""
+    """A LoraConfig that re-creates the saved layout: vislora's own fields (exact layer names), else
+    PEFT's (suffix and regex patterns, read as PEFT reads them). A PEFT file saved relative to a
+    PiSSA-initialised base (init_lora_weights "pissa") re-creates that init, as
+    PeftModel.from_pretrained does."""
     ours = data.get("vislora") or {}
     targets = data.get("target_modules")
     if targets is None or "r" not in data:
@@ -227,8 +237,8 @@ def config_from_file(data: dict) -> LoraConfig:
 
 
 def _train_entries(data: dict, ours: dict) -> list[str]:
-    """The file's fully trained modules and parameter patterns: vislora's exact module names where it wrote them,
-    else PEFT's modules_to_save (suffixes) and bias='all' as '*.bias'."""
+    """The file's fully trained modules and parameter patterns: vislora's exact module names where
+    it wrote them, else PEFT's modules_to_save (suffixes) and bias='all' as '*.bias'."""
     if "train_modules" in ours:
         modules = [exact_pattern(n) for n in ours["train_modules"]]
     else:
@@ -238,8 +248,8 @@ def _train_entries(data: dict, ours: dict) -> list[str]:
 
 
 def _file_scaling(data: dict, name: str, layer: LoraLayer) -> tuple[float, float, bool]:
-    """(scaling, alpha, rslora) the file gives the layer `name`: its own fields for vislora files, else PEFT's
-    lora_alpha / alpha_pattern over the stored rank (parts*r for fused qkv adapters)."""
+    """(scaling, alpha, rslora) the file gives the layer `name`: its own fields for vislora files,
+    else PEFT's lora_alpha / alpha_pattern over the stored rank (parts*r for fused qkv adapters)."""
     ours = data.get("vislora") or {}
     rslora = bool(data.get("use_rslora", False))
     if ours and name in (ours.get("alphas") or {}):
@@ -252,7 +262,8 @@ def _file_scaling(data: dict, name: str, layer: LoraLayer) -> tuple[float, float
 
 
 def _use_file_scaling(model: nn.Module, data: dict, path: Path) -> None:
-    """An injected model takes the scaling (alpha, rslora) of the file it loads: the file defines the update."""
+    """An injected model takes the scaling (alpha, rslora) of the file it loads: the file defines
+    the update."""
     for name, layer in lora_layers(model):
         scaling, alpha, rslora = _file_scaling(data, name, layer)
         if math.isclose(scaling, layer.scaling, rel_tol=1e-6) and rslora == layer.rslora:
@@ -264,8 +275,8 @@ def _use_file_scaling(model: nn.Module, data: dict, path: Path) -> None:
 
 
 def _check_architecture(model: nn.Module, data: dict, path: Path) -> None:
-    """Warn when the file names another timm architecture; refuse when the preset it was made with would adapt
-    other layers of this model (e.g. a resnet18 adapter in a resnet34)."""
+    """Warn when the file names another timm architecture; refuse when the preset it was made with
+    would adapt other layers of this model (e.g. a resnet18 adapter in a resnet34)."""
     saved = data.get("base_model_name_or_path")
     here = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     if saved and here and saved != here:
@@ -325,9 +336,10 @@ def _mismatch_report(path: Path, missing, unexpected, wrong) -> str:
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> nn.Module:
-    """Load a vislora or PEFT adapter into `model`: a plain model gets injected from the saved config, an injected
-    one must have the same layout. With `name`, the adapter goes in beside the ones the model carries (inactive:
-    vislora.set_adapter switches to it). All or nothing: on any mismatch the model is unchanged."""
+    """Load a vislora or PEFT adapter into `model`: a plain model gets injected from the saved
+    config, an injected one must have the same layout. With `name`, the adapter goes in beside the
+    ones the model carries (inactive: vislora.set_adapter switches to it). All or nothing: on any
+    mismatch the model is unchanged."""
     directory = Path(directory)
     data = read_config(directory)
     weights_path = directory / WEIGHTS_NAME
@@ -354,8 +366,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
 
 
 def _load_beside(model: nn.Module, data: dict, tensors: dict, directory: Path, name: str) -> nn.Module:
-    """A named adapter beside the model's others (vislora.named.add_adapter), its tensors loaded while it is
-    active, the previous adapter active again after."""
+    """A named adapter beside the model's others (vislora.named.add_adapter), its tensors loaded
+    while it is active, the previous adapter active again after."""
     add_adapter(model, config_from_file(data), name, (data.get("vislora") or {}).get("within"))
     previous = active_adapter(model)
     set_adapter(model, name)
@@ -371,8 +383,8 @@ def _load_beside(model: nn.Module, data: dict, tensors: dict, directory: Path, n
 
 
 def _fit_classifiers(model: nn.Module, tensors: dict) -> None:
-    """A trained nn.Linear whose file weight has another number of outputs (another task's classes) becomes a
-    Linear of that size: each named adapter has its own head."""
+    """A trained nn.Linear whose file weight has another number of outputs (another task's classes)
+    becomes a Linear of that size: each named adapter has its own head."""
     for module_name in model.vislora_train:
         module, weight = model.get_submodule(module_name), tensors.get(f"{PREFIX}{module_name}.weight")
         if type(module) is nn.Linear and weight is not None and weight.shape[0] != module.out_features:
@@ -382,8 +394,8 @@ def _fit_classifiers(model: nn.Module, tensors: dict) -> None:
 
 
 def _copy_tensors(model: nn.Module, data: dict, tensors: dict, directory: Path, injected_here: bool) -> None:
-    """The file's tensors into the active adapter's layers and modules; a missing, unknown or mis-shaped key is a
-    ValueError naming them, before anything is copied."""
+    """The file's tensors into the active adapter's layers and modules; a missing, unknown or
+    mis-shaped key is a ValueError naming them, before anything is copied."""
     weights_path = directory / WEIGHTS_NAME
     targets = _targets_for(model)
     missing = sorted(set(targets) - set(tensors))

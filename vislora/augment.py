@@ -1,17 +1,20 @@
-"""The one train augmentation of every task and the one eval transform, both albumentations-style callables.
+"""The one train augmentation of every task and the one eval transform, both albumentations-style
+callables.
 
-`train_pipeline(preprocess, augment, target)` builds the same steps for classification (target "image"), detection
-("bboxes": the boxes move with the pixels) and segmentation ("mask": the mask moves with them, nearest-neighbour):
-a RandomResizedCrop to the input size (data.augment.scale: the kept area's range; preprocess's interpolation for the
-image), a HorizontalFlip (data.augment.hflip: its probability), a ColorJitter (data.augment.color_jitter = j:
-brightness, contrast and saturation j, hue 0, every image; 0 disables it), then normalisation. So each data.augment
-key means the same thing for every task; only the defaults differ (vislora.defaults.TASK_DEFAULTS says why).
-Classification alone adds timm's auto-augment (rand) and RandomErasing (erase); vislora.recipe refuses them for the
-other tasks, and so does this module.
+`train_pipeline(preprocess, augment, target)` builds the same steps for classification (target
+"image"), detection ("bboxes": the boxes move with the pixels) and segmentation ("mask": the mask
+moves with them, nearest-neighbour): a RandomResizedCrop to the input size (data.augment.scale: the
+kept area's range; preprocess's interpolation for the image), a HorizontalFlip (data.augment.hflip:
+its probability), a ColorJitter (data.augment.color_jitter = j: brightness, contrast and saturation
+j, hue 0, every image; 0 disables it), then normalisation. So each data.augment key means the same
+thing for every task; only the defaults differ (vislora.defaults.TASK_DEFAULTS says why).
+Classification alone adds timm's auto-augment (rand) and RandomErasing (erase); vislora.recipe
+refuses them for the other tasks, and so does this module.
 
-`EvalTransform(preprocess, whole)` is the geometry every evaluation and exported model uses (vislora.image
-.eval_transform): timm's resize and centre crop (classification), or the whole image resized (whole=True,
-segmentation, which resizes its mask with it, nearest). Detection has no eval transform: the detector resizes."""
+`EvalTransform(preprocess, whole)` is the geometry every evaluation and exported model uses
+(vislora.image .eval_transform): timm's resize and centre crop (classification), or the whole image
+resized (whole=True, segmentation, which resizes its mask with it, nearest). Detection has no eval
+transform: the detector resizes."""
 
 from __future__ import annotations
 
@@ -39,16 +42,19 @@ INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "b
 BATCH_AUGMENT = ("mixup", "cutmix")  # whole batches (vislora.knobs.BatchMix), not this per-image pipeline
 IMAGE_ONLY = ("rand", "erase")  # classification's per-image extras (vislora.defaults.TASK_ONLY_AUGMENT)
 EXTRA_DEFAULTS = {"ratio": (3 / 4, 4 / 3), "rand": None, "erase": 0.0}  # not recipe keys but ratio; off
-# Boxes: pascal_voc pixels; a box the crop leaves less than 30% of (or under 4 px^2, 1 px wide or high) is dropped,
-# the others are clipped to the crop (detection's behaviour since its first recipe, kept)
+# Boxes: pascal_voc pixels; a box the crop leaves less than 30% of (or under 4 px^2, 1 px wide or
+# high) is dropped, the others are clipped to the crop (detection's behaviour since its first
+# recipe, kept)
 BOX_PARAMS = {"format": "pascal_voc", "label_fields": ["labels"], "min_visibility": 0.3, "min_area": 4.0,
               "min_width": 1.0, "min_height": 1.0, "clip": True}
-# TrivialAugment (Mueller & Hutter 2021) in timm's terms: one op per image at a uniform magnitude, always applied
+# TrivialAugment (Mueller & Hutter 2021) in timm's terms: one op per image at a uniform magnitude,
+# always applied
 TRIVIAL = "rand-n1-m10-mstd101-inc1-p1.0"
 
 
 def settings(augment: dict | None, target: str = "image") -> dict:
-    """data.augment with the target's task defaults filled in (None = default) and its ranges checked."""
+    """data.augment with the target's task defaults filled in (None = default) and its ranges
+    checked."""
     if target not in TARGETS:
         raise ValueError(f"augmentation target must be one of {sorted(TARGETS)}, got {target!r}")
     defaults = {**TASK_DEFAULTS[TARGETS[target]]["data"]["augment"], **EXTRA_DEFAULTS}
@@ -83,8 +89,9 @@ def interpolation_flag(preprocess: dict) -> int:
 
 
 def auto_augment(config: str, pre: dict, size: int):
-    """timm's policy for data.augment.rand (rand-*, augmix-*, original, v0, 3a ...; trivial = TRIVIAL), with the
-    hparams timm's create_transform gives it: translation, fill colour from the mean, the interpolation."""
+    """timm's policy for data.augment.rand (rand-*, augmix-*, original, v0, 3a ...; trivial =
+    TRIVIAL), with the hparams timm's create_transform gives it: translation, fill colour from the
+    mean, the interpolation."""
     config = TRIVIAL if config == "trivial" else config
     hparams = {"translate_const": int(size * 0.45), "img_mean": tuple(min(255, round(255 * x)) for x in pre["mean"])}
     with contextlib.suppress(KeyError):  # an interpolation PIL does not name (cv2's area): timm's default
@@ -106,20 +113,23 @@ def pil_op(op, image: np.ndarray, **_) -> np.ndarray:
 
 
 def tensor_op(op, image: np.ndarray, **_) -> np.ndarray:
-    """A timm CHW-tensor transform (RandomErasing, in place) as an albumentations step on HxWx3 float32."""
+    """A timm CHW-tensor transform (RandomErasing, in place) as an albumentations step on HxWx3
+    float32."""
     return op(torch.from_numpy(image.transpose(2, 0, 1).copy())).numpy().transpose(1, 2, 0)
 
 
 def train_pipeline(preprocess: dict, augment: dict | None = None, target: str = "image") -> A.Compose:
-    """The train augmentation of every task: HxWx3 uint8 (with bboxes= and labels=, or mask=) -> CHW float32.
+    """The train augmentation of every task: HxWx3 uint8 (with bboxes= and labels=, or mask=) -> CHW
+    float32.
 
-    preprocess: input_size (S, [H, W] or [3, H, W]) and interpolation (the image's resize; a mask is resized
-    nearest), mean and std (normalisation; without them the pixels are only scaled to [0, 1], as a torchvision
-    detector, which normalises itself, wants them). augment: the recipe's data.augment; None values take the
-    defaults of target's task. target: "image" (classification), "bboxes" (detection: pascal_voc boxes with their
-    labels, BOX_PARAMS) or "mask" (segmentation: HxW class indices). Steps: RandomResizedCrop (scale, ratio),
-    HorizontalFlip (p = hflip), ColorJitter (brightness = contrast = saturation = color_jitter, hue 0, p 1; off
-    under an auto-augment policy but 3a, as timm does), timm's auto-augment (rand), normalisation, timm's
+    preprocess: input_size (S, [H, W] or [3, H, W]) and interpolation (the image's resize; a mask is
+    resized nearest), mean and std (normalisation; without them the pixels are only scaled to [0,
+    1], as a torchvision detector, which normalises itself, wants them). augment: the recipe's
+    data.augment; None values take the defaults of target's task. target: "image" (classification),
+    "bboxes" (detection: pascal_voc boxes with their labels, BOX_PARAMS) or "mask" (segmentation:
+    HxW class indices). Steps: RandomResizedCrop (scale, ratio), HorizontalFlip (p = hflip),
+    ColorJitter (brightness = contrast = saturation = color_jitter, hue 0, p 1; off under an
+    auto-augment policy but 3a, as timm does), timm's auto-augment (rand), normalisation, timm's
     RandomErasing (erase, per-pixel noise)."""
     aug = settings(augment, target)
     h, w = image.input_hw(preprocess)
@@ -148,11 +158,13 @@ def train_pipeline(preprocess: dict, augment: dict | None = None, target: str = 
 
 
 class EvalTransform:
-    """vislora.image.eval_transform (the geometry every evaluation and exported model uses) called like an
-    albumentations pipeline: transform(image=HxWx3 uint8[, mask=HxW]) -> {"image": CHW float32 tensor[, "mask"]}.
+    """vislora.image.eval_transform (the geometry every evaluation and exported model uses) called
+    like an albumentations pipeline: transform(image=HxWx3 uint8[, mask=HxW]) -> {"image": CHW
+    float32 tensor[, "mask"]}.
 
-    whole=False: timm's resize and centre crop (classification). whole=True: the whole image resized to the input
-    size, aspect not kept (segmentation: what a served segmenter is fed), a mask resized with it, nearest."""
+    whole=False: timm's resize and centre crop (classification). whole=True: the whole image resized
+    to the input size, aspect not kept (segmentation: what a served segmenter is fed), a mask
+    resized with it, nearest."""
 
     def __init__(self, preprocess: dict, whole: bool = False):
         self.transform, self.whole = image.eval_transform(preprocess, whole=whole), whole

@@ -1,9 +1,11 @@
-"""The `vislora` command: train, eval, export, predict, footprint, extract, spectrum, fewshot, shrink.
+"""The `vislora` command: train, eval, export, predict, footprint, extract, spectrum, fewshot,
+shrink.
 
-Start-up is fast: this module parses the arguments and checks what can be checked without torch (the recipe, the
-paths, `--out`, `--resume`, predict's images, the hub for `pretrained: true`), then imports the command itself
-from COMMANDS. torch, timm, onnxruntime and matplotlib take 4-20 s to import, so `--help` and a mistyped key or
-path answer at once; the command's work and its other refusals follow in vislora.commands.
+Start-up is fast: this module parses the arguments and checks what can be checked without torch (the
+recipe, the paths, `--out`, `--resume`, predict's images, the hub for `pretrained: true`), then
+imports the command itself from COMMANDS. torch, timm, onnxruntime and matplotlib take 4-20 s to
+import, so `--help` and a mistyped key or path answer at once; the command's work and its other
+refusals follow in vislora.commands.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from vislora import hub, image, runpaths
 from vislora.errors import USER_ERRORS, VisloraError, first_rank
 from vislora.recipe import apply_overrides, check_paths, find_key, load_recipe, read_yaml, resolve
 
-# command -> "module:function", imported when the command runs (not at start-up: see the module docstring)
+# command -> "module:function", imported when the command runs (not at start-up: see the module
+# docstring)
 COMMANDS = {name: f"vislora.commands:cmd_{name}" for name in
             ("train", "eval", "export", "predict", "footprint", "extract", "spectrum", "fewshot", "shrink")}
 CONTENDERS = ("lora", "probe", "full")  # vislora.fewshot.CONTENDERS (tests/test_cli_start.py keeps them equal)
@@ -35,10 +38,10 @@ def command(name: str) -> Callable[[argparse.Namespace], int]:
     return getattr(importlib.import_module(module), function)
 
 
-# ---- arguments other tools take: a hint instead of argparse's bare usage ---------------------------
+# ---- arguments other tools take: a hint instead of argparse's bare usage -------------------------
 def argument_hint(message: str, argv: list[str]) -> str | None:
-    """For `key=value` arguments (Ultralytics) and unknown `--model NAME` / `--epochs N` (timm's train.py): the
-    --set options that do it in vislora, or None."""
+    """For `key=value` arguments (Ultralytics) and unknown `--model NAME` / `--epochs N` (timm's
+    train.py): the --set options that do it in vislora, or None."""
     unknown = message.split("unrecognized arguments: ", 1)[-1].split() if "unrecognized arguments: " in message else []
     sets = []
     for i, word in enumerate(argv):
@@ -56,8 +59,8 @@ def argument_hint(message: str, argv: list[str]) -> str | None:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with a hint line when the arguments look like another tool's (argument_hint). `argv`: the
-    arguments being parsed, set by main()."""
+    """argparse, with a hint line when the arguments look like another tool's (argument_hint).
+    `argv`: the arguments being parsed, set by main()."""
 
     argv: list[str] = []
 
@@ -91,7 +94,8 @@ def not_a_setting(recipe: str | None) -> None:
 
 # ---- checks before the command's module is imported ---------------------------------------------
 def train_recipe(args: argparse.Namespace, run_dir: Path) -> dict:
-    """The recipe a training runs: RECIPE with --set and --data, or with --resume alone the run's own."""
+    """The recipe a training runs: RECIPE with --set and --data, or with --resume alone the run's
+    own."""
     overrides = list(args.set or []) + ([f"data.path={args.data}"] if args.data else [])
     if args.recipe is not None:
         return load_recipe(args.recipe, overrides)
@@ -102,7 +106,8 @@ def train_recipe(args: argparse.Namespace, run_dir: Path) -> dict:
 
 
 def prepare_train(args: argparse.Namespace) -> None:
-    """The recipe read and validated, --out and --resume checked (args.recipe_dict, args.run_dir)."""
+    """The recipe read and validated, --out and --resume checked (args.recipe_dict,
+    args.run_dir)."""
     not_a_setting(args.recipe)
     if args.recipe is None and not (args.resume and args.out):
         raise VisloraError("train needs a RECIPE (or --resume --out RUN, which continues with the run's own recipe)")
@@ -156,7 +161,8 @@ def prepare_export(args: argparse.Namespace) -> None:
 
 
 def prepare_predict(args: argparse.Namespace) -> None:
-    """--topk, --out and the model checked; args.images: every image file of the given files, folders and globs."""
+    """--topk, --out and the model checked; args.images: every image file of the given files,
+    folders and globs."""
     if args.topk < 1:
         raise VisloraError(f"--topk must be >= 1, got {args.topk}")
     if args.adapter:
@@ -173,7 +179,8 @@ def prepare_predict(args: argparse.Namespace) -> None:
 
 
 def prepare_fewshot(args: argparse.Namespace) -> None:
-    """The recipe, --out (kept out of the data), --lr and the hub checked (args.recipe_dict, args.out_dir, args.lrs)."""
+    """The recipe, --out (kept out of the data), --lr and the hub checked (args.recipe_dict,
+    args.out_dir, args.lrs)."""
     args.recipe_dict = load_recipe(args.recipe, [f"data.path={args.data}"] if args.data else [])
     check_paths(args.recipe_dict, args.recipe)
     hub.check_pretrained(args.recipe_dict["model"], args.recipe)
@@ -239,9 +246,10 @@ def folder_images(folder: Path) -> list[Path]:
 
 
 def image_files(items: list[str]) -> list[str]:
-    """predict's arguments as image files: a folder gives its images (recursively), a glob (quote it: 'photos/*.jpg',
-    '**' for any depth) its matching images; other files are kept as given, so a missing or unreadable one is
-    reported beside the others. A folder or glob without images is a ValueError naming it."""
+    """predict's arguments as image files: a folder gives its images (recursively), a glob (quote
+    it: 'photos/*.jpg', '**' for any depth) its matching images; other files are kept as given, so a
+    missing or unreadable one is reported beside the others. A folder or glob without images is a
+    ValueError naming it."""
     files: list[str] = []
     for item in items:
         path = Path(item)
@@ -260,8 +268,9 @@ def image_files(items: list[str]) -> list[str]:
 
 # ---- running a command --------------------------------------------------------------------------
 def leave_process_group(timeout_s: float = 10.0) -> None:
-    """Under DDP, after an error every rank met together (e.g. a diverged loss): wait, at most timeout_s, until
-    all ranks are here, so rank 0 has printed the error before the launcher stops the others."""
+    """Under DDP, after an error every rank met together (e.g. a diverged loss): wait, at most
+    timeout_s, until all ranks are here, so rank 0 has printed the error before the launcher stops
+    the others."""
     dist = sys.modules.get("torch.distributed")  # not imported: this process never joined a group
     if dist is None or not (dist.is_available() and dist.is_initialized()):
         return

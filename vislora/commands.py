@@ -1,6 +1,6 @@
-"""What each `vislora` command does, once vislora.cli has parsed and checked its arguments (the recipe read and
-validated, paths checked, predict's images listed): this module imports torch, timm and the rest, so the CLI
-imports it only when a command runs (vislora.cli.COMMANDS)."""
+"""What each `vislora` command does, once vislora.cli has parsed and checked its arguments (the
+recipe read and validated, paths checked, predict's images listed): this module imports torch, timm
+and the rest, so the CLI imports it only when a command runs (vislora.cli.COMMANDS)."""
 
 from __future__ import annotations
 
@@ -51,9 +51,9 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 def launch(nproc: int, argv: list[str]) -> int:
-    """`vislora ARGV` in nproc processes on this machine, as `torchrun --standalone` starts them (torch's elastic
-    launcher, in process): the ranks print their own one-line errors, so a failed rank is an exit code here,
-    not torchrun's traceback."""
+    """`vislora ARGV` in nproc processes on this machine, as `torchrun --standalone` starts them
+    (torch's elastic launcher, in process): the ranks print their own one-line errors, so a failed
+    rank is an exit code here, not torchrun's traceback."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several processes on one machine
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, rdzv_backend="c10d",
@@ -66,7 +66,8 @@ def launch(nproc: int, argv: list[str]) -> int:
 
 
 def cmd_train(args) -> int:
-    """args.recipe_dict and args.run_dir come checked from vislora.cli.prepare_train (recipe, --out, --resume)."""
+    """args.recipe_dict and args.run_dir come checked from vislora.cli.prepare_train (recipe, --out,
+    --resume)."""
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # re-run this command in N processes
         return launch(args.nproc, _without_nproc(sys.argv[1:]))
     recipe, run_dir = args.recipe_dict, args.run_dir
@@ -122,8 +123,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    """args.images: the files vislora.cli.prepare_predict listed (folders and globs expanded); with --adapter,
-    each run in turn on one base in memory."""
+    """args.images: the files vislora.cli.prepare_predict listed (folders and globs expanded); with
+    --adapter, each run in turn on one base in memory."""
     if args.adapter:
         each = list(predict_each(args.adapter, args.images, topk=args.topk, out=args.out))
         if args.json:
@@ -174,7 +175,8 @@ def _head_size(model_name: str, kwargs: dict, path: Path) -> int | None:
 
 
 def _weights_model(path: Path, model_name: str | None, kwargs: dict, num_classes: int | None):
-    """A timm model from a weights file; num_classes (the tuned model's) replaces a classifier of another size."""
+    """A timm model from a weights file; num_classes (the tuned model's) replaces a classifier of
+    another size."""
     if not model_name:
         raise VisloraError(f"{path} is a weights file: name its timm architecture with --model")
     if not path.is_file():
@@ -229,8 +231,8 @@ def cmd_extract(args) -> int:
 
 @torch.no_grad()
 def output_fidelity(adapted, tuned, preprocess: dict | None, n: int = 4) -> dict:
-    """How far the extracted model's outputs are from the tuned model's on a probe batch: per-layer errors say
-    nothing of what the adapter does not carry."""
+    """How far the extracted model's outputs are from the tuned model's on a probe batch: per-layer
+    errors say nothing of what the adapter does not carry."""
     size = (preprocess or preprocess_config(tuned))["input_size"]
     x = torch.randn(n, 3, int(size[-2]), int(size[-1]), generator=torch.Generator().manual_seed(0))
     merged = unload(copy.deepcopy(adapted)).eval()

@@ -1,4 +1,5 @@
-"""The adapter config: everything that defines one adapter, and the record of a named adapter in a model."""
+"""The adapter config: everything that defines one adapter, and the record of a named adapter in a
+model."""
 
 from __future__ import annotations
 
@@ -16,15 +17,16 @@ class LoraConfig:
     targets: str | Sequence[str] = "vit"  # a preset name (see PRESETS) or a list of name patterns
     exclude: Sequence[str] = ()  # patterns (same forms as targets) that are never adapted
     rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
-    # trained fully beside the adapters: "head" (the timm classifier), module names / patterns / globs ("blocks.11",
-    # "*norm*": modules_to_save in the file), parameter patterns ending in .weight / .bias ("*.bias": BitFit)
+    # trained fully beside the adapters: "head" (the timm classifier), module names / patterns /
+    # globs ("blocks.11", "*norm*": modules_to_save in the file), parameter patterns ending in
+    # .weight / .bias ("*.bias": BitFit)
     train: Sequence[str] = ("head",)
     qkv: str | None = None  # per-projection adapters inside fused qkv layers: "qv", "qkv", ...; None = one pair
     rank_pattern: dict[str, int] = field(default_factory=dict)  # per-layer r, keys matched like targets
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # per-layer alpha
     init: str = "default"  # "default" (B = 0) or "pissa" (principal singular vectors, see vislora.svd)
-    # DoRA (Liu et al. 2024, PEFT's name): W' = m * (W + s B A) / ||W + s B A||, one trained magnitude per output
-    # row; not additive, so PiSSA, shrink and the low-rank penalty refuse it
+    # DoRA (Liu et al. 2024, PEFT's name): W' = m * (W + s B A) / ||W + s B A||, one trained
+    # magnitude per output row; not additive, so PiSSA, shrink and the low-rank penalty refuse it
     use_dora: bool = False
 
     def __post_init__(self) -> None:
@@ -43,7 +45,8 @@ class LoraConfig:
 
 @dataclass
 class Adapter:
-    """One named adapter of a model: its config, the modules and parameters it trains fully, its search scope."""
+    """One named adapter of a model: its config, the modules and parameters it trains fully, its
+    search scope."""
 
     config: LoraConfig
     train: list[str]

@@ -1,8 +1,10 @@
-"""Classification data: image folders, stratified splits, preprocessing configs, loaders that skip bad files.
+"""Classification data: image folders, stratified splits, preprocessing configs, loaders that skip
+bad files.
 
-Layouts: ROOT/train/<class>/* + ROOT/val/<class>/*, or ROOT/<class>/* split into train/val by a stratified, seeded
-fraction. Class names are the folder names, sorted. Files Pillow cannot read are found at scan time (`skipped`);
-a file that breaks later makes its sample None, which `collate_skip` drops, so an epoch never crashes.
+Layouts: ROOT/train/<class>/* + ROOT/val/<class>/*, or ROOT/<class>/* split into train/val by a
+stratified, seeded fraction. Class names are the folder names, sorted. Files Pillow cannot read are
+found at scan time (`skipped`); a file that breaks later makes its sample None, which `collate_skip`
+drops, so an epoch never crashes.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class Split:
     classes: list[str]
 
 
-# ---- scanning folders ------------------------------------------------------------------------------------------
+# ---- scanning folders ----------------------------------------------------------------------------
 def _visible(path: Path) -> bool:
     return not path.name.startswith(".")  # skips .DS_Store, macOS ._x.jpg resource forks, hidden folders
 
@@ -60,7 +62,8 @@ def _images(folder: Path) -> list[Path]:
 
 
 def _scan_classes(root: Path, classes: list[str] | None = None) -> Split:
-    """One ROOT/<class>/* folder; with `classes`, its folders must be among them and labels index them."""
+    """One ROOT/<class>/* folder; with `classes`, its folders must be among them and labels index
+    them."""
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
     dirs = _class_dirs(root)
@@ -88,8 +91,8 @@ def _scan_classes(root: Path, classes: list[str] | None = None) -> Split:
 
 
 def _split_names_only(root: Path) -> bool:
-    """Every folder of ROOT is a split name (train, val, valid, validation, test): a ROOT/train + ROOT/val layout,
-    not class folders one of which happens to be called `train` or `valid`."""
+    """Every folder of ROOT is a split name (train, val, valid, validation, test): a ROOT/train +
+    ROOT/val layout, not class folders one of which happens to be called `train` or `valid`."""
     return all(d.name in SPLIT_DIRS for d in _class_dirs(root))
 
 
@@ -101,7 +104,8 @@ def val_dir(root: Path) -> Path | None:
 
 
 def is_split_layout(root: Path) -> bool:
-    """ROOT/train/<class>/* (+ ROOT/val/<class>/*): ROOT holds only split folders and train holds class folders."""
+    """ROOT/train/<class>/* (+ ROOT/val/<class>/*): ROOT holds only split folders and train holds
+    class folders."""
     train = root / "train"
     return train.is_dir() and _split_names_only(root) and bool(_class_dirs(train))
 
@@ -130,8 +134,9 @@ def _stratified_split(full: Split, root: Path, val_fraction: float, seed: int) -
 
 
 def scan_folder(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> tuple[Split, Split]:
-    """(train, val) from ROOT/train + ROOT/val, or from ROOT/<class> (or a ROOT/train alone) split by a
-    stratified, seeded val_fraction. Empty class folders, < 2 classes or unknown val classes: ValueError."""
+    """(train, val) from ROOT/train + ROOT/val, or from ROOT/<class> (or a ROOT/train alone) split
+    by a stratified, seeded val_fraction. Empty class folders, < 2 classes or unknown val classes:
+    ValueError."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
@@ -145,26 +150,28 @@ def scan_folder(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> t
 
 
 def scan_eval_folder(path: str | Path, classes: list[str]) -> Split:
-    """Images to evaluate from ROOT/val, a ROOT holding val/, or a plain ROOT/<class> folder, labelled by the
-    training `classes` (a class folder unknown to them is a ValueError)."""
+    """Images to evaluate from ROOT/val, a ROOT holding val/, or a plain ROOT/<class> folder,
+    labelled by the training `classes` (a class folder unknown to them is a ValueError)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"image folder not found: {path}")
     return _scan_classes(val_dir(path) or path, list(classes))
 
 
-# ---- checking images ------------------------------------------------------------------------------------------
+# ---- checking images -----------------------------------------------------------------------------
 def find_unreadable(paths: Sequence[Path], threads: int = 8) -> list[str]:
-    """The paths Pillow cannot open and verify (checked in threads; a progress bar for large folders)."""
+    """The paths Pillow cannot open and verify (checked in threads; a progress bar for large
+    folders)."""
     with ThreadPoolExecutor(max_workers=threads) as pool:
         ok = list(tqdm(pool.map(image.verifies, paths), total=len(paths), desc="checking images", leave=False,
                        disable=len(paths) < 5000))
     return [str(p) for p, good in zip(paths, ok, strict=True) if not good]
 
 
-# ---- preprocessing config and transforms -----------------------------------------------------------------------
+# ---- preprocessing config and transforms ---------------------------------------------------------
 def _fixed_input_size(model: torch.nn.Module) -> tuple[int, int] | None:
-    """The size a ViT-like model was built for (timm keeps the pretrained 224 in pretrained_cfg after img_size=)."""
+    """The size a ViT-like model was built for (timm keeps the pretrained 224 in pretrained_cfg
+    after img_size=)."""
     size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) and len(size) == 2 else None
 
@@ -191,8 +198,9 @@ def _input_size(value) -> tuple[int, int, int]:
 
 
 def preprocess_config(model_or_pretrained_cfg, overrides: dict | None = None) -> dict:
-    """{input_size (3,H,W), mean, std, interpolation, crop_pct} from a timm model (or its pretrained_cfg dict),
-    then `overrides` (keys img_size, mean, std, interpolation, crop_pct; None values are ignored)."""
+    """{input_size (3,H,W), mean, std, interpolation, crop_pct} from a timm model (or its
+    pretrained_cfg dict), then `overrides` (keys img_size, mean, std, interpolation, crop_pct; None
+    values are ignored)."""
     src = model_or_pretrained_cfg
     if isinstance(src, torch.nn.Module):
         cfg = resolve_model_data_config(src)
@@ -220,11 +228,11 @@ def preprocess_config(model_or_pretrained_cfg, overrides: dict | None = None) ->
     return pre
 
 
-# ---- dataset and loader ----------------------------------------------------------------------------------------
+# ---- dataset and loader --------------------------------------------------------------------------
 class ImageDataset(torch.utils.data.Dataset):
-    """(CHW float32 tensor, label) per image of a Split. Files Pillow cannot verify are dropped at construction
-    and listed in `skipped`; a file that still fails to load gives None (logged by path, counted in
-    `load_failures` across DataLoader workers)."""
+    """(CHW float32 tensor, label) per image of a Split. Files Pillow cannot verify are dropped at
+    construction and listed in `skipped`; a file that still fails to load gives None (logged by
+    path, counted in `load_failures` across DataLoader workers)."""
 
     def __init__(self, split: Split, transform, verify: bool = True):
         self.skipped = find_unreadable([p for p, _ in split.items]) if verify and split.items else []
@@ -240,7 +248,8 @@ class ImageDataset(torch.utils.data.Dataset):
             raise VisloraError(f"none of the {len(split.items)} images could be read (first: {self.skipped[0]})")
 
     def __getstate__(self) -> dict:
-        """The failure counter travels as shared memory to DataLoader workers, as a plain count anywhere else."""
+        """The failure counter travels as shared memory to DataLoader workers, as a plain count
+        anywhere else."""
         state = self.__dict__.copy()
         if get_spawning_popen() is None:  # pickle / deepcopy outside process start: shared memory can't go there
             state["_failures"] = self._failures.value
@@ -273,8 +282,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def collate_skip(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """Default collation of (image, label) pairs without the None of unreadable files; an all-None batch gives
-    empty tensors (check labels.numel())."""
+    """Default collation of (image, label) pairs without the None of unreadable files; an all-None
+    batch gives empty tensors (check labels.numel())."""
     batch = [b for b in batch if b is not None]
     if not batch:
         return torch.zeros(0, 3, 0, 0), torch.zeros(0, dtype=torch.long)
@@ -283,8 +292,9 @@ def collate_skip(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader worker init: random, numpy and the dataset's albumentations pipeline follow torch's per-worker
-    seed (albumentations 2 keeps its own generator, which forked workers would otherwise share)."""
+    """DataLoader worker init: random, numpy and the dataset's albumentations pipeline follow
+    torch's per-worker seed (albumentations 2 keeps its own generator, which forked workers would
+    otherwise share)."""
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
@@ -297,12 +307,14 @@ def seed_worker(worker_id: int) -> None:
 def build_loader(dataset, batch_size: int, train: bool, workers: int = 2, seed: int = 0, sampler=None,
                  drop_last: bool | None = None, collate_fn=collate_skip, pin_memory: bool | None = None
                  ) -> torch.utils.data.DataLoader:
-    """The one DataLoader recipe: seeded shuffling (train, no sampler), seeded workers, pin_memory on CUDA.
+    """The one DataLoader recipe: seeded shuffling (train, no sampler), seeded workers, pin_memory
+    on CUDA.
 
-    drop_last defaults to train when there is more than one batch. Shuffling and the workers' augmentation seeds
-    follow `loader.generator` (workers restart each epoch): reseed it, as the training loop does per epoch, and an
-    epoch depends only on seed and epoch, which makes resuming exact. With a sampler (e.g. DistributedSampler)
-    shuffling is the sampler's: call its set_epoch each epoch."""
+    drop_last defaults to train when there is more than one batch. Shuffling and the workers'
+    augmentation seeds follow `loader.generator` (workers restart each epoch): reseed it, as the
+    training loop does per epoch, and an epoch depends only on seed and epoch, which makes resuming
+    exact. With a sampler (e.g. DistributedSampler) shuffling is the sampler's: call its set_epoch
+    each epoch."""
     n = len(sampler) if sampler is not None else len(dataset)
     if drop_last is None:
         drop_last = train and n > batch_size
@@ -315,10 +327,10 @@ def build_loader(dataset, batch_size: int, train: bool, workers: int = 2, seed: 
         persistent_workers=False)
 
 
-# ---- synthetic data for tests and smoke runs -------------------------------------------------------------------
+# ---- synthetic data for tests and smoke runs -----------------------------------------------------
 def _draw(cls: int, classes: int, size: int, rng: np.random.Generator) -> Image.Image:
-    """Class `cls`'s pattern: its own hue and shape (circle, square, triangle) at a random place and scale,
-    on a dark noisy background."""
+    """Class `cls`'s pattern: its own hue and shape (circle, square, triangle) at a random place and
+    scale, on a dark noisy background."""
     im = Image.fromarray(rng.integers(0, 70, (size, size, 3), dtype=np.uint8))
     rgb = np.array(colorsys.hsv_to_rgb(cls / classes, 0.85, 0.95)) * 255 + rng.integers(-20, 21, 3)
     color = tuple(int(c) for c in np.clip(rgb, 0, 255))
@@ -337,9 +349,10 @@ def _draw(cls: int, classes: int, size: int, rng: np.random.Generator) -> Image.
 
 def make_synthetic_folder(root: str | Path, classes: int = 3, per_class: int = 20, size: int = 40, seed: int = 0,
                           split: bool = False, oddities: bool = False) -> Path:
-    """Write a small learnable folder (class k: its own colour and shape) as ROOT/class_k/*.png, or with split
-    ROOT/train/... + ROOT/val/... (every 4th image to val). oddities adds, in train, a corrupt .jpg and a grayscale
-    PNG, CMYK JPEG, palette PNG, RGBA PNG, upper-case .JPG and .webp, each drawn as its class."""
+    """Write a small learnable folder (class k: its own colour and shape) as ROOT/class_k/*.png, or
+    with split ROOT/train/... + ROOT/val/... (every 4th image to val). oddities adds, in train, a
+    corrupt .jpg and a grayscale PNG, CMYK JPEG, palette PNG, RGBA PNG, upper-case .JPG and .webp,
+    each drawn as its class."""
     if classes < 2 or per_class < 1 or size < 8:
         raise VisloraError(f"make_synthetic_folder needs classes >= 2, per_class >= 1, size >= 8; got "
                          f"{classes}, {per_class}, {size}")

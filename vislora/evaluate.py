@@ -1,5 +1,6 @@
-"""Evaluate and predict with a trained model: a run directory (rebuilt and merged in memory) or an exported
-.pt / .onnx file. What the numbers mean is the task's (vislora.tasks); this module only opens the target."""
+"""Evaluate and predict with a trained model: a run directory (rebuilt and merged in memory) or an
+exported .pt / .onnx file. What the numbers mean is the task's (vislora.tasks); this module only
+opens the target."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ EXPORTED_SUFFIXES = (".pt", ".pth", ".jit", ".onnx")
 
 @dataclass
 class Opened:
-    """A trained model ready to run: its task, the task's predictor, the preprocessing and (runs only) the recipe."""
+    """A trained model ready to run: its task, the task's predictor, the preprocessing and (runs
+    only) the recipe."""
 
     task: ModuleType
     predictor: Callable
@@ -40,7 +42,8 @@ def is_exported(target: str | Path) -> bool:
 
 
 def open_model(target: str | Path) -> Opened:
-    """A run directory (its model rebuilt, adapter merged) or an exported file (vislora.exported)."""
+    """A run directory (its model rebuilt, adapter merged) or an exported file
+    (vislora.exported)."""
     target = Path(target)
     if not target.exists():
         raise FileNotFoundError(f"{target} does not exist (expected a run directory, model.pt or model.onnx)")
@@ -56,7 +59,8 @@ def open_model(target: str | Path) -> Opened:
 
 
 def exporting_run(path: Path) -> Path | None:
-    """The run an exported file came from: the one its export.json names, else the run above RUN/export/."""
+    """The run an exported file came from: the one its export.json names, else the run above
+    RUN/export/."""
     folder = path if path.is_dir() else path.parent
     report = folder / exported.REPORT_NAME
     named = read_json(report, "export report").get("run") if report.is_file() else None
@@ -67,7 +71,8 @@ def exporting_run(path: Path) -> Path | None:
 
 
 def run_score(task: ModuleType, run: Path | None) -> dict | None:
-    """The run's own figure: its kept epoch's task.SCORE, from train_summary.json (None without one)."""
+    """The run's own figure: its kept epoch's task.SCORE, from train_summary.json (None without
+    one)."""
     summary = run / runpaths.SUMMARY if run else None
     if summary is None or not summary.is_file():
         return None
@@ -84,9 +89,9 @@ def default_report_path(opened: Opened) -> Path:
 
 def evaluate(target: str | Path, data: str | Path | None = None, out: str | Path | None = None,
              batch_size: int | None = None, workers: int = 2) -> dict:
-    """Evaluate a run directory or an exported file on --data (default: the run's val split); writes the JSON
-    report (OUT, default RUN/eval/report.json) and the task's plots beside it.
-    batch_size: None = the recipe's eval.batch_size (else train.batch_size, else 64)."""
+    """Evaluate a run directory or an exported file on --data (default: the run's val split); writes
+    the JSON report (OUT, default RUN/eval/report.json) and the task's plots beside it. batch_size:
+    None = the recipe's eval.batch_size (else train.batch_size, else 64)."""
     return evaluate_opened(open_model(target), data, out, batch_size, workers)
 
 
@@ -120,15 +125,16 @@ def predictions_dir(target: str | Path) -> Path:
 
 def predict(target: str | Path, images: Sequence[str | Path], topk: int = 5, out: str | Path | None = None
             ) -> tuple[ModuleType, list[dict]]:
-    """The task's predictions for image files, from a run directory or an exported file; (task, results). Files a
-    task writes (predictions.csv, segmentation masks) go to `out`, default predictions/ beside the model."""
+    """The task's predictions for image files, from a run directory or an exported file; (task,
+    results). Files a task writes (predictions.csv, segmentation masks) go to `out`, default
+    predictions/ beside the model."""
     opened = open_model(target)
     out = Path(out) if out is not None else predictions_dir(target)
     return opened.task, opened.task.predict(opened.predictor, opened.preprocess, list(images), topk=topk,
                                             out_dir=out)
 
 
-# ---- several runs of one base: one model in memory, each run's adapter in turn ----------------------------------
+# ---- several runs of one base: one model in memory, each run's adapter in turn -------------------
 def _run_parts(run: Path) -> tuple[dict, dict]:
     """(recipe, preprocess) of a run that carries an adapter (named adapters need one)."""
     if not (run / runpaths.ADAPTER).is_dir():
@@ -144,7 +150,8 @@ def _base(recipe: dict, preprocess: dict) -> nn.Module:
 
 
 def _check_same_base(reference: dict, other: dict, trained: list[str], run: Path, first: Path) -> None:
-    """Every base tensor outside the runs' trained modules (heads ...) equal: one base can serve both runs."""
+    """Every base tensor outside the runs' trained modules (heads ...) equal: one base can serve
+    both runs."""
     prefixes = tuple(f"{m}." for m in trained)
     for key, tensor in reference.items():
         if key.startswith(prefixes):
@@ -156,8 +163,9 @@ def _check_same_base(reference: dict, other: dict, trained: list[str], run: Path
 
 
 def open_adapters(runs: Sequence[str | Path]) -> Iterator[Opened]:
-    """Runs that share a base, with one base in memory: each run's adapter (and trained head) loaded beside the
-    first's, then made active in turn. Each Opened holds until the next one is yielded."""
+    """Runs that share a base, with one base in memory: each run's adapter (and trained head) loaded
+    beside the first's, then made active in turn. Each Opened holds until the next one is
+    yielded."""
     runs = [Path(r) for r in runs]
     parts = [_run_parts(run) for run in runs]
     model, _, _ = rundir.load_run(runs[0])
@@ -178,7 +186,8 @@ def open_adapters(runs: Sequence[str | Path]) -> Iterator[Opened]:
 
 def predict_each(runs: Sequence[str | Path], images: Sequence[str | Path], topk: int = 5,
                  out: str | Path | None = None) -> Iterator[tuple[Opened, list[dict]]]:
-    """predict() for several runs of one base (open_adapters): files in OUT/<run name>, default RUN/predictions."""
+    """predict() for several runs of one base (open_adapters): files in OUT/<run name>, default
+    RUN/predictions."""
     for opened in open_adapters(runs):
         folder = Path(out) / opened.source.name if out is not None else predictions_dir(opened.source)
         yield opened, opened.task.predict(opened.predictor, opened.preprocess, list(images), topk=topk,

@@ -1,10 +1,12 @@
-"""Export a merged model to TorchScript and ONNX and verify each file in its own runtime against PyTorch.
+"""Export a merged model to TorchScript and ONNX and verify each file in its own runtime against
+PyTorch.
 
-The exported files are self-contained: they load with torch (`torch.jit.load`) or onnxruntime alone, in a
-process that never imports vislora or timm (vislora.exported runs them). The preprocessing (input size, mean, std,
-interpolation, crop_pct), the class names and the task travel beside them in preprocess.json, and inside them
-(TorchScript extra files, ONNX metadata_props) so that a file copied on its own still carries them. How a task's
-model is exported is plain data, the task's EXPORT (vislora.tasks): this module never asks which task it is.
+The exported files are self-contained: they load with torch (`torch.jit.load`) or onnxruntime alone,
+in a process that never imports vislora or timm (vislora.exported runs them). The preprocessing
+(input size, mean, std, interpolation, crop_pct), the class names and the task travel beside them in
+preprocess.json, and inside them (TorchScript extra files, ONNX metadata_props) so that a file
+copied on its own still carries them. How a task's model is exported is plain data, the task's
+EXPORT (vislora.tasks): this module never asks which task it is.
 """
 
 from __future__ import annotations
@@ -33,19 +35,21 @@ from vislora.inject import FROZEN_BN, unload
 from vislora.layers import LoraLayer
 
 LATENCY_BATCHES = (1, 8)
-# the EXPORT of a model that takes an NCHW batch and returns a tensor (timm classifiers): tasks.classification's
+# the EXPORT of a model that takes an NCHW batch and returns a tensor (timm classifiers):
+# tasks.classification's
 BATCH_MODEL = {"torchscript": "trace", "onnx": None, "input": "batch", "served": None}
 
 log = logging.getLogger(__name__)
 
 
-# ---- checks ---------------------------------------------------------------------------------------
+# ---- checks --------------------------------------------------------------------------------------
 def check_no_adapters(model: nn.Module) -> None:
     """Raise ValueError naming the first module (or hook) that still belongs to vislora.
 
-    An exported adapter graph would carry the unmerged A/B matrices (and vislora code in a scripted model):
-    call vislora.unload(model) first, which merges every adapter and restores the plain torch layers.
-    """
+    An exported adapter graph would carry the unmerged A/B matrices (and vislora code in a scripted
+    model): call vislora.unload(model) first, which merges every adapter and restores the plain
+    torch layers.
+"""
     modules = list(model.named_modules())
     modules.sort(key=lambda item: not isinstance(item[1], LoraLayer))  # name an unmerged adapter first
     for name, m in modules:
@@ -67,13 +71,15 @@ def _metadata_json(metadata: dict | None) -> dict[str, str]:
     return {str(k): json.dumps(v) for k, v in (metadata or {}).items()}
 
 
-# ---- export ---------------------------------------------------------------------------------------
+# ---- export --------------------------------------------------------------------------------------
 def export_torchscript(model: nn.Module, example: torch.Tensor | None, path: str | os.PathLike,
                        method: str = "trace", freeze: bool = False, metadata: dict | None = None) -> Path:
-    """Trace (timm classifiers) or script (torchvision detectors) an eval-mode, merged model; save it to `path`.
+    """Trace (timm classifiers) or script (torchvision detectors) an eval-mode, merged model; save
+    it to `path`.
 
-    metadata is stored as JSON extra files in the archive (read back with torch.jit.load(_extra_files=...)).
-    """
+    metadata is stored as JSON extra files in the archive (read back with
+    torch.jit.load(_extra_files=...)).
+"""
     check_no_adapters(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,12 +117,13 @@ def _onnx_dynamo(model, example, path, opset, dynamic_batch) -> None:
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike, opset: int = 17,
                 dynamic_batch: bool = True, metadata: dict | None = None) -> Path:
-    """Export to ONNX (input 'input' NCHW float32, output 'logits'), batch axis dynamic unless told otherwise.
+    """Export to ONNX (input 'input' NCHW float32, output 'logits'), batch axis dynamic unless told
+    otherwise.
 
-    Uses the classic TorchScript-based exporter (robust for timm models), then the dynamo exporter if that
-    fails; `metadata` values are stored as JSON strings in model.metadata_props. The file is checked with
-    onnx.checker. Raises NotImplementedError when both exporters fail.
-    """
+    Uses the classic TorchScript-based exporter (robust for timm models), then the dynamo exporter
+    if that fails; `metadata` values are stored as JSON strings in model.metadata_props. The file is
+    checked with onnx.checker. Raises NotImplementedError when both exporters fail.
+"""
     import onnx
 
     check_no_adapters(model)
@@ -143,7 +150,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
     return path
 
 
-# ---- export + verify + measure --------------------------------------------------------------------
+# ---- export + verify + measure -------------------------------------------------------------------
 def median_latency(fn: Callable, inputs, warmup: int = 3, repeats: int = 20) -> float:
     """Median wall time of fn(inputs) in seconds, after `warmup` untimed calls."""
     for _ in range(warmup):
@@ -157,9 +164,10 @@ def median_latency(fn: Callable, inputs, warmup: int = 3, repeats: int = 20) -> 
 
 
 def paired_latency(base: Callable, merged: Callable, inputs, rounds: int = 5, repeats: int = 5) -> dict:
-    """Batch-1 latency of the base and the merged model, measured in alternating rounds (load on a shared machine
-    moves both alike), with the ratio merged / base per round: its median and range. One pair of medians swung
-    7.9x -> 0.84x between two runs (issue #31); the range says how far to trust the figure."""
+    """Batch-1 latency of the base and the merged model, measured in alternating rounds (load on a
+    shared machine moves both alike), with the ratio merged / base per round: its median and range.
+    One pair of medians swung 7.9x -> 0.84x between two runs (issue #31); the range says how far to
+    trust the figure."""
     times, ratios = {"base": [], "merged": []}, []
     for _ in range(rounds):
         b, m = (median_latency(fn, inputs, warmup=1, repeats=repeats) for fn in (base, merged))
@@ -195,7 +203,8 @@ def _max_diffs(ref: list[np.ndarray], got: list[np.ndarray], fmt: str) -> tuple[
 
 
 def _prepared(model: nn.Module) -> nn.Module:
-    """The model as exported: fp32 on CPU, eval mode (a copy when it has to move or change dtype)."""
+    """The model as exported: fp32 on CPU, eval mode (a copy when it has to move or change
+    dtype)."""
     params = list(model.parameters()) + list(model.buffers())
     if any(p.device.type != "cpu" or (p.is_floating_point() and p.dtype != torch.float32) for p in params):
         model = copy.deepcopy(model).float().cpu()
@@ -204,7 +213,8 @@ def _prepared(model: nn.Module) -> nn.Module:
 
 @dataclass
 class _Check:
-    """What verifying one exported file needs: the inputs, the PyTorch reference and how to call and time."""
+    """What verifying one exported file needs: the inputs, the PyTorch reference and how to call and
+    time."""
 
     inputs: torch.Tensor
     reference: list[np.ndarray]
@@ -222,7 +232,8 @@ class _Check:
 
 
 def _torchscript_entry(net: nn.Module, path: Path, check: _Check, method: str, metadata: dict) -> tuple[dict, list]:
-    """Write model.pt, reload it in torch.jit, run and time it; (report entry, outputs on [all inputs, one])."""
+    """Write model.pt, reload it in torch.jit, run and time it; (report entry, outputs on [all
+    inputs, one])."""
     example = check.inputs[:2] if len(check.inputs) >= 2 else check.inputs  # 2: no singleton batch baked in
     export_torchscript(net, example, path, method=method, metadata=metadata)
     with quiet_jit():
@@ -236,7 +247,8 @@ def _torchscript_entry(net: nn.Module, path: Path, check: _Check, method: str, m
 
 def _onnx_entry(net: nn.Module, path: Path, check: _Check, opset: int, dynamic_batch: bool, metadata: dict
                 ) -> tuple[dict, list]:
-    """Write model.onnx, run and time it in onnxruntime; (report entry, outputs on [all inputs, one])."""
+    """Write model.onnx, run and time it in onnxruntime; (report entry, outputs on [all inputs,
+    one])."""
     import onnx
 
     example = (check.inputs[:2] if len(check.inputs) >= 2 else check.inputs) if dynamic_batch else check.inputs[:1]
@@ -250,8 +262,8 @@ def _onnx_entry(net: nn.Module, path: Path, check: _Check, opset: int, dynamic_b
 
 
 def _compare(entry: dict, check: _Check, got: list, fmt: str) -> None:
-    """Max abs / rel difference to PyTorch, on the whole batch and (batch models) on a batch of one, which catches
-    a batch size baked into the graph."""
+    """Max abs / rel difference to PyTorch, on the whole batch and (batch models) on a batch of one,
+    which catches a batch size baked into the graph."""
     diffs = [_max_diffs(check.reference, got[0], fmt)]
     if not check.listed:
         diffs.append(_max_diffs([r[:1] for r in check.reference], got[1], fmt))
@@ -262,15 +274,17 @@ def export_model(model: nn.Module, preprocess: dict, out_dir: str | os.PathLike,
                  formats: Sequence[str] = ("torchscript", "onnx"), opset: int = 17, dynamic_batch: bool = True,
                  inputs: torch.Tensor | None = None, tol: float = 1e-4, repeats: int = 20,
                  spec: dict = BATCH_MODEL) -> dict:
-    """Export a merged, unloaded model; verify every file in its own runtime; measure it; write export.json.
+    """Export a merged, unloaded model; verify every file in its own runtime; measure it; write
+    export.json.
 
-    Writes model.pt / model.onnx and preprocess.json to out_dir. Each export runs `inputs` (a batch of real
-    images, else 8 random ones) in torch.jit / onnxruntime; the max abs difference to the PyTorch model must
-    be <= tol, else ValueError (after export.json is written). Also records median latency at batch 1 and 8
-    (each runtime and PyTorch, same thread count), file sizes, ONNX node count and parameter count.
-    spec: the task's EXPORT: TorchScript "trace" or "script"; "input" "batch" (NCHW tensor) or "list" (a list of
-    CHW images, torchvision detectors, compared on every output tensor); "onnx" None or why it is unsupported.
-    """
+    Writes model.pt / model.onnx and preprocess.json to out_dir. Each export runs `inputs` (a batch
+    of real images, else 8 random ones) in torch.jit / onnxruntime; the max abs difference to the
+    PyTorch model must be <= tol, else ValueError (after export.json is written). Also records
+    median latency at batch 1 and 8 (each runtime and PyTorch, same thread count), file sizes, ONNX
+    node count and parameter count. spec: the task's EXPORT: TorchScript "trace" or "script";
+    "input" "batch" (NCHW tensor) or "list" (a list of CHW images, torchvision detectors, compared
+    on every output tensor); "onnx" None or why it is unsupported.
+"""
     unknown = set(formats) - set(FILE_NAMES)
     if unknown:
         raise VisloraError(f"unknown export formats {sorted(unknown)}: use {sorted(FILE_NAMES)}")
@@ -314,16 +328,16 @@ def export_model(model: nn.Module, preprocess: dict, out_dir: str | os.PathLike,
     return report
 
 
-# ---- run directories ------------------------------------------------------------------------------
+# ---- run directories -----------------------------------------------------------------------------
 def export_run(run_dir: str | os.PathLike, formats: str | Sequence[str] | None = None,
                out: str | os.PathLike | None = None, opset: int | None = None,
                dynamic_batch: bool | None = None) -> dict:
-    """Rebuild a run's model, load its adapter, merge and unload, export and verify (`vislora export`).
-    formats, opset, dynamic_batch: None = the recipe's export section.
+    """Rebuild a run's model, load its adapter, merge and unload, export and verify (`vislora
+    export`). formats, opset, dynamic_batch: None = the recipe's export section.
 
-    Also records that the merged export costs what the base model costs: parameter counts and PyTorch
-    latency at batch 1 of the untouched base model next to the merged one.
-    """
+    Also records that the merged export costs what the base model costs: parameter counts and
+    PyTorch latency at batch 1 of the untouched base model next to the merged one.
+"""
     model, recipe, preprocess = rundir.load_run(run_dir)
     task = tasks.get(recipe["task"])
     settings = recipe["export"]
@@ -359,7 +373,7 @@ def export_run(run_dir: str | os.PathLike, formats: str | Sequence[str] | None =
     return report
 
 
-# ---- what `vislora export` prints -----------------------------------------------------------------
+# ---- what `vislora export` prints ----------------------------------------------------------------
 def _ms(seconds: float | None) -> str:
     return f"{1000 * seconds:.2f} ms" if isinstance(seconds, (int, float)) else "-"
 
@@ -369,7 +383,8 @@ def _mb(n: int | None) -> str:
 
 
 def format_export(report: dict, out_dir: Path) -> str:
-    """A short table: each runtime's file, size, difference to PyTorch and latencies, then the cost line."""
+    """A short table: each runtime's file, size, difference to PyTorch and latencies, then the cost
+    line."""
     batches = sorted({b for fmt in ("pytorch", *FILE_NAMES) for b in report.get(fmt, {}).get("latency_s", {})},
                      key=lambda b: int(b.removeprefix("batch")))
     head = f"{'runtime':<12} {'file':<11} {'size':>8} {'max |diff|':>10}" + "".join(f" {b:>10}" for b in batches)

@@ -1,8 +1,9 @@
-"""Running exported files: load model.pt (torch.jit) or model.onnx (onnxruntime) with its preprocessing.
+"""Running exported files: load model.pt (torch.jit) or model.onnx (onnxruntime) with its
+preprocessing.
 
-Needs numpy, torch.jit or onnxruntime, and vislora.image only: the files `vislora export` writes are run
-without timm, albumentations or the rest of vislora. A predictor maps an NCHW float32 batch (vislora.image's
-eval transform of each image) to the model's output as a numpy array.
+Needs numpy, torch.jit or onnxruntime, and vislora.image only: the files `vislora export` writes are
+run without timm, albumentations or the rest of vislora. A predictor maps an NCHW float32 batch
+(vislora.image's eval transform of each image) to the model's output as a numpy array.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ METADATA_KEYS = (*PREPROCESS_KEYS, "class_names", "task")
 
 @contextlib.contextmanager
 def quiet_jit() -> Iterator[None]:
-    """Recent torch releases mark every torch.jit entry point deprecated; the files still load everywhere."""
+    """Recent torch releases mark every torch.jit entry point deprecated; the files still load
+    everywhere."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated", category=FutureWarning)
         yield
@@ -46,7 +48,8 @@ def _read_preprocess_file(path: Path) -> dict | None:
 
 
 def _metadata(entries: dict[str, str], path: Path) -> dict:
-    """The preprocessing `vislora export` stores in a file (JSON strings); values that are not JSON are named."""
+    """The preprocessing `vislora export` stores in a file (JSON strings); values that are not JSON
+    are named."""
     try:
         return {k: json.loads(v) for k, v in entries.items()}
     except json.JSONDecodeError as e:
@@ -79,7 +82,8 @@ def onnx_predictor(path: Path) -> tuple[Callable[[np.ndarray], np.ndarray], dict
 
 
 def torchscript_predictor(path: Path) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
-    """torch.jit module of a .pt file -> (predictor, metadata stored in the archive's extra files)."""
+    """torch.jit module of a .pt file -> (predictor, metadata stored in the archive's extra
+    files)."""
     files = {f"{k}.json": "" for k in METADATA_KEYS}
     try:
         with quiet_jit():
@@ -97,11 +101,12 @@ def torchscript_predictor(path: Path) -> tuple[Callable[[np.ndarray], np.ndarray
 
 
 def load_exported(path: str | os.PathLike) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
-    """Load model.pt (TorchScript) or model.onnx (onnxruntime, CPU) -> (NCHW float32 batch -> output, preprocess).
+    """Load model.pt (TorchScript) or model.onnx (onnxruntime, CPU) -> (NCHW float32 batch ->
+    output, preprocess).
 
-    A directory picks model.onnx, else model.pt. preprocess comes from preprocess.json beside the file,
-    else from the metadata stored inside it.
-    """
+    A directory picks model.onnx, else model.pt. preprocess comes from preprocess.json beside the
+    file, else from the metadata stored inside it.
+"""
     path = Path(path)
     if path.is_dir():
         found = [path / FILE_NAMES[f] for f in ("onnx", "torchscript") if (path / FILE_NAMES[f]).is_file()]

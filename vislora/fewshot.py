@@ -1,27 +1,32 @@
-"""`vislora fewshot`: LoRA against a linear probe and full fine-tuning with k labelled images per class.
+"""`vislora fewshot`: LoRA against a linear probe and full fine-tuning with k labelled images per
+class.
 
 The protocol behind every number in fewshot.json:
-- k-shot sets: for each seed (0 .. seeds-1), each class's images of the recipe's train split are shuffled once
-  (numpy, seeded by (seed, class index)) and the first k are taken. So the sets are stratified, nested across k (the
-  2-shot set holds the 1-shot set) and the same images for every contender at a given seed.
-- Every (k, seed, contender) cell trains through the one loop (vislora.train.train), from the recipe with these
-  overrides: the adapter (lora: the recipe's LoRA, or the default LoRA of vislora.recipe.DEFAULTS when the recipe is
-  a probe or full recipe; probe: linear_probe; full: null), train.seed = seed, and train.lr = the recipe's lr times
-  LR_SCALE[contender] / LR_SCALE[the recipe's own mode] (probe 5x and full 0.5x LoRA's lr: the ratios the
-  few-shot grids in BENCHMARKS.md were measured with), unless --lr names it.
-- Fixed step budget, not epochs: every run takes the same S optimizer steps of the recipe's batch B, whatever k.
-  S = --steps, by default max(100, recipe epochs x batches per epoch at the largest k), i.e. the recipe's own
-  schedule at the largest k, at least 100 steps. The run's train folder repeats its k-shot images (symlinks, in a
-  seeded order) to exactly S x B x grad_accum samples, so the run is one epoch of S steps: the recipe's warm-up
-  share (warmup_epochs / epochs) of S, then cosine. Every run sees S x B augmented samples.
-- Evaluation: the model after the last step (no val split during training, so nothing is picked on the numbers
-  reported) on the recipe's full val split, by vislora.evaluate.evaluate.
+- k-shot sets: for each seed (0 .. seeds-1), each class's images of the recipe's train split are
+  shuffled once (numpy, seeded by (seed, class index)) and the first k are taken. So the sets are
+  stratified, nested across k (the 2-shot set holds the 1-shot set) and the same images for every
+  contender at a given seed.
+- Every (k, seed, contender) cell trains through the one loop (vislora.train.train), from the recipe
+  with these overrides: the adapter (lora: the recipe's LoRA, or the default LoRA of
+  vislora.recipe.DEFAULTS when the recipe is a probe or full recipe; probe: linear_probe; full:
+  null), train.seed = seed, and train.lr = the recipe's lr times LR_SCALE[contender] / LR_SCALE[the
+  recipe's own mode] (probe 5x and full 0.5x LoRA's lr: the ratios the few-shot grids in
+  BENCHMARKS.md were measured with), unless --lr names it.
+- Fixed step budget, not epochs: every run takes the same S optimizer steps of the recipe's batch B,
+  whatever k. S = --steps, by default max(100, recipe epochs x batches per epoch at the largest k),
+  i.e. the recipe's own schedule at the largest k, at least 100 steps. The run's train folder
+  repeats its k-shot images (symlinks, in a seeded order) to exactly S x B x grad_accum samples, so
+  the run is one epoch of S steps: the recipe's warm-up share (warmup_epochs / epochs) of S, then
+  cosine. Every run sees S x B augmented samples.
+- Evaluation: the model after the last step (no val split during training, so nothing is picked on
+  the numbers reported) on the recipe's full val split, by vislora.evaluate.evaluate.
 
-Outputs in --out: fewshot.json (settings + one row per cell), fewshot.md (mean +- std of val top-1, shots by
-contender), fewshot.png (top-1 against shots with error bars), subsets.json (the sampled images), runs/<cell>/ (each
-a run directory, its checkpoints removed; fewshot.log holds the loop's output) and data/ (the val split as links;
-the k-shot folders are removed once their cells are done). A rerun resumes the grid: finished cells are read back
-from fewshot.json, not retrained; a grid made with other settings (recipe, steps, learning rates) is refused.
+Outputs in --out: fewshot.json (settings + one row per cell), fewshot.md (mean +- std of val top-1,
+shots by contender), fewshot.png (top-1 against shots with error bars), subsets.json (the sampled
+images), runs/<cell>/ (each a run directory, its checkpoints removed; fewshot.log holds the loop's
+output) and data/ (the val split as links; the k-shot folders are removed once their cells are
+done). A rerun resumes the grid: finished cells are read back from fewshot.json, not retrained; a
+grid made with other settings (recipe, steps, learning rates) is refused.
 """
 
 from __future__ import annotations
@@ -49,28 +54,31 @@ from vislora.train import train
 
 CONTENDERS = ("lora", "probe", "full")
 MODES = {"lora": "lora", "probe": "linear_probe", "full": "full"}  # contender -> vislora.recipe.mode()
-# relative learning rates, fixed so the published grids rerun the same: those of the mode defaults when they were
-# measured (issue #15: LoRA 2e-3, probe 1e-2, full 1e-3)
+# relative learning rates, fixed so the published grids rerun the same: those of the mode defaults
+# when they were measured (issue #15: LoRA 2e-3, probe 1e-2, full 1e-3)
 LR_SCALE = {"lora": 1.0, "probe": 5.0, "full": 0.5}
 MIN_STEPS = 100
 RESULTS, TABLE, PLOT, SUBSETS = "fewshot.json", "fewshot.md", "fewshot.png", "subsets.json"
 
 
-# ---- the grid's settings --------------------------------------------------------------------------
+# ---- the grid's settings -------------------------------------------------------------------------
 def recipe_mode(recipe: dict) -> str:
-    """Which contender a recipe is: lora (an adapter mapping), probe (linear_probe) or full (null)."""
+    """Which contender a recipe is: lora (an adapter mapping), probe (linear_probe) or full
+    (null)."""
     return {m: c for c, m in MODES.items()}[mode(recipe)]
 
 
 def contender_adapter(recipe: dict, contender: str) -> dict | str | None:
-    """The adapter section of a contender: the recipe's LoRA (else the default LoRA), linear_probe or null."""
+    """The adapter section of a contender: the recipe's LoRA (else the default LoRA), linear_probe
+    or null."""
     if contender == "lora":
         return copy.deepcopy(recipe["adapter"] if recipe_mode(recipe) == "lora" else DEFAULTS["adapter"])
     return "linear_probe" if contender == "probe" else None
 
 
 def contender_lrs(recipe: dict, overrides: dict[str, float] | None = None) -> dict[str, float]:
-    """Learning rate per contender: the recipe's lr rescaled by LR_SCALE from the recipe's own mode; `overrides` win."""
+    """Learning rate per contender: the recipe's lr rescaled by LR_SCALE from the recipe's own mode;
+    `overrides` win."""
     base = recipe["train"]["lr"] / LR_SCALE[recipe_mode(recipe)]
     lrs = {c: base * LR_SCALE[c] for c in CONTENDERS}
     unknown = sorted(set(overrides or {}) - set(CONTENDERS))
@@ -97,18 +105,18 @@ def _check_grid(shots: Sequence[int], seeds: int, contenders: Sequence[str]) -> 
 
 
 def check_task(recipe: dict) -> None:
-    """The recipe's task must have k-shot sampling per class (its KSHOT, vislora.tasks.OPTIONAL): the grid samples
-    class folders and scores val top-1."""
+    """The recipe's task must have k-shot sampling per class (its KSHOT, vislora.tasks.OPTIONAL):
+    the grid samples class folders and scores val top-1."""
     task = tasks.get(recipe["task"])
     if not task.KSHOT:
         raise VisloraError(f"fewshot samples k images per class, which task {task.NAME} has no sampling for (its "
                            f"KSHOT is false): use a recipe of task {' or '.join(tasks.having('KSHOT'))}")
 
 
-# ---- sampling and the data folders ------------------------------------------------------------------
+# ---- sampling and the data folders ---------------------------------------------------------------
 def sample_shots(split: vdata.Split, shots: Sequence[int], seed: int) -> dict[int, list[tuple[Path, int]]]:
-    """k images per class for every k in `shots`: each class's images shuffled once by (seed, class index), the
-    first k taken. Stratified, nested across k, and a function of (split, seed) only."""
+    """k images per class for every k in `shots`: each class's images shuffled once by (seed, class
+    index), the first k taken. Stratified, nested across k, and a function of (split, seed) only."""
     by_class: dict[int, list[Path]] = {y: [] for y in range(len(split.classes))}
     for path, y in sorted(split.items):
         by_class[y].append(path)
@@ -132,8 +140,8 @@ def _link(source: Path, target: Path) -> None:
 
 def write_folder(items: Sequence[tuple[Path, int]], classes: list[str], folder: Path, count: int | None = None,
                  seed: int = 0) -> Path:
-    """FOLDER/<class>/<links>: every item once, or with `count` exactly `count` links cycling over the items in a
-    seeded order (how a k-shot set fills a fixed number of samples)."""
+    """FOLDER/<class>/<links>: every item once, or with `count` exactly `count` links cycling over
+    the items in a seeded order (how a k-shot set fills a fixed number of samples)."""
     if folder.exists():
         shutil.rmtree(folder)
     for name in sorted({classes[y] for _, y in items}):  # a class without images gets no folder
@@ -145,9 +153,10 @@ def write_folder(items: Sequence[tuple[Path, int]], classes: list[str], folder: 
     return folder
 
 
-# ---- one cell ---------------------------------------------------------------------------------------
+# ---- one cell ------------------------------------------------------------------------------------
 def cell_recipe(recipe: dict, contender: str, seed: int, train_dir: Path, steps: int, lr: float) -> dict:
-    """The recipe of one cell: its adapter, seed and lr, the k-shot folder as data, one epoch of `steps` steps."""
+    """The recipe of one cell: its adapter, seed and lr, the k-shot folder as data, one epoch of
+    `steps` steps."""
     r = copy.deepcopy(recipe)
     t = r["train"]
     r["adapter"] = contender_adapter(recipe, contender)
@@ -158,8 +167,8 @@ def cell_recipe(recipe: dict, contender: str, seed: int, train_dir: Path, steps:
 
 
 def run_cell(recipe: dict, run_dir: Path, val_dir: Path) -> dict:
-    """Train one cell through the loop and evaluate its last model on the val folder; the loop's output goes to
-    run_dir/fewshot.log, its checkpoints are removed afterwards."""
+    """Train one cell through the loop and evaluate its last model on the val folder; the loop's
+    output goes to run_dir/fewshot.log, its checkpoints are removed afterwards."""
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(run_dir / "fewshot.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
@@ -173,9 +182,10 @@ def run_cell(recipe: dict, run_dir: Path, val_dir: Path) -> dict:
             "total": summary["total"], "wall_s": round(wall, 2), "val_images": report["num_images"]}
 
 
-# ---- results ----------------------------------------------------------------------------------------
+# ---- results -------------------------------------------------------------------------------------
 def _read_results(path: Path, settings: dict) -> list[dict]:
-    """The finished rows of an earlier call with the same settings (none if there is no fewshot.json)."""
+    """The finished rows of an earlier call with the same settings (none if there is no
+    fewshot.json)."""
     if not path.is_file():
         return []
     saved = read_json(path, "results of an earlier grid: remove it to start the grid again")
@@ -193,7 +203,8 @@ def _stats(values: list[float]) -> tuple[float, float]:
 
 
 def format_table(rows: list[dict], settings: dict) -> str:
-    """Markdown: mean +- std of val top-1 (%) over seeds, shots by contender, and the trainable parameters."""
+    """Markdown: mean +- std of val top-1 (%) over seeds, shots by contender, and the trainable
+    parameters."""
     contenders = [c for c in CONTENDERS if any(r["contender"] == c for r in rows)]
     seeds = len({r["seed"] for r in rows})
     lines = [f"Val top-1 (%), mean ± std over {seeds} seed(s); every run {settings['steps']} steps of batch "
@@ -240,12 +251,12 @@ def write_outputs(out: Path, settings: dict, rows: list[dict]) -> None:
         plot_results(rows, out / PLOT)
 
 
-# ---- the grid ---------------------------------------------------------------------------------------
+# ---- the grid ------------------------------------------------------------------------------------
 def fewshot(recipe: dict, out: str | Path, shots: Sequence[int] = (1, 2, 4, 8, 16), seeds: int = 3,
             contenders: Sequence[str] = CONTENDERS, steps: int | None = None,
             lrs: dict[str, float] | None = None) -> list[dict]:
-    """Run (or resume) the grid shots x seeds x contenders of a resolved recipe into `out` (see the module
-    docstring for the protocol); returns every row of fewshot.json."""
+    """Run (or resume) the grid shots x seeds x contenders of a resolved recipe into `out` (see the
+    module docstring for the protocol); returns every row of fewshot.json."""
     _check_grid(shots, seeds, contenders)
     contenders = list(dict.fromkeys(contenders))  # `--contenders probe probe` is one contender
     check_task(recipe)
@@ -293,8 +304,8 @@ def fewshot(recipe: dict, out: str | Path, shots: Sequence[int] = (1, 2, 4, 8, 1
 
 
 class Progress:
-    """One line per finished run of the grid: what it scored, its time and the time left (from this call's runs;
-    the runs a resumed grid reads back count as done)."""
+    """One line per finished run of the grid: what it scored, its time and the time left (from this
+    call's runs; the runs a resumed grid reads back count as done)."""
 
     def __init__(self, total: int, done: int):
         self.total, self.count, self.seconds, self.timed = total, done, 0.0, 0

@@ -1,4 +1,5 @@
-"""Files every module writes the same way: write-then-rename, strict JSON, and one JSON reader with a clear error.
+"""Files every module writes the same way: write-then-rename, strict JSON, and one JSON reader with
+a clear error.
 
 Standard library only, so any module (and the CLI before torch is imported) can use it.
 """
@@ -16,7 +17,8 @@ from vislora.errors import VisloraError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """write(tmp) to PATH.tmp, then rename it over PATH: a crash or Ctrl-C leaves the previous file whole."""
+    """write(tmp) to PATH.tmp, then rename it over PATH: a crash or Ctrl-C leaves the previous file
+    whole."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -28,7 +30,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
 
 
 def finite(value: Any) -> Any:
-    """A copy of nested dicts / lists with every NaN or infinite float replaced by None (JSON has no NaN)."""
+    """A copy of nested dicts / lists with every NaN or infinite float replaced by None (JSON has no
+    NaN)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
@@ -50,8 +53,8 @@ def write_json(path: str | os.PathLike, data: Any, indent: int | None = 2) -> Pa
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:
-    """The JSON content of `path`; a missing file is FileNotFoundError and bad JSON a ValueError, both naming
-    the file and what it should be."""
+    """The JSON content of `path`; a missing file is FileNotFoundError and bad JSON a ValueError,
+    both naming the file and what it should be."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (expected the {what})")
@@ -62,7 +65,8 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
 
 
 def listing(items, limit: int = 5) -> str:
-    """The first `limit` items joined, then '... and N more': a long list of skipped files in one line."""
+    """The first `limit` items joined, then '... and N more': a long list of skipped files in one
+    line."""
     items = [str(i) for i in items]
     more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more

@@ -1,11 +1,13 @@
-"""What an adapter costs: parameters, bytes on disk, FLOPs, inference latency, training step time and memory.
+"""What an adapter costs: parameters, bytes on disk, FLOPs, inference latency, training step time
+and memory.
 
-`footprint(target)` takes a run directory, a recipe YAML, a timm model name or an nn.Module and reports the
-adapted model next to its untouched base, its merged form and full fine-tuning, for any task's model: the
-target is resolved by vislora.subject, whose task draws the random batches (the model takes their images) and
-computes the training step's loss. FLOPs come from torch's own FlopCounterMode (matmuls and convolutions);
-latencies and step times are medians of contenders run in alternation, so a busy machine slows them alike; peak
-CPU memory is the peak RSS of a fresh subprocess.
+`footprint(target)` takes a run directory, a recipe YAML, a timm model name or an nn.Module and
+reports the adapted model next to its untouched base, its merged form and full fine-tuning, for any
+task's model: the target is resolved by vislora.subject, whose task draws the random batches (the
+model takes their images) and computes the training step's loss. FLOPs come from torch's own
+FlopCounterMode (matmuls and convolutions); latencies and step times are medians of contenders run
+in alternation, so a busy machine slows them alike; peak CPU memory is the peak RSS of a fresh
+subprocess.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from vislora.targets import lora_layers
 GROUPS = ("attention qkv/proj", "MLP fc", "conv 1x1", "depthwise", "grouped", "kx1/1xk", "dense kxk", "other")
 
 
-# ---- parameters and bytes -------------------------------------------------------------------------
+# ---- parameters and bytes ------------------------------------------------------------------------
 def adapter_group(name: str, layer: LoraLayer) -> str:
     """Which kind of layer an adapter sits on (one of GROUPS)."""
     base = layer.base_layer
@@ -87,9 +89,10 @@ def bytes_report(adapted: nn.Module, merged: nn.Module) -> dict:
             "full_over_adapter": full / adapter if adapter else None}
 
 
-# ---- FLOPs and latency ----------------------------------------------------------------------------
+# ---- FLOPs and latency ---------------------------------------------------------------------------
 def count_flops(model: nn.Module, x: torch.Tensor) -> int:
-    """Forward FLOPs by torch's FlopCounterMode, with timm's fused attention unfused so that it is counted."""
+    """Forward FLOPs by torch's FlopCounterMode, with timm's fused attention unfused so that it is
+    counted."""
     fused = [(m, m.fused_attn) for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
     for m, _ in fused:
         m.fused_attn = False
@@ -103,8 +106,8 @@ def count_flops(model: nn.Module, x: torch.Tensor) -> int:
 
 
 def alternating_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds of each call of each function, calling them round-robin (rotating order) `repeats` times: entry i of
-    every list is round i, so ratios can be taken round by round."""
+    """Seconds of each call of each function, calling them round-robin (rotating order) `repeats`
+    times: entry i of every list is round i, so ratios can be taken round by round."""
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     for i in range(warmup + repeats):
@@ -118,13 +121,15 @@ def alternating_times(fns: dict[str, Callable[[], object]], repeats: int, warmup
 
 
 def alternating_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function, calling them round-robin (rotating order) `repeats` times."""
+    """Median seconds per call of each function, calling them round-robin (rotating order) `repeats`
+    times."""
     return {n: statistics.median(t) for n, t in alternating_times(fns, repeats, warmup).items()}
 
 
 def ratio_spread(times: list[float], base: list[float]) -> list[float]:
-    """The interquartile range [q1, q3] of the round-by-round ratios times / base: how far a ratio of medians can be
-    trusted on a loaded machine (one run's batch-1 ratio swung 7.9x -> 0.84x, issue #31)."""
+    """The interquartile range [q1, q3] of the round-by-round ratios times / base: how far a ratio
+    of medians can be trusted on a loaded machine (one run's batch-1 ratio swung 7.9x -> 0.84x,
+    issue #31)."""
     ratios = [t / b for t, b in zip(times, base, strict=True)]
     if len(ratios) < 2:
         return ratios * 2
@@ -134,8 +139,8 @@ def ratio_spread(times: list[float], base: list[float]) -> list[float]:
 
 def latency_report(models: dict[str, nn.Module], inputs: Callable[[int], object], batch: int, repeats: int,
                    device: str) -> dict:
-    """Median inference latency in ms of each model at batch 1 and `batch` (inputs(n): a batch of n, on the
-    device), and ratios to the base model."""
+    """Median inference latency in ms of each model at batch 1 and `batch` (inputs(n): a batch of n,
+    on the device), and ratios to the base model."""
     def call(m: nn.Module, x: object) -> Callable[[], object]:
         def run():
             with torch.inference_mode():
@@ -158,14 +163,15 @@ def latency_report(models: dict[str, nn.Module], inputs: Callable[[int], object]
     return out
 
 
-# ---- training step --------------------------------------------------------------------------------
+# ---- training step -------------------------------------------------------------------------------
 def full_finetune(model: nn.Module) -> nn.Module:
     """The base model with every parameter trainable."""
     return model.requires_grad_(True).train()
 
 
 def train_step(model: nn.Module, batch: object, subject: Subject, device: str) -> Callable[[], None]:
-    """One forward + backward + AdamW step over the model's trainable parameters, on the task's loss."""
+    """One forward + backward + AdamW step over the model's trainable parameters, on the task's
+    loss."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step() -> None:
@@ -194,7 +200,8 @@ def _rss_kib(field: str) -> int | None:
 
 
 def _reset_peak_rss() -> bool:
-    """Reset this process's peak-RSS mark (Linux clear_refs), so that the next peak is the steps' own."""
+    """Reset this process's peak-RSS mark (Linux clear_refs), so that the next peak is the steps'
+    own."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -203,10 +210,11 @@ def _reset_peak_rss() -> bool:
 
 
 def _memory_child(spec_json: str) -> None:
-    """Subprocess entry: build one contender, train it two steps, print its RSS figures (KiB) as JSON.
+    """Subprocess entry: build one contender, train it two steps, print its RSS figures (KiB) as
+    JSON.
 
-    Peaks come from /proc/self/status (VmHWM), because ru_maxrss of a child also counts the RSS its parent had
-    when it forked; resource.getrusage is the fallback where /proc is missing."""
+    Peaks come from /proc/self/status (VmHWM), because ru_maxrss of a child also counts the RSS its
+    parent had when it forked; resource.getrusage is the fallback where /proc is missing."""
     spec = json.loads(spec_json)
     torch.set_num_threads(1)
     lora = LoraConfig(**spec["lora"]) if spec["lora"] else None
@@ -272,16 +280,17 @@ def train_report(subject: Subject, adapted: nn.Module, batch: int, num_classes: 
     return out
 
 
-# ---- the report -----------------------------------------------------------------------------------
+# ---- the report ----------------------------------------------------------------------------------
 def footprint(target: str | os.PathLike | nn.Module, img_size: int | None = None, batch: int = 8,
               lora: LoraConfig | None = None, repeats: int = 10, steps: int = 3, memory: bool = True,
               device: str = "cpu") -> dict:
-    """Parameters, bytes, FLOPs, latency and training cost of a run, recipe, timm model name or module.
+    """Parameters, bytes, FLOPs, latency and training cost of a run, recipe, timm model name or
+    module.
 
-    lora: the adapter for targets without one (timm names, full fine-tuning recipes), else LoraConfig()
-    defaults with targets 'vit' or 'conv'. repeats: latency rounds; steps: training-step rounds; memory:
-    measure peak training memory (CPU: one subprocess per contender).
-    """
+    lora: the adapter for targets without one (timm names, full fine-tuning recipes), else
+    LoraConfig() defaults with targets 'vit' or 'conv'. repeats: latency rounds; steps:
+    training-step rounds; memory: measure peak training memory (CPU: one subprocess per contender).
+"""
     if batch < 1:
         raise VisloraError(f"batch must be at least 1, got {batch}")
     subject = resolve_target(target, img_size, lora)

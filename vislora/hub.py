@@ -1,6 +1,7 @@
-"""Can timm's pretrained weights be downloaded? A quick look for the Hugging Face hub, so that `pretrained: true`
-on a machine without network stops in a second naming the offline options, instead of spending a minute in
-download retries. Standard library only: the CLI checks it before torch is imported.
+"""Can timm's pretrained weights be downloaded? A quick look for the Hugging Face hub, so that
+`pretrained: true` on a machine without network stops in a second naming the offline options,
+instead of spending a minute in download retries. Standard library only: the CLI checks it before
+torch is imported.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ def hub_address() -> tuple[str, int]:
 
 @functools.lru_cache(maxsize=1)
 def unreachable(timeout_s: float = 3.0) -> str | None:
-    """Why the hub cannot be reached from here, or None. None also when HF_HUB_OFFLINE is set (the cache answers
-    then) or a proxy is configured (a direct connection says nothing about it). Asked once per process."""
+    """Why the hub cannot be reached from here, or None. None also when HF_HUB_OFFLINE is set (the
+    cache answers then) or a proxy is configured (a direct connection says nothing about it). Asked
+    once per process."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return None
     if any(os.environ.get(name) for name in PROXY_VARIABLES):
@@ -41,7 +43,8 @@ def unreachable(timeout_s: float = 3.0) -> str | None:
 
 
 def check_pretrained(model_cfg: dict, source: str = "recipe") -> None:
-    """ValueError in one line when model.pretrained asks for hub weights and the hub cannot be reached."""
+    """ValueError in one line when model.pretrained asks for hub weights and the hub cannot be
+    reached."""
     if not model_cfg.get("pretrained"):
         return
     reason = unreachable()

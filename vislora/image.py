@@ -1,9 +1,11 @@
-"""Images: read any file as the RGB picture a viewer shows, masks of class indices, and the eval transform.
+"""Images: read any file as the RGB picture a viewer shows, masks of class indices, and the eval
+transform.
 
-This module is the one image reader of vislora (training, evaluation, export verification and predict all use
-it) and imports nothing else of vislora, nor albumentations or timm: an exported model can be served with numpy,
-Pillow and this file. The eval transform is timm's (resize the shorter side to size / crop_pct with Pillow,
-center crop, normalise), written in plain numpy so that its numbers do not depend on a training stack.
+This module is the one image reader of vislora (training, evaluation, export verification and
+predict all use it) and imports nothing else of vislora, nor albumentations or timm: an exported
+model can be served with numpy, Pillow and this file. The eval transform is timm's (resize the
+shorter side to size / crop_pct with Pillow, center crop, normalise), written in plain numpy so that
+its numbers do not depend on a training stack.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ PREPROCESS_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
 MASK_MODES = ("L", "P", "1", "I", "I;16", "I;16B", "I;16L")  # single-channel modes a mask may be stored in
 
 
-# ---- reading --------------------------------------------------------------------------------------
+# ---- reading -------------------------------------------------------------------------------------
 def _wide_to_uint8(im: Image.Image) -> np.ndarray:
-    """16/32-bit integer or float grayscale (mode I;16, I, F) -> uint8, scaled by its nominal range."""
+    """16/32-bit integer or float grayscale (mode I;16, I, F) -> uint8, scaled by its nominal
+    range."""
     a = np.asarray(im).astype(np.float64)
     top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
     if a.max() > 65535 or a.min() < 0:  # no nominal range: stretch what is there
@@ -45,9 +48,10 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """HxWx3 uint8 of any image Pillow reads, as a viewer shows it: upright per EXIF orientation, 16-bit and
-    float scaled to 8 bits, grayscale / palette / CMYK to RGB, transparent pixels on black.
-    Raises ValueError naming the file when it is missing, unreadable or a decompression bomb."""
+    """HxWx3 uint8 of any image Pillow reads, as a viewer shows it: upright per EXIF orientation,
+    16-bit and float scaled to 8 bits, grayscale / palette / CMYK to RGB, transparent pixels on
+    black. Raises ValueError naming the file when it is missing, unreadable or a decompression
+    bomb."""
     try:
         with Image.open(path) as im:
             im.load()
@@ -57,9 +61,10 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """HxW uint8 class indices of a single-channel mask file (mode L, 1, P: the palette indices, 16/32-bit integer
-    up to 255), upright per EXIF orientation like read_image. Raises ValueError naming the file when it is missing,
-    unreadable, has colour channels or holds values above 255."""
+    """HxW uint8 class indices of a single-channel mask file (mode L, 1, P: the palette indices,
+    16/32-bit integer up to 255), upright per EXIF orientation like read_image. Raises ValueError
+    naming the file when it is missing, unreadable, has colour channels or holds values above
+    255."""
     try:
         with Image.open(path) as im:
             im.load()
@@ -75,7 +80,8 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
 
 
 def mask_palette(n: int = 256) -> np.ndarray:
-    """n x 3 uint8 colours of class indices, PASCAL VOC's (0 black, 1 dark red, 2 green ..., 255 cream for ignore)."""
+    """n x 3 uint8 colours of class indices, PASCAL VOC's (0 black, 1 dark red, 2 green ..., 255
+    cream for ignore)."""
     colours = np.zeros((n, 3), dtype=np.uint8)
     for k in range(n):
         c, r, g, b = k, 0, 0, 0
@@ -87,16 +93,16 @@ def mask_palette(n: int = 256) -> np.ndarray:
 
 
 def write_mask(path: str | os.PathLike, mask: np.ndarray) -> None:
-    """A HxW uint8 class-index mask as a palette PNG: viewers show mask_palette() colours, read_mask gets the
-    indices back."""
+    """A HxW uint8 class-index mask as a palette PNG: viewers show mask_palette() colours, read_mask
+    gets the indices back."""
     im = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8))
     im.putpalette(mask_palette().tobytes())
     im.save(path, format="PNG")
 
 
 def read_each(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
-    """(path, HxWx3 uint8, None) for each readable file and (path, None, why not) for the others, in order: predict
-    reports a bad file and goes on with the rest."""
+    """(path, HxWx3 uint8, None) for each readable file and (path, None, why not) for the others, in
+    order: predict reports a bad file and goes on with the rest."""
     for path in paths:
         if not os.path.isfile(path):
             yield str(path), None, f"no image at {path}"
@@ -108,7 +114,8 @@ def read_each(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, np.ndar
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) of the picture read_image returns (EXIF rotations swap them), without decoding pixels."""
+    """(width, height) of the picture read_image returns (EXIF rotations swap them), without
+    decoding pixels."""
     try:
         with Image.open(path) as im:
             w, h = im.size
@@ -128,7 +135,7 @@ def verifies(path: str | os.PathLike) -> bool:
         return False
 
 
-# ---- the eval transform ---------------------------------------------------------------------------
+# ---- the eval transform --------------------------------------------------------------------------
 def input_hw(preprocess: dict) -> tuple[int, int]:
     """(H, W) of preprocess['input_size'] given as S, [H, W] or [C, H, W]."""
     size = preprocess["input_size"]
@@ -148,8 +155,8 @@ def check_preprocess(preprocess: dict, keys: Sequence[str] = PREPROCESS_KEYS) ->
 
 
 def resize(pixels: np.ndarray, height: int, width: int, interpolation: str = "bilinear") -> np.ndarray:
-    """An HxW(xC) uint8 array resized to height x width with Pillow (aspect ratio not kept): the resize of the eval
-    geometries; interpolation "nearest" for masks of class indices."""
+    """An HxW(xC) uint8 array resized to height x width with Pillow (aspect ratio not kept): the
+    resize of the eval geometries; interpolation "nearest" for masks of class indices."""
     if pixels.shape[:2] == (height, width):
         return pixels
     return np.asarray(Image.fromarray(pixels).resize((width, height), RESAMPLING[interpolation]))
@@ -157,8 +164,8 @@ def resize(pixels: np.ndarray, height: int, width: int, interpolation: str = "bi
 
 def resize_center_crop(rgb: np.ndarray, height: int, width: int, crop_pct: float = 1.0,
                        interpolation: str = "bilinear") -> np.ndarray:
-    """timm's eval geometry on an HxWxC uint8 array: scale so that the image covers floor(size / crop_pct)
-    (the shorter side, keeping the aspect ratio), then cut the center height x width."""
+    """timm's eval geometry on an HxWxC uint8 array: scale so that the image covers floor(size /
+    crop_pct) (the shorter side, keeping the aspect ratio), then cut the center height x width."""
     h, w = rgb.shape[:2]
     scale_h, scale_w = math.floor(height / crop_pct), math.floor(width / crop_pct)
     if scale_h == scale_w:  # torchvision's Resize(int): the shorter side to the size, the longer in proportion
@@ -183,9 +190,10 @@ def normalize(rgb: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> n
 
 
 def eval_transform(preprocess: dict, whole: bool = False) -> Callable[[np.ndarray], np.ndarray]:
-    """HxWx3 uint8 -> 3xHxW float32 model input: timm's eval transform for preprocess's input_size, crop_pct,
-    interpolation, mean and std (the same geometry training validates with and exported models are fed).
-    whole: the whole image resized to the input size, aspect not kept (segmentation's geometry; no crop)."""
+    """HxWx3 uint8 -> 3xHxW float32 model input: timm's eval transform for preprocess's input_size,
+    crop_pct, interpolation, mean and std (the same geometry training validates with and exported
+    models are fed). whole: the whole image resized to the input size, aspect not kept
+    (segmentation's geometry; no crop)."""
     check_preprocess(preprocess, ("input_size", "mean", "std", "interpolation") if whole else PREPROCESS_KEYS)
     h, w = input_hw(preprocess)
     crop_pct = float(preprocess.get("crop_pct") or 1.0)

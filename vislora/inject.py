@@ -1,5 +1,6 @@
-"""Model-level LoRA: injection into the layers vislora.targets finds, trainable selection and frozen BatchNorm,
-the exactness check, merge and unload. The config lives in vislora.config, the target rules in vislora.targets."""
+"""Model-level LoRA: injection into the layers vislora.targets finds, trainable selection and frozen
+BatchNorm, the exactness check, merge and unload. The config lives in vislora.config, the target
+rules in vislora.targets."""
 
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ from vislora.targets import (
 log = logging.getLogger(__name__)
 
 
-# ---- layers no preset adapts ----------------------------------------------------------------------
-# layers with weights that no preset adapts, because LoraLayer wraps ADAPTABLE only: type -> why
+# ---- layers no preset adapts
+# ---------------------------------------------------------------------- layers with weights that no
+# preset adapts, because LoraLayer wraps ADAPTABLE only: type -> why
 UNADAPTABLE = {
     nn.modules.conv._ConvNd: "only nn.Conv1d and nn.Conv2d are adapted, not 3-d or transposed convolutions",
     nn.Embedding: "embeddings are not adapted",
@@ -40,7 +42,8 @@ UNADAPTABLE = {
 
 
 def unadaptable_layers(model: nn.Module, within: str | None = None) -> dict[str, str]:
-    """Layers with weights (outside the stem and classifier) that no preset can adapt: name -> "Type: why"."""
+    """Layers with weights (outside the stem and classifier) that no preset can adapt: name ->
+    "Type: why"."""
     scope = model.get_submodule(within) if within else model
     prefix = within + "." if within else ""
     edges = stem_names(scope) + classifier_names(scope)
@@ -55,7 +58,8 @@ def unadaptable_layers(model: nn.Module, within: str | None = None) -> dict[str,
 
 
 def warn_unadaptable(model: nn.Module, config: LoraConfig, within: str | None = None) -> None:
-    """One warning naming the layers a preset leaves because vislora cannot adapt them (never a silent skip)."""
+    """One warning naming the layers a preset leaves because vislora cannot adapt them (never a
+    silent skip)."""
     if not (isinstance(config.targets, str) and config.targets in PRESETS):
         return
     skipped = unadaptable_layers(model, within)
@@ -67,8 +71,9 @@ def warn_unadaptable(model: nn.Module, config: LoraConfig, within: str | None = 
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
-    """Put `module` at the dotted `name` (names as plain_modules gives them: through adapter wrappers) and
-    wherever else the model holds the same module (a shared one stays shared); returns the module that was there."""
+    """Put `module` at the dotted `name` (names as plain_modules gives them: through adapter
+    wrappers) and wherever else the model holds the same module (a shared one stays shared); returns
+    the module that was there."""
     parent, _, child = name.rpartition(".")
     owner = model.get_submodule(parent) if parent else model
     owner = owner.base_layer if isinstance(owner, LoraLayer) else owner
@@ -81,14 +86,15 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
 
 
 
-# ---- inject / trainable selection -----------------------------------------------------------------
+# ---- inject / trainable selection ----------------------------------------------------------------
 def _eval_mode_hook(module: nn.Module, args) -> None:
     module.training = False  # frozen BatchNorm normalises with its running statistics, which never change
 
 
 def frozen_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    """Batch norm with the running statistics as one per-channel multiply-add, y = x * scale + shift: the numbers
-    of eval-mode batch_norm, with a backward that is a single multiply (several times cheaper on CPU)."""
+    """Batch norm with the running statistics as one per-channel multiply-add, y = x * scale +
+    shift: the numbers of eval-mode batch_norm, with a backward that is a single multiply (several
+    times cheaper on CPU)."""
     scale = (bn.running_var + bn.eps).rsqrt()
     if bn.weight is not None:
         scale = scale * bn.weight
@@ -100,15 +106,17 @@ def frozen_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> t
 
 
 class FrozenStatsBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d that normalises with its running statistics in train mode too. freeze_bn_stats swaps a
-    module's class to it in place (same parameters, buffers and state_dict); unload/eject swap it back."""
+    """BatchNorm2d that normalises with its running statistics in train mode too. freeze_bn_stats
+    swaps a module's class to it in place (same parameters, buffers and state_dict); unload/eject
+    swap it back."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return frozen_batch_norm(self, x)
 
 
 class FrozenStatsBatchNormAct2d(BatchNormAct2d):
-    """timm's BatchNormAct2d (norm, dropout, activation: EfficientNet, MobileNet) with frozen statistics."""
+    """timm's BatchNormAct2d (norm, dropout, activation: EfficientNet, MobileNet) with frozen
+    statistics."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.drop(frozen_batch_norm(self, x)))
@@ -118,10 +126,12 @@ FROZEN_BN = {nn.BatchNorm2d: FrozenStatsBatchNorm2d, BatchNormAct2d: FrozenStats
 
 
 def freeze_bn_stats(model: nn.Module, keep: Sequence[str] = ()) -> None:
-    """BatchNorm layers (except those inside `keep`) use their running statistics even in train mode.
+    """BatchNorm layers (except those inside `keep`) use their running statistics even in train
+    mode.
 
-    BatchNorm2d and timm's BatchNormAct2d become their FrozenStats classes (a multiply-add); other BatchNorm
-    types (1d, 3d, subclasses, no running statistics) get a hook that keeps them in eval mode."""
+    BatchNorm2d and timm's BatchNormAct2d become their FrozenStats classes (a multiply-add); other
+    BatchNorm types (1d, 3d, subclasses, no running statistics) get a hook that keeps them in eval
+    mode."""
     for name, m in model.named_modules():
         if not isinstance(m, nn.modules.batchnorm._BatchNorm) or is_within(name, keep):
             continue
@@ -132,9 +142,10 @@ def freeze_bn_stats(model: nn.Module, keep: Sequence[str] = ()) -> None:
 
 
 def _input_needs_grad_hook(model: nn.Module, args: tuple):
-    """Reentrant gradient checkpointing (timm.layers.set_reentrant_ckpt(True)) gives no gradient to a segment whose
-    inputs do not require grad, so frozen-base LoRA would train nothing: make the input require grad then (what
-    PEFT's enable_input_require_grads does for embeddings). Non-reentrant checkpointing needs nothing."""
+    """Reentrant gradient checkpointing (timm.layers.set_reentrant_ckpt(True)) gives no gradient to
+    a segment whose inputs do not require grad, so frozen-base LoRA would train nothing: make the
+    input require grad then (what PEFT's enable_input_require_grads does for embeddings).
+    Non-reentrant checkpointing needs nothing."""
     if not (model.training and torch.is_grad_enabled() and args and torch.is_tensor(args[0])):
         return None
     if args[0].requires_grad or not use_reentrant_ckpt():
@@ -145,8 +156,8 @@ def _input_needs_grad_hook(model: nn.Module, args: tuple):
 
 
 def set_trainable(model: nn.Module, train_names: Sequence[str], train_params: Sequence[str] = ()) -> None:
-    """Only adapters, the `train` modules and the `train_params` parameters require grad; BatchNorm outside the
-    train modules keeps its eval statistics."""
+    """Only adapters, the `train` modules and the `train_params` parameters require grad; BatchNorm
+    outside the train modules keeps its eval statistics."""
     for p in model.parameters():
         p.requires_grad_(False)
     for _, layer in lora_layers(model):
@@ -160,7 +171,8 @@ def set_trainable(model: nn.Module, train_names: Sequence[str], train_params: Se
 
 
 def _plan(model: nn.Module, config: LoraConfig, within: str | None) -> list[tuple]:
-    """(name, base layer, qkv parts, rank) of every layer the config adapts: everything checked before any change."""
+    """(name, base layer, qkv parts, rank) of every layer the config adapts: everything checked
+    before any change."""
     if config.use_dora and config.init == "pissa":
         raise VisloraError("init: pissa with use_dora: PiSSA moves the top singular part of W into the adapter, and "
                          "DoRA's magnitude is not an additive part; use one of them")
@@ -177,8 +189,9 @@ def _plan(model: nn.Module, config: LoraConfig, within: str | None) -> list[tupl
 
 
 def inject_layers(model: nn.Module, config: LoraConfig, name: str = DEFAULT, within: str | None = None) -> None:
-    """The adapter `name` on every layer the config targets: a new LoraLayer where none is, or an update beside
-    the others where one is (several named adapters). Wrappers added here start at the model's active adapter."""
+    """The adapter `name` on every layer the config targets: a new LoraLayer where none is, or an
+    update beside the others where one is (several named adapters). Wrappers added here start at the
+    model's active adapter."""
     active = getattr(model, "vislora_active", name)
     for target, module, parts, r in _plan(model, config, within):
         alpha = pattern_value(target, config.alpha_pattern, config.alpha)
@@ -198,13 +211,15 @@ def inject_layers(model: nn.Module, config: LoraConfig, name: str = DEFAULT, wit
 
 def inject(model: nn.Module, config: LoraConfig, verify: bool | None = None, within: str | None = None,
            name: str = DEFAULT) -> nn.Module:
-    """Wrap every target layer of `model` in a LoraLayer, in place, and select the trainable parameters.
+    """Wrap every target layer of `model` in a LoraLayer, in place, and select the trainable
+    parameters.
 
-    within: search targets only in this submodule (e.g. a detector's timm backbone); its own pretrained_cfg
-    names the stem and classifier that presets leave alone. `train` is resolved on the whole model.
-    verify (default: on for models under 30M parameters) checks each layer once: with a random B,
-    merged and unmerged outputs agree on a random input; a layer that fails is named in the error.
-    """
+    within: search targets only in this submodule (e.g. a detector's timm backbone); its own
+    pretrained_cfg names the stem and classifier that presets leave alone. `train` is resolved on
+    the whole model. verify (default: on for models under 30M parameters) checks each layer once:
+    with a random B, merged and unmerged outputs agree on a random input; a layer that fails is
+    named in the error.
+"""
     if any(True for _ in wrapped_layers(model)):
         raise VisloraError("model already carries vislora adapters: unload() it first, load_adapter() into it, or "
                          "add one beside it with vislora.add_adapter(model, config, name)")
@@ -253,8 +268,8 @@ def _probe(layer: LoraLayer, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def verify_layers(model: nn.Module, tol: float | None = None) -> None:
-    """Check every LoraLayer: merged == unmerged (relative tolerance) with a random update (B, and DoRA's
-    magnitude); the adapter's tensors are restored."""
+    """Check every LoraLayer: merged == unmerged (relative tolerance) with a random update (B, and
+    DoRA's magnitude); the adapter's tensors are restored."""
     for name, layer in lora_layers(model):
         if layer.merged:
             continue
@@ -279,7 +294,7 @@ def verify_layers(model: nn.Module, tol: float | None = None) -> None:
                              f"unmerged outputs differ by {err:.2e} (relative), above {limit:.0e}")
 
 
-# ---- merge / unload / summary ---------------------------------------------------------------------
+# ---- merge / unload / summary --------------------------------------------------------------------
 def merge(model: nn.Module) -> nn.Module:
     """Add every update into its base weight (in place; unmerge() restores the weights exactly)."""
     for _, layer in lora_layers(model):
@@ -316,7 +331,8 @@ def _strip(model: nn.Module, merge_first: bool) -> nn.Module:
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Merge and replace every wrapper by its plain torch module: no vislora class is left in the model."""
+    """Merge and replace every wrapper by its plain torch module: no vislora class is left in the
+    model."""
     return _strip(model, merge_first=True)
 
 

@@ -1,5 +1,5 @@
-"""The fast, exact kernels behind vislora.layers: autograd Functions that save less and skip what a frozen base
-does not need.
+"""The fast, exact kernels behind vislora.layers: autograd Functions that save less and skip what a
+frozen base does not need.
 
   * _LoraLinear: y = x W^T + b + s (x A^T) B^T as one node (saves x and the small z = x A^T only);
   * ScaleRows: DoRA's y = g * y0 + b per output channel, saving its output (which the next op usually saves too)
@@ -21,8 +21,9 @@ AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")  # device types torch.au
 
 def _lora_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_factor: torch.Tensor,
                  b_factor: torch.Tensor, scaling: float, need_z: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(y, z) for 2-d x: y = x W^T + b + s z B^T with z = x A^T. The update goes into the weight when x has more
-    rows than inputs (out x in is then smaller than rows x out), else into y in place; both are exact."""
+    """(y, z) for 2-d x: y = x W^T + b + s z B^T with z = x A^T. The update goes into the weight
+    when x has more rows than inputs (out x in is then smaller than rows x out), else into y in
+    place; both are exact."""
     rows, fan_in = x2.shape
     z = F.linear(x2, a_factor) if need_z or rows <= fan_in else None
     if rows > fan_in:
@@ -35,11 +36,11 @@ def _lora_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 class _LoraLinear(torch.autograd.Function):
     """y = x W^T + b + s (x A^T) B^T in one autograd node.
 
-    It saves only x and the small z = x A^T (no copy of y, no separate nodes for A, B and the sum) and
-    computes a gradient for W or b only if they require one (frozen base: none). Backward, with u = s g B:
-    dx = g W + u A, dA = u^T x, dB = s g^T z; dx adds the update to W (out x in) or to dx (rows x in),
-    whichever is smaller.
-    """
+    It saves only x and the small z = x A^T (no copy of y, no separate nodes for A, B and the sum)
+    and computes a gradient for W or b only if they require one (frozen base: none). Backward, with
+    u = s g B: dx = g W + u A, dA = u^T x, dB = s g^T z; dx adds the update to W (out x in) or to dx
+    (rows x in), whichever is smaller.
+"""
 
     @staticmethod
     def forward(ctx, x, weight, bias, a_factor, b_factor, scaling):
@@ -70,8 +71,9 @@ class _LoraLinear(torch.autograd.Function):
 
 
 def _depthwise_on_cpu(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """True where _DepthwiseConv2d applies: a training step on CPU (no autocast) through a depthwise conv
-    (one filter per channel) of 5x5 or more with numeric zero padding. (3x3: oneDNN's own gradient is faster.)"""
+    """True where _DepthwiseConv2d applies: a training step on CPU (no autocast) through a depthwise
+    conv (one filter per channel) of 5x5 or more with numeric zero padding. (3x3: oneDNN's own
+    gradient is faster.)"""
     return (conv.groups == conv.in_channels == conv.out_channels > 1 and x.dim() == 4 and x.device.type == "cpu"
             and conv.kernel_size[0] * conv.kernel_size[1] > 9
             and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
@@ -80,12 +82,13 @@ def _depthwise_on_cpu(conv: nn.Conv2d, x: torch.Tensor) -> bool:
 
 def depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel: tuple[int, int], stride, padding,
                           dilation) -> torch.Tensor:
-    """dL/dW of a depthwise conv, as ONE depthwise conv of the input with the output gradient as its filter.
+    """dL/dW of a depthwise conv, as ONE depthwise conv of the input with the output gradient as its
+    filter.
 
-    Channel c of sample n gives the correlation x[n, c] * grad[n, c] (stride and dilation swap roles); summing
-    over n gives dW[c]. Only the kernel taps that can meet the input are computed (on maps smaller than the
-    padding, e.g. 7x7 on 3x3, the rest are zero). On CPU this runs 3-15x faster than oneDNN's native depthwise
-    weight gradient in NCHW for kernels of 5x5 and more."""
+    Channel c of sample n gives the correlation x[n, c] * grad[n, c] (stride and dilation swap
+    roles); summing over n gives dW[c]. Only the kernel taps that can meet the input are computed
+    (on maps smaller than the padding, e.g. 7x7 on 3x3, the rest are zero). On CPU this runs 3-15x
+    faster than oneDNN's native depthwise weight gradient in NCHW for kernels of 5x5 and more."""
     n, c, h, w = x.shape
     taps, left, right = [], [], []
     for size, gsize, k, s, p, d in zip(x.shape[2:], grad.shape[2:], kernel, stride, padding, dilation, strict=True):
@@ -108,8 +111,8 @@ def depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel: tuple[int
 
 
 class _DepthwiseConv2d(torch.autograd.Function):
-    """F.conv2d with groups = channels whose weight gradient comes from depthwise_weight_grad (the input
-    gradient and the forward are torch's own)."""
+    """F.conv2d with groups = channels whose weight gradient comes from depthwise_weight_grad (the
+    input gradient and the forward are torch's own)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation):
@@ -136,9 +139,10 @@ def _reduce_dims(t: torch.Tensor, dim: int) -> list[int]:
 
 def column_dot(a: torch.Tensor, b: torch.Tensor, shift: torch.Tensor | None = None,
                block_elements: int = 1 << 17) -> torch.Tensor:
-    """sum over rows of a * (b - shift) for 2-d a, b (shift: one value per column, or None): in blocks of about
-    `block_elements` (0.5 MB, cache-sized) through one reused buffer and a matrix-vector product, twice as fast
-    on CPU as (a * b).sum(0), which allocates and faults in an output-sized tensor."""
+    """sum over rows of a * (b - shift) for 2-d a, b (shift: one value per column, or None): in
+    blocks of about `block_elements` (0.5 MB, cache-sized) through one reused buffer and a
+    matrix-vector product, twice as fast on CPU as (a * b).sum(0), which allocates and faults in an
+    output-sized tensor."""
     rows = max(64, block_elements // max(1, a.shape[1]))
     ones, acc = a.new_ones(rows), a.new_zeros(a.shape[1])
     buf = a.new_empty(min(rows, a.shape[0]), a.shape[1])
@@ -153,7 +157,8 @@ def column_dot(a: torch.Tensor, b: torch.Tensor, shift: torch.Tensor | None = No
 
 
 def channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum over N, H, W of a * b for contiguous NCHW a, b: one sample at a time through a reused buffer."""
+    """sum over N, H, W of a * b for contiguous NCHW a, b: one sample at a time through a reused
+    buffer."""
     c = a.shape[1]
     buf, acc = a.new_empty(a.shape[1:]), a.new_zeros(c)
     ones = a.new_ones(buf[0].numel())
@@ -165,8 +170,9 @@ def channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _dg(grad: torch.Tensor, out: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None, dim: int
         ) -> torch.Tensor:
-    """sum(grad * y0) per channel with y0 = (out - b) / g, computed from the saved output without forming a
-    tensor of its size (2-d: sum(grad * (out - b)) in cache-sized blocks; 4-d: (sum(grad * out) - b sum(grad)))."""
+    """sum(grad * y0) per channel with y0 = (out - b) / g, computed from the saved output without
+    forming a tensor of its size (2-d: sum(grad * (out - b)) in cache-sized blocks; 4-d: (sum(grad *
+    out) - b sum(grad)))."""
     fp32 = grad.dtype == out.dtype == torch.float32
     if grad.dim() == 2 and dim == 1 and fp32:
         return column_dot(grad, out, bias.float() if bias is not None else None) / g.float()
@@ -183,9 +189,9 @@ def _dg(grad: torch.Tensor, out: torch.Tensor, g: torch.Tensor, bias: torch.Tens
 
 
 def _keep_output(ctx, out: torch.Tensor) -> None:
-    """Keep the node's output for backward without autograd's in-place check: a detached alias shares its data and
-    version counter (no reference cycle), so backward can see whether a later op (an in-place ReLU after an SE
-    conv) overwrote it, and recompute instead of failing."""
+    """Keep the node's output for backward without autograd's in-place check: a detached alias
+    shares its data and version counter (no reference cycle), so backward can see whether a later op
+    (an in-place ReLU after an SE conv) overwrote it, and recompute instead of failing."""
     keep = not out.is_inference()  # an inference tensor has no version counter (and no backward)
     ctx.out, ctx.out_version = (out.detach(), out._version) if keep else (None, None)
 
@@ -196,12 +202,14 @@ def _kept_output(ctx) -> torch.Tensor | None:
 
 
 class ScaleRows(torch.autograd.Function):
-    """out = y0 * g + b, g and b broadcast along `dim` (one value per output channel), in place on y0: DoRA's
-    magnitude over the detached row norm, applied to the unscaled output y0 of the direction W + s B A.
+    """out = y0 * g + b, g and b broadcast along `dim` (one value per output channel), in place on
+    y0: DoRA's magnitude over the detached row norm, applied to the unscaled output y0 of the
+    direction W + s B A.
 
-    It keeps `out` (the next op of a ViT's qkv or fc1 saves that tensor anyway) and gets dg = sum(grad * y0) from
-    it; where some g is exactly 0, y0 cannot be recovered from out, so a copy of y0 is saved instead (exact). If a
-    later op overwrote out in place, y0 comes from `recompute()` (the layer's direction output, no grad)."""
+    It keeps `out` (the next op of a ViT's qkv or fc1 saves that tensor anyway) and gets dg =
+    sum(grad * y0) from it; where some g is exactly 0, y0 cannot be recovered from out, so a copy of
+    y0 is saved instead (exact). If a later op overwrote out in place, y0 comes from `recompute()`
+    (the layer's direction output, no grad)."""
 
     @staticmethod
     def forward(ctx, y0, g, bias, dim, recompute=None):
@@ -240,8 +248,9 @@ class ScaleRows(torch.autograd.Function):
 
 def scale_rows(y0: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None, dim: int,
                recompute: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
-    """ScaleRows.apply, with the kept output's version read after autograd's own bump of an in-place output (it
-    comes after forward returns: read inside, every backward would see a change and recompute y0)."""
+    """ScaleRows.apply, with the kept output's version read after autograd's own bump of an in-place
+    output (it comes after forward returns: read inside, every backward would see a change and
+    recompute y0)."""
     out = ScaleRows.apply(y0, g, bias, dim, recompute)
     if getattr(out.grad_fn, "out", None) is not None:  # the node is ScaleRows's context
         out.grad_fn.out_version = out._version
@@ -257,11 +266,13 @@ def _recomputed(recompute) -> torch.Tensor:
 
 
 class _DoraLinear(torch.autograd.Function):
-    """DoRA on a Linear in one node: y = g * (x W^T + s (x A^T) B^T) + b = x (gW)^T + s z (gB)^T + b.
+    """DoRA on a Linear in one node: y = g * (x W^T + s (x A^T) B^T) + b = x (gW)^T + s z (gB)^T +
+    b.
 
-    The per-row scale g goes into W and B (out x in work) rather than into the N x out output and its gradient;
-    the node saves x, z and its output y, from which dg = (sum(grad * y) - b sum(grad)) / g (y0 is recomputed
-    from x only where some g is exactly 0). dB = g * d(gB); dA, dx as _LoraLinear with gW, gB."""
+    The per-row scale g goes into W and B (out x in work) rather than into the N x out output and
+    its gradient; the node saves x, z and its output y, from which dg = (sum(grad * y) - b
+    sum(grad)) / g (y0 is recomputed from x only where some g is exactly 0). dB = g * d(gB); dA, dx
+    as _LoraLinear with gW, gB."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, a_factor, b_factor, scaling, g):

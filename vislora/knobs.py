@@ -1,8 +1,8 @@
-"""The training knobs a timm user expects, each from timm or torch itself (issue #27): the optimizer by timm name
-with layer-wise lr decay (timm.optim) beside the head and LoRA+ groups, its warm-up + cosine schedule, the EMA
-of the trained weights (timm's ModelEmaV3), Mixup / CutMix (timm.data.Mixup), gradient checkpointing,
-channels_last and torch.compile; and the device and autocast precision. vislora.train calls these; the recipe
-fields are checked in vislora.recipe.
+"""The training knobs a timm user expects, each from timm or torch itself (issue #27): the optimizer
+by timm name with layer-wise lr decay (timm.optim) beside the head and LoRA+ groups, its warm-up +
+cosine schedule, the EMA of the trained weights (timm's ModelEmaV3), Mixup / CutMix
+(timm.data.Mixup), gradient checkpointing, channels_last and torch.compile; and the device and
+autocast precision. vislora.train calls these; the recipe fields are checked in vislora.recipe.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from vislora.targets import classifier_names, lora_layers
 logger = logging.getLogger(__name__)
 
 
-# ---- device and precision: train.device, train.amp -----------------------------------------------------
+# ---- device and precision: train.device, train.amp -----------------------------------------------
 def resolve_device(name: str) -> torch.device:
-    """train.device: auto (CUDA if present, else CPU), cpu, cuda, cuda:N or mps; one that is missing is an error."""
+    """train.device: auto (CUDA if present, else CPU), cpu, cuda, cuda:N or mps; one that is missing
+    is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -46,7 +47,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on GPUs that support it ('auto'), fp16 or bf16 on request, none on CPU by default."""
+    """bf16 autocast on GPUs that support it ('auto'), fp16 or bf16 on request, none on CPU by
+    default."""
     if amp == "none" or (amp == "auto" and device.type != "cuda"):
         return None
     if amp == "fp16":
@@ -56,14 +58,14 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     raise VisloraError(f"train.amp must be auto, bf16, fp16 or none, not {amp!r}")
 
 
-# ---- parameter groups, the optimizer and its schedule ------------------------------------------------
+# ---- parameter groups, the optimizer and its schedule --------------------------------------------
 def param_groups(model: nn.Module, weight_decay: float, head: set[int] = frozenset(),
                  fast: set[int] = frozenset(), fast_scale: float = 1.0, layer: dict[int, float] | None = None
                  ) -> list[dict]:
-    """Only requires_grad parameters; no decay on biases, norm weights and DoRA magnitudes (1-d), decay on LoRA
-    factors. The parameters whose id is in `head` (the new classifier) get groups of their own, flagged "head";
-    those in `fast` (LoRA+'s B factors) a group at `fast_scale` x the lr; `layer` maps ids to a layer-decay scale
-    (layer_scales). "lr_scale" is the product of both."""
+    """Only requires_grad parameters; no decay on biases, norm weights and DoRA magnitudes (1-d),
+    decay on LoRA factors. The parameters whose id is in `head` (the new classifier) get groups of
+    their own, flagged "head"; those in `fast` (LoRA+'s B factors) a group at `fast_scale` x the lr;
+    `layer` maps ids to a layer-decay scale (layer_scales). "lr_scale" is the product of both."""
     layer = layer or {}
     groups: dict[tuple[bool, bool, bool, float], list] = {}
     for _, p in model.named_parameters():
@@ -75,21 +77,23 @@ def param_groups(model: nn.Module, weight_decay: float, head: set[int] = frozens
 
 
 def lora_plus_ids(model: nn.Module) -> set[int]:
-    """LoRA+ (Hayou et al. 2024): the adapters' B factors, which it trains at a higher lr than A. Only those:
-    not the head, norms or DoRA magnitudes (PEFT's helper puts every 1-d parameter in the fast group)."""
+    """LoRA+ (Hayou et al. 2024): the adapters' B factors, which it trains at a higher lr than A.
+    Only those: not the head, norms or DoRA magnitudes (PEFT's helper puts every 1-d parameter in
+    the fast group)."""
     return {id(p) for _, layer in lora_layers(model) for p in layer.update.factor_roles()["B"] if p.requires_grad}
 
 
 def head_parameter_ids(model: nn.Module) -> set[int]:
-    """The trainable parameters of the model's classifier (timm's get_classifier(), through wrappers such as
-    PEFT's); empty for models without one (detectors, segmenters)."""
+    """The trainable parameters of the model's classifier (timm's get_classifier(), through wrappers
+    such as PEFT's); empty for models without one (detectors, segmenters)."""
     return {id(p) for name in classifier_names(model) for p in model.get_submodule(name).parameters()
             if p.requires_grad}
 
 
 def layer_scales(model: nn.Module, decay: float | None) -> dict[int, float]:
-    """id(parameter) -> timm's layer-wise lr scale (param_groups_layer_decay, by the model's group_matcher): a
-    LoRA factor inside blocks.N gets block N's scale, the head 1. {} without train.layer_decay."""
+    """id(parameter) -> timm's layer-wise lr scale (param_groups_layer_decay, by the model's
+    group_matcher): a LoRA factor inside blocks.N gets block N's scale, the head 1. {} without
+    train.layer_decay."""
     if decay is None:
         return {}
     scales = {id(p): g["lr_scale"] for g in param_groups_layer_decay(model, 0.0, layer_decay=decay)
@@ -101,7 +105,8 @@ def layer_scales(model: nn.Module, decay: float | None) -> dict[int, float]:
 
 
 def check_opt(name: str) -> str:
-    """train.opt as timm names it; an unknown name is one line with the closest and a few common ones."""
+    """train.opt as timm names it; an unknown name is one line with the closest and a few common
+    ones."""
     known = list_optimizers()
     if name.lower() in known:
         return name.lower()
@@ -120,18 +125,20 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
 
 def staged(head: bool, step: int, total: int, head_steps: int, warmup: int, min_ratio: float,
            head_scale: float) -> float:
-    """The lr factor of one parameter group. Head stage (LP-FT, Kumar et al. 2022), steps [0, head_steps): the
-    head alone at head_scale x lr, its own warmup (at most half the stage) and cosine; the rest wait at 0. Then
-    every group: warmup + cosine over the remaining steps. head_steps 0 is the plain warmup + cosine."""
+    """The lr factor of one parameter group. Head stage (LP-FT, Kumar et al. 2022), steps [0,
+    head_steps): the head alone at head_scale x lr, its own warmup (at most half the stage) and
+    cosine; the rest wait at 0. Then every group: warmup + cosine over the remaining steps.
+    head_steps 0 is the plain warmup + cosine."""
     if step < head_steps:
         return head_scale * warmup_cosine(step, head_steps, min(warmup, head_steps // 2), 0.0) if head else 0.0
     return warmup_cosine(step - head_steps, total - head_steps, warmup, min_ratio)
 
 
 def build_optimizer(model: nn.Module, t: dict, steps_per_epoch: int):
-    """timm's train.opt (create_optimizer_v2; adamw = torch's AdamW) over the trainable parameters and its
-    schedule (`staged`): train.head_epochs of the new classifier alone at train.head_lr first, when anything
-    besides it trains (LoRA, full fine-tuning), then all of them; layer decay and LoRA+ scale each group's lr."""
+    """timm's train.opt (create_optimizer_v2; adamw = torch's AdamW) over the trainable parameters
+    and its schedule (`staged`): train.head_epochs of the new classifier alone at train.head_lr
+    first, when anything besides it trains (LoRA, full fine-tuning), then all of them; layer decay
+    and LoRA+ scale each group's lr."""
     head = head_parameter_ids(model)
     ratio = t["lora_plus_ratio"]
     fast = lora_plus_ids(model) if ratio else set()
@@ -156,10 +163,10 @@ def build_optimizer(model: nn.Module, t: dict, steps_per_epoch: int):
     return optimizer, scheduler
 
 
-# ---- EMA of the trained weights ----------------------------------------------------------------------
+# ---- EMA of the trained weights ------------------------------------------------------------------
 class _Trained(nn.Module):
-    """A model's trained tensors as a module of their own (parameters that require grad, floating buffers), so
-    ModelEmaV3 copies and averages those alone, not the frozen base."""
+    """A model's trained tensors as a module of their own (parameters that require grad, floating
+    buffers), so ModelEmaV3 copies and averages those alone, not the frozen base."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -171,8 +178,9 @@ class _Trained(nn.Module):
 
 
 class TrainedEma:
-    """timm's ModelEmaV3 of the trained weights (adapters and head under LoRA): updated every optimizer step,
-    evaluated each epoch by swapping it in (`applied`); its state goes in the checkpoint, so --resume is exact."""
+    """timm's ModelEmaV3 of the trained weights (adapters and head under LoRA): updated every
+    optimizer step, evaluated each epoch by swapping it in (`applied`); its state goes in the
+    checkpoint, so --resume is exact."""
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool):
         self.live = _Trained(model)
@@ -191,7 +199,8 @@ class TrainedEma:
     @contextlib.contextmanager
     @torch.no_grad()
     def applied(self) -> Iterator[None]:
-        """The EMA weights in the model for the block (validation, saving the kept model), then the raw ones."""
+        """The EMA weights in the model for the block (validation, saving the kept model), then the
+        raw ones."""
         live = list(self.live.state_dict().values())
         raw = [t.clone() for t in live]
         for t, e in zip(live, self.ema.module.state_dict().values(), strict=True):
@@ -220,11 +229,12 @@ def kept_score(row: dict, score: str) -> tuple[float, bool]:
     return (ema if use_ema else raw), use_ema
 
 
-# ---- Mixup / CutMix ----------------------------------------------------------------------------------------
+# ---- Mixup / CutMix ------------------------------------------------------------------------------
 class BatchMix:
-    """timm's Mixup / CutMix on a classification batch: (images, labels) -> (mixed images, soft targets), which
-    the task's loss scores with SoftTargetCrossEntropy. Its draws are numpy's global ones, which the loop reseeds
-    each epoch, so --resume replays them. An odd batch loses its last image (timm mixes pairs)."""
+    """timm's Mixup / CutMix on a classification batch: (images, labels) -> (mixed images, soft
+    targets), which the task's loss scores with SoftTargetCrossEntropy. Its draws are numpy's global
+    ones, which the loop reseeds each epoch, so --resume replays them. An odd batch loses its last
+    image (timm mixes pairs)."""
 
     def __init__(self, mixup: float, cutmix: float, num_classes: int, smoothing: float):
         self.mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=smoothing, num_classes=num_classes)
@@ -245,7 +255,7 @@ def build_mixup(recipe: dict, num_classes: int) -> BatchMix | None:
     return BatchMix(a["mixup"], a["cutmix"], num_classes, recipe["train"]["label_smoothing"])
 
 
-# ---- memory and speed: gradient checkpointing, channels_last, torch.compile -------------------------------
+# ---- memory and speed: gradient checkpointing, channels_last, torch.compile ----------------------
 def to_channels_last(module: nn.Module, args: tuple) -> tuple:
     """Forward pre-hook: 4-d inputs as NHWC, the layout of channels_last weights."""
     return tuple(a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.ndim == 4
@@ -253,8 +263,8 @@ def to_channels_last(module: nn.Module, args: tuple) -> tuple:
 
 
 def prepare(model: nn.Module, t: dict) -> nn.Module:
-    """train.grad_checkpointing (timm's set_grad_checkpointing on the outermost timm module that has it: the
-    model, or a detector's backbone) and train.channels_last (weights and inputs NHWC)."""
+    """train.grad_checkpointing (timm's set_grad_checkpointing on the outermost timm module that has
+    it: the model, or a detector's backbone) and train.channels_last (weights and inputs NHWC)."""
     if t["grad_checkpointing"]:
         owner = next((m for m in model.modules() if hasattr(m, "set_grad_checkpointing")), None)
         try:
@@ -271,9 +281,10 @@ def prepare(model: nn.Module, t: dict) -> nn.Module:
 
 
 class Compiled(nn.Module):
-    """The training forward through torch.compile, eager from the first failure on (one warning) where the
-    platform cannot compile. The eager net is the only submodule: nothing compiled (no `_orig_mod.` key) is in
-    a state_dict, and evaluation, saving and export use the eager model itself."""
+    """The training forward through torch.compile, eager from the first failure on (one warning)
+    where the platform cannot compile. The eager net is the only submodule: nothing compiled (no
+    `_orig_mod.` key) is in a state_dict, and evaluation, saving and export use the eager model
+    itself."""
 
     def __init__(self, net: nn.Module):
         super().__init__()

@@ -1,12 +1,14 @@
-"""Low-rank adapter layers: one wrapper that changes the raw weight of a Linear or any Conv2d through an update.
+"""Low-rank adapter layers: one wrapper that changes the raw weight of a Linear or any Conv2d
+through an update.
 
-The variant seam: a LoraLayer holds its updates by name (`updates`, today one: "default") and asks the active one
-for the effective weight and for its parameters; nothing outside this file and vislora.adapters reads the factors
-by name. The variants (vislora.variants) are small modules: LowRank (LoRA, W' = W + s B A) and DoRA
-(W' = m * (W + s B A) / ||W + s B A||, a trained magnitude per output row). It wraps nn.Linear, nn.Conv1d,
-nn.Conv2d and nn.MultiheadAttention (its stacked in_proj_weight). A conv's weight is seen as the out x fan_in
-matrix (fan_in = in/groups * kh * kw), so one definition serves 1x1,
-kxk, kx1/1xk, dilated, grouped and depthwise convs, and merging (W <- W') is exact for both variants.
+The variant seam: a LoraLayer holds its updates by name (`updates`, today one: "default") and asks
+the active one for the effective weight and for its parameters; nothing outside this file and
+vislora.adapters reads the factors by name. The variants (vislora.variants) are small modules:
+LowRank (LoRA, W' = W + s B A) and DoRA (W' = m * (W + s B A) / ||W + s B A||, a trained magnitude
+per output row). It wraps nn.Linear, nn.Conv1d, nn.Conv2d and nn.MultiheadAttention (its stacked
+in_proj_weight). A conv's weight is seen as the out x fan_in matrix (fan_in = in/groups * kh * kw),
+so one definition serves 1x1, kxk, kx1/1xk, dilated, grouped and depthwise convs, and merging (W <-
+W') is exact for both variants.
 
 The forward pass picks the cheaper of two exact paths:
   * activation path: y = base(x) + s B (A x) (dense layers); DoRA scales it per output channel,
@@ -41,8 +43,9 @@ from vislora.kernels import (  # noqa: F401  (depthwise_weight_grad: re-exported
 from vislora.variants import DoRA, LowRank, chunk_rows, full_precision  # noqa: F401  (re-exported)
 
 DEFAULT = "default"  # the name of the update every run has today (state_dict: <layer>.updates.default.*)
-# what a LoraLayer can wrap: each has one weight matrix (out x fan_in) its forward uses; nn.MultiheadAttention's is
-# in_proj_weight (q, k and v stacked: qkv parts apply), its out_proj is a Linear of its own
+# what a LoraLayer can wrap: each has one weight matrix (out x fan_in) its forward uses;
+# nn.MultiheadAttention's is in_proj_weight (q, k and v stacked: qkv parts apply), its out_proj is a
+# Linear of its own
 ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)
 STANDARDISED = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)  # forward normalises each filter
 
@@ -50,9 +53,10 @@ STANDARDISED = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame) 
 def raw_weight_name(base: nn.Module) -> str:
     """The dotted name of the parameter the layer's forward transforms into its weight.
 
-    Plain layers: `weight`. torch parametrizations (e.g. orthogonal, spectral norm): the unconstrained
-    `parametrizations.weight.original`; weight norm: its direction `original1` (same shape as the weight).
-    """
+    Plain layers: `weight`. torch parametrizations (e.g. orthogonal, spectral norm): the
+    unconstrained `parametrizations.weight.original`; weight norm: its direction `original1` (same
+    shape as the weight).
+"""
     parametrizations = getattr(base, "parametrizations", None)
     if parametrizations is not None and "weight" in parametrizations:
         plist = parametrizations["weight"]
@@ -73,8 +77,9 @@ def max_rank(base: nn.Module, parts: int = 1) -> int:
 
 
 def dora_refusal(base: nn.Module) -> str | None:
-    """Why DoRA cannot act on this layer (None when it can): a forward that normalises each output filter
-    (StdConv2d, ScaledStdConv2d) or transforms the weight (weight norm, parametrizations) cancels a magnitude."""
+    """Why DoRA cannot act on this layer (None when it can): a forward that normalises each output
+    filter (StdConv2d, ScaledStdConv2d) or transforms the weight (weight norm, parametrizations)
+    cancels a magnitude."""
     if isinstance(base, STANDARDISED):
         return f"{type(base).__name__} standardises each output filter in its forward, which cancels DoRA's magnitude"
     if raw_weight_name(base) not in ("weight", "in_proj_weight"):
@@ -83,8 +88,8 @@ def dora_refusal(base: nn.Module) -> str | None:
 
 
 def upgrade_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Checkpoints written before the variant seam named the factors `<layer>.lora_A`; today they are
-    `<layer>.updates.default.lora_A`: rename the old keys so old runs still resume."""
+    """Checkpoints written before the variant seam named the factors `<layer>.lora_A`; today they
+    are `<layer>.updates.default.lora_A`: rename the old keys so old runs still resume."""
     out = {}
     for key, value in state.items():
         head, _, leaf = key.rpartition(".")
@@ -94,11 +99,11 @@ def upgrade_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-# ---- the layer ---------------------------------------------------------------------------------------------------
+# ---- the layer -----------------------------------------------------------------------------------
 class LoraLayer(nn.Module):
-    """Wraps `base_layer` (nn.Linear or nn.Conv2d, subclasses included) with y = base(x; W'), W' given by the
-    active update (LowRank, or DoRA with use_dora). r, alpha, rslora, qkv_parts: see LowRank. dropout applies to
-    the adapter input on the activation path."""
+    """Wraps `base_layer` (nn.Linear or nn.Conv2d, subclasses included) with y = base(x; W'), W'
+    given by the active update (LowRank, or DoRA with use_dora). r, alpha, rslora, qkv_parts: see
+    LowRank. dropout applies to the adapter input on the activation path."""
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  rslora: bool = False, qkv_parts: tuple[int, ...] | None = None, num_chunks: int = 3,
@@ -124,13 +129,15 @@ class LoraLayer(nn.Module):
         self._merged_scale: torch.Tensor | None = None  # DoRA's g at merge time, to unmerge without the copy
         out, fan_in, parts = w.shape[0], w[0].numel(), len(update.qkv_parts or (0,))
         plain = type(base_layer) in (nn.Linear, nn.Conv2d) and self.weight_name == "weight"
-        # Extra cost per output position: activation path R*(in*kk + out); weight path = the weight gradient.
+        # Extra cost per output position: activation path R*(in*kk + out); weight path = the weight
+        # gradient.
         act_cost = r * parts * (fan_in * getattr(base_layer, "groups", 1) + out)
         self.weight_path = not plain or (dropout == 0 and out * fan_in <= act_cost)
 
     def add_update(self, name: str, r: int, alpha: float, rslora: bool = False,
                    qkv_parts: tuple[int, ...] | None = None, num_chunks: int = 3, use_dora: bool = False) -> None:
-        """A named update beside the others (LoRA, or DoRA with use_dora); it acts when `active` is its name."""
+        """A named update beside the others (LoRA, or DoRA with use_dora); it acts when `active` is
+        its name."""
         if name in self.updates:
             raise VisloraError(f"the layer already carries an adapter named '{name}'")
         if use_dora and dora_refusal(self.base_layer):
@@ -144,10 +151,11 @@ class LoraLayer(nn.Module):
             update = LowRank(w.shape[0], w[0].numel(), r, alpha, rslora, qkv_parts, num_chunks, w.device, dtype)
         self.updates[name] = update
 
-    # ---- the active update, as the rest of vislora sees it ------------------------------------------------------
+    # ---- the active update, as the rest of vislora sees it ---------------------------------------
     @property
     def carries_active(self) -> bool:
-        """The active adapter adapts this layer (with several adapters, one may leave it as the base)."""
+        """The active adapter adapts this layer (with several adapters, one may leave it as the
+        base)."""
         return self.active in self.updates
 
     @property
@@ -157,7 +165,8 @@ class LoraLayer(nn.Module):
         return self.updates[self.active]
 
     def adapter_parameters(self) -> list[nn.Parameter]:
-        """Every tensor the active adapter trains here (what set_trainable, counts, footprint and files use)."""
+        """Every tensor the active adapter trains here (what set_trainable, counts, footprint and
+        files use)."""
         return list(self.update.parameters()) if self.carries_active else []
 
     def adapter_numel(self) -> int:
@@ -180,11 +189,13 @@ class LoraLayer(nn.Module):
         return self.base_layer.get_parameter(self.weight_name)
 
     def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The additive update s B A in the raw weight's shape (fp32, or the adapter dtype if wider)."""
+        """The additive update s B A in the raw weight's shape (fp32, or the adapter dtype if
+        wider)."""
         return self.update.delta(self.raw_weight().shape, dtype)
 
     def effective_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """W' (raw form) as the forward uses it: the merged weight itself, else the active update applied."""
+        """W' (raw form) as the forward uses it: the merged weight itself, else the active update
+        applied."""
         w = self.raw_weight()
         if self.merged or not self.carries_active:
             return w if dtype is None else w.to(dtype)
@@ -193,7 +204,8 @@ class LoraLayer(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The effective weight, for code that reads `layer.weight` and calls F.linear itself (EVA, BEiT)."""
+        """The effective weight, for code that reads `layer.weight` and calls F.linear itself (EVA,
+        BEiT)."""
         w = self.base_layer.weight
         if self.merged or self.weight_name != "weight" or not self.carries_active:
             return w
@@ -211,12 +223,12 @@ class LoraLayer(nn.Module):
                 raise
             return getattr(self.base_layer, name)
 
-    # ---- PiSSA: the adapter starts as the principal singular triplets ----------------------------------------
+    # ---- PiSSA: the adapter starts as the principal singular triplets ----------------------------
     @torch.no_grad()
     def init_pissa(self) -> None:
-        """PiSSA: s B A = U_r S_r Vh_r and W <- W - s B A (rounded once into W's dtype), so the output is unchanged.
-        The starting factors stay (LowRank.keep_start), with which vislora.svd.pissa_as_lora expresses the trained
-        adapter relative to the original weight."""
+        """PiSSA: s B A = U_r S_r Vh_r and W <- W - s B A (rounded once into W's dtype), so the
+        output is unchanged. The starting factors stay (LowRank.keep_start), with which
+        vislora.svd.pissa_as_lora expresses the trained adapter relative to the original weight."""
         if self.merged:
             raise VisloraError(f"PiSSA init: the layer ({self.extra_repr()}) is merged: unmerge() it first")
         if not self.additive:
@@ -234,7 +246,7 @@ class LoraLayer(nn.Module):
         w.copy_((w.detach().to(acc) - self.delta_weight(acc)).to(w.dtype))
         self.update.keep_start()
 
-    # ---- merge / unmerge --------------------------------------------------------------------------------------
+    # ---- merge / unmerge -------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self, keep_original: bool = True) -> None:
         """W <- W', rounded once; with keep_original, unmerge later restores W bit-exactly."""
@@ -252,7 +264,8 @@ class LoraLayer(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore the base weight (the exact copy if one was kept, else W' - s B A, or W' / g - s B A for DoRA)."""
+        """Restore the base weight (the exact copy if one was kept, else W' - s B A, or W' / g - s B
+        A for DoRA)."""
         if not self.merged:
             return
         w = self.raw_weight()
@@ -266,7 +279,7 @@ class LoraLayer(nn.Module):
         self._original, self._merged_scale = None, None
         self.merged = False
 
-    # ---- forward ----------------------------------------------------------------------------------------------
+    # ---- forward ---------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         base = self.base_layer
         if isinstance(base, nn.MultiheadAttention):  # (query, key, value, ...): in_proj_weight on the weight path
@@ -284,7 +297,8 @@ class LoraLayer(nn.Module):
         return self._activation_forward(x, hooked)
 
     def _attention_forward(self, *args, **kwargs):
-        """nn.MultiheadAttention with in_proj_weight = W' (its out_proj, a Linear, may carry an adapter of its own)."""
+        """nn.MultiheadAttention with in_proj_weight = W' (its out_proj, a Linear, may carry an
+        adapter of its own)."""
         base = self.base_layer
         if self._mixed is not None:
             raise VisloraError("mixed_forward: nn.MultiheadAttention layers are not supported: run the adapters apart")
@@ -294,7 +308,8 @@ class LoraLayer(nn.Module):
         return functional_call(base, {"in_proj_weight": w_eff}, args, kwargs)
 
     def _weight_forward(self, x: torch.Tensor, update: LowRank | None = None) -> torch.Tensor:
-        """y = base(x; W'): one conv / linear with the effective weight (depthwise convs, transformed weights)."""
+        """y = base(x; W'): one conv / linear with the effective weight (depthwise convs,
+        transformed weights)."""
         base = self.base_layer
         w_eff = (update or self.update).weight(base.get_parameter(self.weight_name))
         if type(base) is nn.Linear:
@@ -310,8 +325,8 @@ class LoraLayer(nn.Module):
 
     def _activation_forward(self, x: torch.Tensor, hooked: bool, update: LowRank | None = None,
                             y: torch.Tensor | None = None) -> torch.Tensor:
-        """y = base(x) + s B(A x), for DoRA scaled per output channel (ScaleRows) after the bias is taken out.
-        `y`: base(x) when the caller already has it (mixed batches)."""
+        """y = base(x) + s B(A x), for DoRA scaled per output channel (ScaleRows) after the bias is
+        taken out. `y`: base(x) when the caller already has it (mixed batches)."""
         base, update = self.base_layer, update or self.update
         y0 = self._direction_output(x, hooked, update, y)
         if update.additive:
@@ -342,8 +357,8 @@ class LoraLayer(nn.Module):
         return y.add_(change) if not hooked and update.additive else y + change  # a conv never reads its output
 
     def _linear_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """Base linear + LoRA (kernels._LoraLinear) or + DoRA (kernels._DoraLinear) as one autograd node, in the
-        autocast dtype when autocast is on."""
+        """Base linear + LoRA (kernels._LoraLinear) or + DoRA (kernels._DoraLinear) as one autograd
+        node, in the autocast dtype when autocast is on."""
         device, update, base = x.device.type, self.update, self.base_layer
         autocast = device in AUTOCAST_DEVICES and torch.is_autocast_enabled(device)  # "meta" has no autocast
         dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
@@ -362,9 +377,10 @@ class LoraLayer(nn.Module):
 
     @torch.no_grad()
     def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """A batch sorted by adapter (`_mixed`: (adapter name, slice of the batch) groups, see named.mixed_forward):
-        the base output once, then each group's own update added on its slice (a view: nothing is copied). The
-        weight path (depthwise convs, transformed weights) runs each slice through its own W' instead."""
+        """A batch sorted by adapter (`_mixed`: (adapter name, slice of the batch) groups, see
+        named.mixed_forward): the base output once, then each group's own update added on its slice
+        (a view: nothing is copied). The weight path (depthwise convs, transformed weights) runs
+        each slice through its own W' instead."""
         updates = [(self.updates[n] if n in self.updates else None, part) for n, part in self._mixed]
         base = self.base_layer
         if self.weight_path:
@@ -381,8 +397,9 @@ class LoraLayer(nn.Module):
         return y
 
     def _add_in_place(self, y: torch.Tensor, x: torch.Tensor, update: LowRank) -> bool:
-        """y += s B (A x) into y's own memory for an additive update on a Linear or a 1x1 stride-1 conv (a matmul
-        that accumulates: no change tensor is written). False where it does not apply."""
+        """y += s B (A x) into y's own memory for an additive update on a Linear or a 1x1 stride-1
+        conv (a matmul that accumulates: no change tensor is written). False where it does not
+        apply."""
         base, s = self.base_layer, update.scaling
         a, b = update.lora_A.to(y.dtype), update.full_B().to(y.dtype)
         pointwise = type(base) is nn.Conv2d and base.kernel_size == (1, 1) and base.stride == (1, 1) and (
@@ -405,5 +422,6 @@ class LoraLayer(nn.Module):
 
 
 def adapter_exceeds_layer(layer: LoraLayer) -> bool:
-    """True when the adapter holds more parameters than the layer it adapts (e.g. depthwise at high rank)."""
+    """True when the adapter holds more parameters than the layer it adapts (e.g. depthwise at high
+    rank)."""
     return layer.adapter_numel() > layer.raw_weight().numel()

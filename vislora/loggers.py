@@ -1,7 +1,8 @@
-"""Logs the usual tools read (issue #27): summary.csv in every run (timm's per-epoch columns), and the loggers
-train.log names: TensorBoard event files, MLflow (a local file store in the run) and Weights & Biases (offline).
-Each optional package is imported by its logger's constructor, which first checks it is there: a named logger
-that is not installed is one line naming the pip package, and none is a dependency of vislora.
+"""Logs the usual tools read (issue #27): summary.csv in every run (timm's per-epoch columns), and
+the loggers train.log names: TensorBoard event files, MLflow (a local file store in the run) and
+Weights & Biases (offline). Each optional package is imported by its logger's constructor, which
+first checks it is there: a named logger that is not installed is one line naming the pip package,
+and none is a dependency of vislora.
 """
 
 from __future__ import annotations
@@ -37,13 +38,15 @@ def numbers(row: dict) -> dict[str, float]:
 
 
 def summary_columns(history: list[dict]) -> list[str]:
-    """timm's summary.csv columns where the task has them: epoch, train_loss, eval_* (from val_*), lr."""
+    """timm's summary.csv columns where the task has them: epoch, train_loss, eval_* (from val_*),
+    lr."""
     evals = [k for row in history for k in row if k.startswith("val_")]
     return ["epoch", "train_loss", *dict.fromkeys("eval_" + k[4:] for k in evals), "lr"]
 
 
 def write_summary(run_dir: Path, history: list[dict]) -> Path:
-    """summary.csv: one row per epoch of the whole history (rewritten, then renamed: --resume keeps it whole)."""
+    """summary.csv: one row per epoch of the whole history (rewritten, then renamed: --resume keeps
+    it whole)."""
     columns = summary_columns(history)
 
     def write(tmp: Path) -> None:
@@ -59,8 +62,8 @@ def write_summary(run_dir: Path, history: list[dict]) -> Path:
 
 
 class TensorBoard:
-    """Event files in RUN/tensorboard (torch's SummaryWriter): scalars by optimizer step, the images at the end.
-    A resumed run purges what the interrupted one logged after its checkpoint."""
+    """Event files in RUN/tensorboard (torch's SummaryWriter): scalars by optimizer step, the images
+    at the end. A resumed run purges what the interrupted one logged after its checkpoint."""
 
     def __init__(self, run_dir: Path, recipe: dict, resume_step: int | None, ids: dict):
         require("tensorboard", "tensorboard")
@@ -81,8 +84,9 @@ class TensorBoard:
 
 
 class MLflow:
-    """An MLflow run in a local file store, RUN/mlruns (experiment "vislora"; no server, no database): the
-    recipe's fields as params, metrics by step, images as artifacts. --resume continues the same MLflow run."""
+    """An MLflow run in a local file store, RUN/mlruns (experiment "vislora"; no server, no
+    database): the recipe's fields as params, metrics by step, images as artifacts. --resume
+    continues the same MLflow run."""
 
     def __init__(self, run_dir: Path, recipe: dict, resume_step: int | None, ids: dict):
         require("mlflow", "mlflow")
@@ -110,8 +114,8 @@ class MLflow:
 
 
 class WandB:
-    """A Weights & Biases run in offline mode (RUN/wandb, no network: `wandb sync` uploads it later), the recipe
-    as its config; --resume continues the same run id."""
+    """A Weights & Biases run in offline mode (RUN/wandb, no network: `wandb sync` uploads it
+    later), the recipe as its config; --resume continues the same run id."""
 
     def __init__(self, run_dir: Path, recipe: dict, resume_step: int | None, ids: dict):
         require("wandb", "wandb")
@@ -147,8 +151,9 @@ def flat(tree: dict, prefix: str = "") -> dict:
 
 
 class Loggers:
-    """What the loop logs, on rank 0: summary.csv every epoch, and to each train.log logger the step's scalars
-    (train/*), the epoch's (epoch/*) and, at the end, the images (a classifier's val confusion matrix)."""
+    """What the loop logs, on rank 0: summary.csv every epoch, and to each train.log logger the
+    step's scalars (train/*), the epoch's (epoch/*) and, at the end, the images (a classifier's val
+    confusion matrix)."""
 
     def __init__(self, recipe: dict, run_dir: Path, resume_step: int | None, main: bool):
         self.run_dir, self.main, self.sinks = Path(run_dir), main, []

@@ -1,9 +1,11 @@
-"""Several named adapters on one model: add, switch, delete, and a batch whose images belong to different ones.
+"""Several named adapters on one model: add, switch, delete, and a batch whose images belong to
+different ones.
 
-The model stays a plain timm module. Each LoraLayer keeps one update per adapter (`updates[name]`); the modules
-an adapter trains fully (its head, neck or decoder: PEFT's modules_to_save) sit in place for the active adapter
-and in `model.vislora_modules[name]` for the others, so switching moves modules, never numbers: A -> B -> A is
-bit-identical to A alone. The first adapter keeps today's names (no `vislora_modules` until a second one comes).
+The model stays a plain timm module. Each LoraLayer keeps one update per adapter (`updates[name]`);
+the modules an adapter trains fully (its head, neck or decoder: PEFT's modules_to_save) sit in place
+for the active adapter and in `model.vislora_modules[name]` for the others, so switching moves
+modules, never numbers: A -> B -> A is bit-identical to A alone. The first adapter keeps today's
+names (no `vislora_modules` until a second one comes).
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ def _store(model: nn.Module) -> nn.ModuleDict:
 
 
 def add_adapter(model: nn.Module, config: LoraConfig, name: str, within: str | None = None) -> nn.Module:
-    """A second (third ...) adapter beside the others, inactive until set_adapter(model, name). It must train the
-    same modules as the others (each gets its own copy of them) and no single parameters (biases)."""
+    """A second (third ...) adapter beside the others, inactive until set_adapter(model, name). It
+    must train the same modules as the others (each gets its own copy of them) and no single
+    parameters (biases)."""
     adapters = _registry(model)
     if name in adapters:
         raise VisloraError(f"the model already carries an adapter named '{name}' ({', '.join(adapters)})")
@@ -71,8 +74,9 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str, within: str | N
 
 
 def set_adapter(model: nn.Module, name: str) -> nn.Module:
-    """Make `name` the active adapter: its updates act in every layer and its trained modules sit in place
-    (they are moved, not copied: switching back is bit-exact). Refused while an adapter is merged."""
+    """Make `name` the active adapter: its updates act in every layer and its trained modules sit in
+    place (they are moved, not copied: switching back is bit-exact). Refused while an adapter is
+    merged."""
     adapters = _registry(model)
     if name not in adapters:
         raise VisloraError(f"no adapter named '{name}': the model carries {', '.join(adapters)}")
@@ -95,7 +99,8 @@ def set_adapter(model: nn.Module, name: str) -> nn.Module:
 
 
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
-    """Remove an inactive adapter: its updates, its modules; a layer no other adapter adapts becomes plain."""
+    """Remove an inactive adapter: its updates, its modules; a layer no other adapter adapts becomes
+    plain."""
     adapters = _registry(model)
     if name not in adapters:
         raise VisloraError(f"no adapter named '{name}': the model carries {', '.join(adapters)}")
@@ -114,7 +119,8 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
 
 
 class _Dispatch(nn.Module):
-    """A trained module of several adapters at once: each group of samples through its own adapter's copy."""
+    """A trained module of several adapters at once: each group of samples through its own adapter's
+    copy."""
 
     def __init__(self, modules: dict[str, nn.Module], groups: list[tuple[str, slice]]):
         super().__init__()
@@ -131,7 +137,8 @@ class _Dispatch(nn.Module):
 
 def _groups(model: nn.Module, names: Sequence[str], batch: int
             ) -> tuple[torch.Tensor, list[tuple[str, slice]]]:
-    """The order that sorts the batch by adapter (first-seen order, stable) and each adapter's slice of it."""
+    """The order that sorts the batch by adapter (first-seen order, stable) and each adapter's slice
+    of it."""
     known = adapter_names(model)
     if len(names) != batch:
         raise VisloraError(f"mixed_forward: {len(names)} adapter names for a batch of {batch} images")
@@ -147,7 +154,8 @@ def _groups(model: nn.Module, names: Sequence[str], batch: int
 
 
 def _unsort(y, order: torch.Tensor):
-    """Undo the sort by adapter: a tensor (or a list of per-image outputs) back in the caller's order."""
+    """Undo the sort by adapter: a tensor (or a list of per-image outputs) back in the caller's
+    order."""
     if isinstance(y, list):
         out: list = [None] * len(y)
         for i, row in zip(order.tolist(), y, strict=True):
@@ -160,9 +168,10 @@ def _unsort(y, order: torch.Tensor):
 
 @torch.no_grad()
 def mixed_forward(model: nn.Module, x: torch.Tensor, names: Sequence[str]):
-    """One forward of a batch whose image i belongs to adapter names[i]: the base once, each image through its own
-    adapter's updates and its own trained modules (head ...). A tensor, or a list of per-image outputs where the
-    adapters' heads differ in width. Each image's output equals its adapter's merged model on it."""
+    """One forward of a batch whose image i belongs to adapter names[i]: the base once, each image
+    through its own adapter's updates and its own trained modules (head ...). A tensor, or a list of
+    per-image outputs where the adapters' heads differ in width. Each image's output equals its
+    adapter's merged model on it."""
     adapters = _registry(model)
     order, groups = _groups(model, names, x.shape[0])
     if any(layer.merged for _, layer in wrapped_layers(model)):

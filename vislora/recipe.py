@@ -1,9 +1,10 @@
-"""Recipes: one YAML file = one complete run. Plain nested dicts over commented defaults; unknown keys are errors.
+"""Recipes: one YAML file = one complete run. Plain nested dicts over commented defaults; unknown
+keys are errors.
 
-Paths: a relative path written in a recipe file (data.path, data.images, data.train_ann, data.val_ann,
-model.checkpoint) is relative to the folder of that recipe file; one given on the command line (--data,
---set) is relative to the working directory. Both are stored absolute in the run's recipe.yaml, so a run
-trains, evaluates and exports the same from any working directory.
+Paths: a relative path written in a recipe file (data.path, data.images, data.train_ann,
+data.val_ann, model.checkpoint) is relative to the folder of that recipe file; one given on the
+command line (--data, --set) is relative to the working directory. Both are stored absolute in the
+run's recipe.yaml, so a run trains, evaluates and exports the same from any working directory.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ def dotted_keys(tree: dict = DEFAULTS, prefix: str = "") -> list[str]:
 
 
 def find_key(word: str) -> str | None:
-    """The recipe field a bare name most likely means: 'epochs' -> 'train.epochs', 'lr0' -> 'train.lr',
-    'model' -> 'model.name'; None when nothing is close."""
+    """The recipe field a bare name most likely means: 'epochs' -> 'train.epochs', 'lr0' ->
+    'train.lr', 'model' -> 'model.name'; None when nothing is close."""
     word = word.strip().lstrip("-").replace("-", "_")
     if word in ALIASES or word in SECTION_KEYS:
         return ALIASES.get(word) or SECTION_KEYS[word]
@@ -72,7 +73,8 @@ def find_key(word: str) -> str | None:
 
 
 def unknown_key(source: str, prefix: str, key: str, known: list[str]) -> VisloraError:
-    """The error for an unknown recipe key: a close name at this level, else the field it names elsewhere."""
+    """The error for an unknown recipe key: a close name at this level, else the field it names
+    elsewhere."""
     close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
     guess = f"{prefix}{close[0]}" if close else find_key(str(key))
     hint = f"did you mean '{guess}'? " if guess and guess != f"{prefix}{key}" else ""
@@ -108,7 +110,7 @@ def _fill_none(values: dict, defaults: dict) -> None:
             values[key] = copy.deepcopy(default)
 
 
-# ---- field checks: a wrong type or range names its key before any work starts ---------------------
+# ---- field checks: a wrong type or range names its key before any work starts --------------------
 def _number(source: str, key: str, value, low: float = -math.inf, whole: bool = False, open_low: bool = False):
     if isinstance(value, str):
         try:
@@ -134,7 +136,8 @@ def _pair(source: str, key: str, value, low: float, high: float):
 
 
 def _check_fields(recipe: dict, source: str) -> None:
-    """Types and ranges of the fields a typo breaks late (e.g. epochs: -1 trained nothing, silently)."""
+    """Types and ranges of the fields a typo breaks late (e.g. epochs: -1 trained nothing,
+    silently)."""
     t, d = recipe["train"], recipe["data"]
     for key, low, open_low in (("epochs", 1, False), ("batch_size", 1, False), ("grad_accum", 1, False)):
         t[key] = _number(source, f"train.{key}", t[key], low, whole=True, open_low=open_low)
@@ -173,8 +176,8 @@ def _check_fields(recipe: dict, source: str) -> None:
 
 
 def _check_knobs(recipe: dict, source: str) -> None:
-    """The timm knobs' types and ranges, and the augmentations only some tasks have (TASK_ONLY_AUGMENT), refused
-    by name elsewhere."""
+    """The timm knobs' types and ranges, and the augmentations only some tasks have
+    (TASK_ONLY_AUGMENT), refused by name elsewhere."""
     t, a, m = recipe["train"], recipe["data"]["augment"], recipe["model"]
     for key in ("mixup", "cutmix"):
         a[key] = _number(source, f"data.augment.{key}", a[key], 0)
@@ -230,7 +233,8 @@ def _ema(source: str, value) -> dict | None:
 
 
 def _names(source: str, key: str, value, allow_str: bool = True) -> str | list[str]:
-    """A name pattern or a list of them: one string is read as a list of one (`exclude: blocks.0.attn.qkv`)."""
+    """A name pattern or a list of them: one string is read as a list of one (`exclude:
+    blocks.0.attn.qkv`)."""
     if isinstance(value, str):
         return value if allow_str else [value]
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
@@ -239,7 +243,8 @@ def _names(source: str, key: str, value, allow_str: bool = True) -> str | list[s
 
 
 def _check_adapter(adapter: dict, source: str) -> None:
-    """The adapter section's types: patterns are strings or lists of them, per-layer maps are name -> number."""
+    """The adapter section's types: patterns are strings or lists of them, per-layer maps are name
+    -> number."""
     adapter["targets"] = _names(source, "adapter.targets", adapter["targets"])
     for key in ("exclude", "train"):
         adapter[key] = _names(source, f"adapter.{key}", adapter[key], allow_str=False)
@@ -262,8 +267,9 @@ def _check_adapter(adapter: dict, source: str) -> None:
 
 
 def resolve(raw: dict, source: str = "recipe") -> dict:
-    """Defaults + the user's recipe: the adapter mode normalised (None, 'linear_probe' or a LoraConfig dict), the
-    task's defaults filled in, field types and ranges checked (ValueError naming the key)."""
+    """Defaults + the user's recipe: the adapter mode normalised (None, 'linear_probe' or a
+    LoraConfig dict), the task's defaults filled in, field types and ranges checked (ValueError
+    naming the key)."""
     if not isinstance(raw, dict):
         raise VisloraError(f"{source}: a recipe must be a YAML mapping")
     unknown = [key for key in raw if key not in DEFAULTS]  # before `adapter` is taken out: it is known here
@@ -328,7 +334,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """`--set key.sub=value` items on a raw recipe; path values are relative to the working directory."""
+    """`--set key.sub=value` items on a raw recipe; path values are relative to the working
+    directory."""
     raw = copy.deepcopy(raw)
     for item in overrides:
         keys, value = parse_override(item)
@@ -354,14 +361,16 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict:
-    """Read a YAML recipe (its relative paths against its own folder), apply `--set` overrides, validate."""
+    """Read a YAML recipe (its relative paths against its own folder), apply `--set` overrides,
+    validate."""
     raw = absolute_paths(read_yaml(path), Path(path).parent)
     return resolve(apply_overrides(raw, overrides or []), str(path))
 
 
 def check_paths(recipe: dict, source: str) -> None:
-    """The files and folders a resolved recipe uses exist (FileNotFoundError naming the key): data.path (not read by
-    COCO detection data), data.images / train_ann / val_ann and model.checkpoint when set."""
+    """The files and folders a resolved recipe uses exist (FileNotFoundError naming the key):
+    data.path (not read by COCO detection data), data.images / train_ann / val_ann and
+    model.checkpoint when set."""
     d = recipe["data"]
     used = {"data.path": d["path"] if d["format"] != "coco" else None, "data.images": d["images"],
             "data.train_ann": d["train_ann"], "data.val_ann": d["val_ann"],

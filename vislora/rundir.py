@@ -1,11 +1,13 @@
-"""Run directories: what training writes, checkpoints and the per-epoch log, and rebuilding a trained run. The
-folder's names and the rules of `--out` (what `train --force` may remove, the lock, data folders that outputs must
-stay out of) are vislora.runpaths', which the CLI checks before torch is imported.
+"""Run directories: what training writes, checkpoints and the per-epoch log, and rebuilding a
+trained run. The folder's names and the rules of `--out` (what `train --force` may remove, the lock,
+data folders that outputs must stay out of) are vislora.runpaths', which the CLI checks before torch
+is imported.
 
-A run directory holds recipe.yaml (resolved, absolute paths), classes.json, preprocess.json, adapter/ (LoRA, PEFT
-layout) or weights.safetensors (full fine-tuning / linear probe: the trained tensors), checkpoints/{last,best}.pt
-(training state, written then renamed), metrics.jsonl, curves.png, train_summary.json and the marker
-.vislora_run; `eval`, `export` and `spectrum` add eval/, export/ and spectrum.{png,json}.
+A run directory holds recipe.yaml (resolved, absolute paths), classes.json, preprocess.json,
+adapter/ (LoRA, PEFT layout) or weights.safetensors (full fine-tuning / linear probe: the trained
+tensors), checkpoints/{last,best}.pt (training state, written then renamed), metrics.jsonl,
+curves.png, train_summary.json and the marker .vislora_run; `eval`, `export` and `spectrum` add
+eval/, export/ and spectrum.{png,json}.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ from vislora.tasks.common import read_card
 
 # ---- starting ------------------------------------------------------------------------------------
 def start(run_dir: Path, recipe: dict, class_names: list[str], preprocess: dict, split: dict | None = None) -> None:
-    """Write what defines the run before the first epoch: recipe.yaml, classes.json, preprocess.json and, when the
-    task records it, split.json (which images were train and which val)."""
+    """Write what defines the run before the first epoch: recipe.yaml, classes.json, preprocess.json
+    and, when the task records it, split.json (which images were train and which val)."""
     (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     mark(run_dir)
     save_recipe(recipe, run_dir / RECIPE)
@@ -53,16 +55,18 @@ def start(run_dir: Path, recipe: dict, class_names: list[str], preprocess: dict,
         write_json(run_dir / SPLIT, split, indent=None)
 
 
-# ---- checkpoints and the per-epoch log ------------------------------------------------------------
+# ---- checkpoints and the per-epoch log -----------------------------------------------------------
 def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary name, then rename: a crash or Ctrl-C leaves the previous file loadable."""
+    """torch.save to a temporary name, then rename: a crash or Ctrl-C leaves the previous file
+    loadable."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_epoch(run_dir: Path, model: nn.Module, state: dict, improved: bool, curves: dict | None = None) -> None:
-    """An epoch's files, last.pt last: the kept model (and best.pt) when it improved, metrics.jsonl and curves.png,
-    then checkpoints/last.pt. Whenever training stops, last.pt's epoch has its model and log row written, and
-    --resume continues from it with the history the checkpoint holds (each epoch logged once)."""
+    """An epoch's files, last.pt last: the kept model (and best.pt) when it improved, metrics.jsonl
+    and curves.png, then checkpoints/last.pt. Whenever training stops, last.pt's epoch has its model
+    and log row written, and --resume continues from it with the history the checkpoint holds (each
+    epoch logged once)."""
     if improved:
         save_trained(model, run_dir)
         if (run_dir / ADAPTER).is_dir():
@@ -73,8 +77,9 @@ def save_epoch(run_dir: Path, model: nn.Module, state: dict, improved: bool, cur
 
 
 def load_checkpoint(run_dir: Path) -> dict:
-    """The training state of checkpoints/last.pt (tensors and plain data only: weights_only). A file that is not
-    such a checkpoint (truncated, or a pickle with code in it) is a ValueError naming it."""
+    """The training state of checkpoints/last.pt (tensors and plain data only: weights_only). A file
+    that is not such a checkpoint (truncated, or a pickle with code in it) is a ValueError naming
+    it."""
     path = run_dir / CHECKPOINTS / "last.pt"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -99,8 +104,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def shown_metrics(row: dict, num_classes: int | None) -> list[str]:
-    """The validation curves worth drawing: train_acc and val_* but the loss and the class count, and no top-k
-    with k >= the number of classes (always 1.0 there)."""
+    """The validation curves worth drawing: train_acc and val_* but the loss and the class count,
+    and no top-k with k >= the number of classes (always 1.0 there)."""
     keys = [k for k in row if k == "train_acc" or (k.startswith("val_") and k not in ("val_loss",
                                                                                       "val_predicted_classes"))]
     topk = [k for k in keys if k.startswith("val_top") and k[7:].isdigit() and k != "val_top1"]
@@ -108,8 +113,8 @@ def shown_metrics(row: dict, num_classes: int | None) -> list[str]:
 
 
 def plot_curves(history: list[dict], path: Path, score: str | None = None, num_classes: int | None = None) -> None:
-    """Loss and the validation metrics per epoch as a PNG: whole epochs on the x axis, the kept (best `score`)
-    epoch marked."""
+    """Loss and the validation metrics per epoch as a PNG: whole epochs on the x axis, the kept
+    (best `score`) epoch marked."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -137,7 +142,8 @@ def plot_curves(history: list[dict], path: Path, score: str | None = None, num_c
 
 
 def mark_best(ax, history: list[dict], score: str | None) -> None:
-    """A dotted line and a star at the epoch with the best `score` (the kept model), labelled with its value."""
+    """A dotted line and a star at the epoch with the best `score` (the kept model), labelled with
+    its value."""
     rows = [m for m in history if isinstance(m.get(score), (int, float))] if score else []
     if not rows:
         return
@@ -148,16 +154,17 @@ def mark_best(ax, history: list[dict], score: str | None) -> None:
 
 
 def log_epoch(run_dir: Path, history: list[dict], curves: dict | None = None) -> None:
-    """metrics.jsonl (standard JSON lines, written then renamed) and curves.png after every epoch; curves: the
-    plot's {"score", "num_classes"}."""
+    """metrics.jsonl (standard JSON lines, written then renamed) and curves.png after every epoch;
+    curves: the plot's {"score", "num_classes"}."""
     text = "".join(to_json(row, indent=None) + "\n" for row in history)
     atomic_write(run_dir / METRICS, lambda tmp: tmp.write_text(text))
     atomic_write(run_dir / CURVES, lambda tmp: plot_curves(history, tmp, **(curves or {})))
 
 
-# ---- the adapter's card (README.md, as PEFT's save_pretrained writes one) ---------------------------
+# ---- the adapter's card (README.md, as PEFT's save_pretrained writes one) ------------------------
 def base_licence(model_cfg: dict, model: nn.Module) -> str:
-    """The licence of the base weights: the card beside model.checkpoint, timm's pretrained_cfg for hub weights."""
+    """The licence of the base weights: the card beside model.checkpoint, timm's pretrained_cfg for
+    hub weights."""
     if model_cfg["checkpoint"]:
         card = read_card(model_cfg["checkpoint"])
         found = card.get("licence") or card.get("license")
@@ -172,7 +179,8 @@ def base_licence(model_cfg: dict, model: nn.Module) -> str:
 
 
 def adapter_card(run_dir: Path, model: nn.Module, row: dict) -> str:
-    """README.md of adapter/: base model, classes, recipe, val metrics of the kept epoch, licence, how to load."""
+    """README.md of adapter/: base model, classes, recipe, val metrics of the kept epoch, licence,
+    how to load."""
     recipe, classes = read_recipe(run_dir), read_json(run_dir / CLASSES, "run's classes")
     m, adapter = recipe["model"], recipe["adapter"]
     metrics = ", ".join(f"{k} {row[k]:.4f}" for k in ["val_loss", *shown_metrics(row, len(classes))]
@@ -211,16 +219,18 @@ def write_card(run_dir: Path, model: nn.Module, row: dict) -> None:
     atomic_write(run_dir / ADAPTER / "README.md", lambda tmp: tmp.write_text(text))
 
 
-# ---- the trained model ----------------------------------------------------------------------------
+# ---- the trained model ---------------------------------------------------------------------------
 def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What training changes: parameters that require grad, and every buffer (running statistics)."""
+    """What training changes: parameters that require grad, and every buffer (running
+    statistics)."""
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     buffers = {n for n, _ in model.named_buffers()}
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in trainable | buffers}
 
 
 def save_trained(model: nn.Module, run_dir: Path) -> None:
-    """The deliverable of a run: adapter/ for LoRA (PEFT layout), else weights.safetensors (trained tensors)."""
+    """The deliverable of a run: adapter/ for LoRA (PEFT layout), else weights.safetensors (trained
+    tensors)."""
     if any(True for _ in lora_layers(model)):
         save_adapter(model, run_dir / ADAPTER)
     else:
@@ -229,8 +239,9 @@ def save_trained(model: nn.Module, run_dir: Path) -> None:
 
 
 def load_run(run_dir: str | Path) -> tuple[nn.Module, dict, dict]:
-    """Rebuild the trained model of a run: (model in eval mode, recipe, preprocess). The base is built as training
-    built it (same recipe, same seed), then the run's adapter or trained weights go in."""
+    """Rebuild the trained model of a run: (model in eval mode, recipe, preprocess). The base is
+    built as training built it (same recipe, same seed), then the run's adapter or trained weights
+    go in."""
     run_dir = Path(run_dir)
     recipe = read_recipe(run_dir)
     preprocess = read_json(run_dir / PREPROCESS, "run's preprocessing")

@@ -1,7 +1,7 @@
-"""Run directories before anything heavy is imported: their file names, the rules of `--out` (a folder, apart
-from the data; `train --force` replaces only a run vislora wrote), the lock a training holds, and whether a run
-can be resumed. Standard library and vislora.recipe (YAML) only, so the CLI checks all of this before torch loads;
-vislora.rundir writes and reads what is in the folder.
+"""Run directories before anything heavy is imported: their file names, the rules of `--out` (a
+folder, apart from the data; `train --force` replaces only a run vislora wrote), the lock a training
+holds, and whether a run can be resumed. Standard library and vislora.recipe (YAML) only, so the CLI
+checks all of this before torch loads; vislora.rundir writes and reads what is in the folder.
 """
 
 from __future__ import annotations
@@ -23,19 +23,21 @@ METRICS, CURVES, SPLIT, TRAIN_BATCH = "metrics.jsonl", "curves.png", "split.json
 # vislora.loggers': timm's per-epoch CSV, and the optional loggers' folders (train.log)
 SUMMARY_CSV, LOGGER_DIRS = "summary.csv", ("tensorboard", "mlruns", "wandb", "loggers.json")
 MARKER, LOCK = ".vislora_run", ".vislora.lock"  # "vislora wrote this run"; "a training is writing it now"
-# everything vislora writes into a run directory: `train --force` removes these, in a run (MARKER) and nowhere else
+# everything vislora writes into a run directory: `train --force` removes these, in a run (MARKER)
+# and nowhere else
 ARTIFACTS = (RECIPE, CLASSES, PREPROCESS, SUMMARY, ADAPTER, WEIGHTS, CHECKPOINTS, METRICS, CURVES, SPLIT, TRAIN_BATCH,
              "eval", "export",
              "spectrum.png", "spectrum.json", "predictions", "shrink_report.json", METRICS + ".tmp", WEIGHTS + ".tmp",
              SUMMARY_CSV, *LOGGER_DIRS, MARKER)
-# recipe fields a resumed run may change: they do not change what is trained (data.workers does: each worker
-# count gives other augmentation streams; train.log only adds a logger)
+# recipe fields a resumed run may change: they do not change what is trained (data.workers does:
+# each worker count gives other augmentation streams; train.log only adds a logger)
 RESUMABLE_CHANGES = ("train.device", "train.log", "eval.", "export.")
 
 
-# ---- the rules of --out ---------------------------------------------------------------------------
+# ---- the rules of --out --------------------------------------------------------------------------
 def is_run(path: Path) -> bool:
-    """A folder vislora wrote a run into: its marker, or (runs before the marker) recipe.yaml + preprocess.json."""
+    """A folder vislora wrote a run into: its marker, or (runs before the marker) recipe.yaml +
+    preprocess.json."""
     return (path / MARKER).is_file() or ((path / RECIPE).is_file() and (path / PREPROCESS).is_file())
 
 
@@ -52,8 +54,8 @@ def within(path: Path, folder: Path) -> bool:
 
 def keep_apart(out: Path, data: Sequence[str | Path | None], replaced: Sequence[Path] = (),
                flag: str = "--out") -> None:
-    """No command writes into its data: `out` must not be a data folder or lie inside one, and no folder the
-    command replaces (`replaced`, e.g. fewshot's OUT/data) may hold the data."""
+    """No command writes into its data: `out` must not be a data folder or lie inside one, and no
+    folder the command replaces (`replaced`, e.g. fewshot's OUT/data) may hold the data."""
     for folder in (Path(d) for d in data if d):
         if not folder.is_dir():
             continue
@@ -63,8 +65,9 @@ def keep_apart(out: Path, data: Sequence[str | Path | None], replaced: Sequence[
 
 
 def check_out(run_dir: Path, data: Sequence[str | Path | None], resume: bool, force: bool) -> None:
-    """train's --out: a folder (not a file), apart from the data; a folder with files is refused unless --resume
-    continues it or --force replaces it, and --force replaces only a run (it never deletes a user's files)."""
+    """train's --out: a folder (not a file), apart from the data; a folder with files is refused
+    unless --resume continues it or --force replaces it, and --force replaces only a run (it never
+    deletes a user's files)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise VisloraError(f"--out {run_dir} is a file, not a folder: choose a folder for the run")
     keep_apart(run_dir, data, [run_dir / name for name in ARTIFACTS])
@@ -89,15 +92,17 @@ def _alive(pid: int) -> bool:
 
 
 def _stale(holder: str) -> bool:
-    """A lock left by a process of this machine that no longer runs (killed before it could remove it)."""
+    """A lock left by a process of this machine that no longer runs (killed before it could remove
+    it)."""
     pid, _, host = holder.partition("@")
     return host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
 
 
 @contextlib.contextmanager
 def locked(run_dir: Path) -> Iterator[None]:
-    """Hold RUN/.vislora.lock (created atomically, O_EXCL) while training writes the run: a second training into
-    the same folder is refused naming the lock. Re-entrant in one process; a dead process's lock is taken over."""
+    """Hold RUN/.vislora.lock (created atomically, O_EXCL) while training writes the run: a second
+    training into the same folder is refused naming the lock. Re-entrant in one process; a dead
+    process's lock is taken over."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path, mine = run_dir / LOCK, f"{os.getpid()}@{socket.gethostname()}"
     fd = _take(path, mine, run_dir)
@@ -129,9 +134,10 @@ def _take(path: Path, mine: str, run_dir: Path) -> int | None:
     raise VisloraError(f"{path}: could not take the lock")
 
 
-# ---- starting, clearing, resuming -----------------------------------------------------------------
+# ---- starting, clearing, resuming ----------------------------------------------------------------
 def clear(run_dir: Path) -> list[str]:
-    """Remove a previous run's artifacts (only the names vislora writes, and only in a run); returns them."""
+    """Remove a previous run's artifacts (only the names vislora writes, and only in a run); returns
+    them."""
     if not is_run(run_dir):
         return []
     removed = []
@@ -160,8 +166,8 @@ def read_recipe(run_dir: str | Path) -> dict:
 
 
 def check_resumable(run_dir: Path, recipe: dict) -> None:
-    """--resume needs the run's checkpoint and the run's own recipe: a field that changes what is trained
-    (the adapter's rank, the data, the model ...) is an error naming every such field."""
+    """--resume needs the run's checkpoint and the run's own recipe: a field that changes what is
+    trained (the adapter's rank, the data, the model ...) is an error naming every such field."""
     if not (run_dir / CHECKPOINTS / "last.pt").is_file():
         raise FileNotFoundError(f"--resume: {run_dir / CHECKPOINTS / 'last.pt'} does not exist, so there is "
                                 "nothing to resume (train without --resume to start the run)")

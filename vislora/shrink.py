@@ -1,10 +1,11 @@
 """`vislora shrink`: a trained LoRA run made smaller by a truncated SVD of each learned update.
 
-vislora.svd.shrink_adapter does the mathematics (from the factors, exact by Eckart-Young). This module rebuilds
-the run, writes the smaller adapter as a complete run directory (recipe.yaml with the new rank_pattern,
-classes.json, preprocess.json, adapter/) that `eval`, `export` and `predict` accept, and measures the run before and
-after on its val split (vislora.evaluate). A PiSSA run is shrunk as what its adapter directory holds: the plain LoRA
-equivalent relative to the original weights (vislora.svd.pissa_as_lora), so the shrunk run is a plain LoRA run.
+vislora.svd.shrink_adapter does the mathematics (from the factors, exact by Eckart-Young). This
+module rebuilds the run, writes the smaller adapter as a complete run directory (recipe.yaml with
+the new rank_pattern, classes.json, preprocess.json, adapter/) that `eval`, `export` and `predict`
+accept, and measures the run before and after on its val split (vislora.evaluate). A PiSSA run is
+shrunk as what its adapter directory holds: the plain LoRA equivalent relative to the original
+weights (vislora.svd.pissa_as_lora), so the shrunk run is a plain LoRA run.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def default_out(run_dir: Path, rank: int | None, energy: float | None, budget: i
 
 
 def _check_out(out: Path, run_dir: Path, force: bool) -> None:
-    """The new run goes to an empty folder other than the run; --force replaces a run there (train's rules)."""
+    """The new run goes to an empty folder other than the run; --force replaces a run there (train's
+    rules)."""
     if out.resolve() == run_dir.resolve():
         raise VisloraError(f"--out {out} is the run being shrunk: write the smaller run elsewhere")
     runpaths.check_out(out, [], resume=False, force=force)
@@ -42,22 +44,24 @@ def _check_out(out: Path, run_dir: Path, force: bool) -> None:
 
 
 def shrunk_recipe(recipe: dict, config: LoraConfig) -> dict:
-    """The run's recipe with the adapter fields of the shrunk model's config (ranks, dropped layers, plain init)."""
+    """The run's recipe with the adapter fields of the shrunk model's config (ranks, dropped layers,
+    plain init)."""
     new = config.to_dict()
     return {**recipe, "adapter": {**recipe["adapter"], **{k: new[k] for k in ADAPTER_KEYS}}}
 
 
 def _metrics(target: Path, out: Path) -> dict:
-    """The numbers of an evaluation on the run's val split (top1, macro_f1, ... for classification)."""
+    """The numbers of an evaluation on the run's val split (top1, macro_f1, ... for
+    classification)."""
     report = evaluate(target, out=out)
     return {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def shrink_run(run_dir: str | Path, rank: int | None = None, energy: float | None = None,
                budget: int | None = None, out: str | Path | None = None, force: bool = False) -> dict:
-    """Shrink a LoRA run's adapter (one of rank / energy / budget, see vislora.svd.shrink_adapter) into a new run
-    directory `out`; writes and returns the report: per-layer ranks and energy, parameters and val metrics before
-    and after."""
+    """Shrink a LoRA run's adapter (one of rank / energy / budget, see vislora.svd.shrink_adapter)
+    into a new run directory `out`; writes and returns the report: per-layer ranks and energy,
+    parameters and val metrics before and after."""
     run_dir = Path(run_dir).resolve()  # `shrink .` names its run by the folder's real name
     check_shrink_args(rank, energy, budget)  # before anything is created
     if not (run_dir / runpaths.ADAPTER).is_dir():
@@ -85,7 +89,8 @@ def shrink_run(run_dir: str | Path, rank: int | None = None, energy: float | Non
 
 
 def format_shrink(report: dict) -> str:
-    """Per layer: old rank, new rank, energy kept, relative error; then parameters and val top-1 before/after."""
+    """Per layer: old rank, new rank, energy kept, relative error; then parameters and val top-1
+    before/after."""
     width = max([len("layer"), *(len(r["name"]) for r in report["layers"])])
     lines = [f"{'layer':<{width}}  {'old r':>5}  {'new r':>5}  {'energy':>7}  {'rel.err':>7}"]
     for r in report["layers"]:

@@ -1,5 +1,6 @@
-"""The spectrum of a learned update, from its factors: the SVD of s B A without forming it, effective rank,
-the per-layer table and PNG (vislora spectrum). The SVD tools read the additive s B A only and refuse DoRA here."""
+"""The spectrum of a learned update, from its factors: the SVD of s B A without forming it,
+effective rank, the per-layer table and PNG (vislora spectrum). The SVD tools read the additive s B
+A only and refuse DoRA here."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from vislora.targets import lora_layers
 
 
 def refuse_dora(layer: LoraLayer, name: str, tool: str) -> None:
-    """The SVD tools read an additive update s B A; DoRA's W' - W is not low-rank: say so, never compute it."""
+    """The SVD tools read an additive update s B A; DoRA's W' - W is not low-rank: say so, never
+    compute it."""
     if not layer.additive:
         raise VisloraError(f"{tool}: layer '{name}' is DoRA (use_dora): its update m * (W + sBA) / ||W + sBA|| - W "
                          f"is not the low-rank s B A that {tool} reads; {tool} works on LoRA runs")
@@ -35,8 +37,9 @@ def effective_rank(s: torch.Tensor) -> float:
 @torch.no_grad()
 def factor_svd(b: torch.Tensor, a: torch.Tensor, scaling: float = 1.0
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U, S, Vh) of scaling * b @ a (fp64) from the factors: b = Qb Rb, a^T = Qa Ra, then the SVD of the small core
-    scaling * Rb Ra^T, never the out x fan_in product. Its top-k triplets are the best rank-k approximation."""
+    """(U, S, Vh) of scaling * b @ a (fp64) from the factors: b = Qb Rb, a^T = Qa Ra, then the SVD
+    of the small core scaling * Rb Ra^T, never the out x fan_in product. Its top-k triplets are the
+    best rank-k approximation."""
     b, a = b.detach().double(), a.detach().double()
     qb, rb = torch.linalg.qr(b)
     qa, ra = torch.linalg.qr(a.T)
@@ -50,7 +53,8 @@ def update_singular_values(layer: LoraLayer) -> torch.Tensor:
 
 
 def spectrum(model: nn.Module) -> list[dict]:
-    """Per LoraLayer: singular values of its update, effective rank, energy curve (cumsum s^2 / sum s^2), norm."""
+    """Per LoraLayer: singular values of its update, effective rank, energy curve (cumsum s^2 / sum
+    s^2), norm."""
     rows = []
     for name, layer in lora_layers(model):
         refuse_dora(layer, name, "spectrum")
@@ -70,7 +74,8 @@ def _components_for(curve: list[float], level: float) -> int:
 
 
 def format_spectrum(report: list[dict]) -> str:
-    """A table: layer, rank, effective rank, ||delta_W||_F, top singular value, components for 90% energy."""
+    """A table: layer, rank, effective rank, ||delta_W||_F, top singular value, components for 90%
+    energy."""
     width = max([len("layer"), *(len(r["name"]) for r in report)])
     lines = [f"{'layer':<{width}}  {'R':>4}  {'eff.rank':>8}  {'||dW||_F':>10}  {'s1':>10}  {'k@90%':>5}"]
     for r in report:
@@ -81,8 +86,9 @@ def format_spectrum(report: list[dict]) -> str:
 
 
 def plot_spectrum(report: list[dict], path: str | Path) -> Path:
-    """PNG read per layer: a heat map of the normalised singular values s_k / s_1 (one row per layer, log colour
-    scale), and bars of each layer's effective rank and the components holding 90% of its energy."""
+    """PNG read per layer: a heat map of the normalised singular values s_k / s_1 (one row per
+    layer, log colour scale), and bars of each layer's effective rank and the components holding 90%
+    of its energy."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure

@@ -1,6 +1,7 @@
-"""What `vislora footprint` measures, resolved: a run directory, a recipe YAML, a timm model name or an nn.Module
-as builders of the adapted model and its base, with the task (vislora.tasks) that draws its random training batches
-(synthetic_batch) and computes its loss; a timm name or a module is the default task's (a classifier's)."""
+"""What `vislora footprint` measures, resolved: a run directory, a recipe YAML, a timm model name or
+an nn.Module as builders of the adapted model and its base, with the task (vislora.tasks) that draws
+its random training batches (synthetic_batch) and computes its loss; a timm name or a module is the
+default task's (a classifier's)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from vislora.targets import find_targets, lora_layers
 
 @dataclass
 class Subject:
-    """A target resolved into builders: the adapted model (adapter in place, trainable set) and its base."""
+    """A target resolved into builders: the adapted model (adapter in place, trainable set) and its
+    base."""
 
     label: str
     kind: str  # run | recipe | timm | module
@@ -53,8 +55,8 @@ def default_lora(model: nn.Module) -> LoraConfig:
 
 
 def _input_size(model: nn.Module, fallback: int = 224) -> int:
-    """The input side of the timm model's pretrained_cfg: the model's own, or its timm body's (a detector's or a
-    segmenter's), else `fallback`."""
+    """The input side of the timm model's pretrained_cfg: the model's own, or its timm body's (a
+    detector's or a segmenter's), else `fallback`."""
     cfg = next((m.pretrained_cfg for m in model.modules() if getattr(m, "pretrained_cfg", None)), None) or {}
     size = cfg.get("input_size") or (3, fallback, fallback)
     return int(size[-1])
@@ -66,7 +68,8 @@ def placeholders(n: int = 10) -> list[str]:
 
 
 def _default_task() -> tuple[ModuleType, dict]:
-    """The task (and recipe) of a timm name or a module: the recipe defaults' task, a classifier's."""
+    """The task (and recipe) of a timm name or a module: the recipe defaults' task, a
+    classifier's."""
     return tasks.get(DEFAULTS["task"]), copy.deepcopy(DEFAULTS)
 
 
@@ -86,8 +89,8 @@ def _with_lora(model: nn.Module, lora: LoraConfig | None) -> nn.Module:
 
 
 def _run_subject(path: Path, img_size: int | None) -> Subject:
-    """A run as training built it: the recipe's model and adapter (trainable set, PiSSA rank, linear probe), for
-    any task."""
+    """A run as training built it: the recipe's model and adapter (trainable set, PiSSA rank, linear
+    probe), for any task."""
     recipe = runpaths.read_recipe(path)
     task = tasks.get(recipe["task"])
     preprocess = read_json(path / runpaths.PREPROCESS, "run's preprocessing")
@@ -99,7 +102,8 @@ def _run_subject(path: Path, img_size: int | None) -> Subject:
 
 
 def _recipe_subject(path: Path, img_size: int | None, lora: LoraConfig | None) -> Subject:
-    """A recipe's model for the classes its data declares (the task's recipe_classes, else ten placeholders)."""
+    """A recipe's model for the classes its data declares (the task's recipe_classes, else ten
+    placeholders)."""
     recipe = load_recipe(path)
     task = tasks.get(recipe["task"])
     classes = task.recipe_classes(recipe) or placeholders()
@@ -154,9 +158,10 @@ def resolve_target(target: str | os.PathLike | nn.Module, img_size: int | None =
     return _timm_subject(str(target), img_size, lora)
 
 
-# ---- its synthetic batches ------------------------------------------------------------------------
+# ---- its synthetic batches -----------------------------------------------------------------------
 def to_device(batch: object, device: str) -> object:
-    """Every tensor of a batch (nested in tuples, lists and dicts, as collates make them) on the device."""
+    """Every tensor of a batch (nested in tuples, lists and dicts, as collates make them) on the
+    device."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
     if isinstance(batch, dict):
@@ -167,14 +172,14 @@ def to_device(batch: object, device: str) -> object:
 
 
 def batch_preprocess(subject: Subject, num_classes: int) -> dict:
-    """What the task's synthetic_batch draws at: the run's preprocessing (if any) at the measured size, with the
-    subject's class names (num_classes placeholders for a timm name or module)."""
+    """What the task's synthetic_batch draws at: the run's preprocessing (if any) at the measured
+    size, with the subject's class names (num_classes placeholders for a timm name or module)."""
     size = subject.img_size
     return {**(subject.preprocess or {}), "input_size": [3, size, size],
             "class_names": subject.classes or placeholders(num_classes)}
 
 
 def synthetic(subject: Subject, n: int, num_classes: int, device: str) -> tuple:
-    """A random training batch of n, as the subject's task collates them, on the device (seeded: every contender
-    and the memory subprocess get the same one)."""
+    """A random training batch of n, as the subject's task collates them, on the device (seeded:
+    every contender and the memory subprocess get the same one)."""
     return to_device(subject.task.synthetic_batch(batch_preprocess(subject, num_classes), n, 0), device)

@@ -1,9 +1,10 @@
-"""The mathematics of low rank: PiSSA init, adapter extraction and shrinking by truncated SVD, update penalties
-(spectra: vislora.spectrum).
+"""The mathematics of low rank: PiSSA init, adapter extraction and shrinking by truncated SVD,
+update penalties (spectra: vislora.spectrum).
 
-Every LoraLayer's update is delta_W = scaling * B @ A on the raw weight viewed as out x fan_in (fan_in =
-in/groups * kh * kw for a conv), so one matrix view serves Linear and every Conv2d. Per-projection qkv
-layers factor each adapted output chunk on its own (B is block-diagonal over the chunks).
+Every LoraLayer's update is delta_W = scaling * B @ A on the raw weight viewed as out x fan_in
+(fan_in = in/groups * kh * kw for a conv), so one matrix view serves Linear and every Conv2d.
+Per-projection qkv layers factor each adapted output chunk on its own (B is block-diagonal over the
+chunks).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from vislora.targets import find_targets, lora_layers, pattern_value, resolve_qk
 NUM_CHUNKS = 3  # inject() splits a fused qkv projection into 3 chunks
 
 
-# ---- shared helpers -------------------------------------------------------------------------------
+# ---- shared helpers ------------------------------------------------------------------------------
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     """fp32 at least (fp64 stays fp64)."""
     return torch.promote_types(t.dtype, torch.float32)
@@ -38,10 +39,10 @@ def _raw(module: nn.Module) -> torch.Tensor:
     return module.get_parameter(raw_weight_name(module))
 
 
-# ---- PiSSA ----------------------------------------------------------------------------------------
+# ---- PiSSA ---------------------------------------------------------------------------------------
 def pissa_init(model: nn.Module) -> None:
-    """PiSSA on every LoRA layer of the model (LoraLayer.init_pissa): each adapter starts as the top-r singular
-    triplets of its weight, the base keeps the residual, the output is unchanged."""
+    """PiSSA on every LoRA layer of the model (LoraLayer.init_pissa): each adapter starts as the
+    top-r singular triplets of its weight, the base keeps the residual, the output is unchanged."""
     layers = list(lora_layers(model))
     if not layers:
         raise VisloraError(f"pissa_init: {type(model).__name__} carries no LoRA layers: inject() first")
@@ -56,17 +57,18 @@ def pissa_init(model: nn.Module) -> None:
 def pissa_as_lora(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Plain-LoRA factors of a PiSSA layer's change w.r.t. the ORIGINAL weight: (A', B', scaling').
 
-    scaling' * B' @ A' = scaling * (B @ A - B0 @ A0), with A' = [A; A0] (2R x fan_in) and B' = [B, -B0]
-    (out x 2R, block-diagonal B assembled for qkv parts), scaling' = scaling. A file written from them
-    needs lora_alpha = scaling' * 2R (scaling' * sqrt(2R) with rslora) to keep PEFT's scaling.
-    """
+    scaling' * B' @ A' = scaling * (B @ A - B0 @ A0), with A' = [A; A0] (2R x fan_in) and B' = [B,
+    -B0] (out x 2R, block-diagonal B assembled for qkv parts), scaling' = scaling. A file written
+    from them needs lora_alpha = scaling' * 2R (scaling' * sqrt(2R) with rslora) to keep PEFT's
+    scaling.
+"""
     if not layer.update.pissa:
         raise VisloraError(f"layer {layer.extra_repr()} was not PiSSA-initialised: pissa_init() keeps A0/B0")
     b, a = layer.update.change_factors()
     return a.detach().clone(), b.detach().clone(), layer.scaling
 
 
-# ---- extraction -----------------------------------------------------------------------------------
+# ---- extraction ----------------------------------------------------------------------------------
 @dataclass
 class _Diff:
     """W_tuned - W_base of one layer, factored per adapted part."""
@@ -93,12 +95,14 @@ class _Diff:
         return sum(s[:k].double().pow(2).sum().item() for _, s, _ in self.svds)
 
     def discarded(self, k: int) -> float:
-        """Energy lost at rank k: the SVD tails plus the chunks no adapter covers (summed, not subtracted)."""
+        """Energy lost at rank k: the SVD tails plus the chunks no adapter covers (summed, not
+        subtracted)."""
         return sum(s[k:].double().pow(2).sum().item() for _, s, _ in self.svds) + self.other
 
 
 def _effective_weight(module: nn.Module, where: str) -> torch.Tensor:
-    """The weight a module's forward uses, in raw form: raw + pending adapter update for a LoraLayer."""
+    """The weight a module's forward uses, in raw form: raw + pending adapter update for a
+    LoraLayer."""
     if isinstance(module, LoraLayer):
         w = _raw(module.base_layer).detach()
         with torch.no_grad():
@@ -152,14 +156,16 @@ def _uncovered_energy(d: torch.Tensor, rows: list[slice]) -> float:
 
 
 def _energy_rank(diff: _Diff, energy: float) -> int:
-    """Smallest k keeping `energy` of what the adapter can represent (SVD energy of the adapted parts)."""
+    """Smallest k keeping `energy` of what the adapter can represent (SVD energy of the adapted
+    parts)."""
     curve = sum(s.double().pow(2).cumsum(0) for _, s, _ in diff.svds)  # kept energy at k = 1, 2, ...
     k = int(torch.searchsorted(curve, energy * diff.adaptable).item()) + 1
     return min(k, diff.limit)
 
 
 def _fit_budget(diffs: list[_Diff], budget: int) -> None:
-    """Greedy: while over budget, lower by one the rank whose last unit keeps the least energy per parameter."""
+    """Greedy: while over budget, lower by one the rank whose last unit keeps the least energy per
+    parameter."""
     used = sum(d.rank * d.unit_params for d in diffs)
     floor = sum(d.unit_params for d in diffs)
     if floor > budget:
@@ -196,7 +202,8 @@ def _check_rank_args(rank: int | str, energy: float, budget: int | None) -> None
 
 
 def _fixed_rank(name: str, limit: int, rank: int | str, config: LoraConfig) -> int:
-    """'full': the layer's max; an int: config.rank_pattern's entry, else `rank`; capped at the max."""
+    """'full': the layer's max; an int: config.rank_pattern's entry, else `rank`; capped at the
+    max."""
     if rank == "full":
         return limit
     r = pattern_value(name, config.rank_pattern, rank)
@@ -207,9 +214,10 @@ def _fixed_rank(name: str, limit: int, rank: int | str, config: LoraConfig) -> i
 
 def _inject_ranks(model: nn.Module, config: LoraConfig, diffs: list[_Diff], within: str | None = None
                   ) -> dict[str, LoraLayer]:
-    """Inject `config` with every changed layer at its planned rank (exact names in rank_pattern) and the unchanged
-    ones excluded; returns the new layers by name."""
-    # longest names first: a pattern also matches names ending in ".<pattern>", and the first match wins
+    """Inject `config` with every changed layer at its planned rank (exact names in rank_pattern)
+    and the unchanged ones excluded; returns the new layers by name."""
+    # longest names first: a pattern also matches names ending in ".<pattern>", and the first match
+    # wins
     ranks = {d.name: d.rank for d in sorted(diffs, key=lambda d: -len(d.name)) if not d.unchanged}
     common = Counter(ranks.values()).most_common(1)[0][0]
     skip = [f"^{re.escape(d.name)}$" for d in diffs if d.unchanged]  # anchored regex: that module only
@@ -224,8 +232,8 @@ def _inject_ranks(model: nn.Module, config: LoraConfig, diffs: list[_Diff], with
 
 @torch.no_grad()
 def _set_factors(diffs: list[_Diff], injected: dict[str, LoraLayer]) -> list[dict]:
-    """Each injected layer takes its diff's top d.rank singular triplets (zeros for an unchanged one). One report
-    row per diff: name, rank, parts, energy, rel_error, norm, params, unchanged."""
+    """Each injected layer takes its diff's top d.rank singular triplets (zeros for an unchanged
+    one). One report row per diff: name, rank, parts, energy, rel_error, norm, params, unchanged."""
     report = []
     for d in diffs:
         layer = injected.get(d.name)
@@ -246,15 +254,17 @@ def _set_factors(diffs: list[_Diff], injected: dict[str, LoraLayer]) -> list[dic
 
 
 def _normalised_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """state_dict with LoraLayer wrappers seen through: `x.base_layer.weight` -> `x.weight`, no lora_ keys."""
+    """state_dict with LoraLayer wrappers seen through: `x.base_layer.weight` -> `x.weight`, no
+    lora_ keys."""
     return {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items()
             if ".lora_" not in k and ".pissa_" not in k}
 
 
 def _carry_unrepresented(base_model: nn.Module, tuned_model: nn.Module, covered: set[str]) -> list[str]:
-    """Tensors that differ between the models but that no adapter covers (BN statistics, norms, the stem, other
-    layers): their modules are copied from tuned_model and trained-module entries (`modules_to_save` in the file).
-    Returns the carried module names; a changed bias of an adapted layer cannot be carried and is warned about."""
+    """Tensors that differ between the models but that no adapter covers (BN statistics, norms, the
+    stem, other layers): their modules are copied from tuned_model and trained-module entries
+    (`modules_to_save` in the file). Returns the carried module names; a changed bias of an adapted
+    layer cannot be carried and is warned about."""
     base_sd, tuned_sd = _normalised_state(base_model), _normalised_state(tuned_model)
     train = list(base_model.vislora_train)
     lost = [k for k, v in base_sd.items() if k not in covered and not any(k.startswith(t + ".") for t in train)
@@ -276,19 +286,21 @@ def _carry_unrepresented(base_model: nn.Module, tuned_model: nn.Module, covered:
 
 def extract_adapter(base_model: nn.Module, tuned_model: nn.Module, config: LoraConfig, rank: int | str = 8,
                     energy: float = 0.9, budget: int | None = None) -> tuple[nn.Module, list[dict]]:
-    """Turn a fully fine-tuned model into a LoRA adapter on `base_model` by truncated SVD of W_tuned - W_base.
+    """Turn a fully fine-tuned model into a LoRA adapter on `base_model` by truncated SVD of W_tuned
+    - W_base.
 
-    rank: an int (per layer, capped at the layer's max; config.rank_pattern entries win), 'full' (each layer's
-    max rank: exact), or 'auto' (smallest rank keeping `energy` of each layer's update, then, with `budget`,
-    lowered greedily where the last component keeps the least energy per parameter until the adapter has at
-    most `budget` parameters). The chosen ranks go into the injected config's rank_pattern. Layers whose
-    weight did not change are not adapted (reported with unchanged=True, rank 0). A base_model that already
-    carries adapters keeps its layers and ranks (unchanged layers get A = B = 0); rank='auto'/'full' then
-    raise. The `train` modules (the head) are copied from tuned_model, and so is every other module whose tensors
-    changed without an adapter to carry them (BN statistics, norms, stem): they join base_model.vislora_train
-    (modules_to_save in the file). Returns (base_model, per-layer report rows: name, rank, parts, energy,
-    rel_error, norm, params, unchanged).
-    """
+    rank: an int (per layer, capped at the layer's max; config.rank_pattern entries win), 'full'
+    (each layer's max rank: exact), or 'auto' (smallest rank keeping `energy` of each layer's
+    update, then, with `budget`, lowered greedily where the last component keeps the least energy
+    per parameter until the adapter has at most `budget` parameters). The chosen ranks go into the
+    injected config's rank_pattern. Layers whose weight did not change are not adapted (reported
+    with unchanged=True, rank 0). A base_model that already carries adapters keeps its layers and
+    ranks (unchanged layers get A = B = 0); rank='auto'/'full' then raise. The `train` modules (the
+    head) are copied from tuned_model, and so is every other module whose tensors changed without an
+    adapter to carry them (BN statistics, norms, stem): they join base_model.vislora_train
+    (modules_to_save in the file). Returns (base_model, per-layer report rows: name, rank, parts,
+    energy, rel_error, norm, params, unchanged).
+"""
     _check_rank_args(rank, energy, budget)
     injected = dict(lora_layers(base_model))
     if injected:
@@ -334,9 +346,10 @@ def extract_adapter(base_model: nn.Module, tuned_model: nn.Module, config: LoraC
     return base_model, report
 
 
-# ---- shrinking a trained adapter ------------------------------------------------------------------
+# ---- shrinking a trained adapter -----------------------------------------------------------------
 def _update_diff(name: str, layer: LoraLayer) -> _Diff:
-    """A trained layer's update s * B A as a _Diff, with per-part SVDs computed from the factors (factor_svd)."""
+    """A trained layer's update s * B A as a _Diff, with per-part SVDs computed from the factors
+    (factor_svd)."""
     refuse_dora(layer, name, "shrink")
     if layer.merged or layer.update.pissa:
         raise VisloraError(f"shrink: layer '{name}' is merged or PiSSA-initialised (its base weight is not the "
@@ -349,7 +362,8 @@ def _update_diff(name: str, layer: LoraLayer) -> _Diff:
 
 
 def check_shrink_args(rank: int | None, energy: float | None, budget: int | None) -> None:
-    """Exactly one of rank (>= 1), energy (in (0, 1]) or budget (>= 1): a bad value stops shrink before it writes."""
+    """Exactly one of rank (>= 1), energy (in (0, 1]) or budget (>= 1): a bad value stops shrink
+    before it writes."""
     given = [k for k, v in (("rank", rank), ("energy", energy), ("budget", budget)) if v is not None]
     if len(given) != 1:
         raise VisloraError(f"shrink: give exactly one of rank, energy or budget (got {', '.join(given) or 'none'})")
@@ -362,17 +376,18 @@ def check_shrink_args(rank: int | None, energy: float | None, budget: int | None
 
 def shrink_adapter(model: nn.Module, rank: int | None = None, energy: float | None = None,
                    budget: int | None = None) -> list[dict]:
-    """Replace, in place, every LoRA layer's update s * B A by its best rank-k approximation: the truncated SVD
-    computed from the factors (factor_svd, per qkv part), exact by Eckart-Young.
+    """Replace, in place, every LoRA layer's update s * B A by its best rank-k approximation: the
+    truncated SVD computed from the factors (factor_svd, per qkv part), exact by Eckart-Young.
 
-    k per layer (never above the old rank): `rank`; the smallest keeping `energy` of the update's squared norm;
-    or, with `budget` adapter parameters, lowered from the old ranks as extract_adapter's budget does (greedily
-    where the last component keeps the least share of its layer's energy per parameter). The model is re-injected
-    with the new ranks in config.rank_pattern and each layer's alpha unchanged (s = alpha / k, the factors absorb
-    the change); layers whose update is zero are dropped; `train` modules are untouched. Returns one row per old
-    layer: name, old_rank, rank, parts, energy, rel_error (= sqrt(discarded s^2 / all s^2)), norm, old_params,
-    params, unchanged.
-    """
+    k per layer (never above the old rank): `rank`; the smallest keeping `energy` of the update's
+    squared norm; or, with `budget` adapter parameters, lowered from the old ranks as
+    extract_adapter's budget does (greedily where the last component keeps the least share of its
+    layer's energy per parameter). The model is re-injected with the new ranks in
+    config.rank_pattern and each layer's alpha unchanged (s = alpha / k, the factors absorb the
+    change); layers whose update is zero are dropped; `train` modules are untouched. Returns one row
+    per old layer: name, old_rank, rank, parts, energy, rel_error (= sqrt(discarded s^2 / all s^2)),
+    norm, old_params, params, unchanged.
+"""
     check_shrink_args(rank, energy, budget)
     layers = dict(lora_layers(model))
     if not layers:
@@ -393,10 +408,10 @@ def shrink_adapter(model: nn.Module, rank: int | None = None, energy: float | No
             for row in report]
 
 
-# ---- penalties ------------------------------------------------------------------------------------
+# ---- penalties -----------------------------------------------------------------------------------
 def frobenius_penalty(model: nn.Module) -> torch.Tensor:
-    """Sum of ||update||_F^2 = scaling^2 * trace((B^T B)(A A^T)) over layers, never forming B @ A; the update of
-    a PiSSA layer is its change from the start (zero at step 0)."""
+    """Sum of ||update||_F^2 = scaling^2 * trace((B^T B)(A A^T)) over layers, never forming B @ A;
+    the update of a PiSSA layer is its change from the start (zero at step 0)."""
     terms = []
     for name, layer in lora_layers(model):
         refuse_dora(layer, name, "train.lowrank_penalty")
@@ -408,8 +423,8 @@ def frobenius_penalty(model: nn.Module) -> torch.Tensor:
 
 
 def factor_l2(model: nn.Module) -> torch.Tensor:
-    """Sum of ||A - A0||_F^2 + ||B - B0||_F^2 over layers: plain L2 on the factors (A0 = B0 = 0 unless PiSSA
-    started them at the principal part of W)."""
+    """Sum of ||A - A0||_F^2 + ||B - B0||_F^2 over layers: plain L2 on the factors (A0 = B0 = 0
+    unless PiSSA started them at the principal part of W)."""
     terms = []
     for _, layer in lora_layers(model):
         terms.append(layer.update.factor_change_l2())  # DoRA too: its direction factors are plain L2

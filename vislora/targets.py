@@ -1,5 +1,6 @@
-"""Which layers an adapter config names: the model walk that sees through adapters, name patterns (PEFT's
-rules), the target presets, the trainable `train` entries, and each layer's rank and qkv chunks."""
+"""Which layers an adapter config names: the model walk that sees through adapters, name patterns
+(PEFT's rules), the target presets, the trainable `train` entries, and each layer's rank and qkv
+chunks."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from vislora.layers import ADAPTABLE, LoraLayer, max_rank
 QKV_CHUNKS = {"q": 0, "k": 1, "v": 2}
 
 
-# ---- names and patterns ---------------------------------------------------------------------------
+# ---- names and patterns --------------------------------------------------------------------------
 def matches(name: str, pattern: str) -> bool:
-    """PEFT's rule: the name ends with the pattern at a dot boundary; or the pattern, as a regex, full-matches."""
+    """PEFT's rule: the name ends with the pattern at a dot boundary; or the pattern, as a regex,
+    full-matches."""
     if name == pattern or name.endswith("." + pattern):
         return True
     try:
@@ -34,7 +36,8 @@ def _cfg_names(model: nn.Module, key: str) -> list[str]:
 
 
 def classifier_names(model: nn.Module) -> list[str]:
-    """Names of the classifier modules: timm's get_classifier(), else pretrained_cfg['classifier']."""
+    """Names of the classifier modules: timm's get_classifier(), else
+    pretrained_cfg['classifier']."""
     names = []
     get_classifier = getattr(model, "get_classifier", None)
     if callable(get_classifier):
@@ -53,7 +56,8 @@ def classifier_names(model: nn.Module) -> list[str]:
 
 
 def stem_names(model: nn.Module) -> list[str]:
-    """The first conv (pretrained_cfg['first_conv']): it sees raw pixels and is never adapted by a preset."""
+    """The first conv (pretrained_cfg['first_conv']): it sees raw pixels and is never adapted by a
+    preset."""
     modules = dict(model.named_modules())
     return [n for n in _cfg_names(model, "first_conv") if n in modules]
 
@@ -76,8 +80,9 @@ def _is_factorized(m: nn.Module) -> bool:
     return _is_conv(m) and (m.groups > 1 or 1 in tuple(m.kernel_size) or isinstance(m, nn.Conv1d))
 
 
-# attention and MLP projections of transformer blocks: ViT/DeiT/Swin/EVA/BEiT, ConViT's GPSA (qk, v), CrossViT's
-# cross-attention (wq, wk, wv), TNT's inner and outer blocks (attn_in, attn_out, mlp_in)
+# attention and MLP projections of transformer blocks: ViT/DeiT/Swin/EVA/BEiT, ConViT's GPSA (qk,
+# v), CrossViT's cross-attention (wq, wk, wv), TNT's inner and outer blocks (attn_in, attn_out,
+# mlp_in)
 _VIT = re.compile(r"(^|.*\.)(attn(_in|_out)?\.(qkv|qk|proj|out_proj|q_proj|k_proj|v_proj|q|k|v|kv|wq|wk|wv)"
                   r"|mlp(_in|_out)?\.(fc1|fc2|fc1_g|fc1_x))$")
 
@@ -93,13 +98,13 @@ PRESETS = {
 
 
 
-# ---- finding targets ------------------------------------------------------------------------------
+# ---- finding targets -----------------------------------------------------------------------------
 def _walk(module: nn.Module, prefix: str = "", seen: set[int] | None = None) -> Iterator[tuple[str, nn.Module]]:
-    """(name, module) with the names of the model without adapters: below a LoraLayer the walk goes on into its
-    base layer's children (an adapted nn.MultiheadAttention's out_proj is `attn.out_proj`, not
-    `attn.base_layer.out_proj`); the modules other named adapters keep (vislora_modules) are left out. A module
-    held by several parents (CoaT's shared conv position encodings) comes once, under its first name, as in
-    named_modules()."""
+    """(name, module) with the names of the model without adapters: below a LoraLayer the walk goes
+    on into its base layer's children (an adapted nn.MultiheadAttention's out_proj is
+    `attn.out_proj`, not `attn.base_layer.out_proj`); the modules other named adapters keep
+    (vislora_modules) are left out. A module held by several parents (CoaT's shared conv position
+    encodings) comes once, under its first name, as in named_modules()."""
     seen = set() if seen is None else seen
     if id(module) in seen:
         return
@@ -126,13 +131,15 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
 
 
 def plain_modules(scope: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """named_modules() as if no adapter were there: a LoraLayer shows as its base layer under its own name."""
+    """named_modules() as if no adapter were there: a LoraLayer shows as its base layer under its
+    own name."""
     for name, module in _walk(scope):
         yield name, module.base_layer if isinstance(module, LoraLayer) else module
 
 
 def is_parameter_pattern(entry: str) -> bool:
-    """A `train` entry naming parameters (it ends in .weight or .bias, e.g. "*.bias"), not modules."""
+    """A `train` entry naming parameters (it ends in .weight or .bias, e.g. "*.bias"), not
+    modules."""
     return entry.endswith((".weight", ".bias"))
 
 
@@ -141,8 +148,9 @@ def _glob(entry: str) -> bool:
 
 
 def resolve_train(model: nn.Module, train: Sequence[str]) -> list[str]:
-    """Module names that stay fully trainable: "head" (the classifier), names, suffix / regex patterns, globs
-    ("*norm*"). Parameter patterns are resolve_train_params'. Unknown entries raise."""
+    """Module names that stay fully trainable: "head" (the classifier), names, suffix / regex
+    patterns, globs ("*norm*"). Parameter patterns are resolve_train_params'. Unknown entries
+    raise."""
     modules = [n for n, _ in plain_modules(model) if n]
     found: list[str] = []
     for entry in train:
@@ -159,8 +167,9 @@ def resolve_train(model: nn.Module, train: Sequence[str]) -> list[str]:
 
 
 def resolve_train_params(model: nn.Module, train: Sequence[str], modules: Sequence[str] = ()) -> list[str]:
-    """Parameter names matched by the `train` entries that end in .weight / .bias (exact names or globs, e.g.
-    "*.bias"), outside the adapters and the fully trained `modules`. A pattern that matches nothing raises."""
+    """Parameter names matched by the `train` entries that end in .weight / .bias (exact names or
+    globs, e.g. "*.bias"), outside the adapters and the fully trained `modules`. A pattern that
+    matches nothing raises."""
     names = [n for n, _ in model.named_parameters() if ".lora_" not in f".{n}"]
     found: list[str] = []
     for entry in (e for e in train if is_parameter_pattern(e)):
@@ -173,7 +182,8 @@ def resolve_train_params(model: nn.Module, train: Sequence[str], modules: Sequen
 
 
 def pattern_value(name: str, pattern_map: dict, default):
-    """The value of the first rank/alpha pattern matching the layer name (PEFT's rank_pattern rules), else default."""
+    """The value of the first rank/alpha pattern matching the layer name (PEFT's rank_pattern
+    rules), else default."""
     for key, value in pattern_map.items():
         if matches(name, key) or re.match(rf"(.*\.)?({key})$", name):
             return value
@@ -181,8 +191,8 @@ def pattern_value(name: str, pattern_map: dict, default):
 
 
 def find_targets(model: nn.Module, config: LoraConfig, within: str | None = None) -> list[str]:
-    """Names of the modules the config adapts (only inside the submodule `within`, if given).
-    Raises ValueError for patterns that match nothing and for modules that cannot carry an adapter."""
+    """Names of the modules the config adapts (only inside the submodule `within`, if given). Raises
+    ValueError for patterns that match nothing and for modules that cannot carry an adapter."""
     scope = model.get_submodule(within) if within else model
     prefix = within + "." if within else ""
     trained = resolve_train(model, config.train)
@@ -215,8 +225,8 @@ def find_targets(model: nn.Module, config: LoraConfig, within: str | None = None
 
 
 def resolve_qkv_parts(name: str, module: nn.Module, qkv: str | None) -> tuple[int, ...] | None:
-    """The qkv chunks a fused `attn.qkv` Linear or an nn.MultiheadAttention's in_proj adapts (e.g. "qv" -> (0, 2));
-    None for any other layer."""
+    """The qkv chunks a fused `attn.qkv` Linear or an nn.MultiheadAttention's in_proj adapts (e.g.
+    "qv" -> (0, 2)); None for any other layer."""
     mha = isinstance(module, nn.MultiheadAttention)
     if not qkv or not (mha or (isinstance(module, nn.Linear) and name.endswith("qkv"))):
         return None
@@ -230,9 +240,10 @@ def resolve_qkv_parts(name: str, module: nn.Module, qkv: str | None) -> tuple[in
 def layer_rank(name: str, module: nn.Module, config: LoraConfig, parts: tuple[int, ...] | None) -> int:
     """The rank of one layer: rank_pattern, else r (an int, or a fraction of the layer's max rank).
 
-    A preset caps r at the layer's max rank (lossless: a rank-limit adapter spans every update of that
-    layer), e.g. for small squeeze-excite convs; an explicit pattern or rank_pattern entry is checked strictly.
-    """
+    A preset caps r at the layer's max rank (lossless: a rank-limit adapter spans every update of
+    that layer), e.g. for small squeeze-excite convs; an explicit pattern or rank_pattern entry is
+    checked strictly.
+"""
     r = pattern_value(name, config.rank_pattern, None)
     explicit = r is not None or not (isinstance(config.targets, str) and config.targets in PRESETS)
     r = config.r if r is None else r

@@ -1,8 +1,8 @@
 """The training loop: one readable loop for every task, every knob read from the recipe.
 
-train() reads as set-up -> epochs -> finish. The task (vislora.tasks) builds the data and the model and says
-what one step's loss and the validation metrics are; the loop never asks which task it runs. What the run
-directory holds, checkpoints and the per-epoch log are vislora.rundir's.
+train() reads as set-up -> epochs -> finish. The task (vislora.tasks) builds the data and the model
+and says what one step's loss and the validation metrics are; the loop never asks which task it
+runs. What the run directory holds, checkpoints and the per-epoch log are vislora.rundir's.
 Multi-process: `torchrun --nproc_per_node N -m vislora train ...` (DDP, gloo on CPU, nccl on GPU).
 """
 
@@ -38,7 +38,7 @@ from vislora.targets import lora_layers
 from vislora.tasks.common import Setup, plot_image_grid
 
 
-# ---- set-up helpers -------------------------------------------------------------------------------
+# ---- set-up helpers ------------------------------------------------------------------------------
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -46,7 +46,8 @@ def seed_everything(seed: int) -> None:
 
 
 def init_distributed(device: torch.device) -> tuple[torch.device, int, int]:
-    """(device, rank, world size); initialises the process group when launched by torchrun (one GPU per rank)."""
+    """(device, rank, world size); initialises the process group when launched by torchrun (one GPU
+    per rank)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -57,7 +58,8 @@ def init_distributed(device: torch.device) -> tuple[torch.device, int, int]:
 
 
 def rank_divergence(model: nn.Module) -> float:
-    """Largest difference between any rank's trained parameters and rank 0's (0.0 when DDP kept them in sync)."""
+    """Largest difference between any rank's trained parameters and rank 0's (0.0 when DDP kept them
+    in sync)."""
     flat = torch.cat([p.detach().flatten().float() for p in model.parameters() if p.requires_grad])
     reference = flat.clone()
     dist.broadcast(reference, src=0)
@@ -66,7 +68,7 @@ def rank_divergence(model: nn.Module) -> float:
     return diff.item()
 
 
-# ---- the loop's state -----------------------------------------------------------------------------
+# ---- the loop's state ----------------------------------------------------------------------------
 @dataclass
 class Loop:
     """What the epochs share: built once by setup(), updated by every epoch."""
@@ -102,7 +104,8 @@ class Loop:
 
 
 def build_loaders(recipe: dict, setup: Setup, device: torch.device, rank: int, world: int):
-    """Train loader (a DistributedSampler under DDP) and val loader (each rank an exact, unpadded shard)."""
+    """Train loader (a DistributedSampler under DDP) and val loader (each rank an exact, unpadded
+    shard)."""
     t, d = recipe["train"], recipe["data"]
     sampler = torch.utils.data.distributed.DistributedSampler(setup.train_set, world, rank, seed=t["seed"]) \
         if world > 1 else None
@@ -117,15 +120,16 @@ def build_loaders(recipe: dict, setup: Setup, device: torch.device, rank: int, w
 
 
 def penalty_of(t: dict) -> Callable[[nn.Module], torch.Tensor] | None:
-    """train.lowrank_penalty * sum ||s B A||_F^2 + train.factor_l2 * sum (||A||^2 + ||B||^2), if either is set."""
+    """train.lowrank_penalty * sum ||s B A||_F^2 + train.factor_l2 * sum (||A||^2 + ||B||^2), if
+    either is set."""
     if not (t["lowrank_penalty"] or t["factor_l2"]):
         return None
     return lambda m: t["lowrank_penalty"] * frobenius_penalty(m) + t["factor_l2"] * factor_l2(m)
 
 
 def setup(recipe: dict, run_dir: Path, resume: bool, adapt: Callable | None) -> Loop:
-    """Device and processes, the task's data and model, the adapter, optimizer and schedule; restores
-    checkpoints/last.pt with `resume`."""
+    """Device and processes, the task's data and model, the adapter, optimizer and schedule;
+    restores checkpoints/last.pt with `resume`."""
     t = recipe["train"]
     task = tasks.get(recipe["task"])
     device, rank, world = init_distributed(resolve_device(t["device"]))
@@ -154,7 +158,8 @@ def setup(recipe: dict, run_dir: Path, resume: bool, adapt: Callable | None) -> 
 
 
 def restore(loop: Loop) -> None:
-    """Model, optimizer, schedule, scaler, counters and the metric history of checkpoints/last.pt."""
+    """Model, optimizer, schedule, scaler, counters and the metric history of
+    checkpoints/last.pt."""
     state = rundir.load_checkpoint(loop.run_dir)
     missing = set(state["model"]) - set(loop.model.state_dict())
     if missing:
@@ -175,8 +180,8 @@ def restore(loop: Loop) -> None:
 
 
 def refuse_finished(loop: Loop) -> None:
-    """--resume on a run that trained all its epochs (or train.max_steps) and wrote its summary: nothing to do,
-    which is an error that says so (it did nothing, silently, before)."""
+    """--resume on a run that trained all its epochs (or train.max_steps) and wrote its summary:
+    nothing to do, which is an error that says so (it did nothing, silently, before)."""
     t = loop.recipe["train"]
     done = loop.epoch >= t["epochs"] or bool(t["max_steps"] and loop.step >= t["max_steps"])
     if done and (loop.run_dir / runpaths.SUMMARY).is_file():
@@ -185,9 +190,10 @@ def refuse_finished(loop: Loop) -> None:
                          f"{loop.run_dir}), or train a longer run into a new --out (--set train.epochs=N)")
 
 
-# ---- one epoch ------------------------------------------------------------------------------------
+# ---- one epoch -----------------------------------------------------------------------------------
 def reseed(loop: Loop, epoch: int) -> None:
-    """Every source of randomness from (seed, epoch) only: resuming at an epoch boundary replays it exactly."""
+    """Every source of randomness from (seed, epoch) only: resuming at an epoch boundary replays it
+    exactly."""
     seed = loop.recipe["train"]["seed"] * 1000 + epoch
     seed_everything(seed)
     loop.train_loader.generator.manual_seed(seed)
@@ -212,8 +218,8 @@ def optimizer_step(loop: Loop) -> None:
 
 
 def finite_on_every_rank(loop: Loop, loss: torch.Tensor) -> bool:
-    """The loss is finite on this rank and, under DDP, on every other: all ranks stop together (a rank that
-    stopped alone would leave the others waiting in the gradient all-reduce)."""
+    """The loss is finite on this rank and, under DDP, on every other: all ranks stop together (a
+    rank that stopped alone would leave the others waiting in the gradient all-reduce)."""
     finite = torch.isfinite(loss.detach()).all()
     if loop.world == 1:
         return bool(finite)
@@ -230,7 +236,8 @@ def diverged(loop: Loop, value: float, epoch: int, batch: int) -> TrainingDiverg
 
 
 def train_epoch(loop: Loop, epoch: int) -> dict:
-    """One pass over the train loader; an optimizer step every grad_accum batches and on the epoch's last one."""
+    """One pass over the train loader; an optimizer step every grad_accum batches and on the epoch's
+    last one."""
     t, n_batches = loop.recipe["train"], len(loop.train_loader)
     reseed(loop, epoch)
     loop.net.train()
@@ -272,8 +279,8 @@ def train_epoch(loop: Loop, epoch: int) -> dict:
 
 
 def checkpoint_state(loop: Loop) -> dict:
-    """What last.pt and best.pt hold: the trained tensors (copies: an EMA swap must not reach them), optimizer,
-    schedule, scaler, counters, the metric history and the EMA's state."""
+    """What last.pt and best.pt hold: the trained tensors (copies: an EMA swap must not reach them),
+    optimizer, schedule, scaler, counters, the metric history and the EMA's state."""
     model = {k: v.clone() for k, v in rundir.trained_state(loop.model).items()}
     return {"epoch": loop.epoch, "step": loop.step, "best": loop.best, "model": model,
             "optimizer": loop.optimizer.state_dict(), "scheduler": loop.scheduler.state_dict(),
@@ -282,8 +289,9 @@ def checkpoint_state(loop: Loop) -> dict:
 
 
 def end_epoch(loop: Loop, row: dict) -> None:
-    """Validate, warn on a collapsed run, then (rank 0) checkpoint, keep the best model and log the epoch.
-    Without a val split, or with a metric that is not a number (no boxes to score), the last epoch is kept."""
+    """Validate, warn on a collapsed run, then (rank 0) checkpoint, keep the best model and log the
+    epoch. Without a val split, or with a metric that is not a number (no boxes to score), the last
+    epoch is kept."""
     if loop.val_loader is not None:
         validate = functools.partial(loop.task.validate, loop.model, loop.val_loader, loop.device, loop.amp_dtype,
                                      loop.world)
@@ -311,24 +319,26 @@ def end_epoch(loop: Loop, row: dict) -> None:
         tqdm.write(f"vislora: warning: {warning}")
 
 
-# ---- a collapsed run: the warning after warm-up, and the recovery (issues #30, #31) ----------------------
+# ---- a collapsed run: the warning after warm-up, and the recovery (issues #30, #31) --------------
 COLLAPSE_LR_FACTOR = 0.2  # a recovery goes on at 1/5 of the lr in use
 MAX_RECOVERIES = 2  # then only the warning
-# epochs in a row the health check must fail before it counts: with 1-2 steps an epoch, one epoch of a single
-# predicted class right after warm-up is a transient (issue #30's proof set: 2 of 15 MobileNetV2 LoRA runs; left
-# alone they end at 65.0 and 91.7, recovered after that one epoch at 66.2 and 78.3); real collapses lasted 7-9 epochs
+# epochs in a row the health check must fail before it counts: with 1-2 steps an epoch, one epoch of
+# a single predicted class right after warm-up is a transient (issue #30's proof set: 2 of 15
+# MobileNetV2 LoRA runs; left alone they end at 65.0 and 91.7, recovered after that one epoch at
+# 66.2 and 78.3); real collapses lasted 7-9 epochs
 COLLAPSE_EPOCHS = 2
 
 
 def in_warmup(loop: Loop) -> bool:
-    """Whether the last optimizer step was inside the warm-up (or an LP-FT head stage before it): a zero head
-    still gives every image one class there, which is no collapse."""
+    """Whether the last optimizer step was inside the warm-up (or an LP-FT head stage before it): a
+    zero head still gives every image one class there, which is no collapse."""
     schedule = loop.scheduler.lr_lambdas[0].keywords  # build_optimizer's `staged` arguments
     return loop.step <= schedule["head_steps"] + schedule["warmup"]
 
 
 def unhealthy_streak(history: list[dict]) -> int:
-    """Epochs in a row, at the end of `history`, whose health check failed since the last recovery."""
+    """Epochs in a row, at the end of `history`, whose health check failed since the last
+    recovery."""
     streak = 0
     for row in reversed(history):
         if not row.get("unhealthy") or "recovery" in row:
@@ -338,9 +348,10 @@ def unhealthy_streak(history: list[dict]) -> int:
 
 
 def collapse_check(loop: Loop, row: dict) -> str | None:
-    """The task's health warning once its check has failed COLLAPSE_EPOCHS epochs in a row after warm-up (rank 0
-    decides for every rank; each failed epoch is marked "unhealthy" in its row), with the lr in use and a ready
-    command; with train.on_collapse: recover, the recovery it triggers. Written into the row."""
+    """The task's health warning once its check has failed COLLAPSE_EPOCHS epochs in a row after
+    warm-up (rank 0 decides for every rank; each failed epoch is marked "unhealthy" in its row),
+    with the lr in use and a ready command; with train.on_collapse: recover, the recovery it
+    triggers. Written into the row."""
     warning = None if in_warmup(loop) else loop.task.health(row, len(loop.setup.class_names))
     if loop.world > 1:
         shared = [warning]
@@ -367,9 +378,9 @@ def collapse_check(loop: Loop, row: dict) -> str | None:
 
 
 def recover(loop: Loop, row: dict) -> None:
-    """The best epoch's model and optimizer state back from checkpoints/best.pt, then every group's lr times
-    COLLAPSE_LR_FACTOR for the rest of the schedule; recorded in the row (metrics.jsonl). last.pt, written next,
-    holds the recovered state, so --resume continues the recovery exactly."""
+    """The best epoch's model and optimizer state back from checkpoints/best.pt, then every group's
+    lr times COLLAPSE_LR_FACTOR for the rest of the schedule; recorded in the row (metrics.jsonl).
+    last.pt, written next, holds the recovered state, so --resume continues the recovery exactly."""
     before, best = max(loop.scheduler.base_lrs), loop.run_dir / rundir.CHECKPOINTS / "best.pt"
     restored = None
     if best.is_file():
@@ -384,7 +395,8 @@ def recover(loop: Loop, row: dict) -> None:
 
 
 def scale_lr(loop: Loop, factor: float) -> None:
-    """Every parameter group's peak lr times `factor`; the schedule keeps its place (warm-up, cosine)."""
+    """Every parameter group's peak lr times `factor`; the schedule keeps its place (warm-up,
+    cosine)."""
     scheduler = loop.scheduler
     scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
     for group, base, factor_of in zip(loop.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas,
@@ -393,7 +405,8 @@ def scale_lr(loop: Loop, factor: float) -> None:
 
 
 def closing_line(loop: Loop, seconds: float) -> str:
-    """What the run kept and where it ended: 'best val_top1 0.951 at epoch 7 (kept), last 0.940, 312 s'."""
+    """What the run kept and where it ended: 'best val_top1 0.951 at epoch 7 (kept), last 0.940, 312
+    s'."""
     score = loop.task.SCORE
     rows = [r for r in loop.history if isinstance(r.get(score), (int, float)) and math.isfinite(r[score])]
     if loop.val_loader is None or not rows:
@@ -405,8 +418,8 @@ def closing_line(loop: Loop, seconds: float) -> str:
 
 
 def finish(loop: Loop, summary: dict, seconds: float = 0.0) -> None:
-    """train_summary.json, the skipped files, the closing line, and a check that every rank holds the same model.
-    seconds: this call's training time."""
+    """train_summary.json, the skipped files, the closing line, and a check that every rank holds
+    the same model. seconds: this call's training time."""
     difference = rank_divergence(loop.model) if loop.world > 1 else 0.0
     if loop.main:
         skipped = getattr(loop.setup.train_set, "skipped", []) + getattr(loop.setup.val_set, "skipped", [])
@@ -423,8 +436,8 @@ def finish(loop: Loop, summary: dict, seconds: float = 0.0) -> None:
 
 
 def final_confusion(loop: Loop) -> list[list[int]] | None:
-    """The val confusion matrix of the model as training left it, for train.log's loggers (None: the task has
-    none, vislora.tasks.OPTIONAL)."""
+    """The val confusion matrix of the model as training left it, for train.log's loggers (None: the
+    task has none, vislora.tasks.OPTIONAL)."""
     if not loop.recipe["train"]["log"] or loop.val_loader is None:
         return None
     return loop.task.confusion(loop.model, loop.val_loader, loop.device, loop.amp_dtype, loop.world)
@@ -447,9 +460,10 @@ def announce(loop: Loop, summary: dict) -> None:
 
 
 def write_preview(loop: Loop, n: int = 16) -> None:
-    """train_batch.png: n training images (a seeded pick) as the model gets them, augmented and resized, with their
-    labels: what to look at when accuracy is poor (a crop that cuts the object out, a flip that changes a digit).
-    The epochs do not notice: every epoch reseeds the augmentation (reseed)."""
+    """train_batch.png: n training images (a seeded pick) as the model gets them, augmented and
+    resized, with their labels: what to look at when accuracy is poor (a crop that cuts the object
+    out, a flip that changes a digit). The epochs do not notice: every epoch reseeds the
+    augmentation (reseed)."""
     data = loop.setup.train_set
     picks = random.Random(loop.recipe["train"]["seed"]).sample(range(len(data)), min(n, len(data)))
     items = [item for item in (data[i] for i in picks) if item is not None]
@@ -458,11 +472,11 @@ def write_preview(loop: Loop, n: int = 16) -> None:
                     "them (augmented, resized)")
 
 
-# ---- the loop -------------------------------------------------------------------------------------
+# ---- the loop ------------------------------------------------------------------------------------
 def train(recipe: dict, run_dir: str | Path, resume: bool = False, adapt: Callable | None = None) -> Path:
-    """Run the recipe; returns the run directory. `resume` continues from checkpoints/last.pt (which must exist,
-    with the run's own recipe). adapt(model, recipe) replaces the task's adapter step; benchmarks pass another
-    (e.g. PEFT's) to run it through this same loop."""
+    """Run the recipe; returns the run directory. `resume` continues from checkpoints/last.pt (which
+    must exist, with the run's own recipe). adapt(model, recipe) replaces the task's adapter step;
+    benchmarks pass another (e.g. PEFT's) to run it through this same loop."""
     run_dir, started = Path(run_dir), time.perf_counter()
     with runpaths.locked(run_dir) if first_rank() else contextlib.nullcontext():
         loop = setup(recipe, run_dir, resume, adapt)

@@ -1,4 +1,5 @@
-"""The variants behind vislora.layers' seam: each a small module that says how an update changes a weight.
+"""The variants behind vislora.layers' seam: each a small module that says how an update changes a
+weight.
 
   * LowRank (LoRA):  W' = W + s B A,  A: R x fan_in (kaiming-uniform), B: out x R (zeros), additive;
   * DoRA (Liu et al. 2024):  W' = m * (W + s B A) / ||W + s B A||, one magnitude m per output row (initialised
@@ -21,7 +22,8 @@ from vislora.kernels import AUTOCAST_DEVICES
 
 
 def chunk_rows(out: int, parts: tuple[int, ...] | None, num_chunks: int = 3) -> list[slice]:
-    """Row ranges of the out x fan_in weight matrix that get their own factor pair (qkv chunks, or all rows)."""
+    """Row ranges of the out x fan_in weight matrix that get their own factor pair (qkv chunks, or
+    all rows)."""
     if not parts:
         return [slice(0, out)]
     chunk = out // num_chunks
@@ -29,18 +31,21 @@ def chunk_rows(out: int, parts: tuple[int, ...] | None, num_chunks: int = 3) -> 
 
 
 def full_precision(device_type: str):
-    """A context without autocast on this device (a no-op where torch has no autocast, e.g. meta)."""
+    """A context without autocast on this device (a no-op where torch has no autocast, e.g.
+    meta)."""
     if device_type in AUTOCAST_DEVICES:
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
 
 class LowRank(nn.Module):
-    """LoRA's update of an out x fan_in weight: delta = s B A (s = alpha / r, or alpha / sqrt(r) with rslora).
+    """LoRA's update of an out x fan_in weight: delta = s B A (s = alpha / r, or alpha / sqrt(r)
+    with rslora).
 
-    qkv_parts: for a fused projection (timm `attn.qkv`), the indices of the equal output chunks that get their own
-    A/B pair, e.g. (0, 2) adapts only Wq and Wv (the LoRA paper's setting); None adapts every row with one pair.
-    """
+    qkv_parts: for a fused projection (timm `attn.qkv`), the indices of the equal output chunks that
+    get their own A/B pair, e.g. (0, 2) adapts only Wq and Wv (the LoRA paper's setting); None
+    adapts every row with one pair.
+"""
 
     additive = True  # W' = W + delta: the activation path, the fused kernel and the SVD tools rely on it
 
@@ -63,11 +68,12 @@ class LowRank(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """A as nn.Linear initialises its weight (kaiming-uniform), B zero: the layer starts as the base."""
+        """A as nn.Linear initialises its weight (kaiming-uniform), B zero: the layer starts as the
+        base."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
-    # -- what the layer and the tools ask --------------------------------------------------------------------
+    # -- what the layer and the tools ask ----------------------------------------------------------
     def factor_roles(self) -> dict[str, list[nn.Parameter]]:
         """The trained tensors by role: "A", "B" (LoRA+ speeds up B) and, for DoRA, "magnitude"."""
         return {"A": [self.lora_A], "B": [self.lora_B]}
@@ -76,8 +82,8 @@ class LowRank(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def full_B(self, b: torch.Tensor | None = None) -> torch.Tensor:
-        """B (or any tensor in its per-part layout) as one out x (parts*r) matrix: block-diagonal over the adapted
-        qkv chunks, zero elsewhere."""
+        """B (or any tensor in its per-part layout) as one out x (parts*r) matrix: block-diagonal
+        over the adapted qkv chunks, zero elsewhere."""
         b = self.lora_B if b is None else b
         if not self.qkv_parts:
             return b
@@ -108,14 +114,15 @@ class LowRank(nn.Module):
         return d.view(shape).to(dtype or acc)
 
     def weight(self, w: torch.Tensor) -> torch.Tensor:
-        """The effective weight W' of the raw weight w, in w's dtype, differentiable in the update's tensors."""
+        """The effective weight W' of the raw weight w, in w's dtype, differentiable in the update's
+        tensors."""
         return w + self.delta(w.shape, w.dtype)
 
-    # -- changes made from outside -------------------------------------------------------------------------------
+    # -- changes made from outside -----------------------------------------------------------------
     @torch.no_grad()
     def set_svd_factors(self, svds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
-        """One (U, S, Vh) per adapted part: A = sqrt(S) Vh, B = U sqrt(S) / s, so that s B A = U S Vh with
-        balanced factors."""
+        """One (U, S, Vh) per adapted part: A = sqrt(S) Vh, B = U sqrt(S) / s, so that s B A = U S
+        Vh with balanced factors."""
         a_rows, b_rows = [], []
         for u, sv, vh in svds:
             root = sv.clamp_min(0).sqrt()
@@ -132,17 +139,19 @@ class LowRank(nn.Module):
 
     @torch.no_grad()
     def perturb_(self, std: float = 0.1) -> None:
-        """A random non-zero update (what verify_layers and the conformance suite check merging with)."""
+        """A random non-zero update (what verify_layers and the conformance suite check merging
+        with)."""
         self.lora_B.normal_(std=std)
 
     def set_scaling(self, alpha: float, rslora: bool, scaling: float) -> None:
         """The scaling an adapter file defines (vislora.adapters)."""
         self.alpha, self.rslora, self.scaling = alpha, rslora, scaling
 
-    # -- PiSSA: the change from the starting factors ------------------------------------------------------
+    # -- PiSSA: the change from the starting factors -----------------------------------------------
     @property
     def pissa(self) -> bool:
-        """PiSSA-initialised: the base weight holds a residual, the start factors are kept (pissa_A0 / pissa_B0)."""
+        """PiSSA-initialised: the base weight holds a residual, the start factors are kept (pissa_A0
+        / pissa_B0)."""
         return "pissa_A0" in self._buffers
 
     @torch.no_grad()
@@ -151,8 +160,9 @@ class LowRank(nn.Module):
         self.register_buffer("pissa_B0", self.lora_B.detach().clone(), persistent=False)
 
     def change_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B', A') with s B' A' = the learned change, with gradients: B A, or for PiSSA its change from the start
-        [B, -B0] [A; A0] (the principal part of W it started from is not a change)."""
+        """(B', A') with s B' A' = the learned change, with gradients: B A, or for PiSSA its change
+        from the start [B, -B0] [A; A0] (the principal part of W it started from is not a
+        change)."""
         if not self.pissa:
             return self.full_B(), self.lora_A
         a = torch.cat([self.lora_A, self.pissa_A0.to(self.lora_A.dtype)])
@@ -171,9 +181,9 @@ class LowRank(nn.Module):
 
 
 class DoRA(LowRank):
-    """DoRA: W' = g * (W + s B A) per output row, g = m / ||W + s B A|| with the norm detached (Liu et al. 2024,
-    section 4.3). m (`lora_magnitude`) covers the adapted rows only (with qkv parts: the adapted chunks); it starts
-    at ||W|| of each row, so the layer starts as the base."""
+    """DoRA: W' = g * (W + s B A) per output row, g = m / ||W + s B A|| with the norm detached (Liu
+    et al. 2024, section 4.3). m (`lora_magnitude`) covers the adapted rows only (with qkv parts:
+    the adapted chunks); it starts at ||W|| of each row, so the layer starts as the base."""
 
     additive = False
 
@@ -193,7 +203,8 @@ class DoRA(LowRank):
 
     @torch.no_grad()
     def full_magnitude(self, w: torch.Tensor) -> torch.Tensor:
-        """One magnitude per output row, as PEFT stores it: m on the adapted rows, ||W|| (scale 1) elsewhere."""
+        """One magnitude per output row, as PEFT stores it: m on the adapted rows, ||W|| (scale 1)
+        elsewhere."""
         full = w.detach().reshape(self.out, -1).to(self.lora_magnitude.dtype).norm(dim=1)
         taken = 0
         for rows in self.rows():
@@ -213,9 +224,9 @@ class DoRA(LowRank):
         self.lora_magnitude.mul_(1 + std * torch.randn_like(self.lora_magnitude))
 
     def scale(self, norms: torch.Tensor) -> torch.Tensor:
-        """g per output row: m / n on the adapted rows (n detached), 1 elsewhere; differentiable in m. A row of zero
-        norm (pretrained weights hold dead filters: 31 in EfficientNet-Lite0's convs) has m = 0 and gets g = 0, not
-        0 / 0 = NaN, so it stays the zero row it was."""
+        """g per output row: m / n on the adapted rows (n detached), 1 elsewhere; differentiable in
+        m. A row of zero norm (pretrained weights hold dead filters: 31 in EfficientNet-Lite0's
+        convs) has m = 0 and gets g = 0, not 0 / 0 = NaN, so it stays the zero row it was."""
         m = self.lora_magnitude
         n = norms.detach().to(m.dtype).clamp_min(torch.finfo(m.dtype).tiny)
         if not self.qkv_parts:
@@ -244,8 +255,9 @@ class DoRA(LowRank):
 
     @torch.no_grad()
     def row_norms(self, w: torch.Tensor) -> torch.Tensor:
-        """||W + s B A|| per row from the factors: n^2 = ||W||^2 + 2s rowsum(B * (W A^T)) + s^2 rowsum((B A A^T) * B),
-        out x fan_in x R work, no weight-sized tensor (vislora's activation path)."""
+        """||W + s B A|| per row from the factors: n^2 = ||W||^2 + 2s rowsum(B * (W A^T)) + s^2
+        rowsum((B A A^T) * B), out x fan_in x R work, no weight-sized tensor (vislora's activation
+        path)."""
         acc = torch.promote_types(self.lora_A.dtype, torch.float32)
         w2 = w.detach().reshape(self.out, -1)
         with full_precision(w.device.type):  # under autocast the products would run in bf16

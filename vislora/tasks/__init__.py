@@ -1,4 +1,5 @@
-"""Tasks: what the loop, evaluation, export, footprint and fewshot ask of a recipe's `task`, never testing which one.
+"""Tasks: what the loop, evaluation, export, footprint and fewshot ask of a recipe's `task`, never
+testing which one.
 
 A task is a module of vislora/tasks/ (see docs/adding-a-task.md). It must write REQUIRED:
 
@@ -20,7 +21,8 @@ A task is a module of vislora/tasks/ (see docs/adding-a-task.md). It must write 
   predict(predictor, preprocess, paths, topk, out_dir) -> [{"path", ...} or {"path", "error"}]; files go to out_dir
   format_prediction(result) -> str
 
-and may write the capabilities of OPTIONAL, which get(), through the registry, fills in with these defaults:
+and may write the capabilities of OPTIONAL, which get(), through the registry, fills in with these
+defaults:
 
   health(row, num_classes) -> str | None  a warning when an epoch's numbers show a collapsed run; default: None
   example_inputs(recipe, preprocess)      real inputs to verify an export with; default: None (random ones)
@@ -48,7 +50,8 @@ REQUIRED = ("NAME", "SCORE", "EXPORT", "build", "build_model", "adapt", "loss", 
 
 
 def _none(*args, **kwargs) -> None:
-    """The default of an optional capability whose absence is None: no warning, no real inputs, no matrix."""
+    """The default of an optional capability whose absence is None: no warning, no real inputs, no
+    matrix."""
     return None
 
 
@@ -57,8 +60,8 @@ OPTIONAL = {"health": _none, "example_inputs": _none, "confusion": _none, "synth
 
 
 def _registered(module: ModuleType) -> ModuleType:
-    """The task module with every OPTIONAL name it does not write set to its default: the one place defaults live,
-    so callers ask `task.confusion(...)` and never `hasattr(task, ...)`."""
+    """The task module with every OPTIONAL name it does not write set to its default: the one place
+    defaults live, so callers ask `task.confusion(...)` and never `hasattr(task, ...)`."""
     for name, default in OPTIONAL.items():
         if name not in vars(module):
             setattr(module, name, default)
@@ -69,7 +72,8 @@ TASKS: dict[str, ModuleType] = {m.NAME: _registered(m) for m in (classification,
 
 
 def get(name: str | None) -> ModuleType:
-    """The task module for a recipe's (or an exported file's) task name; None means classification."""
+    """The task module for a recipe's (or an exported file's) task name; None means
+    classification."""
     name = name or classification.NAME
     if name not in TASKS:
         raise VisloraError(f"task must be one of {', '.join(TASKS)}, not {name!r}")
@@ -77,5 +81,6 @@ def get(name: str | None) -> ModuleType:
 
 
 def having(capability: str) -> list[str]:
-    """The names of the tasks whose `capability` (an OPTIONAL flag) is true: what an error can suggest instead."""
+    """The names of the tasks whose `capability` (an OPTIONAL flag) is true: what an error can
+    suggest instead."""
     return [name for name, task in TASKS.items() if getattr(task, capability)]

@@ -1,9 +1,11 @@
-"""The timm backbone every task builds on: the one timm constructor, the one checkpoint reader, the body of a
-dense task (features_only CNN or plain ViT), its feature maps, the FPN width, and how a backbone is adapted.
+"""The timm backbone every task builds on: the one timm constructor, the one checkpoint reader, the
+body of a dense task (features_only CNN or plain ViT), its feature maps, the FPN width, and how a
+backbone is adapted.
 
-Detection and segmentation share all of it: `Features` turns a CNN (NCHW or NHWC) or a plain ViT (its last
-token map, optionally through ViTDet's simple pyramid) into a list of maps; their models subclass it, so the
-timm model always sits at `<prefix>.body` and `inject(model, cfg, within=...)` adapts only the backbone.
+Detection and segmentation share all of it: `Features` turns a CNN (NCHW or NHWC) or a plain ViT
+(its last token map, optionally through ViTDet's simple pyramid) into a list of maps; their models
+subclass it, so the timm model always sits at `<prefix>.body` and `inject(model, cfg, within=...)`
+adapts only the backbone.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ log = logging.getLogger(__name__)
 TINY_BACKBONE = 10_000_000  # backbones with fewer parameters get a 64-channel FPN, larger ones 256
 
 
-# ---- timm models and checkpoints ------------------------------------------------------------------
+# ---- timm models and checkpoints -----------------------------------------------------------------
 def similar_models(name: str) -> str:
-    """'; did you mean ...?' with the timm architectures closest to a mistyped name (difflib), or a hint."""
+    """'; did you mean ...?' with the timm architectures closest to a mistyped name (difflib), or a
+    hint."""
     close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=3, cutoff=0.6)
     if close:
         return f"; did you mean {' or '.join(repr(c) for c in close)}?"
@@ -61,9 +64,10 @@ def drop_path(model_cfg: dict) -> dict:
 
 def create_timm(model_cfg: dict, defaults: dict | None = None, pretrained: bool | None = None,
                 **kwargs) -> nn.Module:
-    """timm.create_model(model.name, pretrained, **defaults, **model.kwargs, **kwargs), the errors a user can fix
-    named by recipe key: an unknown name, kwargs that clash with vislora's or do not fit, hub weights offline.
-    pretrained: None = model.pretrained; kwargs: what vislora sets and model.kwargs must not."""
+    """timm.create_model(model.name, pretrained, **defaults, **model.kwargs, **kwargs), the errors a
+    user can fix named by recipe key: an unknown name, kwargs that clash with vislora's or do not
+    fit, hub weights offline. pretrained: None = model.pretrained; kwargs: what vislora sets and
+    model.kwargs must not."""
     name, given = check_name(model_cfg), dict(model_cfg.get("kwargs") or {})
     clash = sorted(set(given) & set(kwargs))
     if clash:
@@ -86,7 +90,8 @@ def create_timm(model_cfg: dict, defaults: dict | None = None, pretrained: bool 
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
-    """The tensors of model.checkpoint, a .safetensors file (pickles are never read: they run code)."""
+    """The tensors of model.checkpoint, a .safetensors file (pickles are never read: they run
+    code)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model.checkpoint not found: {path}")
@@ -96,8 +101,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike, skip: Sequence[str] = ()) -> set[str]:
-    """Load model.checkpoint into `model`; returns the keys loaded. Keys under the modules `skip` (a classifier
-    the run replaces) are dropped; any other missing, unknown or mis-shaped key is an error that names it."""
+    """Load model.checkpoint into `model`; returns the keys loaded. Keys under the modules `skip` (a
+    classifier the run replaces) are dropped; any other missing, unknown or mis-shaped key is an
+    error that names it."""
     skipped = lambda k: any(k.startswith(s + ".") for s in skip)  # noqa: E731
     own = model.state_dict()
     state = {k: v for k, v in read_checkpoint(path).items() if not skipped(k)}
@@ -113,7 +119,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike, skip: Sequence[str] 
 
 
 def check_backbone_keys(full: nn.Module, state: dict[str, Tensor], path, name: str) -> None:
-    """Missing backbone keys are an error (they would stay random); unexpected ones are reported, heads ignored."""
+    """Missing backbone keys are an error (they would stay random); unexpected ones are reported,
+    heads ignored."""
     heads = classifier_names(full)
     is_head = lambda k: any(k.startswith(h + ".") for h in heads)  # noqa: E731
     expected = {k for k in full.state_dict() if not is_head(k)}
@@ -131,8 +138,9 @@ def check_backbone_keys(full: nn.Module, state: dict[str, Tensor], path, name: s
 
 @contextlib.contextmanager
 def _quiet_unexpected_keys(source: str):
-    """timm warns about the weights' head keys (e.g. conv_head) that a features_only body does not hold; they are
-    expected (a checkpoint was already checked against the full model), so say it once at INFO level instead."""
+    """timm warns about the weights' head keys (e.g. conv_head) that a features_only body does not
+    hold; they are expected (a checkpoint was already checked against the full model), so say it
+    once at INFO level instead."""
     dropped: list[str] = []
 
     def keep(record: logging.LogRecord) -> bool:
@@ -151,17 +159,19 @@ def _quiet_unexpected_keys(source: str):
         log.info("%s: keys the backbone does not use are ignored (%s)", source, dropped[0])
 
 
-# ---- the body of a dense task ---------------------------------------------------------------------
+# ---- the body of a dense task --------------------------------------------------------------------
 def is_plain_vit(model: nn.Module) -> bool:
-    """A ViT whose blocks keep one token grid (timm's VisionTransformer, EVA, DeiT, BEiT ...): it gets ViTDet's
-    simple pyramid from its last tokens. Hierarchical ViTs (Swin) go through features_only like CNNs."""
+    """A ViT whose blocks keep one token grid (timm's VisionTransformer, EVA, DeiT, BEiT ...): it
+    gets ViTDet's simple pyramid from its last tokens. Hierarchical ViTs (Swin) go through
+    features_only like CNNs."""
     return (isinstance(model, VisionTransformer) or
             all(hasattr(model, a) for a in ("patch_embed", "num_prefix_tokens", "blocks", "forward_features")))
 
 
 def _body_kwargs(vit: bool, patch: tuple[int, ...], out_indices: Sequence[int] | None) -> tuple[dict, dict]:
-    """(defaults model.kwargs may override, what vislora sets) for a plain ViT (any input size; a patch that does
-    not divide torchvision's padding to 32 pads inside timm) or a features_only CNN."""
+    """(defaults model.kwargs may override, what vislora sets) for a plain ViT (any input size; a
+    patch that does not divide torchvision's padding to 32 pads inside timm) or a features_only
+    CNN."""
     if vit:
         return {"dynamic_img_size": True, **({"dynamic_img_pad": True} if any(32 % p for p in patch) else {})}, \
             {"num_classes": 0}
@@ -169,8 +179,9 @@ def _body_kwargs(vit: bool, patch: tuple[int, ...], out_indices: Sequence[int] |
 
 
 def create_body(model_cfg: dict, out_indices: Sequence[int] | None = None) -> nn.Module:
-    """The timm model: features_only for CNNs and hierarchical ViTs, the plain ViT (no classifier) otherwise.
-    A checkpoint is checked against the full timm model, then loaded by timm (which adapts e.g. pos_embed)."""
+    """The timm model: features_only for CNNs and hierarchical ViTs, the plain ViT (no classifier)
+    otherwise. A checkpoint is checked against the full timm model, then loaded by timm (which
+    adapts e.g. pos_embed)."""
     name, checkpoint = check_name(model_cfg), model_cfg.get("checkpoint")
     probe = create_timm(model_cfg, pretrained=False)
     vit = is_plain_vit(probe)
@@ -196,8 +207,8 @@ def create_body(model_cfg: dict, out_indices: Sequence[int] | None = None) -> nn
 
 
 def _fix_first_conv(body: nn.Module) -> None:
-    """features_only may flatten `stem.0` to `stem_0`: point pretrained_cfg['first_conv'] at the real name,
-    so that inject() keeps leaving the stem alone."""
+    """features_only may flatten `stem.0` to `stem_0`: point pretrained_cfg['first_conv'] at the
+    real name, so that inject() keeps leaving the stem alone."""
     first = body.pretrained_cfg.get("first_conv")
     modules = dict(body.named_modules())
     if isinstance(first, str) and first not in modules and first.replace(".", "_", 1) in modules:
@@ -205,14 +216,16 @@ def _fix_first_conv(body: nn.Module) -> None:
 
 
 def body_channels(body: nn.Module, pyramid: bool) -> list[int]:
-    """The channels of each map Features gives: a CNN's feature_info, a ViT's width once (or thrice: pyramid)."""
+    """The channels of each map Features gives: a CNN's feature_info, a ViT's width once (or thrice:
+    pyramid)."""
     if is_plain_vit(body):
         return [body.embed_dim] * (3 if pyramid else 1)
     return list(body.feature_info.channels())
 
 
 def body_strides(body: nn.Module) -> list[int]:
-    """The nominal stride of each map Features gives with a pyramid (a ViT: patch/2, patch, 2 patch)."""
+    """The nominal stride of each map Features gives with a pyramid (a ViT: patch/2, patch, 2
+    patch)."""
     if is_plain_vit(body):
         patch = int(body.patch_embed.patch_size[0])
         return [max(1, patch // 2), patch, patch * 2]
@@ -220,12 +233,14 @@ def body_strides(body: nn.Module) -> list[int]:
 
 
 def fpn_width(body: nn.Module, channels: int | None) -> int:
-    """The FPN's channels: the recipe's, else 64 for a backbone under TINY_BACKBONE parameters and 256 above."""
+    """The FPN's channels: the recipe's, else 64 for a backbone under TINY_BACKBONE parameters and
+    256 above."""
     return int(channels or (64 if sum(p.numel() for p in body.parameters()) < TINY_BACKBONE else 256))
 
 
 class SimplePyramid(nn.Module):
-    """ViTDet's simple feature pyramid: the stride-p token map to strides p/2 (deconv), p, 2p (max-pool)."""
+    """ViTDet's simple feature pyramid: the stride-p token map to strides p/2 (deconv), p, 2p
+    (max-pool)."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -240,7 +255,8 @@ class SimplePyramid(nn.Module):
 
 
 def token_map(tokens: Tensor, x: Tensor, patch_h: int, patch_w: int, prefix_tokens: int) -> Tensor:
-    """A plain ViT's output tokens for the images x as an N x C x H/patch x W/patch map (prefix tokens dropped)."""
+    """A plain ViT's output tokens for the images x as an N x C x H/patch x W/patch map (prefix
+    tokens dropped)."""
     gh = (x.shape[-2] + patch_h - 1) // patch_h
     gw = (x.shape[-1] + patch_w - 1) // patch_w
     tokens = tokens[:, prefix_tokens:]
@@ -248,8 +264,9 @@ def token_map(tokens: Tensor, x: Tensor, patch_h: int, patch_w: int, prefix_toke
 
 
 class Features(nn.Module):
-    """A timm `body` as a list of NCHW maps: a features_only CNN's stages (NHWC ones permuted, Swin), or a plain
-    ViT's last token map, through ViTDet's simple `pyramid` when one is given. Task models subclass it."""
+    """A timm `body` as a list of NCHW maps: a features_only CNN's stages (NHWC ones permuted,
+    Swin), or a plain ViT's last token map, through ViTDet's simple `pyramid` when one is given.
+    Task models subclass it."""
 
     def __init__(self, body: nn.Module, pyramid: SimplePyramid | None = None):
         super().__init__()
@@ -273,12 +290,12 @@ class Features(nn.Module):
         return out
 
 
-# ---- what trains ----------------------------------------------------------------------------------
+# ---- what trains ---------------------------------------------------------------------------------
 def adapt_backbone(model: nn.Module, lora: LoraConfig | None, within: str, train: Sequence[str],
                    probe: bool = False) -> nn.Module:
-    """LoRA inside the backbone at `within`, the `train` modules (neck, head) trained fully; entries of lora.train
-    other than "head" (the timm classifier) train too. None: full fine-tuning; probe: the `train` modules alone.
-    Backbone BatchNorm keeps its pretrained statistics in every mode."""
+    """LoRA inside the backbone at `within`, the `train` modules (neck, head) trained fully; entries
+    of lora.train other than "head" (the timm classifier) train too. None: full fine-tuning; probe:
+    the `train` modules alone. Backbone BatchNorm keeps its pretrained statistics in every mode."""
     train = list(train)
     if probe:
         set_trainable(model, train)

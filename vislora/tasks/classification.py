@@ -1,7 +1,9 @@
-"""Classification: a timm classifier on an image folder, cross-entropy, top-k accuracy and per-class metrics.
+"""Classification: a timm classifier on an image folder, cross-entropy, top-k accuracy and per-class
+metrics.
 
-The task interface (see vislora/tasks/__init__.py), with the optional health, example_inputs, confusion,
-recipe_classes and KSHOT; its training batch, (images, class indices), is the default synthetic_batch.
+The task interface (see vislora/tasks/__init__.py), with the optional health, example_inputs,
+confusion, recipe_classes and KSHOT; its training batch, (images, class indices), is the default
+synthetic_batch.
 """
 
 from __future__ import annotations
@@ -50,10 +52,10 @@ EXPORT = {"torchscript": "trace", "onnx": None, "input": "batch", "served": None
 KSHOT = True  # one class per image, in class folders: vislora fewshot samples k images per class
 
 
-# ---- model and data -------------------------------------------------------------------------------
+# ---- model and data ------------------------------------------------------------------------------
 def build_model(recipe: dict, classes: Sequence[str]) -> nn.Module:
-    """The recipe's timm classifier with one output per class and its local checkpoint weights, if any (seeded:
-    the same base every time the run is rebuilt)."""
+    """The recipe's timm classifier with one output per class and its local checkpoint weights, if
+    any (seeded: the same base every time the run is rebuilt)."""
     m = recipe["model"]
 
     def build() -> nn.Module:
@@ -73,16 +75,16 @@ def build_model(recipe: dict, classes: Sequence[str]) -> nn.Module:
 
 
 def checkpoint_head_fits(path: str | Path, classes: Sequence[str]) -> bool:
-    """A checkpoint's classifier is kept only when its card names the folder's classes, in order: a head of the
-    right size trained for other classes (the shipped Fashion-MNIST ViT on digits) is as wrong as a random one,
-    and confidently so (issue #13)."""
+    """A checkpoint's classifier is kept only when its card names the folder's classes, in order: a
+    head of the right size trained for other classes (the shipped Fashion-MNIST ViT on digits) is as
+    wrong as a random one, and confidently so (issue #13)."""
     return card_classes(path) == list(classes)
 
 
 def init_heads(model: nn.Module, names: list[str], how: str) -> None:
-    """Zero a new classifier (`how` "zero"): its logits start equal, the loss at ln C, and the first gradients
-    reach the head alone, so they cannot wreck the features (LoRA on MobileNetV2 collapsed to chance with timm's
-    random head, issue #13); "timm" keeps timm's init."""
+    """Zero a new classifier (`how` "zero"): its logits start equal, the loss at ln C, and the first
+    gradients reach the head alone, so they cannot wreck the features (LoRA on MobileNetV2 collapsed
+    to chance with timm's random head, issue #13); "timm" keeps timm's init."""
     if how not in ("zero", "timm"):
         raise VisloraError(f"model.head_init must be zero or timm, not {how!r}")
     if how == "timm":
@@ -94,7 +96,8 @@ def init_heads(model: nn.Module, names: list[str], how: str) -> None:
 
 
 def adapt(model: nn.Module, recipe: dict) -> nn.Module:
-    """LoRA (recipe.adapter is a mapping), linear probe (only the classifier trains) or full fine-tuning."""
+    """LoRA (recipe.adapter is a mapping), linear probe (only the classifier trains) or full
+    fine-tuning."""
     adapter = recipe["adapter"]
     if isinstance(adapter, dict):
         return inject(model, lora_config(recipe))
@@ -108,7 +111,8 @@ def adapt(model: nn.Module, recipe: dict) -> nn.Module:
 
 
 def build(recipe: dict) -> Setup:
-    """Scan the folder, build the base classifier, read its preprocessing, wrap both splits as datasets."""
+    """Scan the folder, build the base classifier, read its preprocessing, wrap both splits as
+    datasets."""
     d = recipe["data"]
     train_split, val_split = vdata.scan_folder(d["path"], d["val_fraction"], recipe["train"]["seed"])
     model = build_model(recipe, train_split.classes)
@@ -121,8 +125,8 @@ def build(recipe: dict) -> Setup:
 
 
 def recipe_classes(recipe: dict) -> list[str] | None:
-    """The class folders of the recipe's data.path (ROOT/train/<class> or ROOT/<class>), None without any: what
-    footprint builds a recipe's classifier for, without scanning the images."""
+    """The class folders of the recipe's data.path (ROOT/train/<class> or ROOT/<class>), None
+    without any: what footprint builds a recipe's classifier for, without scanning the images."""
     root = Path(recipe["data"]["path"]) if recipe["data"]["path"] else None
     split = root / "train" if root is not None and (root / "train").is_dir() else root
     if split is None or not split.is_dir():
@@ -131,8 +135,9 @@ def recipe_classes(recipe: dict) -> list[str] | None:
 
 
 def split_record(recipe: dict, train: vdata.Split, val: vdata.Split) -> dict:
-    """The run's split.json: which images were train and which val (by path, label index into `classes`), so an
-    exported file of the run is scored on the run's own val split, whatever the folder holds later."""
+    """The run's split.json: which images were train and which val (by path, label index into
+    `classes`), so an exported file of the run is scored on the run's own val split, whatever the
+    folder holds later."""
     d = recipe["data"]
     root = Path(d["path"])
     layout = (f"{root}/train and its val folder" if vdata.is_split_layout(root) and vdata.val_dir(root) else
@@ -152,10 +157,11 @@ def head_notes(model_cfg: dict, classes: Sequence[str]) -> list[str]:
             f"classes starts from model.head_init={model_cfg['head_init']}"]
 
 
-# ---- training -------------------------------------------------------------------------------------
+# ---- training ------------------------------------------------------------------------------------
 def loss(model: nn.Module, batch, device: torch.device, recipe: dict) -> tuple[torch.Tensor, dict, int]:
-    """Cross-entropy (with the recipe's label smoothing), or timm's SoftTargetCrossEntropy on the soft targets of
-    Mixup / CutMix (vislora.knobs); logs accuracy and the logits' spread over the batch."""
+    """Cross-entropy (with the recipe's label smoothing), or timm's SoftTargetCrossEntropy on the
+    soft targets of Mixup / CutMix (vislora.knobs); logs accuracy and the logits' spread over the
+    batch."""
     images, labels = (t.to(device, non_blocking=True) for t in batch)
     logits = model(images)
     soft = labels.is_floating_point()
@@ -169,8 +175,8 @@ def loss(model: nn.Module, batch, device: torch.device, recipe: dict) -> tuple[t
 
 @torch.no_grad()
 def validate(model: nn.Module, loader, device: torch.device, amp_dtype, world: int) -> dict:
-    """Loss, top-1 and top-5 over the validation loader (each rank's shard, sums reduced across ranks), and how
-    many distinct classes were predicted."""
+    """Loss, top-1 and top-5 over the validation loader (each rank's shard, sums reduced across
+    ranks), and how many distinct classes were predicted."""
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
     predicted = torch.zeros(0, dtype=torch.bool, device=device)
@@ -194,7 +200,8 @@ def validate(model: nn.Module, loader, device: torch.device, amp_dtype, world: i
 
 @torch.no_grad()
 def confusion(model: nn.Module, loader, device: torch.device, amp_dtype, world: int) -> list[list[int]]:
-    """The val confusion matrix (true x predicted counts, every rank's shard): the image the loggers end with."""
+    """The val confusion matrix (true x predicted counts, every rank's shard): the image the loggers
+    end with."""
     model.eval()
     counts = None
     for images, labels in loader:
@@ -209,8 +216,9 @@ def confusion(model: nn.Module, loader, device: torch.device, amp_dtype, world: 
 
 
 def health(row: dict, num_classes: int) -> str | None:
-    """A warning when training has collapsed: the train loss sits at chance (ln C) while the logits no longer
-    vary over the batch (the features went constant), or every val image gets the same class at chance accuracy."""
+    """A warning when training has collapsed: the train loss sits at chance (ln C) while the logits
+    no longer vary over the batch (the features went constant), or every val image gets the same
+    class at chance accuracy."""
     chance_loss, chance_top1 = math.log(num_classes), 1.0 / num_classes
     flat = abs(row["train_loss"] - chance_loss) < 0.05 * chance_loss and row.get("train_logit_std", 1.0) < 1e-2
     one_class = row.get("val_predicted_classes", num_classes) <= 1 and row.get("val_top1", 1.0) <= chance_top1 + 0.05
@@ -225,20 +233,21 @@ def health(row: dict, num_classes: int) -> str | None:
 
 
 def preview(batch, preprocess: dict, classes: list[str]) -> list[tuple[np.ndarray, str]]:
-    """A training batch as the model sees it (augmented, resized; normalisation undone), each image captioned with
-    its class: train_batch.png."""
+    """A training batch as the model sees it (augmented, resized; normalisation undone), each image
+    captioned with its class: train_batch.png."""
     images, labels = batch
     return [(denormalize(x, preprocess), classes[y]) for x, y in zip(images.numpy(), labels.tolist(), strict=True)]
 
 
-# ---- running a trained model ----------------------------------------------------------------------
+# ---- running a trained model ---------------------------------------------------------------------
 def predictor(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
     """NCHW float32 batch -> logits (vislora.tasks.common.batch_predictor)."""
     return batch_predictor(model)
 
 
 def example_inputs(recipe: dict, preprocess: dict, n: int = 8) -> torch.Tensor | None:
-    """Up to n real images of the run's val split through the eval transform (None if none can be read)."""
+    """Up to n real images of the run's val split through the eval transform (None if none can be
+    read)."""
     try:
         val, _ = eval_split(None, recipe, preprocess["class_names"])
     except (FileNotFoundError, ValueError):
@@ -257,8 +266,8 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 def predict(predictor: Callable[[np.ndarray], np.ndarray], preprocess: dict,
             image_paths: Sequence[str | os.PathLike], topk: int = 5, out_dir: str | os.PathLike | None = None,
             batch_size: int = 16) -> list[dict]:
-    """Top-k (class_name, probability) per image, in input order; an unreadable image gets {"path", "error"}.
-    The same rows go to OUT_DIR/predictions.csv (out_dir None: nothing is written)."""
+    """Top-k (class_name, probability) per image, in input order; an unreadable image gets {"path",
+    "error"}. The same rows go to OUT_DIR/predictions.csv (out_dir None: nothing is written)."""
     results: list[dict] = [{"path": str(p)} for p in image_paths]
     ready: list[tuple[int, np.ndarray]] = []
     transform = image.eval_transform(preprocess)
@@ -283,7 +292,8 @@ def predict(predictor: Callable[[np.ndarray], np.ndarray], preprocess: dict,
 
 
 def write_predictions(results: list[dict], path: Path, topk: int) -> Path:
-    """predict's rows as CSV: path, predicted, p, the top-k as 'class p; ...', and the error of an unreadable file."""
+    """predict's rows as CSV: path, predicted, p, the top-k as 'class p; ...', and the error of an
+    unreadable file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     k = max((len(r["top"]) for r in results if "top" in r), default=topk)  # at most the number of classes
     with open(path, "w", newline="") as f:
@@ -300,9 +310,10 @@ def format_prediction(result: dict) -> str:
     return f"{result['path']}: " + ", ".join(f"{name} {p:.3f}" for name, p in result["top"])
 
 
-# ---- evaluation -----------------------------------------------------------------------------------
+# ---- evaluation ----------------------------------------------------------------------------------
 def classification_report(logits: np.ndarray, labels: np.ndarray, classes: list[str], topk: int = 5) -> dict:
-    """top1/top-k fractions, per-class precision/recall/F1 (scikit-learn), macro-F1 and the confusion matrix."""
+    """top1/top-k fractions, per-class precision/recall/F1 (scikit-learn), macro-F1 and the
+    confusion matrix."""
     pred = logits.argmax(1)
     k = min(topk, logits.shape[1])
     hits = (np.argsort(-logits, axis=1, kind="stable")[:, :k] == labels[:, None]).any(1)
@@ -321,8 +332,9 @@ def classification_report(logits: np.ndarray, labels: np.ndarray, classes: list[
 
 def eval_split(data: str | Path | None, recipe: dict | None, classes: list[str], run_dir: Path | None = None
                ) -> tuple[vdata.Split, str]:
-    """The images to evaluate and what they are: `--data` (ROOT/val, a ROOT holding val/, or ROOT/<class>), else the
-    run's val split (from its split.json, else recomputed from the recipe as training split it)."""
+    """The images to evaluate and what they are: `--data` (ROOT/val, a ROOT holding val/, or
+    ROOT/<class>), else the run's val split (from its split.json, else recomputed from the recipe as
+    training split it)."""
     if data is not None:
         return data_split(Path(data), classes)
     if recipe is None:
@@ -348,7 +360,8 @@ def eval_split(data: str | Path | None, recipe: dict | None, classes: list[str],
 
 
 def data_split(path: Path, classes: list[str]) -> tuple[vdata.Split, str]:
-    """--data's images, and what they are: a flat ROOT/<class> folder is all of it, train images included."""
+    """--data's images, and what they are: a flat ROOT/<class> folder is all of it, train images
+    included."""
     split = vdata.scan_eval_folder(path, classes)
     if vdata.val_dir(path) is not None or path.name.lower() in vdata.SPLIT_DIRS:
         return split, f"{len(split.items)} images of {vdata.val_dir(path) or path}"
@@ -357,8 +370,8 @@ def data_split(path: Path, classes: list[str]) -> tuple[vdata.Split, str]:
 
 
 class Indexed(torch.utils.data.Dataset):
-    """A dataset whose items carry their index (None stays None): eval rows map back to their files even when a
-    file fails to load and its sample is dropped."""
+    """A dataset whose items carry their index (None stays None): eval rows map back to their files
+    even when a file fails to load and its sample is dropped."""
 
     def __init__(self, dataset: vdata.ImageDataset):
         self.dataset = dataset
@@ -396,9 +409,10 @@ def run_eval(predictor: Callable[[np.ndarray], np.ndarray], dataset: vdata.Image
 def evaluate(predictor: Callable[[np.ndarray], np.ndarray], preprocess: dict, recipe: dict | None,
              data: str | Path | None, out: Path, batch_size: int, workers: int = 2, run_dir: Path | None = None
              ) -> dict:
-    """Top-1/top-k, per-class metrics and the confusion matrix of `predictor` on --data or the run's val split
-    (run_dir/split.json). Beside OUT: the confusion matrix (CSV, PNG of counts and of row fractions), per-class
-    recall (PNG), every image's prediction (OUT_predictions.csv) and the worst mistakes (OUT_errors.png)."""
+    """Top-1/top-k, per-class metrics and the confusion matrix of `predictor` on --data or the run's
+    val split (run_dir/split.json). Beside OUT: the confusion matrix (CSV, PNG of counts and of row
+    fractions), per-class recall (PNG), every image's prediction (OUT_predictions.csv) and the worst
+    mistakes (OUT_errors.png)."""
     classes = preprocess["class_names"]
     topk = recipe["eval"]["topk"] if recipe else 5
     split, scored = eval_split(data, recipe, classes, run_dir)
@@ -422,7 +436,8 @@ def beside(out: Path, suffix: str) -> Path:
 
 def write_eval_predictions(paths: list[Path], labels: np.ndarray, probs: np.ndarray, classes: list[str], k: int,
                            path: Path) -> Path:
-    """One row per evaluated image: path, true, predicted, p (of the predicted class), the top-k 'class p; ...'."""
+    """One row per evaluated image: path, true, predicted, p (of the predicted class), the top-k
+    'class p; ...'."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "true", "predicted", "p", f"top{k}"])
@@ -435,7 +450,8 @@ def write_eval_predictions(paths: list[Path], labels: np.ndarray, probs: np.ndar
 
 def plot_errors(paths: list[Path], labels: np.ndarray, probs: np.ndarray, classes: list[str], path: Path,
                 shown: int = 16) -> int:
-    """A grid of the most confident mistakes (true -> predicted, p), as the images are on disk; returns how many."""
+    """A grid of the most confident mistakes (true -> predicted, p), as the images are on disk;
+    returns how many."""
     pred = probs.argmax(1) if len(probs) else np.zeros(0, dtype=int)
     wrong = [i for i in np.argsort(-probs.max(1), kind="stable") if pred[i] != labels[i]] if len(probs) else []
     tiles = []
@@ -449,7 +465,8 @@ def plot_errors(paths: list[Path], labels: np.ndarray, probs: np.ndarray, classe
 
 
 def plot_recall(report: dict, path: Path, most: int = 60) -> Path:
-    """Per-class recall as horizontal bars, worst first (at most `most` classes), each with its image count."""
+    """Per-class recall as horizontal bars, worst first (at most `most` classes), each with its
+    image count."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -1,5 +1,5 @@
-"""What every task shares: the Setup the loop receives, seeded model building, the cards of local weight files,
-the numpy predictor convention, the confusion-matrix files and image grids."""
+"""What every task shares: the Setup the loop receives, seeded model building, the cards of local
+weight files, the numpy predictor convention, the confusion-matrix files and image grids."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ from vislora.files import read_json
 
 @dataclass
 class Setup:
-    """Everything the loop needs, built once from the recipe by a task's build(): the base model (not yet
-    adapted), the datasets, the collate function, the class names and the preprocessing written beside the run."""
+    """Everything the loop needs, built once from the recipe by a task's build(): the base model
+    (not yet adapted), the datasets, the collate function, the class names and the preprocessing
+    written beside the run."""
 
     model: nn.Module
     train_set: torch.utils.data.Dataset
@@ -35,15 +36,17 @@ class Setup:
 
 
 def lora_config(recipe: dict) -> LoraConfig | None:
-    """The recipe's LoraConfig (its adapter section holds exactly LoraConfig's fields, as plain data: recipes are
-    read and checked without torch), or None for full fine-tuning and linear probing."""
+    """The recipe's LoraConfig (its adapter section holds exactly LoraConfig's fields, as plain
+    data: recipes are read and checked without torch), or None for full fine-tuning and linear
+    probing."""
     adapter = recipe["adapter"]
     return LoraConfig(**adapter) if isinstance(adapter, dict) else None
 
 
 def batch_predictor(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
-    """NCHW float32 numpy batch -> numpy output of the PyTorch model, in eval mode: the convention of exported files
-    (vislora.exported), so evaluation and predict run a run directory and an exported file the same way."""
+    """NCHW float32 numpy batch -> numpy output of the PyTorch model, in eval mode: the convention
+    of exported files (vislora.exported), so evaluation and predict run a run directory and an
+    exported file the same way."""
     model.eval()
     device = next(model.parameters()).device
 
@@ -55,8 +58,9 @@ def batch_predictor(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def class_batch(preprocess: dict, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """n random images at preprocess's input_size (standard normal, as normalised pixels are) and one class index
-    per image among its class_names: a synthetic (images, labels) batch to time a training step on."""
+    """n random images at preprocess's input_size (standard normal, as normalised pixels are) and
+    one class index per image among its class_names: a synthetic (images, labels) batch to time a
+    training step on."""
     g = torch.Generator().manual_seed(seed)
     size = [int(s) for s in preprocess["input_size"]]
     images = torch.randn(n, *size, generator=g)
@@ -64,8 +68,9 @@ def class_batch(preprocess: dict, n: int, seed: int = 0) -> tuple[torch.Tensor, 
 
 
 def seeded(recipe: dict, build: Callable[[], nn.Module]) -> nn.Module:
-    """build() right after torch.manual_seed(train.seed): a base without pretrained weights (and a new head)
-    comes out the same in training and in every later `eval`, `export` or `extract` of the run."""
+    """build() right after torch.manual_seed(train.seed): a base without pretrained weights (and a
+    new head) comes out the same in training and in every later `eval`, `export` or `extract` of the
+    run."""
     torch.manual_seed(recipe["train"]["seed"])
     return build()
 
@@ -74,8 +79,8 @@ CARD_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation")
 
 
 def read_card(path: str | Path) -> dict:
-    """The card beside a local weights file (WEIGHTS.json, as tools/import_weights.py and tools/pretrain.py write
-    them), or {} when there is none."""
+    """The card beside a local weights file (WEIGHTS.json, as tools/import_weights.py and
+    tools/pretrain.py write them), or {} when there is none."""
     card = Path(path).with_suffix(".json")
     if not card.is_file():
         return {}
@@ -86,21 +91,23 @@ def read_card(path: str | Path) -> dict:
 
 
 def card_pretrained_cfg(path: str | Path) -> dict:
-    """The preprocessing a local weights file was trained with: its card's "pretrained_cfg" entries among
-    CARD_KEYS. timm's pretrained_cfg describes the hub weights, not these; the recipe's data fields still win."""
+    """The preprocessing a local weights file was trained with: its card's "pretrained_cfg" entries
+    among CARD_KEYS. timm's pretrained_cfg describes the hub weights, not these; the recipe's data
+    fields still win."""
     cfg = read_card(path).get("pretrained_cfg") or {}
     return {k: v for k, v in cfg.items() if k in CARD_KEYS} if isinstance(cfg, dict) else {}
 
 
 def card_classes(path: str | Path) -> list[str] | None:
-    """The class names a local weights file's classifier was trained for, from its card ("classes"), or None."""
+    """The class names a local weights file's classifier was trained for, from its card ("classes"),
+    or None."""
     classes = read_card(path).get("classes")
     return [str(c) for c in classes] if isinstance(classes, list) else None
 
 
 def plot_confusion(matrix: list[list[int]], classes: list[str], path: Path, normalize: bool = False) -> None:
-    """The confusion matrix as a PNG; normalize: each true-class row as fractions (pixel counts of segmentation
-    are too large to read), shown with two decimals."""
+    """The confusion matrix as a PNG; normalize: each true-class row as fractions (pixel counts of
+    segmentation are too large to read), shown with two decimals."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -133,7 +140,8 @@ def denormalize(x: np.ndarray, preprocess: dict) -> np.ndarray:
 
 
 def fit(rgb: np.ndarray, side: int) -> np.ndarray:
-    """An image scaled (aspect kept) into a white side x side square, centred: one cell of a grid."""
+    """An image scaled (aspect kept) into a white side x side square, centred: one cell of a
+    grid."""
     h, w = rgb.shape[:2]
     scale = side / max(h, w)
     small = image.resize(rgb, max(1, round(h * scale)), max(1, round(w * scale)))
@@ -145,8 +153,9 @@ def fit(rgb: np.ndarray, side: int) -> np.ndarray:
 
 def plot_image_grid(tiles: Sequence[tuple[np.ndarray, str]], path: Path, title: str, empty: str = "no images",
                     columns: int = 4, side: int = 160) -> Path:
-    """A PNG grid of (HxWx3 uint8 image, caption) tiles under a title; `empty` is written when there is none. The
-    tiles are one mosaic drawn at one pixel per pixel (a subplot per tile took a second for 16)."""
+    """A PNG grid of (HxWx3 uint8 image, caption) tiles under a title; `empty` is written when there
+    is none. The tiles are one mosaic drawn at one pixel per pixel (a subplot per tile took a second
+    for 16)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -174,8 +183,8 @@ def plot_image_grid(tiles: Sequence[tuple[np.ndarray, str]], path: Path, title: 
 
 
 def write_confusion(report: dict, out: Path, classes: list[str], normalize: bool = False) -> None:
-    """The confusion matrix as OUT_confusion.csv (counts) and OUT_confusion.png (normalize: row fractions)
-    beside the report."""
+    """The confusion matrix as OUT_confusion.csv (counts) and OUT_confusion.png (normalize: row
+    fractions) beside the report."""
     with open(out.with_name(out.stem + "_confusion.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["true\\predicted", *classes])

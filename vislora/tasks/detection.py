@@ -1,7 +1,8 @@
-"""Object detection on a timm backbone: torchvision FCOS / RetinaNet / Faster R-CNN over an FPN, LoRA in the body.
+"""Object detection on a timm backbone: torchvision FCOS / RetinaNet / Faster R-CNN over an FPN,
+LoRA in the body.
 
-The pieces: detection_model.py (the detector on tasks/backbone.py), detection_data.py (COCO / YOLO, boxes,
-augmentation), detection_metrics.py (loss, COCO mAP, plots). This file is the task interface
+The pieces: detection_model.py (the detector on tasks/backbone.py), detection_data.py (COCO / YOLO,
+boxes, augmentation), detection_metrics.py (loss, COCO mAP, plots). This file is the task interface
 (vislora/tasks/__init__.py).
 """
 
@@ -41,22 +42,26 @@ EXPORT = {"torchscript": "script", "input": "list",
 
 
 def detector_config(recipe: dict) -> dict:
-    """The recipe's detector section without unset (None) fields, so each head keeps torchvision's defaults."""
+    """The recipe's detector section without unset (None) fields, so each head keeps torchvision's
+    defaults."""
     return {k: v for k, v in recipe["detector"].items() if v is not None}
 
 
 def adapt_detector(detector: nn.Module, lora: LoraConfig | None, probe: bool = False) -> nn.Module:
-    """LoRA inside `backbone.body` with neck and head trained; None: full fine-tuning; probe: neck and head only."""
+    """LoRA inside `backbone.body` with neck and head trained; None: full fine-tuning; probe: neck
+    and head only."""
     return adapt_backbone(detector, lora, "backbone.body", detection_train_modules(detector), probe)
 
 
 def build_model(recipe: dict, classes: Sequence[str]) -> nn.Module:
-    """The recipe's detector for these classes (seeded: the same neck and head every time the run is rebuilt)."""
+    """The recipe's detector for these classes (seeded: the same neck and head every time the run is
+    rebuilt)."""
     return seeded(recipe, lambda: build_detector(recipe["model"], detector_config(recipe), len(classes)))
 
 
 def adapt(model: nn.Module, recipe: dict) -> nn.Module:
-    """LoRA in the backbone with neck and head trained; linear_probe: neck and head only; null: everything."""
+    """LoRA in the backbone with neck and head trained; linear_probe: neck and head only; null:
+    everything."""
     return adapt_detector(model, lora_config(recipe), probe=recipe["adapter"] == "linear_probe")
 
 
@@ -81,7 +86,8 @@ def validate(model: nn.Module, loader, device: torch.device, amp_dtype, world: i
 
 
 def preview(batch, preprocess: dict, classes: list[str]) -> list[tuple[np.ndarray, str]]:
-    """A training batch as the detector gets it (augmented), its boxes drawn, captioned with their classes."""
+    """A training batch as the detector gets it (augmented), its boxes drawn, captioned with their
+    classes."""
     images, targets = batch
     tiles = []
     for x, target in zip(images, targets, strict=True):
@@ -93,8 +99,9 @@ def preview(batch, preprocess: dict, classes: list[str]) -> list[tuple[np.ndarra
     return tiles
 
 def synthetic_batch(preprocess: dict, n: int, seed: int = 0, boxes: int = 3) -> tuple[list[Tensor], list[dict]]:
-    """n random images in [0, 1] at preprocess's input_size, each with `boxes` random boxes (xyxy pixels, at least
-    4 px a side) of random classes 1..len(class_names): the collate's (images, targets), to time steps on."""
+    """n random images in [0, 1] at preprocess's input_size, each with `boxes` random boxes (xyxy
+    pixels, at least 4 px a side) of random classes 1..len(class_names): the collate's (images,
+    targets), to time steps on."""
     g = torch.Generator().manual_seed(seed)
     _, height, width = (int(s) for s in preprocess["input_size"])
     images, targets = [], []
@@ -108,14 +115,16 @@ def synthetic_batch(preprocess: dict, n: int, seed: int = 0, boxes: int = 3) -> 
 
 
 def predictor(model: nn.Module) -> nn.Module:
-    """A detector is run as itself: a list of CHW float images in [0, 1] -> boxes, scores, labels per image."""
+    """A detector is run as itself: a list of CHW float images in [0, 1] -> boxes, scores, labels
+    per image."""
     return model.eval()
 
 
 def predict(predictor: nn.Module, preprocess: dict, image_paths: Sequence[str | os.PathLike], topk: int = 5,
             out_dir: str | os.PathLike | None = None, score_thresh: float = 0.3) -> list[dict]:
-    """Up to topk boxes per image (xyxy pixels of the upright image) scoring at least score_thresh; an unreadable
-    image gets {"path", "error"}. Nothing is written (out_dir: the interface's place for files)."""
+    """Up to topk boxes per image (xyxy pixels of the upright image) scoring at least score_thresh;
+    an unreadable image gets {"path", "error"}. Nothing is written (out_dir: the interface's place
+    for files)."""
     names = preprocess["class_names"]
     results = []
     for path, pixels, error in image.read_each(image_paths):
@@ -149,7 +158,8 @@ def _eval_data(recipe: dict, data: str | os.PathLike | None) -> dict:
 
 def evaluate(predictor: nn.Module, preprocess: dict, recipe: dict | None, data, out: Path, batch_size: int,
              workers: int = 2, run_dir: Path | None = None) -> dict:
-    """COCO mAP of the run's detector on its val split (or --data, a YOLO folder); draws OUT_boxes.png beside OUT."""
+    """COCO mAP of the run's detector on its val split (or --data, a YOLO folder); draws
+    OUT_boxes.png beside OUT."""
     _, val_set, names = build_detection_datasets(_eval_data(recipe, data), recipe["detector"]["min_size"])
     if names != preprocess["class_names"]:
         raise VisloraError(f"the classes of {data} differ from the run's: {names} vs {preprocess['class_names']}")

@@ -1,6 +1,6 @@
-"""Detection data: COCO JSON and Ultralytics YOLO folders read into records with clean boxes, the dataset, the
-train augmentation (vislora.augment's train_pipeline, target "bboxes": the boxes move with the pixels) and the
-collate."""
+"""Detection data: COCO JSON and Ultralytics YOLO folders read into records with clean boxes, the
+dataset, the train augmentation (vislora.augment's train_pipeline, target "bboxes": the boxes move
+with the pixels) and the collate."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 def clean_boxes(boxes: np.ndarray, labels: np.ndarray, width: float, height: float
                 ) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """Clip xyxy boxes to the image, drop non-finite and empty ones; returns boxes, labels, clipped, dropped."""
+    """Clip xyxy boxes to the image, drop non-finite and empty ones; returns boxes, labels, clipped,
+    dropped."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     finite = np.isfinite(boxes).all(axis=1)
@@ -48,8 +49,9 @@ def _report(source, clipped: int, dropped: int) -> None:
 
 
 class DetectionDataset(Dataset):
-    """Images with boxes; item = (CHW float image in [0, 1], {boxes [N,4] xyxy pixels, labels [N] in 1..K,
-    image_id}). An albumentations pipeline (with BboxParams pascal_voc, label_fields=['labels']) moves boxes."""
+    """Images with boxes; item = (CHW float image in [0, 1], {boxes [N,4] xyxy pixels, labels [N] in
+    1..K, image_id}). An albumentations pipeline (with BboxParams pascal_voc,
+    label_fields=['labels']) moves boxes."""
 
     def __init__(self, records: list[dict], class_names: list[str], transform: A.Compose | None = None,
                  skipped: Sequence[str] = ()):
@@ -80,7 +82,8 @@ class DetectionDataset(Dataset):
 
 
 def _size(path: Path) -> tuple[int, int] | None:
-    """(width, height) of an image, None for a file that cannot be read (it is skipped, not fatal)."""
+    """(width, height) of an image, None for a file that cannot be read (it is skipped, not
+    fatal)."""
     try:
         return image.image_size(path)
     except ValueError:
@@ -88,7 +91,8 @@ def _size(path: Path) -> tuple[int, int] | None:
 
 
 def usable_records(records: list[dict], source: str) -> tuple[list[dict], list[str]]:
-    """The records whose image Pillow can read, and the paths of the others (reported once, by name)."""
+    """The records whose image Pillow can read, and the paths of the others (reported once, by
+    name)."""
     skipped = [str(r["path"]) for r in records if r.get("size") is None or not image.verifies(r["path"])]
     if skipped:
         log.warning("%s: skipping %d unreadable image(s): %s", source, len(skipped), listing(skipped))
@@ -108,8 +112,8 @@ def coco_categories(data: dict, path: Path) -> tuple[dict[int, int], list[str]]:
 
 def coco_records(ann_path: str | os.PathLike, images_dir: str | os.PathLike, label_of: dict[int, int] | None = None
                  ) -> tuple[list[dict], list[str], dict[int, int]]:
-    """Records of one COCO file, its class names and category id -> label map (label_of: use another file's).
-    Crowd boxes are skipped; missing image files are an error at once."""
+    """Records of one COCO file, its class names and category id -> label map (label_of: use another
+    file's). Crowd boxes are skipped; missing image files are an error at once."""
     ann_path, images_dir = Path(ann_path), Path(images_dir)
     data = read_json(ann_path, "COCO annotation file")
     for key in ("images", "annotations", "categories"):
@@ -214,8 +218,8 @@ def _yolo_boxes(label_file: Path, width: int, height: int, n_classes: int) -> tu
 
 
 def yolo_records(root: str | os.PathLike, split: str, names: list[str], data: dict) -> list[dict]:
-    """Records of one split: images under data.yaml's `train`/`val` dir (default images/<split>); an image
-    without a label file has no boxes."""
+    """Records of one split: images under data.yaml's `train`/`val` dir (default images/<split>); an
+    image without a label file has no boxes."""
     root = Path(root)
     folder = data.get(split) or f"images/{split}"
     if not isinstance(folder, str):
@@ -257,11 +261,13 @@ def _need(cfg: dict, *keys: str) -> None:
 def build_detection_datasets(data_cfg: dict, img_size: int, augment: dict | None = None,
                              interpolation: str = "bilinear"
                              ) -> tuple[DetectionDataset, DetectionDataset, list[str]]:
-    """Train (augmented) and val (untouched: the detector resizes) datasets and the class names. The train crops
-    are img_size x img_size, resized with `interpolation`; augment: the recipe's data.augment (None = defaults).
+    """Train (augmented) and val (untouched: the detector resizes) datasets and the class names. The
+    train crops are img_size x img_size, resized with `interpolation`; augment: the recipe's
+    data.augment (None = defaults).
 
     {format: coco, images: DIR, train_ann: FILE, val_ann: FILE} (file_name relative to images) or
-    {format: yolo, path: ROOT} (ROOT/images/{train,val}, ROOT/labels/{train,val}, ROOT/data.yaml names)."""
+    {format: yolo, path: ROOT} (ROOT/images/{train,val}, ROOT/labels/{train,val}, ROOT/data.yaml
+    names)."""
     fmt = data_cfg.get("format")
     if fmt == "coco":
         _need(data_cfg, "images", "train_ann", "val_ann")

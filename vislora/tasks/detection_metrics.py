@@ -1,5 +1,5 @@
-"""Detection metrics and pictures: the summed torchvision loss, predictions, COCO mAP via pycocotools (over every
-rank's images), the grid of predicted and true boxes."""
+"""Detection metrics and pictures: the summed torchvision loss, predictions, COCO mAP via
+pycocotools (over every rank's images), the grid of predicted and true boxes."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def detection_loss(model: nn.Module, images: list[Tensor], targets: list[dict]) -> tuple[Tensor, dict[str, float]]:
-    """The summed torchvision losses of a detector in train mode, and each part as a float for logging."""
+    """The summed torchvision losses of a detector in train mode, and each part as a float for
+    logging."""
     if not model.training:
         raise ValueError("detection_loss needs model.train(): in eval mode torchvision detectors return boxes")
     device = _device(model)
@@ -36,7 +37,8 @@ def detection_loss(model: nn.Module, images: list[Tensor], targets: list[dict]) 
 
 @torch.no_grad()
 def predict_detections(model: nn.Module, images: list[Tensor]) -> list[dict]:
-    """Boxes (xyxy, input pixels), scores and labels per image, on the CPU; the train/eval mode is restored."""
+    """Boxes (xyxy, input pixels), scores and labels per image, on the CPU; the train/eval mode is
+    restored."""
     was_training = model.training
     model.eval()
     try:
@@ -52,7 +54,8 @@ def _xywh(boxes: Tensor) -> list[list[float]]:
 
 
 def coco_eval(gt: dict, dets: list[dict], num_classes: int) -> dict:
-    """COCOeval bbox metrics of in-memory ground truth and detections; -1 (no ground truth) becomes nan."""
+    """COCOeval bbox metrics of in-memory ground truth and detections; -1 (no ground truth) becomes
+    nan."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -92,10 +95,11 @@ def _gathered(items: list) -> list:
 @torch.no_grad()
 def evaluate_detection(model: nn.Module, loader, class_names: list[str], device=None,
                        max_images: int | None = None) -> dict:
-    """COCO mAP (IoU .50:.95), mAP50, mAP75 as fractions and AP per class (nan for a class without ground
-    truth in the evaluated images), via pycocotools on ground truth built in memory from the loader.
-    device: move the model there first (None: run where the model is); the train/eval mode is restored.
-    Under torch.distributed every rank evaluates its shard and the metrics cover all of them."""
+    """COCO mAP (IoU .50:.95), mAP50, mAP75 as fractions and AP per class (nan for a class without
+    ground truth in the evaluated images), via pycocotools on ground truth built in memory from the
+    loader. device: move the model there first (None: run where the model is); the train/eval mode
+    is restored. Under torch.distributed every rank evaluates its shard and the metrics cover all of
+    them."""
     if device is not None:
         model.to(device)
     seen: list[tuple[tuple[int, int], dict, dict]] = []  # ((height, width), target, prediction) per image
@@ -126,7 +130,8 @@ def evaluate_detection(model: nn.Module, loader, class_names: list[str], device=
 @torch.no_grad()
 def plot_detections(model: nn.Module, dataset: Dataset, class_names: list[str], path: str | os.PathLike,
                     n: int = 8, score_thresh: float = 0.3) -> Path:
-    """A PNG grid of the first n images: ground truth (green, dashed) and predictions with scores (red)."""
+    """A PNG grid of the first n images: ground truth (green, dashed) and predictions with scores
+    (red)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle

@@ -1,8 +1,9 @@
-"""The detector: torchvision FCOS / RetinaNet / Faster R-CNN over an FPN on the timm backbone (tasks/backbone.py).
+"""The detector: torchvision FCOS / RetinaNet / Faster R-CNN over an FPN on the timm backbone
+(tasks/backbone.py).
 
-The timm model sits at `backbone.body`, so `inject(detector, cfg, within="backbone.body")` adapts only the
-backbone while the FPN and the head train fully. Anchors, heads, losses, resizing and box post-processing are
-torchvision's.
+The timm model sits at `backbone.body`, so `inject(detector, cfg, within="backbone.body")` adapts
+only the backbone while the FPN and the head train fully. Anchors, heads, losses, resizing and box
+post-processing are torchvision's.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ DETECTOR_KEYS = {"head", "min_size", "max_size", "out_indices", "fpn_channels", 
 
 
 class FpnBackbone(Features):
-    """The timm `body` (and a ViT's simple `pyramid`) under an `fpn`; returns the FPN maps by name, as
-    torchvision's detectors expect."""
+    """The timm `body` (and a ViT's simple `pyramid`) under an `fpn`; returns the FPN maps by name,
+    as torchvision's detectors expect."""
 
     def __init__(self, body: nn.Module, pyramid: SimplePyramid | None, fpn: FeaturePyramidNetwork,
                  out_channels: int):
@@ -52,7 +53,8 @@ class FpnBackbone(Features):
 
 def build_backbone(model_cfg: dict, out_indices: Sequence[int] | None, fpn_channels: int | None,
                    extra: str) -> tuple[FpnBackbone, list[int]]:
-    """Body + FPN (extra = "p6p7" or "pool"); returns it and the nominal stride of every output map."""
+    """Body + FPN (extra = "p6p7" or "pool"); returns it and the nominal stride of every output
+    map."""
     body = create_body(model_cfg, out_indices)
     channels = fpn_width(body, fpn_channels)
     blocks = LastLevelP6P7(channels, channels) if extra == "p6p7" else LastLevelMaxPool()
@@ -64,14 +66,15 @@ def build_backbone(model_cfg: dict, out_indices: Sequence[int] | None, fpn_chann
 
 
 def build_detector(model_cfg: dict, detector_cfg: dict, num_classes: int) -> nn.Module:
-    """A torchvision detector (labels 1..num_classes, 0 = background) on a timm backbone at `backbone.body`.
+    """A torchvision detector (labels 1..num_classes, 0 = background) on a timm backbone at
+    `backbone.body`.
 
-    detector_cfg: head (fcos | retinanet | fasterrcnn), min_size, max_size, and optionally out_indices (CNN
-    stages, default the last 3), fpn_channels (default 64 for backbones under 10M parameters, else 256),
-    score_thresh (0.05), nms_thresh (torchvision's per head), detections_per_img (100), anchor_sizes (one base
-    size per FPN level; default the stride for FCOS, 4x the stride otherwise), representation_size (Faster
-    R-CNN box head, 1024).
-    """
+    detector_cfg: head (fcos | retinanet | fasterrcnn), min_size, max_size, and optionally
+    out_indices (CNN stages, default the last 3), fpn_channels (default 64 for backbones under 10M
+    parameters, else 256), score_thresh (0.05), nms_thresh (torchvision's per head),
+    detections_per_img (100), anchor_sizes (one base size per FPN level; default the stride for
+    FCOS, 4x the stride otherwise), representation_size (Faster R-CNN box head, 1024).
+"""
     unknown = sorted(set(detector_cfg) - DETECTOR_KEYS)
     if unknown:
         raise VisloraError(f"unknown detector key(s) {unknown}; known: {sorted(DETECTOR_KEYS)}")
@@ -113,7 +116,8 @@ def build_detector(model_cfg: dict, detector_cfg: dict, num_classes: int) -> nn.
 
 
 def detection_train_modules(detector: nn.Module) -> list[str]:
-    """The modules trained fully next to a backbone adapter: the FPN (and ViT pyramid) and the head(s)."""
+    """The modules trained fully next to a backbone adapter: the FPN (and ViT pyramid) and the
+    head(s)."""
     names = ["backbone.fpn"] + (["backbone.pyramid"] if hasattr(detector.backbone, "pyramid") else [])
     if isinstance(detector, FasterRCNN):
         return names + ["rpn", "roi_heads"]

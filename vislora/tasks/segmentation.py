@@ -1,13 +1,15 @@
-"""Semantic segmentation: a timm backbone under a light decoder, per-pixel cross-entropy, mIoU over the val set.
+"""Semantic segmentation: a timm backbone under a light decoder, per-pixel cross-entropy, mIoU over
+the val set.
 
-The timm model sits at `body` of the Segmenter, so `inject(segmenter, cfg, within="body")` adapts only the
-backbone (the presets leave its stem alone) while the decoder trains fully. CNNs use timm's features_only mode; a
-plain ViT gives its last token map, and for the FPN head detection's simple pyramid. Decoders: torchvision's
-FeaturePyramidNetwork with every level convolved, upsampled and summed (Panoptic FPN's semantic branch), or
-torchvision's DeepLabV3 head on the last map. Logits are upsampled (bilinear) to the input size: the model maps an
-NCHW batch to N x C x H x W logits, so it traces and exports to ONNX like a classifier.
-The pieces: segmentation_model.py (the segmenter), segmentation_data.py (folders, masks, dataset),
-segmentation_metrics.py (IoU, overlays); this file is the task interface (vislora/tasks/__init__.py).
+The timm model sits at `body` of the Segmenter, so `inject(segmenter, cfg, within="body")` adapts
+only the backbone (the presets leave its stem alone) while the decoder trains fully. CNNs use timm's
+features_only mode; a plain ViT gives its last token map, and for the FPN head detection's simple
+pyramid. Decoders: torchvision's FeaturePyramidNetwork with every level convolved, upsampled and
+summed (Panoptic FPN's semantic branch), or torchvision's DeepLabV3 head on the last map. Logits are
+upsampled (bilinear) to the input size: the model maps an NCHW batch to N x C x H x W logits, so it
+traces and exports to ONNX like a classifier. The pieces: segmentation_model.py (the segmenter),
+segmentation_data.py (folders, masks, dataset), segmentation_metrics.py (IoU, overlays); this file
+is the task interface (vislora/tasks/__init__.py).
 """
 
 from __future__ import annotations
@@ -66,19 +68,21 @@ def image_size_of(recipe: dict) -> int | list[int]:
 
 
 def build_model(recipe: dict, classes: Sequence[str]) -> Segmenter:
-    """The recipe's segmenter for these classes (seeded: the same decoder every time the run is rebuilt)."""
+    """The recipe's segmenter for these classes (seeded: the same decoder every time the run is
+    rebuilt)."""
     return seeded(recipe, lambda: build_segmenter(recipe["model"], recipe["segmenter"], len(classes)))
 
 
 def adapt(model: Segmenter, recipe: dict) -> Segmenter:
-    """LoRA in the backbone with the decoder trained; linear_probe: the decoder only; null: everything (backbone
-    BatchNorm statistics stay frozen in all three)."""
+    """LoRA in the backbone with the decoder trained; linear_probe: the decoder only; null:
+    everything (backbone BatchNorm statistics stay frozen in all three)."""
     return adapt_segmenter(model, lora_config(recipe), probe=recipe["adapter"] == "linear_probe")
 
 
 def preprocess_of(model: Segmenter, recipe: dict, class_names: list[str]) -> dict:
-    """input_size (data.img_size or segmenter.img_size), mean/std/interpolation (the backbone's pretrained_cfg
-    unless the recipe sets them), crop_pct 1.0 (the whole image is resized), the class names and the task."""
+    """input_size (data.img_size or segmenter.img_size), mean/std/interpolation (the backbone's
+    pretrained_cfg unless the recipe sets them), crop_pct 1.0 (the whole image is resized), the
+    class names and the task."""
     d = recipe["data"]
     if d["crop_pct"] not in (None, 1, 1.0):
         raise VisloraError(f"data.crop_pct={d['crop_pct']}: segmentation resizes the whole image (leave it unset)")
@@ -89,15 +93,17 @@ def preprocess_of(model: Segmenter, recipe: dict, class_names: list[str]) -> dic
 
 
 def check_batch(recipe: dict) -> None:
-    """DeepLabV3's image-pooling branch normalises one value per channel and image: BatchNorm cannot train on a
-    batch of one (torch: 'Expected more than 1 value per channel'), so that is refused before any work."""
+    """DeepLabV3's image-pooling branch normalises one value per channel and image: BatchNorm cannot
+    train on a batch of one (torch: 'Expected more than 1 value per channel'), so that is refused
+    before any work."""
     if recipe["segmenter"]["head"] == "deeplabv3" and recipe["train"]["batch_size"] < 2:
         raise VisloraError("train.batch_size=1 cannot train segmenter.head deeplabv3 (the BatchNorm of its image-"
                          "pooling branch needs 2 images a batch): set train.batch_size >= 2, or segmenter.head fpn")
 
 
 def build(recipe: dict) -> Setup:
-    """Scan ROOT/{train,val}/{images,masks} and classes.txt, build the base segmenter and its preprocessing."""
+    """Scan ROOT/{train,val}/{images,masks} and classes.txt, build the base segmenter and its
+    preprocessing."""
     d = recipe["data"]
     check_batch(recipe)
     classes = read_classes(d["path"])
@@ -128,8 +134,8 @@ def loss(model: nn.Module, batch, device: torch.device, recipe: dict) -> tuple[T
 
 @torch.no_grad()
 def validate(model: nn.Module, loader, device: torch.device, amp_dtype, world: int) -> dict:
-    """Loss per pixel, mIoU and pixel accuracy from one confusion matrix over the whole val set (each rank's shard,
-    summed across ranks), and how many classes were predicted anywhere."""
+    """Loss per pixel, mIoU and pixel accuracy from one confusion matrix over the whole val set
+    (each rank's shard, summed across ranks), and how many classes were predicted anywhere."""
     model.eval()
     n = len(loader.dataset.class_names)
     matrix = torch.zeros(n, n, dtype=torch.int64, device=device)
@@ -152,8 +158,9 @@ def validate(model: nn.Module, loader, device: torch.device, amp_dtype, world: i
 
 
 def health(row: dict, num_classes: int) -> str | None:
-    """A warning when every val pixel still gets the same class after COLLAPSE_EPOCHS epochs (the decoder collapsed
-    to the majority class; in the first epochs a dominant background alone is normal)."""
+    """A warning when every val pixel still gets the same class after COLLAPSE_EPOCHS epochs (the
+    decoder collapsed to the majority class; in the first epochs a dominant background alone is
+    normal)."""
     if row.get("val_predicted_classes", num_classes) > 1 or row["epoch"] < COLLAPSE_EPOCHS:
         return None
     return (f"training looks collapsed at epoch {row['epoch']}: every val pixel gets the same class (val mIoU "
@@ -162,8 +169,8 @@ def health(row: dict, num_classes: int) -> str | None:
 
 
 def synthetic_batch(preprocess: dict, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """n random images at preprocess's input_size (standard normal, as normalised pixels are) and a random class
-    per pixel: the collate's (images, masks), to time training steps on."""
+    """n random images at preprocess's input_size (standard normal, as normalised pixels are) and a
+    random class per pixel: the collate's (images, masks), to time training steps on."""
     g = torch.Generator().manual_seed(seed)
     size = [int(s) for s in preprocess["input_size"]]
     images = torch.randn(n, *size, generator=g)
@@ -177,8 +184,8 @@ def recipe_classes(recipe: dict) -> list[str] | None:
 
 
 def preview(batch, preprocess: dict, classes: list[str]) -> list[tuple[np.ndarray, str]]:
-    """A training batch as the model sees it (augmented crops; normalisation undone), its masks blended over,
-    captioned with the classes present."""
+    """A training batch as the model sees it (augmented crops; normalisation undone), its masks
+    blended over, captioned with the classes present."""
     images, masks = batch
     tiles = []
     for x, mask in zip(images.numpy(), masks.numpy(), strict=True):
@@ -189,7 +196,8 @@ def preview(batch, preprocess: dict, classes: list[str]) -> list[tuple[np.ndarra
 
 
 def predictor(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
-    """NCHW float32 batch -> N x C x H x W logits, with the PyTorch model (the convention of exported files)."""
+    """NCHW float32 batch -> N x C x H x W logits, with the PyTorch model (the convention of
+    exported files)."""
     return batch_predictor(model)
 
 
@@ -205,15 +213,16 @@ def example_inputs(recipe: dict, preprocess: dict, n: int = 8) -> Tensor | None:
 
 
 def _mask_at(logits: np.ndarray, height: int, width: int) -> np.ndarray:
-    """1 x C x h x w logits upsampled (bilinear) to height x width, argmax: the HxW uint8 class mask."""
+    """1 x C x h x w logits upsampled (bilinear) to height x width, argmax: the HxW uint8 class
+    mask."""
     up = F.interpolate(torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)), size=(height, width),
                        mode="bilinear", align_corners=False)
     return up[0].argmax(0).numpy().astype(np.uint8)
 
 
 def _mask_path(out_dir: Path, path: Path, taken: set[str], inputs: set[Path]) -> Path:
-    """OUT_DIR/<stem>_mask.png, numbered where that name is taken by another mask of this call or by an input
-    image (predicting a.png beside an input a_mask.png must never overwrite it)."""
+    """OUT_DIR/<stem>_mask.png, numbered where that name is taken by another mask of this call or by
+    an input image (predicting a.png beside an input a_mask.png must never overwrite it)."""
     stem, k = f"{path.stem}_mask", 1
     while stem in taken or (out_dir / f"{stem}.png").resolve() in inputs:
         stem, k = f"{path.stem}_mask_{k}", k + 1
@@ -223,9 +232,10 @@ def _mask_path(out_dir: Path, path: Path, taken: set[str], inputs: set[Path]) ->
 
 def predict(predictor: Callable[[np.ndarray], np.ndarray], preprocess: dict, image_paths: Sequence[str | os.PathLike],
             topk: int = 5, out_dir: str | os.PathLike | None = None) -> list[dict]:
-    """Per image: a palette PNG of the predicted classes at the image's own size (OUT_DIR/<stem>_mask.png) and the
-    class pixel shares; all results also go to OUT_DIR/predictions.json. out_dir None = ./predictions.
-    An unreadable image gets {"path", "error"}."""
+    """Per image: a palette PNG of the predicted classes at the image's own size
+    (OUT_DIR/<stem>_mask.png) and the class pixel shares; all results also go to
+    OUT_DIR/predictions.json. out_dir None = ./predictions. An unreadable image gets {"path",
+    "error"}."""
     names = preprocess["class_names"]
     out_dir = Path(out_dir if out_dir is not None else PREDICT_DIR)
     transform = EvalTransform(preprocess, whole=True)
@@ -258,8 +268,9 @@ def format_prediction(result: dict) -> str:
 
 def evaluate(predictor: Callable[[np.ndarray], np.ndarray], preprocess: dict, recipe: dict | None, data,
              out: Path, batch_size: int, workers: int = 2, run_dir: Path | None = None) -> dict:
-    """mIoU, pixel accuracy, per-class IoU and the confusion matrix of `predictor` on --data or the run's val split,
-    accumulated over every pixel of every image; OUT_confusion.{csv,png} and OUT_masks.png go beside OUT."""
+    """mIoU, pixel accuracy, per-class IoU and the confusion matrix of `predictor` on --data or the
+    run's val split, accumulated over every pixel of every image; OUT_confusion.{csv,png} and
+    OUT_masks.png go beside OUT."""
     classes = preprocess["class_names"]
     pairs, skipped = eval_pairs(data, recipe, classes)
     dataset = SegmentationDataset(pairs, classes, EvalTransform(preprocess, whole=True), skipped)

@@ -1,6 +1,7 @@
-"""Segmentation data: ROOT/{train,val}/images/* with ROOT/{train,val}/masks/<stem>.png (class indices, 255 =
-ignore) and ROOT/classes.txt (one name a line, 0 = background); the scan that names every unusable pair, the
-dataset (its transforms: vislora.augment's train_pipeline, target "mask", and EvalTransform, whole=True)."""
+"""Segmentation data: ROOT/{train,val}/images/* with ROOT/{train,val}/masks/<stem>.png (class
+indices, 255 = ignore) and ROOT/classes.txt (one name a line, 0 = background); the scan that names
+every unusable pair, the dataset (its transforms: vislora.augment's train_pipeline, target "mask",
+and EvalTransform, whole=True)."""
 
 from __future__ import annotations
 
@@ -52,8 +53,8 @@ def read_classes(root: str | os.PathLike) -> list[str]:
 
 
 def check_pair(image_path: Path, mask_path: Path, num_classes: int) -> tuple[Path, str] | None:
-    """(the file at fault, why) when this image and mask cannot be used, None when they can: unreadable, sizes
-    differ, or an index outside the class list other than 255."""
+    """(the file at fault, why) when this image and mask cannot be used, None when they can:
+    unreadable, sizes differ, or an index outside the class list other than 255."""
     try:
         width, height = image.image_size(image_path)
     except ValueError as e:
@@ -78,8 +79,9 @@ def _files(folder: Path, suffixes: Sequence[str]) -> list[Path]:
 
 
 def scan_pairs(folder: str | os.PathLike, num_classes: int) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]]]:
-    """(image, mask) pairs of FOLDER/images/* and FOLDER/masks/<stem>.png, and (path, reason) of what is skipped:
-    an image without a mask, a mask without an image, or a pair check_pair rejects. Logs every reason."""
+    """(image, mask) pairs of FOLDER/images/* and FOLDER/masks/<stem>.png, and (path, reason) of
+    what is skipped: an image without a mask, a mask without an image, or a pair check_pair rejects.
+    Logs every reason."""
     folder = Path(folder)
     for sub in ("images", "masks"):
         if not (folder / sub).is_dir():
@@ -109,8 +111,8 @@ def scan_pairs(folder: str | os.PathLike, num_classes: int) -> tuple[list[tuple[
 
 
 class SegmentationDataset(Dataset):
-    """(CHW float32 image, HxW int64 mask) per pair; `skipped` lists the paths set aside at scan time. A pair that
-    fails to load later gives None (logged), which segmentation_collate drops."""
+    """(CHW float32 image, HxW int64 mask) per pair; `skipped` lists the paths set aside at scan
+    time. A pair that fails to load later gives None (logged), which segmentation_collate drops."""
 
     def __init__(self, pairs: list[tuple[Path, Path]], class_names: list[str], transform: A.Compose,
                  skipped: Sequence[str] = ()):
@@ -135,7 +137,8 @@ class SegmentationDataset(Dataset):
 
 
 def segmentation_collate(batch: list) -> tuple[Tensor, Tensor]:
-    """Stack images and masks, without the None of files that failed to load (an empty batch has 0 images)."""
+    """Stack images and masks, without the None of files that failed to load (an empty batch has 0
+    images)."""
     batch = [b for b in batch if b is not None]
     if not batch:
         return torch.zeros(0, 3, 0, 0), torch.zeros(0, 0, 0, dtype=torch.long)
@@ -151,8 +154,8 @@ def _val_dir(root: Path) -> Path | None:
 
 def split_pairs(root: str | os.PathLike, classes: list[str], val_fraction: float, seed: int
                 ) -> tuple[list, list, list[str], list[str]]:
-    """(train pairs, val pairs, skipped train paths, skipped val paths) of ROOT/train and ROOT/val, or of ROOT/train
-    split by a seeded val_fraction when there is no val folder."""
+    """(train pairs, val pairs, skipped train paths, skipped val paths) of ROOT/train and ROOT/val,
+    or of ROOT/train split by a seeded val_fraction when there is no val folder."""
     root = Path(root)
     train, skipped = scan_pairs(root / "train", len(classes))
     val_dir = _val_dir(root)
@@ -167,8 +170,9 @@ def split_pairs(root: str | os.PathLike, classes: list[str], val_fraction: float
 
 def eval_pairs(data: str | os.PathLike | None, recipe: dict | None, classes: list[str]
                ) -> tuple[list[tuple[Path, Path]], list[str]]:
-    """The pairs to evaluate and the skipped paths: --data (ROOT/val/{images,masks}, or ROOT/{images,masks}), else
-    the run's val split. A classes.txt there must name the run's classes."""
+    """The pairs to evaluate and the skipped paths: --data (ROOT/val/{images,masks}, or
+    ROOT/{images,masks}), else the run's val split. A classes.txt there must name the run's
+    classes."""
     if data is None:
         if recipe is None:
             raise VisloraError("evaluating an exported file needs --data DIR (DIR/val/images + DIR/val/masks, or "

@@ -1,4 +1,5 @@
-"""Segmentation metrics and pictures: the pixel confusion matrix, IoU / mIoU / pixel accuracy, mask overlays."""
+"""Segmentation metrics and pictures: the pixel confusion matrix, IoU / mIoU / pixel accuracy, mask
+overlays."""
 
 from __future__ import annotations
 
@@ -14,15 +15,17 @@ from vislora.tasks.segmentation_data import IGNORE
 
 
 def confusion(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
-    """num_classes x num_classes pixel counts (row: true class, column: predicted), ignore pixels left out."""
+    """num_classes x num_classes pixel counts (row: true class, column: predicted), ignore pixels
+    left out."""
     keep = (target != IGNORE) & (target < num_classes)
     index = target[keep].long() * num_classes + pred[keep].long()
     return torch.bincount(index, minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
 
 def scores(matrix: np.ndarray) -> dict:
-    """IoU per class (nan where a class is neither present nor predicted), their mean over the classes that have
-    one (mIoU), and pixel accuracy, from a confusion matrix accumulated over the whole set."""
+    """IoU per class (nan where a class is neither present nor predicted), their mean over the
+    classes that have one (mIoU), and pixel accuracy, from a confusion matrix accumulated over the
+    whole set."""
     m = np.asarray(matrix, dtype=np.float64)
     tp = np.diag(m)
     union = m.sum(0) + m.sum(1) - tp
@@ -32,7 +35,8 @@ def scores(matrix: np.ndarray) -> dict:
 
 
 def segmentation_report(matrix: np.ndarray, classes: list[str]) -> dict:
-    """mIoU, pixel accuracy, per-class IoU (None: class absent and never predicted) and pixel support."""
+    """mIoU, pixel accuracy, per-class IoU (None: class absent and never predicted) and pixel
+    support."""
     s = scores(matrix)
     return {"miou": s["miou"], "pixel_acc": s["pixel_acc"],
             "per_class": {name: {"iou": None if math.isnan(s["iou"][i]) else float(s["iou"][i]),
@@ -40,7 +44,7 @@ def segmentation_report(matrix: np.ndarray, classes: list[str]) -> dict:
             "confusion_matrix": np.asarray(matrix, dtype=np.int64).tolist()}
 
 
-# ---- plots ------------------------------------------------------------------------------------------
+# ---- plots ---------------------------------------------------------------------------------------
 def overlay(rgb: np.ndarray, mask: np.ndarray, strength: float = 0.55) -> np.ndarray:
     """The mask's palette colours blended over the image (background, index 0, left as it is)."""
     colours = image.mask_palette()[mask].astype(np.float32)
@@ -49,7 +53,8 @@ def overlay(rgb: np.ndarray, mask: np.ndarray, strength: float = 0.55) -> np.nda
 
 
 def plot_masks(samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]], classes: list[str], path: Path) -> Path:
-    """A PNG grid, one row per (image, true mask, predicted mask): the image, then each mask over it."""
+    """A PNG grid, one row per (image, true mask, predicted mask): the image, then each mask over
+    it."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch

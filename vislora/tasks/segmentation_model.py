@@ -1,6 +1,7 @@
-"""The segmenter: a light decoder (torchvision's FPN with every level convolved and summed, or DeepLabV3's head)
-on the timm backbone (tasks/backbone.py); logits are upsampled (bilinear) to the input size, so the model maps an
-NCHW batch to N x C x H x W logits and traces and exports to ONNX like a classifier."""
+"""The segmenter: a light decoder (torchvision's FPN with every level convolved and summed, or
+DeepLabV3's head) on the timm backbone (tasks/backbone.py); logits are upsampled (bilinear) to the
+input size, so the model maps an NCHW batch to N x C x H x W logits and traces and exports to ONNX
+like a classifier."""
 
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ SEGMENTER_KEYS = {"head", "img_size", "out_indices", "channels", "output_stride"
 
 
 class FpnDecoder(nn.Module):
-    """torchvision's FPN over the feature maps, each level through a 3x3 conv (GroupNorm, ReLU), upsampled to the
-    finest level and summed, then a 1x1 classifier: Panoptic FPN's semantic branch, one conv per level."""
+    """torchvision's FPN over the feature maps, each level through a 3x3 conv (GroupNorm, ReLU),
+    upsampled to the finest level and summed, then a 1x1 classifier: Panoptic FPN's semantic branch,
+    one conv per level."""
 
     def __init__(self, in_channels: Sequence[int], channels: int, num_classes: int):
         super().__init__()
@@ -62,8 +64,8 @@ class DeepLabDecoder(nn.Module):
 
 
 class Segmenter(Features):
-    """A timm `body` (features_only CNN or plain ViT), a ViT's optional simple `pyramid`, a `decoder`;
-    NCHW images -> N x num_classes x H x W logits."""
+    """A timm `body` (features_only CNN or plain ViT), a ViT's optional simple `pyramid`, a
+    `decoder`; NCHW images -> N x num_classes x H x W logits."""
 
     def __init__(self, body: nn.Module, decoder: nn.Module, pyramid: SimplePyramid | None = None):
         super().__init__(body, pyramid)
@@ -75,8 +77,9 @@ class Segmenter(Features):
 
 
 def build_segmenter(model_cfg: dict, segmenter_cfg: dict, num_classes: int) -> Segmenter:
-    """The recipe's timm backbone (detection's create_body: checkpoint checked, stem named) under the chosen head.
-    segmenter_cfg: the recipe's `segmenter` section (see vislora/defaults.py for every key's meaning)."""
+    """The recipe's timm backbone (detection's create_body: checkpoint checked, stem named) under
+    the chosen head. segmenter_cfg: the recipe's `segmenter` section (see vislora/defaults.py for
+    every key's meaning)."""
     unknown = sorted(set(segmenter_cfg) - SEGMENTER_KEYS)
     if unknown:
         raise VisloraError(f"unknown segmenter key(s) {unknown}; known: {sorted(SEGMENTER_KEYS)}")
@@ -105,6 +108,7 @@ def segmenter_train_modules(model: Segmenter) -> list[str]:
 
 
 def adapt_segmenter(model: Segmenter, lora: LoraConfig | None, probe: bool = False) -> Segmenter:
-    """LoRA inside `body` with the decoder trained; None: full fine-tuning; probe: the decoder alone."""
+    """LoRA inside `body` with the decoder trained; None: full fine-tuning; probe: the decoder
+    alone."""
     return adapt_backbone(model, lora, "body", segmenter_train_modules(model), probe)
 
