@@ -15,7 +15,6 @@ from pathlib import Path
 
 import timm
 import torch
-from safetensors.torch import load_file
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -34,7 +33,7 @@ from vislora.shrink import format_shrink, shrink_run
 from vislora.spectrum import format_spectrum, plot_spectrum, spectrum
 from vislora.svd import extract_adapter
 from vislora.targets import classifier_names
-from vislora.tasks.backbone import load_weights
+from vislora.tasks.backbone import load_weights, read_checkpoint
 from vislora.train import train
 
 
@@ -169,7 +168,7 @@ def cmd_footprint(args) -> int:
 def _head_size(model_name: str, kwargs: dict, path: Path) -> int | None:
     """The classifier size stored in a timm weights file (None if it holds no classifier)."""
     heads = classifier_names(timm.create_model(model_name, pretrained=False, **kwargs))
-    state = load_file(str(path))
+    state = read_checkpoint(path, "the weights file")
     sizes = [state[f"{h}.weight"].shape[0] for h in heads if f"{h}.weight" in state]
     return sizes[0] if sizes else None
 

@@ -76,19 +76,19 @@ def save_epoch(run_dir: Path, model: nn.Module, state: dict, improved: bool, cur
     atomic_save(state, run_dir / CHECKPOINTS / "last.pt")
 
 
-def load_checkpoint(run_dir: Path) -> dict:
-    """The training state of checkpoints/last.pt (tensors and plain data only: weights_only). A file
-    that is not such a checkpoint (truncated, or a pickle with code in it) is a ValueError naming
-    it."""
-    path = run_dir / CHECKPOINTS / "last.pt"
+def load_checkpoint(run_dir: Path, name: str = "last.pt", why: str = "--resume") -> dict:
+    """The training state of checkpoints/NAME (last.pt: --resume; best.pt: a collapse's recovery), tensors
+    and plain data only (weights_only). A file that is not such a checkpoint (truncated, or a pickle with
+    code in it) is a VisloraError naming it, with `why` it was read."""
+    path = run_dir / CHECKPOINTS / name
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError (bad zip), EOFError ...: the file, not vislora
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise VisloraError(f"--resume: {path} is not a training checkpoint vislora can read ({reason[:160]}); "
+        raise VisloraError(f"{why}: {path} is not a training checkpoint vislora can read ({reason[:160]}); "
                          "start the run again with --force") from None
     if not isinstance(state, dict) or not {"epoch", "model", "optimizer"} <= set(state):
-        raise VisloraError(f"--resume: {path} is not a vislora training checkpoint (no epoch / model / optimizer)")
+        raise VisloraError(f"{why}: {path} is not a vislora training checkpoint (no epoch / model / optimizer)")
     state["model"] = upgrade_state_dict(state["model"])  # factor keys of checkpoints before the variant seam
     return state
 

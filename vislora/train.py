@@ -384,7 +384,7 @@ def recover(loop: Loop, row: dict) -> None:
     before, best = max(loop.scheduler.base_lrs), loop.run_dir / rundir.CHECKPOINTS / "best.pt"
     restored = None
     if best.is_file():
-        state = torch.load(best, map_location="cpu", weights_only=True)
+        state = rundir.load_checkpoint(loop.run_dir, best.name, "collapse recovery")
         loop.model.load_state_dict(state["model"], strict=False)
         loop.optimizer.load_state_dict(state["optimizer"])
         if loop.ema is not None:

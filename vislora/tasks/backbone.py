@@ -89,14 +89,14 @@ def create_timm(model_cfg: dict, defaults: dict | None = None, pretrained: bool 
                            f"({type(e).__name__}: {why}). Offline, {hub.OFFLINE_OPTIONS}") from None
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
-    """The tensors of model.checkpoint, a .safetensors file (pickles are never read: they run
-    code)."""
+def read_checkpoint(path: str | os.PathLike, what: str = "model.checkpoint") -> dict[str, Tensor]:
+    """The tensors of a timm weights file (`what`: the recipe field or argument that named it), a
+    .safetensors file (pickles are never read: they run code)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"model.checkpoint not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     if path.suffix != ".safetensors":
-        raise VisloraError(f"model.checkpoint {path} must be a .safetensors file (pickled checkpoints are not read)")
+        raise VisloraError(f"{what} {path} must be a .safetensors file (pickled checkpoints are not read)")
     return load_file(str(path))
 
 
