@@ -327,7 +327,7 @@ def test_a_dora_run_through_every_command(tmp_path, monkeypatch):
 @pytest.mark.parametrize("layer", [nn.Linear(8, 6), nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.Conv2d(4, 6, 1)],
                          ids=["linear", "depthwise", "conv1x1"])
 def test_dora_on_dead_rows_stays_finite(layer):
-    """Pretrained weights hold filters of zero norm (EfficientNet-Lite0: 31 in its convs; DoRA there gave a NaN
+    """Pretrained weights hold filters of zero norm (EfficientNet-Lite0: 5 depthwise ones; DoRA there gave a NaN
     loss in the first batch): g = m / n is 0 there, not NaN; the layer starts as the base, merges exactly and
     its gradients are finite."""
     torch.manual_seed(0)

@@ -225,8 +225,8 @@ class DoRA(LowRank):
 
     def scale(self, norms: torch.Tensor) -> torch.Tensor:
         """g per output row: m / n on the adapted rows (n detached), 1 elsewhere; differentiable in
-        m. A row of zero norm (pretrained weights hold dead filters: 31 in EfficientNet-Lite0's
-        convs) has m = 0 and gets g = 0, not 0 / 0 = NaN, so it stays the zero row it was."""
+        m. A row of zero norm (pretrained weights hold dead filters: 5 depthwise ones in
+        EfficientNet-Lite0) has m = 0 and gets g = 0, not 0 / 0 = NaN, so it stays the zero row it was."""
         m = self.lora_magnitude
         n = norms.detach().to(m.dtype).clamp_min(torch.finfo(m.dtype).tiny)
         if not self.qkv_parts:
