@@ -13,6 +13,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from timm.layers import Conv2dSame, MixedConv2d, StdConv2d
 from torch.nn.utils import parametrizations
+from zoo import interrupt_validation
 
 import vislora.spectrum
 import vislora.svd
@@ -21,7 +22,6 @@ from vislora.cli import main
 from vislora.data import make_synthetic_folder
 from vislora.layers import DoRA
 from vislora.recipe import resolve
-from vislora.tasks import classification
 from vislora.train import build_optimizer
 
 VIT = dict(img_size=32, patch_size=8, depth=2)
@@ -295,17 +295,9 @@ def test_a_dora_run_through_every_command(tmp_path, monkeypatch):
               "train": {"epochs": 3, "batch_size": 8, "warmup_epochs": 0, "lora_plus_ratio": 4}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["train", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "straight")]) == 0
-    real, calls = classification.validate, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(classification, "validate", interrupted)
+    restore_validate = interrupt_validation(monkeypatch)
     assert main(["train", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run")]) == 130
-    monkeypatch.setattr(classification, "validate", real)
+    restore_validate()
     assert main(["train", "--resume", "--out", str(tmp_path / "run")]) == 0
     a = torch.load(tmp_path / "straight/checkpoints/last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["model"]

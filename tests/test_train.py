@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from zoo import write_recipe
+from zoo import interrupt_validation, write_recipe
 
 import vislora.train as vtrain
 from vislora import knobs
@@ -206,17 +206,9 @@ def test_no_val_split_keeps_the_last_epoch(tmp_path, capsys):
 
 def test_resume_from_the_command_line_uses_the_runs_own_recipe(tmp_path, split_images, monkeypatch):
     recipe = write_recipe(tmp_path / "r.yaml", split_images, {"r": 4, "targets": "vit"})
-    real, calls = classification.validate, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(classification, "validate", interrupted)
+    restore_validate = interrupt_validation(monkeypatch)
     assert main(["train", str(recipe), "--out", str(tmp_path / "run")]) == 130  # Ctrl-C in epoch 2
-    monkeypatch.setattr(classification, "validate", real)
+    restore_validate()
     recipe.unlink()  # the run's own recipe.yaml is all --resume needs
     assert main(["train", "--resume", "--out", str(tmp_path / "run")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]

@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from vislora import LoraConfig
+from vislora.tasks import classification
 
 VIT_KWARGS = {"img_size": 32, "patch_size": 4, "depth": 2}
 
@@ -84,3 +85,18 @@ def best_top1(run: Path) -> float:
     """The best val top1 a run's metrics.jsonl reports."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return max(r["val_top1"] for r in rows)
+
+
+def interrupt_validation(monkeypatch, at: int = 2):
+    """classification.validate raises KeyboardInterrupt on its `at`-th call (Ctrl-C during a run); returns
+    the function that puts the real validate back."""
+    real, calls = classification.validate, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(classification, "validate", interrupted)
+    return lambda: monkeypatch.setattr(classification, "validate", real)
