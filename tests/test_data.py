@@ -308,6 +308,31 @@ def test_build_loader_is_seeded_and_honours_a_sampler():
     assert torch.cat([y for _, y in with_sampler]).tolist() == [1, 3, 5, 7, 9]
 
 
+@pytest.mark.parametrize("n,batch,epochs,min_steps,accum,world,passes", [
+    (60, 64, 10, None, 1, 1, 1),   # no floor
+    (1000, 64, 10, 100, 1, 1, 1),  # 15 steps an epoch x 10 already >= 100
+    (60, 64, 10, 100, 1, 1, 11),   # one partial batch an epoch; 11 passes = 660 images = 10 full batches
+    (120, 64, 10, 100, 1, 1, 6),   # 720 -> 11 batches an epoch
+    (120, 64, 10, 100, 2, 1, 11),  # grad_accum 2 halves the steps of a pass
+    (120, 64, 10, 100, 1, 2, 11),  # two ranks share the images
+    (48, 16, 2, 10, 1, 1, 2),
+], ids=["off", "met", "tiny", "small", "accum", "ranks", "test-size"])
+def test_min_steps_passes_over_a_small_folder_until_the_floor(n, batch, epochs, min_steps, accum, world, passes):
+    t = {"min_steps": min_steps, "epochs": epochs, "batch_size": batch, "grad_accum": accum}
+    assert vdata.passes_for(n, t, world) == passes
+    if passes > 1:  # the fewest passes that reach the floor
+        assert epochs * vdata.optimizer_steps(n * passes, batch, accum, world) >= min_steps
+        assert epochs * vdata.optimizer_steps(n * (passes - 1), batch, accum, world) < min_steps
+
+
+def test_repeated_dataset_cycles_its_items_and_keeps_the_augmentation():
+    source = Indices()
+    source.transform = "the pipeline"
+    repeated = vdata.Repeated(source, 3)
+    assert len(repeated) == 30 and [repeated[i][1] for i in (0, 9, 10, 29)] == [0, 9, 0, 9]
+    assert repeated.transform == "the pipeline"
+
+
 def test_synthetic_classes_are_learnable(tmp_path):
     root = vdata.make_synthetic_folder(tmp_path, classes=4, per_class=20, size=32, seed=3)
     train, val = vdata.scan_folder(root, val_fraction=0.25, seed=0)

@@ -298,7 +298,10 @@ def run_defaults(args: argparse.Namespace, data: dict[str, Path], out: Path, nam
                         continue
                     run_dir = out / "defaults" / model / target / contender / str(seed)
                     start = time.perf_counter()
-                    recipe = defaults_recipe(model, data[target], adapter, args.epochs, seed, *extra)
+                    sections = {k: dict(v) for k, v in (extra[0] if extra else {}).items()}
+                    if args.min_steps:
+                        sections.setdefault("train", {})["min_steps"] = args.min_steps
+                    recipe = defaults_recipe(model, data[target], adapter, args.epochs, seed, sections)
                     train(recipe, run_dir, adapt=adapt)
                     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
                     summary = json.loads((run_dir / "train_summary.json").read_text())["summary"]
@@ -417,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="+", default=None, help="defaults mode: run only these contenders")
     p.add_argument("--head-epochs", type=int, default=0,
                    help="defaults mode: add LoRA with an LP-FT head stage of this many epochs as a contender")
+    p.add_argument("--min-steps", type=int, default=None,
+                   help="defaults / proof modes: train.min_steps for every run (issue #30's step floor)")
     p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
     p.add_argument("--epochs", type=int, default=None, help="default 5")
     p.add_argument("--batch", type=int, default=64)

@@ -94,6 +94,9 @@ DEFAULTS: dict[str, Any] = {
         "lowrank_penalty": 0.0,  # lambda of the Frobenius penalty sum ||B A||_F^2 (vislora.svd)
         "factor_l2": 0.0,  # plain L2 on the factors A and B, added to the loss
         "max_steps": None,  # stop after this many optimizer steps (smoke tests)
+        # a small folder gives few optimizer steps (120 images at batch 64: 1 step an epoch): each
+        # epoch then passes over it several times, until train.epochs epochs make at least this many
+        "min_steps": None,
         # what a detected collapse (the task's health check, silent during warm-up) does: recover =
         # the best epoch's model and optimizer state come back from checkpoints/best.pt and the rest
         # of the schedule runs at COLLAPSE_LR_FACTOR x the lr (vislora.train), at most
