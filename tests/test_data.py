@@ -316,13 +316,16 @@ def test_build_loader_is_seeded_and_honours_a_sampler():
     (120, 64, 10, 100, 2, 1, 11),  # grad_accum 2 halves the steps of a pass
     (120, 64, 10, 100, 1, 2, 11),  # two ranks share the images
     (48, 16, 2, 10, 1, 1, 2),
-], ids=["off", "met", "tiny", "small", "accum", "ranks", "test-size"])
+    (60, 64, 1, 100, 1, 1, 5),     # train.max_steps 4 caps the floor (fewshot's one-epoch cells)
+], ids=["off", "met", "tiny", "small", "accum", "ranks", "test-size", "max-steps"])
 def test_min_steps_passes_over_a_small_folder_until_the_floor(n, batch, epochs, min_steps, accum, world, passes):
-    t = {"min_steps": min_steps, "epochs": epochs, "batch_size": batch, "grad_accum": accum}
+    t = {"min_steps": min_steps, "epochs": epochs, "batch_size": batch, "grad_accum": accum,
+         "max_steps": 4 if epochs == 1 else None}
     assert vdata.passes_for(n, t, world) == passes
     if passes > 1:  # the fewest passes that reach the floor
-        assert epochs * vdata.optimizer_steps(n * passes, batch, accum, world) >= min_steps
-        assert epochs * vdata.optimizer_steps(n * (passes - 1), batch, accum, world) < min_steps
+        floor = min(min_steps, t["max_steps"] or min_steps)
+        assert epochs * vdata.optimizer_steps(n * passes, batch, accum, world) >= floor
+        assert epochs * vdata.optimizer_steps(n * (passes - 1), batch, accum, world) < floor
 
 
 def test_repeated_dataset_cycles_its_items_and_keeps_the_augmentation():

@@ -332,10 +332,10 @@ def optimizer_steps(n: int, batch_size: int, grad_accum: int = 1, world: int = 1
 
 def passes_for(n: int, t: dict, world: int = 1) -> int:
     """How many times an epoch passes over n train images so that train.epochs epochs make at least
-    train.min_steps optimizer steps (1 when min_steps is None or already met)."""
+    train.min_steps optimizer steps (at most train.max_steps; 1 when min_steps is None or met)."""
+    floor = min(t["min_steps"] or 0, t.get("max_steps") or math.inf)
     passes = 1
-    while t["min_steps"] and t["epochs"] * optimizer_steps(n * passes, t["batch_size"], t["grad_accum"],
-                                                             world) < t["min_steps"]:
+    while t["epochs"] * optimizer_steps(n * passes, t["batch_size"], t["grad_accum"], world) < floor:
         passes += 1
     return passes
 
