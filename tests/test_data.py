@@ -14,13 +14,14 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 from sklearn.linear_model import LogisticRegression
-from zoo import RUN_VIT
 
 from vislora import data as vdata
 from vislora.augment import EvalTransform, train_pipeline
 from vislora.image import read_image
 from vislora.recipe import resolve
 from vislora.tasks import backbone, classification
+
+from zoo import RUN_VIT
 
 ODD = ("odd_gray.png", "odd_cmyk.jpg", "odd_palette.png", "odd_rgba.png", "odd_upper.JPG", "odd_photo.webp")
 PRE = {"input_size": (3, 32, 32), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),

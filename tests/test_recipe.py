@@ -4,10 +4,11 @@ path given on the command line)."""
 import os
 
 import yaml
-from zoo import write_recipe
 
 from vislora.cli import main
 from vislora.recipe import load_recipe
+
+from zoo import write_recipe
 
 
 def test_relative_paths_resolve_against_the_recipe_or_the_working_directory(tmp_path, split_images, monkeypatch):

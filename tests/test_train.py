@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from zoo import interrupt_validation, write_recipe
 
 import vislora.train as vtrain
 from vislora import knobs
@@ -14,7 +13,8 @@ from vislora.data import make_synthetic_folder
 from vislora.evaluate import evaluate
 from vislora.recipe import load_recipe, resolve
 from vislora.rundir import load_run
-from vislora.tasks import classification
+
+from zoo import interrupt_validation, write_recipe
 
 VIT = {"name": "vit_tiny_patch16_224", "pretrained": False, "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2}}
 CNN = {"name": "test_efficientnet", "pretrained": False, "kwargs": {}}
@@ -63,18 +63,10 @@ def test_resume_after_interrupt_matches_uninterrupted(tmp_path, folder, monkeypa
     min_steps each epoch passes over the folder several times."""
     recipe = recipe_for(VIT, {"r": 4, "targets": "vit"}, folder, head_epochs=head_epochs, min_steps=min_steps)
     vtrain.train(recipe, tmp_path / "straight")
-    real_validate, calls = classification.validate, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # Ctrl-C during epoch 2, after epoch 1's checkpoint was written
-        return real_validate(*args, **kwargs)
-
-    monkeypatch.setattr(classification, "validate", interrupted)
+    restore_validate = interrupt_validation(monkeypatch)  # Ctrl-C in epoch 2, after epoch 1's checkpoint
     with pytest.raises(KeyboardInterrupt):
         vtrain.train(recipe, tmp_path / "resumed")
-    monkeypatch.setattr(classification, "validate", real_validate)
+    restore_validate()
     first = torch.load(tmp_path / "resumed/checkpoints/last.pt", weights_only=True)
     assert first["epoch"] == 1
     lora_b = [v for k, v in first["model"].items() if k.endswith("lora_B")]
