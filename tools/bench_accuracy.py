@@ -374,7 +374,8 @@ def proof_verdict(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-PROOF_FITS_VIT = ("gray16", "emoji", "tissue_sky", "mpl_pair")  # at most 32 px: the shipped 28 px ViT runs there
+# at most 32 px: the shipped 28 px ViT runs there
+PROOF_FITS_VIT = ("gray16", "emoji", "tissue_sky", "mpl_pair", "town", "clipart")
 
 
 def main_proof(args: argparse.Namespace) -> int:
@@ -410,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=["tuned", "defaults", "proof"], default="tuned")
     p.add_argument("--models", nargs="+", default=None, help="default: Lite0 and MobileNetV2 (+ vit_fmnist: defaults)")
     p.add_argument("--targets", nargs="+", default=None,
-                   choices=["fmnist", "mnist", "digits", "scenes", "gray16", "emoji", "tissue_sky", "pair", "mpl_pair"],
+                   choices=["fmnist", "mnist", "digits", "scenes", "gray16", "emoji", "tissue_sky", "pair", "mpl_pair",
+                            "stamps", "town", "clipart", "papers"],
                    help="default: fmnist mnist (+ digits: defaults; proof: the six proof folders)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="defaults mode")
     p.add_argument("--hybrid", action="store_true", help="defaults mode: LoRA + norms/biases, LoRA + last block")
