@@ -312,13 +312,14 @@ def test_build_loader_is_seeded_and_honours_a_sampler():
 @pytest.mark.parametrize("n,batch,epochs,min_steps,accum,world,passes", [
     (60, 64, 10, None, 1, 1, 1),   # no floor
     (1000, 64, 10, 100, 1, 1, 1),  # 15 steps an epoch x 10 already >= 100
+    (1000, 64, 4, 60, 1, 1, 1),    # the selection set's shortest runs (classification's default floor: 60)
     (60, 64, 10, 100, 1, 1, 11),   # one partial batch an epoch; 11 passes = 660 images = 10 full batches
     (120, 64, 10, 100, 1, 1, 6),   # 720 -> 11 batches an epoch
     (120, 64, 10, 100, 2, 1, 11),  # grad_accum 2 halves the steps of a pass
     (120, 64, 10, 100, 1, 2, 11),  # two ranks share the images
     (48, 16, 2, 10, 1, 1, 2),
     (60, 64, 1, 100, 1, 1, 5),     # train.max_steps 4 caps the floor (fewshot's one-epoch cells)
-], ids=["off", "met", "tiny", "small", "accum", "ranks", "test-size", "max-steps"])
+], ids=["off", "met", "selection-set", "tiny", "small", "accum", "ranks", "test-size", "max-steps"])
 def test_min_steps_passes_over_a_small_folder_until_the_floor(n, batch, epochs, min_steps, accum, world, passes):
     t = {"min_steps": min_steps, "epochs": epochs, "batch_size": batch, "grad_accum": accum,
          "max_steps": 4 if epochs == 1 else None}
