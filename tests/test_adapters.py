@@ -8,12 +8,13 @@ import warnings
 import pytest
 import timm
 import torch
-import zoo
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftConfig, PeftModel, get_peft_model
 
 import vislora
 from vislora import LoraConfig, inject, load_adapter, lora_layers, save_adapter
+
+import zoo
 
 VIT, CNN = zoo.case("vit"), zoo.case("resnet")
 

@@ -6,11 +6,12 @@ import timm
 import torch
 import yaml
 from safetensors.torch import save_file
-from zoo import RUN_VIT, write_recipe
 
 from vislora.cli import main
 from vislora.recipe import resolve
 from vislora.tasks import classification
+
+from zoo import RUN_VIT, write_recipe
 
 
 def test_a_new_head_starts_at_zero_and_a_loaded_one_is_kept_only_for_its_own_classes(tmp_path):

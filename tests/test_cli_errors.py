@@ -84,6 +84,8 @@ CASES = [
      "train.epochs"),
     ("grad-accum-zero", lambda e: ["train", recipe_with(e, train__grad_accum=0), "--out", str(e / "o5")],
      "train.grad_accum"),
+    ("min-steps-zero", lambda e: ["train", recipe_with(e, train__min_steps=0), "--out", str(e / "o5b")],
+     "train.min_steps"),
     ("device-missing", lambda e: ["train", recipe_with(e, train__device="mps"), "--out", str(e / "o6")],
      "train.device"),
     ("device-unknown", lambda e: ["train", recipe_with(e, train__device="tpu9"), "--out", str(e / "o6b")],

@@ -14,13 +14,14 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 from sklearn.linear_model import LogisticRegression
-from zoo import RUN_VIT
 
 from vislora import data as vdata
 from vislora.augment import EvalTransform, train_pipeline
 from vislora.image import read_image
 from vislora.recipe import resolve
 from vislora.tasks import backbone, classification
+
+from zoo import RUN_VIT
 
 ODD = ("odd_gray.png", "odd_cmyk.jpg", "odd_palette.png", "odd_rgba.png", "odd_upper.JPG", "odd_photo.webp")
 PRE = {"input_size": (3, 32, 32), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
@@ -306,6 +307,35 @@ def test_build_loader_is_seeded_and_honours_a_sampler():
     sampler = torch.utils.data.distributed.DistributedSampler(Indices(), num_replicas=2, rank=1, shuffle=False)
     with_sampler = vdata.build_loader(Indices(), 4, True, workers=0, sampler=sampler, drop_last=False)
     assert torch.cat([y for _, y in with_sampler]).tolist() == [1, 3, 5, 7, 9]
+
+
+@pytest.mark.parametrize("n,batch,epochs,min_steps,accum,world,passes", [
+    (60, 64, 10, None, 1, 1, 1),   # no floor
+    (1000, 64, 10, 100, 1, 1, 1),  # 15 steps an epoch x 10 already >= 100
+    (1000, 64, 4, 60, 1, 1, 1),    # the selection set's shortest runs (classification's default floor: 60)
+    (60, 64, 10, 100, 1, 1, 11),   # one partial batch an epoch; 11 passes = 660 images = 10 full batches
+    (120, 64, 10, 100, 1, 1, 6),   # 720 -> 11 batches an epoch
+    (120, 64, 10, 100, 2, 1, 11),  # grad_accum 2 halves the steps of a pass
+    (120, 64, 10, 100, 1, 2, 11),  # two ranks share the images
+    (48, 16, 2, 10, 1, 1, 2),
+    (60, 64, 1, 100, 1, 1, 5),     # train.max_steps 4 caps the floor (fewshot's one-epoch cells)
+], ids=["off", "met", "selection-set", "tiny", "small", "accum", "ranks", "test-size", "max-steps"])
+def test_min_steps_passes_over_a_small_folder_until_the_floor(n, batch, epochs, min_steps, accum, world, passes):
+    t = {"min_steps": min_steps, "epochs": epochs, "batch_size": batch, "grad_accum": accum,
+         "max_steps": 4 if epochs == 1 else None}
+    assert vdata.passes_for(n, t, world) == passes
+    if passes > 1:  # the fewest passes that reach the floor
+        floor = min(min_steps, t["max_steps"] or min_steps)
+        assert epochs * vdata.optimizer_steps(n * passes, batch, accum, world) >= floor
+        assert epochs * vdata.optimizer_steps(n * (passes - 1), batch, accum, world) < floor
+
+
+def test_repeated_dataset_cycles_its_items_and_keeps_the_augmentation():
+    source = Indices()
+    source.transform = "the pipeline"
+    repeated = vdata.Repeated(source, 3)
+    assert len(repeated) == 30 and [repeated[i][1] for i in (0, 9, 10, 29)] == [0, 9, 0, 9]
+    assert repeated.transform == "the pipeline"
 
 
 def test_synthetic_classes_are_learnable(tmp_path):

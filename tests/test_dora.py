@@ -13,7 +13,6 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from timm.layers import Conv2dSame, MixedConv2d, StdConv2d
 from torch.nn.utils import parametrizations
-from zoo import interrupt_validation
 
 import vislora.spectrum
 import vislora.svd
@@ -23,6 +22,8 @@ from vislora.data import make_synthetic_folder
 from vislora.layers import DoRA
 from vislora.recipe import resolve
 from vislora.train import build_optimizer
+
+from zoo import interrupt_validation
 
 VIT = dict(img_size=32, patch_size=8, depth=2)
 

@@ -4,11 +4,12 @@ silent wrong results), and the recipe's eval / export options take effect."""
 import numpy as np
 import pytest
 from PIL import Image
-from zoo import best_top1, write_recipe
 
 import vislora.data as vdata
 from vislora.cli import main
 from vislora.evaluate import evaluate, predict
+
+from zoo import best_top1, write_recipe
 
 
 @pytest.fixture(scope="module")

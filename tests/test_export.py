@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-import zoo
 from PIL import Image
 
 import vislora
@@ -19,6 +18,8 @@ from vislora.exported import load_exported
 from vislora.image import load_input as preprocess_image
 from vislora.inject import freeze_bn_stats
 from vislora.tasks.classification import predict as predict_files
+
+import zoo
 
 PRE = {"input_size": [3, 32, 32], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
        "interpolation": "bicubic", "crop_pct": 0.875, "class_names": ["cat", "dog", "fox"]}

@@ -7,7 +7,6 @@ import timm
 import torch
 import torch.nn as nn
 import yaml
-import zoo
 
 from vislora import LoraConfig, LoraLayer, inject, save_adapter
 from vislora.data import make_synthetic_folder
@@ -15,6 +14,8 @@ from vislora.footprint import adapter_group, count_flops, footprint, format_foot
 from vislora.inject import trainable_summary
 from vislora.recipe import resolve
 from vislora.train import train
+
+import zoo
 
 FAST = dict(repeats=2, steps=1, memory=False)
 

@@ -8,17 +8,18 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-import zoo
 from timm.layers import BatchNormAct2d, Conv2dSame, StdConv2d
 from torch.func import functional_call
 from torch.nn.utils import parametrizations
-from zoo import RUN_VIT, Case
 
 import vislora
 from vislora import LoraConfig, inject, lora_layers, merge, trainable_summary, unload, unmerge
 from vislora.inject import freeze_bn_stats, unadaptable_layers
 from vislora.layers import LoraLayer, _depthwise_on_cpu
 from vislora.targets import find_targets
+
+import zoo
+from zoo import RUN_VIT, Case
 
 
 class OddConvs(nn.Module):

@@ -4,10 +4,11 @@ path given on the command line)."""
 import os
 
 import yaml
-from zoo import write_recipe
 
 from vislora.cli import main
-from vislora.recipe import load_recipe
+from vislora.recipe import load_recipe, resolve
+
+from zoo import write_recipe
 
 
 def test_relative_paths_resolve_against_the_recipe_or_the_working_directory(tmp_path, split_images, monkeypatch):
@@ -25,3 +26,13 @@ def test_relative_paths_resolve_against_the_recipe_or_the_working_directory(tmp_
     assert saved["data"]["path"] == str(tmp_path / "work" / "imgs")
     monkeypatch.chdir(tmp_path)
     assert main(["eval", "work/run", "--out", "e.json"]) == 0  # evaluated from another folder
+
+
+def test_classification_runs_at_least_60_steps_by_default_and_other_tasks_do_not(no_step_floor):
+    """The step floor (issue #30) is classification's default; detection and segmentation keep None (unmeasured).
+    The conftest fixture that turns it off for the other tests is undone here."""
+    no_step_floor.undo()
+    assert resolve({"data": {"path": "x"}})["train"]["min_steps"] == 60
+    assert resolve({"data": {"path": "x"}, "train": {"min_steps": 1}})["train"]["min_steps"] == 1
+    for task in ("detection", "segmentation"):
+        assert resolve({"task": task, "data": {"path": "x"}})["train"]["min_steps"] is None

@@ -13,7 +13,6 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from zoo import best_top1, write_recipe
 
 from vislora import rundir, runpaths
 from vislora.cli import main
@@ -22,6 +21,8 @@ from vislora.evaluate import evaluate
 from vislora.recipe import resolve
 from vislora.tasks import classification, segmentation
 from vislora.train import train
+
+from zoo import best_top1, write_recipe
 
 TINY = {"model": {"name": "vit_tiny_patch16_224", "pretrained": False,
                   "kwargs": {"img_size": 32, "patch_size": 8, "depth": 1}},

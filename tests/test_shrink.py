@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 import yaml
-import zoo
 from peft import PeftModel
 
 from vislora import LoraConfig, inject, load_adapter, lora_layers, save_adapter
@@ -18,6 +17,8 @@ from vislora.cli import main
 from vislora.data import make_synthetic_folder
 from vislora.rundir import load_run
 from vislora.svd import shrink_adapter
+
+import zoo
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore:adapter on .* more than the layer itself")

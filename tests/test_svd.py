@@ -11,7 +11,6 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import zoo
 from safetensors.torch import save_file
 from torch.nn.utils.parametrizations import weight_norm
 
@@ -21,6 +20,8 @@ from vislora.layers import raw_weight_name
 from vislora.spectrum import format_spectrum, plot_spectrum, spectrum
 from vislora.svd import extract_adapter, factor_l2, frobenius_penalty, pissa_as_lora
 from vislora.targets import find_targets
+
+import zoo
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore:adapter on .* more than the layer itself")  # full-rank tiny convs

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from zoo import interrupt_validation, write_recipe
 
 import vislora.train as vtrain
 from vislora import knobs
@@ -14,7 +13,8 @@ from vislora.data import make_synthetic_folder
 from vislora.evaluate import evaluate
 from vislora.recipe import load_recipe, resolve
 from vislora.rundir import load_run
-from vislora.tasks import classification
+
+from zoo import interrupt_validation, write_recipe
 
 VIT = {"name": "vit_tiny_patch16_224", "pretrained": False, "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2}}
 CNN = {"name": "test_efficientnet", "pretrained": False, "kwargs": {}}
@@ -55,24 +55,18 @@ def test_train_then_eval(tmp_path, folder, model, adapter):
     assert (tmp_path / "report_confusion.csv").is_file() and (tmp_path / "report_confusion.png").is_file()
 
 
-@pytest.mark.parametrize("head_epochs", [0, 2], ids=["one-stage", "in-the-head-stage"])
-def test_resume_after_interrupt_matches_uninterrupted(tmp_path, folder, monkeypatch, head_epochs):
+@pytest.mark.parametrize("head_epochs,min_steps", [(0, None), (2, None), (0, 20)],
+                         ids=["one-stage", "in-the-head-stage", "small-folder-repeated"])
+def test_resume_after_interrupt_matches_uninterrupted(tmp_path, folder, monkeypatch, head_epochs, min_steps):
     """Ctrl-C after epoch 1, then --resume: the same weights as the uninterrupted run; with head_epochs 2 the
-    interruption falls inside the head stage (LP-FT), which resumes at its own step of the schedule."""
-    recipe = recipe_for(VIT, {"r": 4, "targets": "vit"}, folder, head_epochs=head_epochs)
+    interruption falls inside the head stage (LP-FT), which resumes at its own step of the schedule; with
+    min_steps each epoch passes over the folder several times."""
+    recipe = recipe_for(VIT, {"r": 4, "targets": "vit"}, folder, head_epochs=head_epochs, min_steps=min_steps)
     vtrain.train(recipe, tmp_path / "straight")
-    real_validate, calls = classification.validate, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # Ctrl-C during epoch 2, after epoch 1's checkpoint was written
-        return real_validate(*args, **kwargs)
-
-    monkeypatch.setattr(classification, "validate", interrupted)
+    restore_validate = interrupt_validation(monkeypatch)  # Ctrl-C in epoch 2, after epoch 1's checkpoint
     with pytest.raises(KeyboardInterrupt):
         vtrain.train(recipe, tmp_path / "resumed")
-    monkeypatch.setattr(classification, "validate", real_validate)
+    restore_validate()
     first = torch.load(tmp_path / "resumed/checkpoints/last.pt", weights_only=True)
     assert first["epoch"] == 1
     lora_b = [v for k, v in first["model"].items() if k.endswith("lora_B")]
@@ -190,6 +184,13 @@ def test_grad_accum_larger_than_an_epoch_still_steps(tmp_path, split_images):
     state = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["model"]
     b = [v for k, v in state.items() if k.endswith("lora_B")]  # step 1 trained the zero head, step 2 the adapters
     assert b and all(v.abs().max() > 0 for v in b)
+
+
+def test_min_steps_passes_over_a_small_folder_several_times_an_epoch(tmp_path, split_images):
+    recipe = write_recipe(tmp_path / "r.yaml", split_images, {"r": 4, "targets": "vit"}, min_steps=9)
+    assert main(["train", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] >= 9 and rows[-1]["step"] == 2 * rows[0]["step"]  # every epoch passes as often
 
 
 def test_no_val_split_keeps_the_last_epoch(tmp_path, capsys):

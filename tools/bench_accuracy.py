@@ -298,7 +298,10 @@ def run_defaults(args: argparse.Namespace, data: dict[str, Path], out: Path, nam
                         continue
                     run_dir = out / "defaults" / model / target / contender / str(seed)
                     start = time.perf_counter()
-                    recipe = defaults_recipe(model, data[target], adapter, args.epochs, seed, *extra)
+                    sections = {k: dict(v) for k, v in (extra[0] if extra else {}).items()}
+                    if args.min_steps:
+                        sections.setdefault("train", {})["min_steps"] = args.min_steps
+                    recipe = defaults_recipe(model, data[target], adapter, args.epochs, seed, sections)
                     train(recipe, run_dir, adapt=adapt)
                     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
                     summary = json.loads((run_dir / "train_summary.json").read_text())["summary"]
@@ -371,7 +374,8 @@ def proof_verdict(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-PROOF_FITS_VIT = ("gray16", "emoji", "tissue_sky", "mpl_pair")  # at most 32 px: the shipped 28 px ViT runs there
+# at most 32 px: the shipped 28 px ViT runs there
+PROOF_FITS_VIT = ("gray16", "emoji", "tissue_sky", "mpl_pair", "town", "clipart")
 
 
 def main_proof(args: argparse.Namespace) -> int:
@@ -407,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=["tuned", "defaults", "proof"], default="tuned")
     p.add_argument("--models", nargs="+", default=None, help="default: Lite0 and MobileNetV2 (+ vit_fmnist: defaults)")
     p.add_argument("--targets", nargs="+", default=None,
-                   choices=["fmnist", "mnist", "digits", "scenes", "gray16", "emoji", "tissue_sky", "pair", "mpl_pair"],
+                   choices=["fmnist", "mnist", "digits", "scenes", "gray16", "emoji", "tissue_sky", "pair", "mpl_pair",
+                            "stamps", "town", "clipart", "papers"],
                    help="default: fmnist mnist (+ digits: defaults; proof: the six proof folders)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="defaults mode")
     p.add_argument("--hybrid", action="store_true", help="defaults mode: LoRA + norms/biases, LoRA + last block")
@@ -417,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="+", default=None, help="defaults mode: run only these contenders")
     p.add_argument("--head-epochs", type=int, default=0,
                    help="defaults mode: add LoRA with an LP-FT head stage of this many epochs as a contender")
+    p.add_argument("--min-steps", type=int, default=None,
+                   help="defaults / proof modes: train.min_steps for every run (issue #30's step floor)")
     p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
     p.add_argument("--epochs", type=int, default=None, help="default 5")
     p.add_argument("--batch", type=int, default=64)

@@ -42,6 +42,9 @@ EMOJI_CLASSES = {  # Unicode ranges of the emoji drawings per class
     "food": [(0x1F345, 0x1F37F)],
     "transport": [(0x1F680, 0x1F6C5)],
 }
+STAMPS = Path("/usr/share/tuxpaint/stamps")  # Debian tuxpaint-stamps-default
+CLIPART = Path("/usr/share/openclipart/png")  # Debian openclipart-png
+PAPERS = Path("/usr/share/mypaint/backgrounds/ramon")  # Debian mypaint-data-extras
 VERSION = 1  # bump when a folder's construction changes
 
 
@@ -126,6 +129,56 @@ def grey(photo: np.ndarray) -> np.ndarray:
     return photo if photo.ndim == 2 else np.asarray(Image.fromarray(photo).convert("L"))
 
 
+def picture(path: Path, size: int, mode: str) -> Image.Image:
+    """A cut-out picture (RGBA stamp or clip art) on white, cropped to what it draws, padded to a square
+    and resized to `size`, in `mode` (RGB or L)."""
+    im = Image.open(path).convert("RGBA")
+    canvas = Image.new("RGBA", im.size, "white")
+    canvas.alpha_composite(im)
+    box = im.getchannel("A").getbbox() or (0, 0, *im.size)
+    drawn = canvas.convert("RGB").crop(box)
+    side = max(drawn.size)
+    square = Image.new("RGB", (side, side), "white")
+    square.paste(drawn, ((side - drawn.width) // 2, (side - drawn.height) // 2))
+    return square.resize((size, size), Image.BILINEAR).convert(mode)
+
+
+def picture_folder(out: Path, classes: dict[str, list[Path]], size: int, mode: str, cap: int, seed: int) -> None:
+    """One class per list of picture files: at most `cap` of them (seeded), 60% train, 40% val."""
+    rng = np.random.default_rng(seed)
+    for name, paths in classes.items():
+        paths = [paths[i] for i in rng.permutation(len(paths))[:cap]]
+        cut = int(round(0.6 * len(paths)))
+        for split, part in (("train", paths[:cut]), ("val", paths[cut:])):
+            folder = out / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, path in enumerate(part):
+                picture(path, size, mode).save(folder / f"{name}_{i:03d}.png")
+
+
+def package_files(root: Path, package: str, *folders: str) -> list[Path]:
+    """The PNG files under root/<folder>/ of a Debian package (sorted), or exit naming the package."""
+    files = sorted(f for folder in folders for f in (root / folder).rglob("*.png"))
+    if not files:
+        raise SystemExit(f"no images under {root}/{folders[0]}: `sudo apt-get install {package}`")
+    return files
+
+
+def stamps(*folders: str) -> list[Path]:
+    return package_files(STAMPS, "tuxpaint-stamps-default", *folders)
+
+
+def clipart(*folders: str) -> list[Path]:
+    return package_files(CLIPART, "openclipart-png", *folders)
+
+
+def paper(name: str) -> np.ndarray:
+    path = PAPERS / f"{name}.png"
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: `sudo apt-get install mypaint-data-extras`")
+    return grey(np.asarray(Image.open(path).convert("RGB")))
+
+
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "scenes": lambda out: photo_folder(out, {n: skimage_photo(n) for n in ("astronaut", "coffee", "chelsea",
                                                                             "rocket", "motorcycle")},
@@ -142,6 +195,17 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     "mpl_pair": lambda out: photo_folder(out, {"hopper": matplotlib_photo("grace_hopper.jpg"),
                                                "pack": matplotlib_photo("Minduka_Present_Blue_Pack.png")},
                                          32, 40, 25, (48, 160), seed=6),
+    # the second proof set (issue #30, 2026-12-03): built before the step floor (train.min_steps) was
+    # measured anywhere, measured only after it was fixed
+    "stamps": lambda out: picture_folder(out, {"birds": stamps("animals/birds"), "mammals": stamps("animals/mammals"),
+                                               "fruit": stamps("food/fruit"), "flowers": stamps("plants/flowers")},
+                                         48, "RGB", 70, seed=7),
+    "town": lambda out: picture_folder(out, {"houses": stamps("town/houses"), "roadsigns": stamps("town/roadsigns"),
+                                             "money": stamps("symbols/money")}, 20, "RGB", 40, seed=8),
+    "clipart": lambda out: picture_folder(out, {n: clipart(n) for n in ("animals", "food", "people", "plants",
+                                                                        "transportation")}, 24, "L", 40, seed=9),
+    "papers": lambda out: photo_folder(out, {"canvas": paper("HR_Canvas 01"), "cork": paper("HR_Cork")},
+                                       40, 40, 25, (48, 160), seed=10),
 }
 
 

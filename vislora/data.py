@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import colorsys
 import logging
+import math
 import multiprocessing
 import random
 from collections.abc import Mapping, Sequence
@@ -302,6 +303,41 @@ def seed_worker(worker_id: int) -> None:
     transform = getattr(info.dataset, "transform", None) if info else None
     if hasattr(transform, "set_random_seed"):
         transform.set_random_seed(seed)
+
+
+class Repeated(torch.utils.data.Dataset):
+    """`dataset` seen `times` times per epoch (train.min_steps on a small folder); item i is the
+    source's item i mod its length, and its augmentation is the source's."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, times: int):
+        self.dataset, self.times = dataset, times
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.times
+
+    def __getitem__(self, index: int):
+        return self.dataset[index % len(self.dataset)]
+
+    @property
+    def transform(self):
+        return getattr(self.dataset, "transform", None)
+
+
+def optimizer_steps(n: int, batch_size: int, grad_accum: int = 1, world: int = 1) -> int:
+    """Optimizer steps in one epoch over n images: each rank's share in batches (the last partial
+    one dropped when there is more than one, as build_loader does), grad_accum batches a step."""
+    share = math.ceil(n / world)
+    return math.ceil((share // batch_size if share > batch_size else 1) / grad_accum)
+
+
+def passes_for(n: int, t: dict, world: int = 1) -> int:
+    """How many times an epoch passes over n train images so that train.epochs epochs make at least
+    train.min_steps optimizer steps (at most train.max_steps; 1 when min_steps is None or met)."""
+    floor = min(t["min_steps"] or 0, t.get("max_steps") or math.inf)
+    passes = 1
+    while t["epochs"] * optimizer_steps(n * passes, t["batch_size"], t["grad_accum"], world) < floor:
+        passes += 1
+    return passes
 
 
 def build_loader(dataset, batch_size: int, train: bool, workers: int = 2, seed: int = 0, sampler=None,

@@ -142,8 +142,9 @@ def _check_fields(recipe: dict, source: str) -> None:
     for key, low, open_low in (("epochs", 1, False), ("batch_size", 1, False), ("grad_accum", 1, False)):
         t[key] = _number(source, f"train.{key}", t[key], low, whole=True, open_low=open_low)
     t["head_epochs"] = _number(source, "train.head_epochs", t["head_epochs"], 0)  # a fraction: fewshot's cells
-    if t["max_steps"] is not None:
-        t["max_steps"] = _number(source, "train.max_steps", t["max_steps"], 1, whole=True)
+    for key in ("max_steps", "min_steps"):
+        if t[key] is not None:
+            t[key] = _number(source, f"train.{key}", t[key], 1, whole=True)
     for key in ("lr", "head_lr", "weight_decay", "warmup_epochs", "min_lr", "lowrank_penalty", "factor_l2",
                 "label_smoothing"):
         if t[key] is not None:

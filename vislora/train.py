@@ -104,13 +104,15 @@ class Loop:
 
 
 def build_loaders(recipe: dict, setup: Setup, device: torch.device, rank: int, world: int):
-    """Train loader (a DistributedSampler under DDP) and val loader (each rank an exact, unpadded
-    shard)."""
+    """Train loader (a DistributedSampler under DDP; a small folder passed over several times an
+    epoch to reach train.min_steps) and val loader (each rank an exact, unpadded shard)."""
     t, d = recipe["train"], recipe["data"]
-    sampler = torch.utils.data.distributed.DistributedSampler(setup.train_set, world, rank, seed=t["seed"]) \
-        if world > 1 else None
     args = dict(workers=d["workers"], seed=t["seed"], collate_fn=setup.collate, pin_memory=device.type == "cuda")
-    train_loader = vdata.build_loader(setup.train_set, t["batch_size"], True, sampler=sampler, **args)
+    passes = vdata.passes_for(len(setup.train_set), t, world)
+    train_set = vdata.Repeated(setup.train_set, passes) if passes > 1 else setup.train_set
+    sampler = torch.utils.data.distributed.DistributedSampler(train_set, world, rank, seed=t["seed"]) \
+        if world > 1 else None
+    train_loader = vdata.build_loader(train_set, t["batch_size"], True, sampler=sampler, **args)
     val_loader = None
     if len(setup.val_set):
         shard = range(rank, len(setup.val_set), world) if world > 1 else None
