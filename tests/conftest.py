@@ -4,15 +4,6 @@ import pytest
 import torch
 
 from vislora.data import make_synthetic_folder
-from vislora.defaults import TASK_DEFAULTS
-
-
-@pytest.fixture(autouse=True)
-def no_step_floor(monkeypatch):
-    """Classification's train.min_steps default (60) would run every tiny test folder for 60 steps: tests train
-    for the epochs they name; the tests of the floor set train.min_steps themselves."""
-    monkeypatch.setitem(TASK_DEFAULTS["classification"]["train"], "min_steps", None)
-    return monkeypatch  # .undo() puts the real default back
 
 
 @pytest.fixture(scope="module")

@@ -312,7 +312,7 @@ def test_build_loader_is_seeded_and_honours_a_sampler():
 @pytest.mark.parametrize("n,batch,epochs,min_steps,accum,world,passes", [
     (60, 64, 10, None, 1, 1, 1),   # no floor
     (1000, 64, 10, 100, 1, 1, 1),  # 15 steps an epoch x 10 already >= 100
-    (1000, 64, 4, 60, 1, 1, 1),    # the selection set's shortest runs (classification's default floor: 60)
+    (1000, 64, 4, 60, 1, 1, 1),    # the selection set's shortest runs: a floor of 60 adds no pass
     (60, 64, 10, 100, 1, 1, 11),   # one partial batch an epoch; 11 passes = 660 images = 10 full batches
     (120, 64, 10, 100, 1, 1, 6),   # 720 -> 11 batches an epoch
     (120, 64, 10, 100, 2, 1, 11),  # grad_accum 2 halves the steps of a pass

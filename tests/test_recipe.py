@@ -28,11 +28,8 @@ def test_relative_paths_resolve_against_the_recipe_or_the_working_directory(tmp_
     assert main(["eval", "work/run", "--out", "e.json"]) == 0  # evaluated from another folder
 
 
-def test_classification_runs_at_least_60_steps_by_default_and_other_tasks_do_not(no_step_floor):
-    """The step floor (issue #30) is classification's default; detection and segmentation keep None (unmeasured).
-    The conftest fixture that turns it off for the other tests is undone here."""
-    no_step_floor.undo()
-    assert resolve({"data": {"path": "x"}})["train"]["min_steps"] == 60
-    assert resolve({"data": {"path": "x"}, "train": {"min_steps": 1}})["train"]["min_steps"] == 1
-    for task in ("detection", "segmentation"):
-        assert resolve({"task": task, "data": {"path": "x"}})["train"]["min_steps"] is None
+
+def test_the_step_floor_is_off_unless_a_recipe_sets_it():
+    """train.min_steps (issue #30) is an option: measured, it did not hold on every proof folder."""
+    assert resolve({"data": {"path": "x"}})["train"]["min_steps"] is None
+    assert resolve({"data": {"path": "x"}, "train": {"min_steps": 60}})["train"]["min_steps"] == 60

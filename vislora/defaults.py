@@ -95,8 +95,10 @@ DEFAULTS: dict[str, Any] = {
         "factor_l2": 0.0,  # plain L2 on the factors A and B, added to the loss
         "max_steps": None,  # stop after this many optimizer steps (smoke tests)
         # a small folder gives few optimizer steps (120 images at batch 64: 1 step an epoch): each
-        # epoch then passes over it several times, until train.epochs epochs make at least this many;
-        # None = the task's default (TASK_DEFAULTS), 1 = off
+        # epoch then passes over it several times, until train.epochs epochs make at least this many.
+        # Off (None) by default: measured at 60 on 10 small folders (issue #30, BENCHMARKS.md "A step
+        # floor") it lifted LoRA by up to 14 points in most, but cost it 3.9 / 10.7 in two and made
+        # full fine-tuning end 10-32 points below its first epoch on one
         "min_steps": None,
         # what a detected collapse (the task's health check, silent during warm-up) does: recover =
         # the best epoch's model and optimizer state come back from checkpoints/best.pt and the rest
@@ -126,12 +128,8 @@ TASK_DEFAULTS: dict[str, dict] = {
     # PEFT) by -0.2 .. +3.7 (mean +1.5) and the shipped ViT's 12 by +1.1 .. +10.3 (LoRA +7.4 / +4.5
     # on the digit folders: a 28 px image cropped to 35% is a blurred 17 px patch its features never
     # saw). Turn hflip off (0) for text and digits.
-    # min_steps 60 (issue #30): the shortest run any default was chosen on (the selection set: 1,000
-    # images, batch 64, 4 epochs = 60 steps), so no selection-set run changes; on the first proof set
-    # (60-150 train images, 10 epochs = 10-20 steps) LoRA trailed full fine-tuning by up to 13.9 points
-    # and a probe by up to 9.6 (BENCHMARKS.md "Defaults that transfer": the floor's measurements)
     "classification": {"data": {"augment": {"scale": [0.7, 1.0], "hflip": 0.5, "color_jitter": 0.2}},
-                       "train": {"head_epochs": 0, "min_steps": 60}},
+                       "train": {"head_epochs": 0}},
     # detection and segmentation: the keys mean what they mean for classification (vislora/augment.py:
     # crop, then flip, then jitter of brightness / contrast / saturation on every image, hue 0; boxes and
     # masks move along). Detection crops must keep the boxes: scale 0.5-1 keeps 97% of them, 0.08-1 only
