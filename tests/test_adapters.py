@@ -90,8 +90,11 @@ def test_peft_loads_vislora_files(tmp_path, spec, config):
     with torch.no_grad():
         y = model(x)
         # PiSSA moved a residual into the base weights: the file holds [B, -B0][A; A0], exact up to fp32 rounding
-        # of that cancellation (1.4e-6 of the output scale seen on one machine)
-        tol = 1e-5 * y.abs().max().item() if config.init == "pissa" else 1e-5
+        # of that cancellation (1.4e-6 of the output scale seen on one machine); PEFT's DoRA forms the norm of
+        # W + sBA where vislora's comes from W, A, B: fp32 rounding again (6.5e-7 of the scale, 1.7e-5 absolute
+        # on outputs of 26, seen on another machine). Both are held to 1e-5 of the output scale.
+        relative = config.init == "pissa" or config.use_dora
+        tol = 1e-5 * max(1.0, y.abs().max().item()) if relative else 1e-5
         assert (peft_model(x) - y).abs().max().item() <= tol
 
 
