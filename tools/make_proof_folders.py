@@ -15,13 +15,20 @@ photo, val crops from the right 40%.
 | tissue_sky | scikit-image's IHC stain, retina, Hubble deep field (textures) | 3 | 32 | RGB | 30 + 20 |
 | pair | scikit-learn's two sample photos: china, flower | 2 | 64 | RGB | 30 + 30 |
 | mpl_pair | matplotlib's two sample photos: grace_hopper, Minduka_Present_Blue_Pack | 2 | 32 | RGB | 40 + 25 |
+| stamps | Tux Paint stamps (tuxpaint-stamps-default): birds, mammals, fruit, flowers | 4 | 48 | RGB | 60% / 40% |
+| town | Tux Paint stamps: houses, road signs, money | 3 | 20 | RGB | 60% / 40% |
+| clipart | Open Clip Art (openclipart-png): animals, food, people, plants, transport | 5 | 24 | grey | 24 + 16 |
+| papers | MyPaint papers (Debian mypaint-data-extras): canvas, cork (crops) | 2 | 40 | grey | 40 + 25 |
+
+The last four are the second proof set (2026-12-03): built before the step floor (train.min_steps) was run on them,
+because the first six had been seen when it was chosen.
 
 mpl_pair was added after the first five had been measured, because the collapse rule changed then (one failed
 health check no longer counts: two epochs in a row must fail); it played no part in choosing anything.
 
 Set-up (benchmarks only, never dependencies):
     .venv/bin/pip install scikit-image
-    sudo apt-get install fonts-noto-color-emoji
+    sudo apt-get install fonts-noto-color-emoji tuxpaint-stamps-default openclipart-png mypaint-data-extras
 Run: .venv/bin/python tools/make_proof_folders.py --out .cache/proof    # or import folders() from here
 """
 
